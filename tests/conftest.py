@@ -1,0 +1,91 @@
+"""Shared fixtures: a byte-level tokenizer and tiny Llama / Qwen2 / GPT-2 models, no files.
+
+Tests must never touch a model hub; the real default model is used only by tests marked
+`integration`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+def make_tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + EOS + PAD): any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    vocab["<pad>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def make_tiny_model(kind: str, vocab_size: int, seed: int = 0, attn: str = "sdpa"):
+    """A 2-layer randomly initialised causal LM of the given family ('llama', 'qwen2', 'gpt2')."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2,
+                          max_position_embeddings=256, tie_word_embeddings=True, **common)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2,
+                          max_position_embeddings=256, tie_word_embeddings=False, **common)
+        model = Qwen2ForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 2)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2"])
+def tiny_model_kind(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama(tiny_tokenizer):
+    return make_tiny_model("llama", len(tiny_tokenizer))
+
+
+@pytest.fixture
+def tiny_qwen2(tiny_tokenizer):
+    return make_tiny_model("qwen2", len(tiny_tokenizer))
+
+
+@pytest.fixture
+def tiny_gpt2(tiny_tokenizer):
+    return make_tiny_model("gpt2", len(tiny_tokenizer))
+
+
+@pytest.fixture
+def forge_home(tmp_path, monkeypatch):
+    """An isolated FORGE_HOME per test."""
+    home = tmp_path / "forge_home"
+    monkeypatch.setenv("FORGE_HOME", str(home))
+    return home
