@@ -198,7 +198,9 @@ class Baker:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision))
+        # cpu=True is what makes torchrun on CPU real DDP (gloo); without it every rank trains alone.
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        self.accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), cpu=on_cpu)
         add_thinking_tokens(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.model = _maybe_lora(model, tokenizer, cfg)
@@ -233,7 +235,7 @@ class Baker:
         total, used = 0.0, []
         for micro in range(cfg.grad_accum):
             idx = batch_indices(step, micro, cfg, len(examples), acc.process_index, acc.num_processes)
-            used += idx
+            used += batch_indices(step, micro, cfg, len(examples))  # the global batch, for the log
             batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], self.pad_id).items()}
             with acc.autocast():
                 if cfg.mode == "kl":
@@ -353,18 +355,16 @@ class Baker:
 
 
 def build_step1_optimizer(model, cfg: BakeConfig):
-    """(optimizer, qk_clip or None): AdamW, or MuGrokfast's baking preset with QK-clip."""
+    """(optimizer, qk_clip_stats_source): AdamW, or MuGrokfast's baking preset.
+
+    MuGrokfast applies QK-clip itself after each step (its `last_qk_clip_stats` say what it did).
+    """
     from dataclasses import replace
 
     from agent_forge.optim.mugrokfast import build_optimizer, get_config
-    from agent_forge.optim.qk_clip import QKClip
 
     preset = replace(get_config("baking"), weight_decay=cfg.weight_decay)
-    optimizer = build_optimizer(model, cfg.optimizer, preset, lr=cfg.lr)
-    qk_clip = None
-    if cfg.optimizer == "mugrokfast" and preset.qk_clip_tau:
-        qk_clip = QKClip(model, preset.qk_clip_tau)
-    return optimizer, qk_clip
+    return build_optimizer(model, cfg.optimizer, preset, lr=cfg.lr), None
 
 
 def _precision(name: str) -> str:

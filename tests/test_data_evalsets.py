@@ -1,0 +1,81 @@
+"""evalsets.py and overlap.py: local eval sets load, are clean, and never leak into training."""
+
+import json
+import re
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+
+from agent_forge.data import procedural as P
+from agent_forge.data.evalsets import load_eval_set
+from agent_forge.data.overlap import filter_overlap, find_overlap, math_key, normalize_question
+from agent_forge.data.schema import Record, Segment
+
+
+@pytest.fixture(scope="module")
+def easy():
+    return load_eval_set("easy_arithmetic")
+
+
+def test_easy_arithmetic_mix_and_gold(easy):
+    assert len(easy) == 300 and len({i.id for i in easy}) == 300
+    assert Counter(i.family for i in easy) == {"chain_sum": 100, "basic_arithmetic": 100, "simple_equations": 100}
+    for it in easy:
+        if "expression" in it.meta:
+            assert Fraction(it.answer) == eval(it.meta["expression"])  # Python precedence
+    assert load_eval_set("easy_arithmetic", limit=30) == easy[:30]
+
+
+def test_easy_arithmetic_is_disjoint_from_training_generation(easy):
+    train = P.build_gym_records(300, seed=0, families=("chain_sum", "basic_arithmetic", "simple_equations"))
+    train_seeds = {r.meta["gym_seed"] for r in train}
+    eval_ids = {int(i.id.rsplit("-", 1)[1]) + P.EVAL_SEED_BASE for i in easy}
+    assert max(train_seeds) % (1 << 44) < P.EVAL_SEED_BASE <= min(eval_ids)
+
+
+def test_gsm8k_answers_are_numbers():
+    items = load_eval_set("gsm8k", limit=50)
+    assert len(items) == 50 and items[0].answer == "18"
+    assert all(re.fullmatch(r"-?\d+(\.\d+)?", i.answer) for i in items)
+
+
+@pytest.mark.parametrize("name,letters", [("arc_challenge", "ABCDE"), ("commonsense_qa", "ABCDE")])
+def test_multiple_choice(name, letters):
+    items = load_eval_set(name, limit=40)
+    for it in items:
+        assert it.answer in letters and it.choices
+        assert f"\n{it.answer}. " in it.question
+
+
+def test_gym_family_and_jsonl_and_unknown(tmp_path):
+    items = load_eval_set("gym:leg_counting", limit=5)
+    assert len(items) == 5 and all(i.family == "leg_counting" for i in items)
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "answer": 4}) + "\n" + json.dumps({"question": "x", "answer": "y", "id": "k"}) + "\n")
+    got = load_eval_set(str(path))
+    assert [g.answer for g in got] == ["4", "y"] and got[1].id == "k"
+    with pytest.raises(ValueError, match="unknown eval set"):
+        load_eval_set("no_such_set")
+
+
+def test_normalisation():
+    assert normalize_question("  What IS 8 + 0? ") == normalize_question("what is 8+0")
+    assert normalize_question("8 + 0") != normalize_question("8 - 0")
+    assert math_key("Compute 8 + 0.") == math_key("State the final answer to the following arithmetic problem: 8 + 0 =")
+    assert math_key("Solve for e: 5 - 7*e = -9") == math_key("Find the value of z in the equation: 5 - 7*z = -9")
+    assert math_key("Tom had 5 apples, a 5-6 split, and 9 pears.") is None
+
+
+def test_overlap_finds_planted_eval_items(easy):
+    seg = [Segment("step", "x")]
+    gsm = load_eval_set("gsm8k", limit=3)
+    planted = [
+        Record("p1", easy[0].question.upper() + "  ", seg, "0", "0", "t"),      # same text, case/space
+        Record("p2", "Please compute " + easy[1].meta.get("expression", "1 + 1") + " now", seg, "0", "0", "t"),
+        Record("p3", gsm[2].question.replace(" ", "  "), seg, "0", "0", "t"),
+        Record("ok", "What is 123456 + 654321?", seg, "0", "0", "t"),
+    ]
+    kept, dropped = filter_overlap(planted, eval_sets=("easy_arithmetic", "gsm8k"))
+    assert dropped == ["p1", "p2", "p3"] and [r.id for r in kept] == ["ok"]
+    assert find_overlap(planted[:1], eval_sets=("easy_arithmetic",))["p1"] == easy[0].id
