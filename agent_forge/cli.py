@@ -11,6 +11,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+def _quiet_libraries() -> None:
+    """Our progress bars say what is happening; the libraries' per-file bars add only noise."""
+    import os
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+_quiet_libraries()
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Agent Forge: teach language models to think before they speak.")
 console = Console()
@@ -133,3 +145,9 @@ app.add_typer(registry_app, name="registry", help="the SQLite model registry")
 from agent_forge.data.commands import data_app  # noqa: E402
 
 app.add_typer(data_app, name="data", help="build and inspect reasoning data")
+
+from agent_forge.evaluation.commands import ab_cmd, anti_theater_cmd, eval_cmd  # noqa: E402
+
+app.command("eval", help="Accuracy (with 95% interval) of a model on a task or JSONL file.")(eval_cmd)
+app.command("anti-theater", help="Do the thoughts carry weight? Divergence, ablation, correlation.")(anti_theater_cmd)
+app.command("ab", help="Baseline vs candidate over several rounds, with paired statistics.")(ab_cmd)

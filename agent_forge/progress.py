@@ -1,0 +1,48 @@
+"""A rich display for long runs: one line per stage, a bar with ETA for training steps."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class StageDisplay:
+    """Feed it `on_stage(name, event, result)` and `on_step(step, total, row)` callbacks."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.task = None
+        self.stage = ""
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def on_stage(self, name: str, event: str, result) -> None:
+        self.stage = name
+        if event == "start":
+            self.console.log(f"[cyan]stage[/] {name} ...")
+        elif event == "done":
+            secs = (result or {}).get("stage_seconds")
+            self.console.log(f"[green]stage[/] {name} done in {secs}s")
+            self._close_task()
+        else:
+            self.console.log(f"[dim]stage {name}: {event}[/]")
+
+    def on_step(self, step: int, total: int, row: dict) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(self.stage, total=total, info="")
+        info = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k in ("loss", "reward", "kl") and v is not None)
+        self.progress.update(self.task, completed=step, total=total, info=info)
+
+    def _close_task(self) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None

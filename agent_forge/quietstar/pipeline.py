@@ -1,0 +1,317 @@
+"""`forge bake-quietstar`: one command from a Phase 2 champion to a validated reasoning model.
+
+Stages run in order and each writes its result into `out/pipeline_state.json` as soon as it
+finishes, so `--resume` after a kill continues from the first unfinished stage (and a
+training stage from its last checkpoint). Nothing already done is redone.
+
+    validate_input -> vocab -> data -> step1 -> step2 -> anti_theater -> ab_test
+        -> trace_baking -> save -> register -> handoff
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.quietstar.bake import BakeConfig
+
+STATE_FILE = "pipeline_state.json"
+REPORT_FILE = "forge_report.json"
+
+
+@dataclass
+class DataConfig:
+    """Procedural training data (offline)."""
+
+    n_records: int = 3000  # records built (a few percent are held out for token accuracy)
+    families: tuple[str, ...] = ("chain_sum", "basic_arithmetic", "simple_equations")
+    difficulty: str = "easy"
+    seed: int = 1
+
+
+@dataclass
+class PipelineConfig:
+    """Everything `forge bake-quietstar` does; presets below, YAML overrides any field."""
+
+    model: str = "default"  # the Phase 2 champion: hub id, dir, .gguf, .pt, or default
+    out: str = "runs/demo"
+    preset: str = "quick"
+    device: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    bake: BakeConfig = field(default_factory=BakeConfig)
+    eval_dataset: str = "easy_arithmetic"  # held-out set: an evalsets name or a JSONL path
+    eval_samples: int = 200  # questions for the final evaluation, anti-theater and A/B
+    ab_test_rounds: int = 3  # A/B rounds (disjoint subsamples of the eval set)
+    ab_threshold_points: float = 5.0  # the candidate wins if it beats the baseline by this
+    min_fitness_gain: float | None = None  # Phase 2 -> 3 gate (None: report, do not gate)
+    min_baking_accuracy: float = 0.85  # Phase 3 -> 4 gate on held-out token accuracy
+    max_new_tokens: int = 96
+    tracking: str = "offline"  # W&B mode: offline, disabled, online
+    registry: str | None = None  # SQLite path; default FORGE_HOME/registry.sqlite
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # <= 3 minutes on a 2-core CPU: proves every stage runs; numbers mean little.
+    "smoke": {"data": {"n_records": 200}, "eval_samples": 16, "ab_test_rounds": 2, "max_new_tokens": 48,
+              "bake": {"steps": 6, "batch_size": 4, "save_every": 3, "eval_samples": 16,
+                       "eval_max_new_tokens": 48}},
+    # `make demo`: <= 25 minutes on a 2-core CPU.
+    "quick": {"bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 25, "eval_samples": 100}},
+    # a GPU's hours.
+    "standard": {"data": {"n_records": 20000, "families": ("chain_sum", "basic_arithmetic",
+                                                           "simple_equations", "gsm_symbolic")},
+                 "eval_samples": 1000, "ab_test_rounds": 5,
+                 "bake": {"steps": 3000, "batch_size": 32, "lr": 1e-4, "save_every": 250, "eval_samples": 500}},
+}
+
+
+def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **overrides) -> PipelineConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = update_dataclass(PipelineConfig(preset=preset), PRESETS[preset], "pipeline config")
+    if yaml_path:
+        cfg = update_dataclass(cfg, load_yaml(yaml_path), "pipeline config")
+    return update_dataclass(cfg, {k: v for k, v in overrides.items() if v is not None}, "pipeline config")
+
+
+# ---------------------------------------------------------------------------------------
+# State that survives a kill
+
+
+class PipelineState:
+    """Completed stages and their results, rewritten atomically after each stage."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.path = out / STATE_FILE
+        self.data = json.loads(self.path.read_text()) if resume and self.path.exists() else {"stages": {}}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def result(self, stage: str) -> dict:
+        return self.data["stages"].get(stage, {})
+
+    def record(self, stage: str, result: dict) -> None:
+        self.data["stages"][stage] = result
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+@dataclass
+class Context:
+    cfg: PipelineConfig
+    out: Path
+    state: PipelineState
+    tracker: object
+    progress: Callable | None = None
+    resume: bool = False
+
+
+# ---------------------------------------------------------------------------------------
+# The stages, in order. Each takes the context and returns a JSON-able result.
+
+
+def stage_validate_input(ctx: Context) -> dict:
+    from agent_forge.handoff import validate_phase2_to_3
+
+    result = validate_phase2_to_3(ctx.cfg.model, ctx.cfg.min_fitness_gain)
+    if not result.ok:
+        from agent_forge.handoff import format_result
+
+        raise PipelineError(f"input model failed the Phase 2 -> 3 handoff:\n{format_result(result)}")
+    return result.to_dict()
+
+
+def stage_vocab(ctx: Context) -> dict:
+    """Measure the thinking vocabulary on the input model (added for real in Step 1)."""
+    from agent_forge.models import load_model, measure_model
+    from agent_forge.vocab import add_thinking_tokens
+
+    model, tok = load_model(ctx.cfg.model, device="cpu")
+    size = measure_model(model)
+    before = len(tok)
+    ids = add_thinking_tokens(model, tok)
+    return {"thinking_tokens": ids, "added": len(tok) - before, "model_size": size.to_dict()}
+
+
+def stage_data(ctx: Context) -> dict:
+    from agent_forge.data.overlap import filter_overlap
+    from agent_forge.data.procedural import build_gym_records
+    from agent_forge.data.schema import write_records
+
+    d = ctx.cfg.data
+    t0 = time.time()
+    records = build_gym_records(d.n_records, seed=d.seed, families=tuple(d.families), difficulty=d.difficulty)
+    kept, dropped = filter_overlap(records)
+    path = ctx.out / "data" / "train.jsonl"
+    write_records(path, kept)
+    strategies: dict[str, int] = {}
+    for r in kept:
+        for s in r.strategies:
+            strategies[s] = strategies.get(s, 0) + 1
+    return {"path": str(path), "records": len(kept), "dropped_overlap": len(dropped),
+            "strategy_counts": strategies, "seconds": round(time.time() - t0, 1)}
+
+
+def stage_step1(ctx: Context) -> dict:
+    from agent_forge.quietstar.step1 import run_step1
+
+    data_path = ctx.state.result("data")["path"]
+    bake_overrides = dataclasses.asdict(ctx.cfg.bake)
+    return run_step1(ctx.cfg.model, data_path, ctx.out / "step1", bake_overrides, None,
+                     ctx.cfg.eval_dataset, resume=ctx.resume, device=ctx.cfg.device,
+                     tracker=ctx.tracker, progress=ctx.progress)
+
+
+def stage_step2(ctx: Context) -> dict:
+    """Quiet-STaR RL is not in this version; say so rather than pretend."""
+    return {"status": "not_implemented", "note": "Step 2 (Quiet-STaR RL) lands in a later version; "
+            "the Step 1 model goes forward unchanged."}
+
+
+def current_model_dir(ctx: Context) -> Path:
+    step2 = ctx.state.result("step2")
+    if step2.get("model_dir"):
+        return Path(step2["model_dir"])
+    return ctx.out / "step1" / "model"
+
+
+def _eval_items(ctx: Context):
+    from agent_forge.data.evalsets import load_eval_set
+
+    return load_eval_set(ctx.cfg.eval_dataset, limit=ctx.cfg.eval_samples)
+
+
+def stage_anti_theater(ctx: Context) -> dict:
+    from agent_forge.models import load_model
+    from agent_forge.validation.anti_theater import run_anti_theater
+
+    model, tok = load_model(str(current_model_dir(ctx)), device=ctx.cfg.device)
+    report = run_anti_theater(model, tok, _eval_items(ctx), max_new_tokens=ctx.cfg.max_new_tokens)
+    return report.to_dict()
+
+
+def stage_ab_test(ctx: Context) -> dict:
+    """The input model (answering directly, its best prompt) against the thinking model."""
+    from agent_forge.models import load_model
+    from agent_forge.validation.ab import model_arm, run_ab
+
+    cfg = ctx.cfg
+    base_model, base_tok = load_model(cfg.model, device=cfg.device)
+    cand_model, cand_tok = load_model(str(current_model_dir(ctx)), device=cfg.device)
+    baseline = model_arm(f"input ({cfg.model})", base_model, base_tok, thinking="auto",
+                         max_new_tokens=cfg.max_new_tokens)
+    candidate = model_arm("phase 3 (thinking)", cand_model, cand_tok, thinking="on",
+                          max_new_tokens=cfg.max_new_tokens)
+    report = run_ab(baseline, candidate, _eval_items(ctx), rounds=cfg.ab_test_rounds,
+                    threshold=cfg.ab_threshold_points)
+    return report.to_dict()
+
+
+def stage_save(ctx: Context) -> dict:
+    """Copy the final model to out/model with forge_meta.json carrying every stage's verdict."""
+    from agent_forge.models import META_FILE, read_meta
+
+    src, dst = current_model_dir(ctx), ctx.out / "model"
+    meta = read_meta(src)
+    step1 = ctx.state.result("step1")
+    anti = ctx.state.result("anti_theater")
+    meta["metrics"] = {**meta.get("metrics", {}), "baking_accuracy": step1.get("baking_accuracy"),
+                       "anti_theater_passed": bool(anti.get("passed")),
+                       "ab_winner": ctx.state.result("ab_test").get("winner")}
+    meta["pipeline"] = {"preset": ctx.cfg.preset, "config": ctx.cfg.to_dict()}
+    tmp = ctx.out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.replace(dst)
+    return {"model_dir": str(dst)}
+
+
+def stage_register(ctx: Context) -> dict:
+    from agent_forge.registry import Registry
+
+    reg = Registry(ctx.cfg.registry)
+    metrics = {k: ctx.state.result(s).get(k) for s, k in
+               (("step1", "baking_accuracy"), ("step1", "accuracy_thinking_on"),
+                ("step1", "accuracy_thinking_off"), ("anti_theater", "passed"), ("ab_test", "winner"))}
+    model_id = reg.register_model(f"quietstar:{Path(ctx.cfg.out).name}", 3, ctx.out / "model", metrics=metrics)
+    return {"model_id": model_id, "registry": str(reg.path)}
+
+
+def stage_handoff(ctx: Context) -> dict:
+    from agent_forge.handoff import validate_phase3_to_4
+    from agent_forge.registry import Registry
+
+    result = validate_phase3_to_4(ctx.out / "model", ctx.cfg.min_baking_accuracy)
+    reg = Registry(ctx.cfg.registry)
+    reg.update_handoff(ctx.state.result("register")["model_id"], "passed" if result.ok else "failed",
+                       result.to_dict())
+    return result.to_dict()
+
+
+STAGES: list[tuple[str, Callable[[Context], dict]]] = [
+    ("validate_input", stage_validate_input), ("vocab", stage_vocab), ("data", stage_data),
+    ("step1", stage_step1), ("step2", stage_step2), ("anti_theater", stage_anti_theater),
+    ("ab_test", stage_ab_test), ("save", stage_save), ("register", stage_register),
+    ("handoff", stage_handoff),
+]
+
+
+class PipelineError(RuntimeError):
+    """A stage found a problem the user must fix; the message says what."""
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable | None = None,
+                 progress: Callable | None = None) -> dict:
+    """Run (or resume) every stage; returns the report also written to out/forge_report.json."""
+    from agent_forge.tracking import Tracker
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = PipelineState(out, resume)
+    tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
+    ctx = Context(cfg, out, state, tracker, progress, resume)
+    try:
+        for name, fn in STAGES:
+            if state.done(name):
+                _notify(on_stage, name, "skipped (done)", state.result(name))
+                continue
+            _notify(on_stage, name, "start", None)
+            t0 = time.time()
+            result = fn(ctx)
+            result["stage_seconds"] = round(time.time() - t0, 1)
+            state.record(name, result)
+            _notify(on_stage, name, "done", result)
+    finally:
+        tracker.finish()
+    report = build_report(cfg, state)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _notify(cb, name, event, result):
+    if cb is not None:
+        cb(name, event, result)
+
+
+def build_report(cfg: PipelineConfig, state: PipelineState) -> dict:
+    stages = state.data["stages"]
+    return {"model": cfg.model, "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
+            "stages": stages, "timings": {k: v.get("stage_seconds") for k, v in stages.items()},
+            "total_seconds": round(sum(v.get("stage_seconds") or 0 for v in stages.values()), 1)}

@@ -1,0 +1,82 @@
+"""The significance tests the validation steps rely on, in one place.
+
+Paired designs throughout: the same items (or rounds) are answered by both arms, so we
+test differences, not two independent samples. McNemar is exact (a binomial test on the
+discordant pairs) because our sets are small. Undefined statistics (no variance, no
+discordant pairs) come back as a neutral value with `defined: False`, never as NaN, so
+reports stay valid JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import stats as _st
+
+from agent_forge.evaluation.metrics import bootstrap_ci, wilson_interval
+
+__all__ = ["paired_ttest", "mcnemar_exact", "pearson", "cohens_d_paired", "bootstrap_mean_diff",
+           "wilson_interval"]
+
+
+def _pair(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired samples must be 1-D and equally long, got {x.shape} and {y.shape}")
+    return x, y
+
+
+def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Two-sided paired t-test of mean(b - a) == 0."""
+    x, y = _pair(a, b)
+    d = y - x
+    if d.size < 2 or np.all(d == d[0]):
+        same = d.size == 0 or d[0] == 0
+        return {"t": 0.0 if same else math.copysign(math.inf, d[0]), "p": 1.0 if same else 0.0,
+                "df": max(0, d.size - 1), "mean_diff": float(d.mean()) if d.size else 0.0,
+                "defined": False}
+    res = _st.ttest_rel(y, x)
+    return {"t": float(res.statistic), "p": float(res.pvalue), "df": int(d.size - 1),
+            "mean_diff": float(d.mean()), "defined": True}
+
+
+def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
+    """Exact McNemar: two-sided binomial test on the pairs where exactly one arm is right.
+
+    only_a: a right, b wrong; only_b: b right, a wrong.
+    """
+    x, y = _pair([bool(v) for v in a_correct], [bool(v) for v in b_correct])
+    only_a, only_b = int(np.sum((x == 1) & (y == 0))), int(np.sum((x == 0) & (y == 1)))
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(_st.binomtest(only_b, n, 0.5).pvalue)
+    return {"only_a": only_a, "only_b": only_b, "p": p, "defined": n > 0}
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Pearson r with its two-sided p-value; r = 0, p = 1 when either side is constant."""
+    u, v = _pair(x, y)
+    if u.size < 3 or np.ptp(u) == 0 or np.ptp(v) == 0:
+        return {"r": 0.0, "p": 1.0, "n": int(u.size), "defined": False}
+    res = _st.pearsonr(u, v)
+    return {"r": float(res.statistic), "p": float(res.pvalue), "n": int(u.size), "defined": True}
+
+
+def cohens_d_paired(a: Sequence[float], b: Sequence[float]) -> float:
+    """d_z = mean(b - a) / sd(b - a) (sample sd); 0 when the differences do not vary."""
+    x, y = _pair(a, b)
+    d = y - x
+    if d.size < 2:
+        return 0.0
+    sd = d.std(ddof=1)
+    return 0.0 if sd == 0 else float(d.mean() / sd)
+
+
+def bootstrap_mean_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
+                        alpha: float = 0.05, seed: int = 0) -> dict:
+    """Mean of b - a with a seeded percentile bootstrap interval (pairs resampled together)."""
+    x, y = _pair(a, b)
+    d = y - x
+    lo, hi = bootstrap_ci(d, np.mean, n_boot=n_boot, alpha=alpha, seed=seed)
+    return {"mean_diff": float(d.mean()) if d.size else 0.0, "ci": [lo, hi]}

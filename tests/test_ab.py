@@ -1,0 +1,78 @@
+"""A/B harness with injected arms: winners, ties, rounds, and a real tiny-model arm."""
+
+import random
+
+import numpy as np
+import pytest
+
+from agent_forge.data.evalsets import EvalItem
+from agent_forge.inference import Generation, generate_answers
+from agent_forge.validation.ab import Arm, model_arm, run_ab
+from agent_forge.validation.stats import mcnemar_exact, paired_ttest
+from test_inference import MEMORY, memorised_model
+
+ITEMS = [EvalItem(f"q{i}", f"What is {i} + 1?", str(i + 1), "f") for i in range(60)]
+
+
+def _arm(name, p_right, base_seed):
+    """Right on item i in round r with probability p_right (seeded per item and round)."""
+    def generate(questions, r):
+        out = []
+        for q in questions:
+            i = int(q.split()[2])
+            right = random.Random(f"{base_seed}-{i}-{r}").random() < p_right
+            ans = str(i + 1) if right else str(i + 7)
+            out.append(Generation(q, q + ans, " " + ans, None, ans, True, 2, 0.001, "direct"))
+        return out
+    return Arm(name, generate)
+
+
+def test_clear_candidate_win():
+    rep = run_ab(_arm("base", 0.3, 1), _arm("cand", 0.9, 2), ITEMS, rounds=3)
+    assert rep.winner == "candidate" and rep.diff_points > 40
+    assert rep.n_pairs == 180 and len(rep.candidate["per_round"]) == 3
+    assert rep.diff_ci_points[0] < rep.diff_points < rep.diff_ci_points[1]
+    assert rep.ttest == paired_ttest(rep.baseline["per_round"], rep.candidate["per_round"])
+    assert rep.mcnemar["p"] < 1e-6 and "Winner: cand" in rep.sentence
+
+
+def test_same_model_is_a_tie_and_baseline_can_win():
+    same = run_ab(_arm("a", 0.6, 5), _arm("b", 0.6, 5), ITEMS, rounds=2)
+    assert same.winner == "tie" and same.diff_points == 0 and same.mcnemar["p"] == 1.0
+    worse = run_ab(_arm("base", 0.9, 1), _arm("cand", 0.2, 2), ITEMS, rounds=2)
+    assert worse.winner == "baseline"
+
+
+def test_small_gain_below_threshold_is_a_tie():
+    rep = run_ab(_arm("base", 0.5, 1), _arm("cand", 0.5, 1), ITEMS, rounds=1, threshold=2.0)
+    assert rep.ttest is None and rep.winner == "tie"
+    big = run_ab(_arm("base", 0.3, 1), _arm("cand", 0.9, 2), ITEMS, rounds=1, threshold=90.0)
+    assert big.winner == "tie"  # significant but not the required improvement
+
+
+def test_pooled_mcnemar_matches_direct_computation_and_subsample():
+    base, cand = _arm("base", 0.4, 3), _arm("cand", 0.7, 4)
+    rep = run_ab(base, cand, ITEMS, rounds=2, subsample=0.5, seed=9)
+    assert rep.n_pairs == 60
+    b_ok, c_ok = [], []
+    for r in range(2):
+        its = random.Random(9 + r).sample(ITEMS, 30)
+        qs = [it.question for it in its]
+        b_ok += [g.answer_text == it.answer for g, it in zip(base.generate(qs, r), its)]
+        c_ok += [g.answer_text == it.answer for g, it in zip(cand.generate(qs, r), its)]
+    assert rep.mcnemar == mcnemar_exact(b_ok, c_ok)
+    assert rep.diff_points == pytest.approx(100 * (np.mean(c_ok) - np.mean(b_ok)))
+
+
+def test_model_arm_greedy_then_seeded_sampling():
+    model, tok = memorised_model()
+    qs = list(MEMORY)
+    arm = model_arm("m", model, tok, thinking="on", max_new_tokens=24)
+    greedy = generate_answers(model, tok, qs, thinking="on", max_new_tokens=24)
+    assert [g.completion for g in arm.generate(qs, 0)] == [g.completion for g in greedy]
+    s1, s1b = arm.generate(qs, 1), arm.generate(qs, 1)
+    assert [g.completion for g in s1] == [g.completion for g in s1b]
+    items = [EvalItem(f"m{i}", q, r, "a") for i, (q, (_, r, _)) in enumerate(MEMORY.items())]
+    off = model_arm("off", model, tok, thinking="off", max_new_tokens=8)
+    rep = run_ab(off, arm, items, rounds=1)
+    assert rep.candidate["mean"] == 1.0 and rep.baseline["mean"] == 0.0

@@ -1,0 +1,117 @@
+"""`forge bake-quietstar`: stages, report, registry, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from agent_forge.models import save_model
+from agent_forge.quietstar.pipeline import STAGES, make_config, run_pipeline
+from agent_forge.registry import Registry
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+STAGE_NAMES = [name for name, _ in STAGES]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    tok = make_tiny_tokenizer()
+    return save_model(make_tiny_model("llama", len(tok)), tok, tmp_path / "tiny", {"phase": 2})
+
+
+def _config(tmp_path, tiny_dir, out="run", **over):
+    return make_config("smoke", model=str(tiny_dir), out=str(tmp_path / out), tracking="disabled",
+                       registry=str(tmp_path / "reg.sqlite"), **over)
+
+
+def test_presets_and_overrides(tmp_path):
+    quick = make_config("quick")
+    smoke = make_config("smoke")
+    assert smoke.bake.steps < quick.bake.steps and smoke.eval_samples < quick.eval_samples
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("eval_samples: 7\nbake:\n  lr: 0.003\n")
+    cfg = make_config("quick", cfg_file, eval_samples=None)
+    assert cfg.eval_samples == 7 and cfg.bake.lr == 0.003 and cfg.bake.steps == quick.bake.steps
+    with pytest.raises(ValueError, match="unknown pipeline config field"):
+        make_config("quick", None, evaluation_samples=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("huge")
+
+
+def test_smoke_pipeline_runs_every_stage(tmp_path, tiny_dir, forge_home):
+    cfg = _config(tmp_path, tiny_dir)
+    seen = []
+    report = run_pipeline(cfg, on_stage=lambda n, e, r: seen.append((n, e)))
+    assert list(report["stages"]) == STAGE_NAMES
+    assert [n for n, e in seen if e == "done"] == STAGE_NAMES
+    out = tmp_path / "run"
+    assert json.loads((out / "forge_report.json").read_text())["stages"].keys() == report["stages"].keys()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "forge_meta.json"):
+        assert (out / "model" / name).exists()
+    meta = json.loads((out / "model" / "forge_meta.json").read_text())
+    assert meta["phase"] == 3 and "[thinking]" in meta["thinking_tokens"]
+    assert meta["metrics"]["anti_theater_passed"] == report["stages"]["anti_theater"]["passed"]
+    entry = Registry(tmp_path / "reg.sqlite").get_model(report["stages"]["register"]["model_id"])
+    assert entry.phase == 3 and entry.handoff_status in ("passed", "failed")
+    # An untrained tiny model cannot pass: the handoff must say so, not pretend.
+    assert report["stages"]["handoff"]["ok"] is False
+
+
+def test_resume_skips_finished_stages(tmp_path, tiny_dir, forge_home):
+    cfg = _config(tmp_path, tiny_dir)
+    run_pipeline(cfg)
+    seen = []
+    run_pipeline(cfg, resume=True, on_stage=lambda n, e, r: seen.append((n, e)))
+    assert all(e == "skipped (done)" for _, e in seen) and len(seen) == len(STAGE_NAMES)
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path, tiny_dir, forge_home):
+    from agent_forge.cli import app
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "pipeline_state.json").write_text('{"stages": {}}')
+    result = CliRunner().invoke(app, ["bake-quietstar", "--model", str(tiny_dir), "--out",
+                                      str(tmp_path / "run"), "--preset", "smoke"])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def _cli(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "agent_forge", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step1_then_resume_matches_uninterrupted(tmp_path, tiny_dir, forge_home):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n"
+                        "bake:\n  steps: 40\n  save_every: 5\n")
+    args = ["bake-quietstar", "--model", str(tiny_dir), "--preset", "smoke", "--config", str(cfg_file)]
+    ref = _cli([*args, "--out", str(tmp_path / "ref")])
+    assert ref.wait(600) == 0, ref.stdout.read()
+    victim = _cli([*args, "--out", str(tmp_path / "run")])
+    ckpts = tmp_path / "run" / "step1" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(ckpts.glob("step-0000010")):
+        time.sleep(0.2)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+    assert "step1" not in state["stages"]  # it really died inside Step 1
+    resumed = _cli([*args, "--out", str(tmp_path / "run"), "--resume"])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    got = json.loads((tmp_path / "run" / "forge_report.json").read_text())
+    want = json.loads((tmp_path / "ref" / "forge_report.json").read_text())
+    assert got["stages"].keys() == want["stages"].keys()
+    assert got["stages"]["step1"]["steps"] == want["stages"]["step1"]["steps"] == 40
+    assert (tmp_path / "run" / "step1" / "batches.jsonl").read_text() == \
+        (tmp_path / "ref" / "step1" / "batches.jsonl").read_text()
+    models = Registry(tmp_path / "reg.sqlite").list_models(phase=3)
+    assert len(models) == 2  # one per completed run, none from the killed attempt

@@ -1,0 +1,111 @@
+"""Each statistic against a slow, obviously-right version."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from agent_forge.validation.stats import (
+    bootstrap_mean_diff, cohens_d_paired, mcnemar_exact, paired_ttest, pearson,
+)
+
+
+def _rand(n, seed):
+    r = random.Random(seed)
+    return [r.gauss(0, 1) for _ in range(n)]
+
+
+def _t_by_hand(a, b):
+    d = [y - x for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / (n - 1)
+    return mean / math.sqrt(var / n)
+
+
+def test_paired_t_matches_hand_formula():
+    a = _rand(12, 1)
+    b = [x + 0.4 + 0.3 * e for x, e in zip(a, _rand(12, 2))]
+    res = paired_ttest(a, b)
+    assert res["t"] == pytest.approx(_t_by_hand(a, b)) and res["df"] == 11 and res["defined"]
+    assert 0 < res["p"] < 0.05
+    assert paired_ttest(b, a)["t"] == pytest.approx(-res["t"])
+
+
+def test_paired_t_degenerate():
+    assert paired_ttest([0.5, 0.6], [0.5, 0.6])["p"] == 1.0
+    res = paired_ttest([0.5, 0.6], [0.6, 0.7])
+    assert res["p"] == 0.0 and res["t"] == math.inf and not res["defined"]
+
+
+def _mcnemar_by_sum(only_a, only_b):
+    """Two-sided exact p: twice the smaller binomial tail, capped at 1."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+@pytest.mark.parametrize("only_a,only_b,both,neither", [(1, 9, 5, 5), (3, 3, 10, 0), (0, 6, 2, 2),
+                                                        (7, 2, 0, 1), (0, 0, 4, 4), (12, 30, 40, 18)])
+def test_mcnemar_matches_binomial_sum(only_a, only_b, both, neither):
+    a = [1] * only_a + [0] * only_b + [1] * both + [0] * neither
+    b = [0] * only_a + [1] * only_b + [1] * both + [0] * neither
+    res = mcnemar_exact(a, b)
+    assert (res["only_a"], res["only_b"]) == (only_a, only_b)
+    assert res["p"] == pytest.approx(_mcnemar_by_sum(only_a, only_b))
+
+
+def _pearson_by_hand(x, y):
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((u - mx) * (v - my) for u, v in zip(x, y))
+    sx = math.sqrt(sum((u - mx) ** 2 for u in x))
+    sy = math.sqrt(sum((v - my) ** 2 for v in y))
+    r = sxy / (sx * sy)
+    t = r * math.sqrt((n - 2) / (1 - r * r))
+    return r, t
+
+
+def test_pearson_matches_hand_formula_and_t_distribution():
+    from scipy.stats import t as t_dist
+
+    x = _rand(15, 3)
+    y = [u * 0.8 + e for u, e in zip(x, _rand(15, 4))]
+    res = pearson(x, y)
+    r, t = _pearson_by_hand(x, y)
+    assert res["r"] == pytest.approx(r) and res["defined"]
+    assert res["p"] == pytest.approx(2 * t_dist.sf(abs(t), 13))
+    assert pearson([1, 1, 1, 1], [1, 2, 3, 4]) == {"r": 0.0, "p": 1.0, "n": 4, "defined": False}
+
+
+def test_cohens_d_paired_by_hand():
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 4.5, 4.0]
+    d = [1.0, 0.5, 1.5, 0.0]
+    mean = sum(d) / 4
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / 3)
+    assert cohens_d_paired(a, b) == pytest.approx(mean / sd)
+    assert cohens_d_paired([1, 2], [2, 3]) == 0.0
+
+
+def test_bootstrap_mean_diff_matches_numpy_loop():
+    a = _rand(20, 5)
+    b = [x + 0.2 for x in _rand(20, 6)]
+    res = bootstrap_mean_diff(a, b, n_boot=400, seed=11)
+    d = np.array(b) - np.array(a)
+    rng = np.random.default_rng(11)
+    boots = []
+    for _ in range(400):
+        pick = rng.integers(0, 20, size=20)
+        boots.append(sum(d[i] for i in pick) / 20)
+    assert res["mean_diff"] == pytest.approx(d.mean())
+    assert res["ci"][0] == pytest.approx(np.quantile(boots, 0.025))
+    assert res["ci"][1] == pytest.approx(np.quantile(boots, 0.975))
+
+
+def test_unpaired_input_rejected():
+    with pytest.raises(ValueError):
+        paired_ttest([1, 2, 3], [1, 2])
