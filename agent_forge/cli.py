@@ -151,3 +151,10 @@ from agent_forge.evaluation.commands import ab_cmd, anti_theater_cmd, eval_cmd  
 app.command("eval", help="Accuracy (with 95% interval) of a model on a task or JSONL file.")(eval_cmd)
 app.command("anti-theater", help="Do the thoughts carry weight? Divergence, ablation, correlation.")(anti_theater_cmd)
 app.command("ab", help="Baseline vs candidate over several rounds, with paired statistics.")(ab_cmd)
+
+from agent_forge.quietstar.rl_commands import rl_cmd  # noqa: E402
+from agent_forge.server_commands import dashboard_cmd, serve_cmd  # noqa: E402
+
+app.command("rl", help="Step 2: Quiet-STaR RL on a Step 1 model (answer mode).")(rl_cmd)
+app.command("dashboard", help="Streamlit dashboard of runs and registry (127.0.0.1).")(dashboard_cmd)
+app.command("serve", help="Job API: start/pause/resume Step 1, Step 2, anti-theater, complete.")(serve_cmd)

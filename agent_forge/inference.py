@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria
 
 from agent_forge.data.schema import render_prompt
 from agent_forge.evaluation.answers import answer_slot, strip_thinking_tokens
@@ -101,7 +102,7 @@ def build_prompt(tokenizer, question: str, mode: str, style: str | None = None,
 # Stopping at the end of the answer slot
 
 
-class AnswerSlotStop:
+class AnswerSlotStop(StoppingCriteria):
     """Per-row stopping criterion: True once a row has written a newline after answer text.
 
     Rows in mode "on" start inside the thinking block and enter the answer slot when they

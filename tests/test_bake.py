@@ -237,3 +237,16 @@ def test_two_process_torchrun_bake(tmp_path, forge_home):
     n_train = json.loads((tmp_path / "dist" / "step1.json").read_text())["train_records"]
     assert [x["examples"] for x in lines] == [batch_indices(s, 0, cfg, n_train) for s in range(4)]
     assert (tmp_path / "dist" / "model" / "model.safetensors").exists()
+
+
+def test_planted_slip_is_input_but_never_a_target():
+    tok, _ = tok_with_vocab()
+    rec = Record("s", "62 + 16 = ?", [Segment("step", "62 + 16 = 88"), Segment("correct", "62 + 16 = 78, not 88")],
+                 "78", "78", "test")
+    ex = encode_record(rec, tok, max_len=512)
+    slip = tok(" 62 + 16 = 88", add_special_tokens=False)["input_ids"]
+    start = ex.input_ids.index(tok.convert_tokens_to_ids("<step>")) + 1
+    assert ex.input_ids[start:start + len(slip)] == slip  # the model still sees the slip ...
+    assert all(lbl == IGNORE for lbl in ex.labels[start:start + len(slip)])  # ... but never learns it
+    fix = ex.input_ids.index(tok.convert_tokens_to_ids("<correct>"))
+    assert ex.labels[fix:] == ex.input_ids[fix:]  # the repair is learned

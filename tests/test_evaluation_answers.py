@@ -74,7 +74,7 @@ def test_numbers_equal_fractions_and_garbage():
 
 
 @pytest.mark.parametrize("s,expected", [
-    ("B", "B"), ("(C)", "C"), ("D) because", "D"), ("A. a fruit", "A"), ("C: blue", "C"),
+    ("B", "B"), ("b", "B"), ("(C)", "C"), ("D) because", "D"), ("A. a fruit", "A"), ("C: blue", "C"),
     ("The answer is b", "B"), ("I think (B) fits", "B"), ("A cat is an animal", None),
     ("E", None),  # out of range for 4 choices
     ("blue", "C"),  # the text of choice C

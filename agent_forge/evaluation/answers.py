@@ -128,7 +128,7 @@ def extract_choice(s: str | None, n_choices: int, choices: list[str] | None = No
         rf"answer\s*(?:is|:)?\s*\(?({cls})\b",          # "the answer is B"
     )
     for p in patterns:
-        m = re.search(p, text, flags=re.IGNORECASE if "answer" in p else 0)
+        m = re.search(p, text, flags=re.IGNORECASE if "answer" in p or p.endswith("$") else 0)
         if m:
             return m.group(1).upper()
     for m in re.finditer(rf"\b({cls})\b", text):

@@ -345,7 +345,7 @@ class Baker:
         return {"steps": step, "dropped_for_length": dropped, **acc,
                 "final_loss": losses[-1] if losses else None,
                 "first_loss": losses[0] if losses else None,
-                "sec_per_step": self.history[-1]["sec_per_step"] if losses else None,
+                "sec_per_step": next((h["sec_per_step"] for h in reversed(self.history) if "loss" in h), None),
                 "convergence": convergence(acc, self.cfg)}
 
     def merged_model(self):

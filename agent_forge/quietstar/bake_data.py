@@ -38,17 +38,29 @@ def encode_record(record: Record, tokenizer, vocab: ThinkingVocab | str = "defau
     ids_of = tokenizer.convert_tokens_to_ids
     text_ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt = text_ids(prefix + render_prompt(record.question))
-    ids, group = [ids_of(vocab.open)], [OTHER]
-    for seg in record.thinking:
+    ids, labels, group = [ids_of(vocab.open)], [ids_of(vocab.open)], [OTHER]
+    for i, seg in enumerate(record.thinking):
         piece = [ids_of(f"<{seg.strategy}>")] + text_ids(" " + seg.text.strip())
         ids += piece
+        labels += _slip_masked(piece, record.thinking, i)
         group += [STRATEGIES.index(seg.strategy)] * len(piece)
     answer = text_ids(" " + record.answer.strip())
-    ids += [ids_of(vocab.close)] + answer + [tokenizer.eos_token_id]
+    tail = [ids_of(vocab.close)] + answer + [tokenizer.eos_token_id]
+    ids, labels = ids + tail, labels + tail
     group += [OTHER] + [ANSWER] * len(answer) + [OTHER]
     if len(prompt) + len(ids) > max_len:
         return None
-    return Example(prompt + ids, [IGNORE] * len(prompt) + ids, [OTHER] * len(prompt) + group, len(prompt))
+    return Example(prompt + ids, [IGNORE] * len(prompt) + labels, [OTHER] * len(prompt) + group, len(prompt))
+
+
+def _slip_masked(piece: list[int], segments, i: int) -> list[int]:
+    """Labels for segment i: a planted slip (a segment that the next `<correct>` repairs)
+    stays in the input, so the model learns to notice and repair it, but is not a target:
+    training on it would teach the model to make the slip."""
+    repaired = i + 1 < len(segments) and segments[i + 1].strategy == "correct"
+    if not repaired:
+        return list(piece)
+    return [piece[0]] + [IGNORE] * (len(piece) - 1)
 
 
 def encode_records(records, tokenizer, vocab="default", max_len: int = 256, prefix: str = ""):

@@ -20,6 +20,7 @@ from typing import Callable
 
 from agent_forge.config import load_yaml, update_dataclass
 from agent_forge.quietstar.bake import BakeConfig
+from agent_forge.quietstar.rl import RLConfig
 
 STATE_FILE = "pipeline_state.json"
 REPORT_FILE = "forge_report.json"
@@ -45,6 +46,8 @@ class PipelineConfig:
     device: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     bake: BakeConfig = field(default_factory=BakeConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rl_enabled: bool = True  # run Step 2 (answer-level Quiet-STaR RL) after Step 1
     eval_dataset: str = "easy_arithmetic"  # held-out set: an evalsets name or a JSONL path
     eval_samples: int = 200  # questions for the final evaluation, anti-theater and A/B
     ab_test_rounds: int = 3  # A/B rounds (disjoint subsamples of the eval set)
@@ -63,9 +66,14 @@ PRESETS: dict[str, dict] = {
     # <= 3 minutes on a 2-core CPU: proves every stage runs; numbers mean little.
     "smoke": {"data": {"n_records": 200}, "eval_samples": 16, "ab_test_rounds": 2, "max_new_tokens": 48,
               "bake": {"steps": 6, "batch_size": 4, "save_every": 3, "eval_samples": 16,
-                       "eval_max_new_tokens": 48}},
+                       "eval_max_new_tokens": 48},
+              "rl": {"steps": 4, "questions_per_step": 2, "samples_per_question": 2, "max_new_tokens": 32,
+                     "save_every": 2, "n_questions": 40, "eval_samples": 16, "eval_max_new_tokens": 48,
+                     "coherence_embedder": "policy"}},
     # `make demo`: <= 25 minutes on a 2-core CPU.
-    "quick": {"bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 25, "eval_samples": 100}},
+    "quick": {"bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 25, "eval_samples": 100},
+              "rl": {"steps": 10, "questions_per_step": 4, "samples_per_question": 4, "max_new_tokens": 80,
+                     "lr": 2e-5, "save_every": 5, "eval_samples": 100}},
     # a GPU's hours.
     "standard": {"data": {"n_records": 20000, "families": ("chain_sum", "basic_arithmetic",
                                                            "simple_equations", "gsm_symbolic")},
@@ -174,9 +182,15 @@ def stage_step1(ctx: Context) -> dict:
 
 
 def stage_step2(ctx: Context) -> dict:
-    """Quiet-STaR RL is not in this version; say so rather than pretend."""
-    return {"status": "not_implemented", "note": "Step 2 (Quiet-STaR RL) lands in a later version; "
-            "the Step 1 model goes forward unchanged."}
+    """Answer-level Quiet-STaR RL on the Step 1 model, KL-leashed to it."""
+    if not ctx.cfg.rl_enabled:
+        return {"status": "skipped", "note": "rl_enabled is false; the Step 1 model goes forward"}
+    from agent_forge.quietstar.rl import run_step2
+
+    step1_model = ctx.out / "step1" / "model"
+    overrides = dataclasses.asdict(ctx.cfg.rl)
+    return run_step2(str(step1_model), ctx.out / "step2", overrides, eval_data=ctx.cfg.eval_dataset,
+                     resume=ctx.resume, device=ctx.cfg.device, tracker=ctx.tracker, progress=ctx.progress)
 
 
 def current_model_dir(ctx: Context) -> Path:

@@ -1,0 +1,83 @@
+"""Typer command for `forge rl`: Step 2 (Quiet-STaR RL) on a Step 1 model.
+
+The lead wires it into the app (`app.command("rl")(rl_cmd)`). Options left unset keep the
+RLConfig default (or the --config YAML's value). With --json it prints ONE JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+TOKEN_MODE_MESSAGE = ("--mode token (Quiet-STaR's parallel thoughts at every position, with the mixing "
+                      "head) is not available yet in `forge rl`; use --mode answer, which reinforces the "
+                      "[thinking] block before each answer.")
+
+
+def _fail(message: str) -> None:
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(2)
+
+
+def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub id, .gguf, .pt, default)"),
+           data: Optional[str] = typer.Option(None, help="records JSONL (question + gold); default: "
+                                              "build easy arithmetic questions (seed 2)"),
+           out: str = typer.Option("runs/step2", help="output folder: model/, step2.json, checkpoints/"),
+           mode: str = typer.Option("answer", help="answer | token"),
+           steps: Optional[int] = typer.Option(None, help="optimiser steps (default 30)"),
+           samples: Optional[int] = typer.Option(None, help="K samples per question (default 4)"),
+           questions: Optional[int] = typer.Option(None, help="questions per step (default 4)"),
+           reward: Optional[str] = typer.Option(None, help="correct | loglik | both (default both)"),
+           lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-5)"),
+           optimizer: Optional[str] = typer.Option(None, help="adamw | mugrokfast (default adamw)"),
+           kl: Optional[float] = typer.Option(None, help="KL coefficient to the Step 1 model (default 0.1)"),
+           config: Optional[str] = typer.Option(None, help="YAML file with RLConfig fields"),
+           eval_data: str = typer.Option("easy_arithmetic", help="held-out set for the final evaluation"),
+           eval_samples: Optional[int] = typer.Option(None, help="held-out questions (default 100)"),
+           device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+           tracking: str = typer.Option("offline", help="W&B mode: offline | online | disabled"),
+           resume: bool = typer.Option(False, "--resume", help="continue from out/checkpoints"),
+           json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Reinforce thoughts that lead to right answers (GRPO-style groups, KL to the Step 1 model)."""
+    if mode == "token":
+        _fail(TOKEN_MODE_MESSAGE)
+    if mode != "answer":
+        _fail(f"--mode must be 'answer' or 'token', not {mode!r}")
+    from agent_forge.quietstar.rl import run_step2
+    from agent_forge.tracking import Tracker
+
+    given = {"steps": steps, "samples_per_question": samples, "questions_per_step": questions,
+             "reward": reward, "lr": lr, "optimizer": optimizer, "kl_coefficient": kl,
+             "eval_samples": eval_samples}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    progress = None if json_out else _printer()
+    with Tracker(out, mode=tracking, config={"command": "rl", **overrides}) as tracker:
+        try:
+            metrics = run_step2(model, out, overrides, config, data=data, eval_data=eval_data, resume=resume,
+                                device=device, tracker=tracker, progress=progress)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+    if json_out:
+        print(json.dumps(metrics, default=str))
+        return
+    console = Console()
+    console.print(f"[green]Step 2 done[/]: model in {metrics['model_dir']}")
+    for key in ("reward_first5", "reward_mean_last5", "accuracy_first5", "accuracy_last5", "kl_last5",
+                "accuracy_thinking_on", "accuracy_thinking_off", "sec_per_step_mean"):
+        value = metrics.get(key)
+        console.print(f"  {key:24s} {value:.4g}" if isinstance(value, (int, float)) else f"  {key:24s} -")
+
+
+def _printer():
+    console = Console()
+
+    def show(step: int, total: int, row: dict) -> None:
+        keys = ("reward_mean", "accuracy", "kl", "thought_length", "inference_seconds", "sec_per_step")
+        console.print(f"step {step}/{total} " + " ".join(
+            f"{k} {row[k]:.3g}" for k in keys if isinstance(row.get(k), (int, float))))
+    return show

@@ -1,0 +1,508 @@
+"""Step 2, Quiet-STaR RL at the token level: thoughts after (selected) text positions that
+are rewarded for making the next real tokens more likely.
+
+One optimiser step on a batch of text crops (B, seq_len):
+
+1. Difficulty: the FROZEN reference model (the Step 1 model the run started from) reads the
+   text; its logits feed the KL leash and, for injection "entropy" / "top_fraction", the
+   per-position next-token entropy (injector.py) that picks where to think. Using the
+   reference's logits costs no extra forward; they differ from the policy's only as far
+   as the KL leash lets them.
+2. Thoughts: `generate_thoughts` samples K thoughts of `thought_len` tokens (start and end
+   included; sampled tokens may not be the start/end tokens) after each selected position
+   and teacher-forces the next n_true real tokens, all positions in parallel.
+3. Mixing: the mixing head mixes the post-thought hidden state with the base one for each
+   of the n_true true tokens -> mixed logits -> ll_mixed (S, K, n_true).
+4. Reward per (position, thought): r = sum_t (ll_after - ll_without) over valid true tokens,
+   where ll_after is ll_mixed (reward_source "mixed", the paper's choice: the thought is
+   judged by what it does to the prediction the model actually makes) or the raw
+   post-thought ll_with ("thought"). With a zero-initialised head, "mixed" rewards are 0
+   until the head opens (after the first step), which is the paper's behaviour too.
+   Baseline = mean r over the K thoughts of the position (so K >= 2 is needed for a
+   signal); advantage = r - baseline, clamped to >= 0 when clamp_negative_advantage (the
+   reference code does this: only thoughts better than their siblings are reinforced,
+   worse ones are not pushed down), detached.
+5. Loss = policy_weight * policy + base_nll_weight * base NLL + mixed_nll_weight * mixed NLL
+   + kl_coefficient * KL, where policy = -(advantage * log p(thought)) averaged over
+   selected positions and thoughts; base NLL is the ordinary next-token loss over every
+   real token; mixed NLL the mean -ll_mixed over valid (position, thought, true token);
+   KL = mean over real tokens of top-k KL(reference || policy) of the base next-token
+   distributions (kl.py).
+6. Gradient clipping, then AdamW or MuGrokfast's RL preset; the start/end-of-thought
+   embedding rows then move `meta_token_lr_multiplier` times as far as the optimiser moved
+   them (see MetaTokenBoost).
+
+Dropout stays off (eval mode) so log-probs are those the thoughts were sampled with. Batches
+and sampling noise are pure functions of (seed, step), so `resume` reproduces an
+uninterrupted run exactly. Single process (Accelerate with cpu=on_cpu); the thought
+generator calls the backbone directly, so multi-process DDP is not supported yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent_forge.quietstar.injector import select_positions, selected_fraction
+from agent_forge.quietstar.kl import sequence_kl
+from agent_forge.quietstar.mixing import MixingHead, load_head, mixed_logits, save_head
+from agent_forge.quietstar.thoughts import ThoughtBatch, generate_thoughts, token_loglik
+from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from agent_forge.vocab import add_thinking_tokens, get_vocab
+
+HEAD_FILE = "mixing_head.safetensors"
+
+
+@dataclass
+class TokenRLConfig:
+    """Token-level Step 2 settings (defaults sized for a ~100M model).
+
+    n_thoughts: thoughts per position (K >= 2 for a baseline); None = adaptive
+        (models.adaptive_defaults by model size).
+    thought_len: tokens per thought incl. start and end; None = adaptive.
+    n_true: real tokens after the thought that score it (paper: 4).
+    temperature: thought sampling temperature (1 = the policy itself).
+    policy_weight / base_nll_weight / mixed_nll_weight / kl_coefficient: loss weights.
+    reward_source: "mixed" (paper) or "thought" (raw post-thought prediction).
+    clamp_negative_advantage: advantages below 0 become 0 (as the reference code).
+    optimizer: "adamw" or "mugrokfast" (RL preset; QK-clip off, see _build_optimizer).
+    lr, warmup_steps (linear warm-up, then constant), steps, batch_size (crops per step),
+    seq_len (tokens per crop), max_grad_norm, save_every (0 = never), seed.
+    injection: "all" | "entropy" (entropy > entropy_threshold nats) | "top_fraction"
+        (top `fraction` of each crop's positions by entropy).
+    meta_token_lr_multiplier: the start/end-of-thought embedding rows move this many times
+        as far per step (the reference trains them ~100x faster; gentler here).
+    kl_top_k: top-k of the KL (None = exact). head_inner: mixing-head width (None = H).
+    rolling_window: steps in the rolling reward.
+    """
+
+    n_thoughts: int | None = None
+    thought_len: int | None = None
+    n_true: int = 4
+    temperature: float = 1.0
+    policy_weight: float = 1.0
+    base_nll_weight: float = 0.5
+    mixed_nll_weight: float = 0.5
+    kl_coefficient: float = 0.1
+    reward_source: str = "mixed"
+    clamp_negative_advantage: bool = True
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 128
+    max_grad_norm: float = 1.0
+    save_every: int = 25
+    seed: int = 0
+    injection: str = "all"
+    entropy_threshold: float = 2.0
+    fraction: float = 0.25
+    meta_token_lr_multiplier: float = 10.0
+    kl_top_k: int | None = 64
+    head_inner: int | None = None
+    rolling_window: int = 20
+    mixed_precision: str = "no"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_overrides(cls, overrides: dict | None) -> "TokenRLConfig":
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides or {}) - known)
+        if bad:
+            raise ValueError(f"unknown token-RL settings {bad}; known: {sorted(known)}")
+        return cls(**(overrides or {}))
+
+
+def resolve_adaptive(cfg: TokenRLConfig, model) -> TokenRLConfig:
+    """Fill n_thoughts / thought_len left as None from the model's measured size."""
+    if cfg.n_thoughts is not None and cfg.thought_len is not None:
+        return cfg
+    from dataclasses import replace
+
+    from agent_forge.models import adaptive_defaults, measure_model
+
+    ad = adaptive_defaults(measure_model(model), cfg.seq_len)
+    return replace(cfg, n_thoughts=cfg.n_thoughts or ad["n_thoughts"],
+                   thought_len=cfg.thought_len or ad["thought_length"])
+
+
+# ---------------------------------------------------------------------------------------
+# Data: text crops
+
+
+def load_texts(data, tokenizer=None) -> list[str]:
+    """Texts from a records JSONL, a plain-text file (blank-line separated), or a list of
+    Records / strings. Records are rendered in the fixed format (data/schema.render)."""
+    from agent_forge.data.schema import Record, read_records, render
+
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if path.suffix == ".jsonl":
+            return [render(r) for r in read_records(path)]
+        return [p for p in path.read_text().split("\n\n") if p.strip()]
+    return [render(x) if isinstance(x, Record) else str(x) for x in data]
+
+
+def encode_crops(texts: list[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise, join with EOS, cut into seq_len crops; (ids, attention mask), (N, seq_len).
+
+    The last partial crop is kept, right-padded (mask 0), only when there is no full crop.
+    """
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for t in texts:
+        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    if len(stream) < 2:
+        raise ValueError("token-level RL needs at least two tokens of text")
+    n_full = len(stream) // seq_len
+    if n_full:
+        ids = torch.tensor(stream[: n_full * seq_len]).view(n_full, seq_len)
+        return ids, torch.ones_like(ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    ids = torch.full((1, seq_len), pad, dtype=torch.long)
+    ids[0, : len(stream)] = torch.tensor(stream)
+    mask = torch.zeros_like(ids)
+    mask[0, : len(stream)] = 1
+    return ids, mask
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Crops of step `step`: read in order through per-epoch permutations seeded by (seed, epoch)."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The sampling RNG of one step: a pure function of (seed, step), so resume is exact."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+
+
+# ---------------------------------------------------------------------------------------
+# The loss
+
+
+@dataclass
+class Selected:
+    """The ThoughtBatch fields at the S selected positions only (packed, no wasted rows)."""
+
+    valid: torch.Tensor        # (S, n_true) bool
+    targets: torch.Tensor      # (S, n_true)
+    ll_with: torch.Tensor      # (S, K, n_true)
+    ll_without: torch.Tensor   # (S, n_true)
+    logprob_sum: torch.Tensor  # (S, K)
+    h_base: torch.Tensor       # (S, n_true, H)
+    h_thought: torch.Tensor    # (S, K, n_true, H)
+    tokens: torch.Tensor       # (S, K, L)
+
+    @classmethod
+    def from_batch(cls, tb: ThoughtBatch) -> "Selected":
+        b, j = tb.selected.nonzero(as_tuple=True)
+        return cls(tb.true_valid[b, j], tb.true_tokens[b, j], tb.ll_with[b, j], tb.ll_without[b, j],
+                   tb.logprob_sum[b, j], tb.base_true_hidden[b, j], tb.thought_hidden[b, j],
+                   tb.thought_tokens[b, j])
+
+
+def rewards(ll_after: torch.Tensor, ll_without: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """r (S, K) = sum over valid true tokens of log p(x | thought) - log p(x | no thought)."""
+    return ((ll_after - ll_without[:, None]) * valid[:, None]).sum(-1)
+
+
+def advantages(r: torch.Tensor, clamp_negative: bool = True) -> torch.Tensor:
+    """r minus the mean over the K thoughts of the same position; optionally clamped at 0."""
+    adv = r - r.mean(-1, keepdim=True)
+    return adv.clamp_min(0.0) if clamp_negative else adv
+
+
+def policy_loss(adv: torch.Tensor, logprob_sum: torch.Tensor) -> torch.Tensor:
+    """REINFORCE: -(A * log p(thought)) averaged over positions and thoughts; A is constant."""
+    if adv.numel() == 0:
+        return logprob_sum.sum() * 0.0
+    return -(adv.detach() * logprob_sum).mean()
+
+
+def base_nll(base_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Ordinary next-token NLL over every real token that has a real successor."""
+    m = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    if not m.any():
+        return base_logits.sum() * 0.0
+    return F.cross_entropy(base_logits[:, :-1][m].float(), input_ids[:, 1:][m])
+
+
+def token_rl_loss(model, head: MixingHead, tb: ThoughtBatch, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, ref_logits: torch.Tensor | None,
+                  cfg: TokenRLConfig) -> dict:
+    """All loss parts of one step (tensors; 'loss' is the weighted total) plus the pieces
+    the metrics need (reward, advantage, mixing weight, the packed selection)."""
+    sel = Selected.from_batch(tb)
+    K = sel.ll_with.shape[1]
+    h_base = sel.h_base[:, None].expand_as(sel.h_thought)
+    targets = sel.targets[:, None].expand(-1, K, -1)
+    ll_mixed = token_loglik(mixed_logits(model, head, h_base, sel.h_thought), targets)
+    valid = sel.valid[:, None].expand_as(ll_mixed)
+    after = ll_mixed if cfg.reward_source == "mixed" else sel.ll_with
+    if cfg.reward_source not in ("mixed", "thought"):
+        raise ValueError(f"reward_source must be 'mixed' or 'thought', not {cfg.reward_source!r}")
+    r = rewards(after.detach(), sel.ll_without.detach(), sel.valid)
+    adv = advantages(r, cfg.clamp_negative_advantage)
+    parts = {"policy": policy_loss(adv, sel.logprob_sum),
+             "base_nll": base_nll(tb.base_logits, input_ids, attention_mask),
+             "mixed_nll": -(ll_mixed * valid).sum() / valid.sum().clamp_min(1)}
+    parts["kl"] = (sequence_kl(ref_logits, tb.base_logits, attention_mask, cfg.kl_top_k)
+                   if ref_logits is not None and cfg.kl_coefficient else tb.base_logits.sum() * 0.0)
+    parts["loss"] = (cfg.policy_weight * parts["policy"] + cfg.base_nll_weight * parts["base_nll"]
+                     + cfg.mixed_nll_weight * parts["mixed_nll"] + cfg.kl_coefficient * parts["kl"])
+    with torch.no_grad():
+        w = head.weight(sel.h_base, sel.h_thought[:, 0]) if len(sel.valid) else torch.zeros(1)
+    return {**parts, "reward": r, "advantage": adv, "mix_weight": w, "selected": sel}
+
+
+def distinct2(tokens: torch.Tensor) -> torch.Tensor:
+    """Distinct-2 of each position's K thoughts: unique bigrams / all bigrams over the sampled
+    tokens (start/end excluded). tokens (S, K, L) -> (S,); 1 = no bigram repeats."""
+    body = tokens[..., 1:-1]
+    if body.shape[-1] < 2 or tokens.shape[0] == 0:
+        return tokens.new_ones(tokens.shape[0], dtype=torch.float32)
+    big = (body[..., :-1] * (int(tokens.max()) + 1) + body[..., 1:]).flatten(1)   # (S, K*(L-3))
+    srt = big.sort(-1).values
+    unique = 1 + (srt[:, 1:] != srt[:, :-1]).sum(-1)
+    return unique.float() / big.shape[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# Start/end-of-thought embeddings that learn faster
+
+
+class MetaTokenBoost:
+    """Move the start/end-of-thought input-embedding rows `multiplier` times as far as the
+    optimiser moved them this step: row <- before + multiplier * (after - before).
+
+    Why not a gradient hook scaling those rows' gradients: Adam-type updates divide by the
+    gradient's running RMS, so a constant gradient scale nearly cancels (and a 10x gradient
+    would also dominate the global-norm clipping, shrinking every other update). Scaling
+    the applied update is an effective per-row learning-rate multiplier for any optimiser.
+    With tied embeddings the LM-head rows are the same tensor and move with them.
+    """
+
+    def __init__(self, model, token_ids: list[int], multiplier: float):
+        self.weight = model.get_input_embeddings().weight
+        self.ids = torch.tensor(sorted(set(token_ids)), device=self.weight.device)
+        self.multiplier = float(multiplier)
+        self._before: torch.Tensor | None = None
+
+    def before_step(self) -> None:
+        if self.multiplier != 1.0:
+            self._before = self.weight.detach()[self.ids].clone()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self._before is None:
+            return
+        now = self.weight[self.ids]
+        self.weight[self.ids] = self._before + self.multiplier * (now - self._before)
+        self._before = None
+
+
+def step_loss(model, ref, head: MixingHead, ids: torch.Tensor, mask: torch.Tensor, cfg: TokenRLConfig,
+              start_id: int, end_id: int, generator: torch.Generator | None = None) -> tuple[dict, ThoughtBatch]:
+    """Steps 1-5 of the module docstring for one batch: (loss parts, thought batch), ready
+    for backward. `ref` (frozen) gives the KL target and the difficulty signal; it is not run
+    when neither needs it."""
+    need_ref = ref is not None and (cfg.kl_coefficient != 0 or cfg.injection != "all")
+    with torch.no_grad():
+        ref_logits = ref(input_ids=ids, attention_mask=mask).logits if need_ref else None
+    selected = select_positions(ref_logits, mask, cfg.injection, cfg.entropy_threshold, cfg.fraction)
+    model.eval()
+    tb = generate_thoughts(model, ids, mask, selected, start_id=start_id, end_id=end_id,
+                           n_thoughts=cfg.n_thoughts, thought_len=cfg.thought_len, n_true=cfg.n_true,
+                           temperature=cfg.temperature, generator=generator, banned_ids=[start_id, end_id])
+    return token_rl_loss(model, head, tb, ids, mask, ref_logits, cfg), tb
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+class TokenPolicy(nn.Module):
+    """The LM and its mixing head as one module: one optimiser, one checkpoint file."""
+
+    def __init__(self, model, head: MixingHead):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def tie_weights(self):
+        self.model.tie_weights()
+
+
+def _build_optimizer(policy: TokenPolicy, cfg: TokenRLConfig):
+    """AdamW, or MuGrokfast's RL preset. QK-clip stays off: it swaps the attention
+    implementation to one whose mask form `thoughts.mask_kind` does not accept."""
+    from agent_forge.optim.mugrokfast import MuGrokfast, build_optimizer, get_config
+
+    if cfg.optimizer == "mugrokfast":
+        return MuGrokfast.from_model(policy, get_config("rl", muon_lr=cfg.lr, adam_lr=cfg.lr),
+                                     attach_qk_clip=False)
+    return build_optimizer(policy, cfg.optimizer, "rl", lr=cfg.lr)
+
+
+class TokenRLTrainer:
+    """Runs token-level Step 2 on (model, tokenizer); resumable from out_dir/checkpoints."""
+
+    def __init__(self, model, tokenizer, cfg: TokenRLConfig, out_dir: str | Path, tracker=None,
+                 head: MixingHead | None = None):
+        from accelerate import Accelerator
+
+        self.out_dir, self.tracker = Path(out_dir), tracker
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu)
+        self.token_ids = add_thinking_tokens(model, tokenizer)
+        vocab = get_vocab()
+        self.start_id, self.end_id = self.token_ids[vocab.open], self.token_ids[vocab.close]
+        self.cfg = resolve_adaptive(cfg, model)
+        if self.cfg.n_thoughts < 2:
+            raise ValueError("n_thoughts must be >= 2: the baseline is the mean over a position's thoughts")
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False)  # the Step 1 model, frozen
+        w = model.get_input_embeddings().weight
+        head = head or MixingHead(model.config.hidden_size, cfg.head_inner)
+        self.policy = TokenPolicy(model, head.to(device=w.device, dtype=w.dtype))
+        self.boost = MetaTokenBoost(model, [self.start_id, self.end_id], cfg.meta_token_lr_multiplier)
+        self.history: list[dict] = []
+
+    @property
+    def model(self):
+        return self.accelerator.unwrap_model(self.policy).model
+
+    @property
+    def head(self) -> MixingHead:
+        return self.accelerator.unwrap_model(self.policy).head
+
+    def _setup(self, resume: bool) -> int:
+        self.optimizer = _build_optimizer(self.policy, self.cfg)
+        warm = max(1, self.cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        start, ckpt = 0, latest_checkpoint(self.ckpt_dir) if resume else None
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.policy, self.optimizer, self.scheduler)
+            start, self.history = state["step"], state.get("history", [])
+        self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        return start
+
+    def _step(self, step: int, all_ids: torch.Tensor, all_mask: torch.Tensor) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        idx = batch_indices(step, cfg.batch_size, len(all_ids), cfg.seed)
+        ids, mask = all_ids[idx].to(acc.device), all_mask[idx].to(acc.device)
+        with acc.autocast():
+            parts, tb = step_loss(self.model, self.ref, self.head, ids, mask, cfg, self.start_id,
+                                  self.end_id, step_generator(cfg.seed, step))
+        acc.backward(parts["loss"])
+        grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.boost.before_step()
+        self.optimizer.step()
+        self.boost.after_step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._metrics(parts, tb, mask, float(grad_norm), time.perf_counter() - t0)
+
+    def _metrics(self, parts: dict, tb: ThoughtBatch, mask, grad_norm: float, seconds: float) -> dict:
+        r, sel = parts["reward"], parts["selected"]
+        f = lambda t: float(t.detach())  # noqa: E731
+        reward_mean = float(r.mean()) if r.numel() else 0.0
+        recent = [h["reward_mean"] for h in self.history[-(self.cfg.rolling_window - 1):]] + [reward_mean]
+        return {"reward_mean": reward_mean, "reward_rolling": sum(recent) / len(recent),
+                "advantage_mean": float(parts["advantage"].mean()) if r.numel() else 0.0,
+                "thought_length": self.cfg.thought_len,
+                "thought_diversity": float(distinct2(sel.tokens).mean()) if r.numel() else 0.0,
+                "n_thoughts": self.cfg.n_thoughts, "num_thoughts": int(r.numel()),
+                "frac_thought": selected_fraction(tb.selected, mask),
+                "kl": f(parts["kl"]), "lr": self.scheduler.get_last_lr()[0],
+                "loss": f(parts["loss"]), "policy_loss": f(parts["policy"]),
+                "base_nll": f(parts["base_nll"]), "mixed_nll": f(parts["mixed_nll"]),
+                "mix_weight_mean": float(parts["mix_weight"].mean()), "grad_norm": grad_norm,
+                "sec_per_step": seconds}
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, resume: bool = False,
+            progress: Callable | None = None) -> dict:
+        """Train from the start (or the last checkpoint) to cfg.steps; returns the summary."""
+        cfg = self.cfg
+        start = self._setup(resume)
+        for step in range(start, cfg.steps):
+            row = self._step(step, ids, mask)
+            self.history.append({"step": step + 1, **row})
+            if self.tracker is not None:
+                self.tracker.log(row, step=step + 1, stage="token_rl")
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}; last good checkpoint kept")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                self.save_checkpoint(step + 1)
+            if progress is not None:
+                progress(step + 1, cfg.steps, row)
+        return self.summary()
+
+    def save_checkpoint(self, step: int) -> None:
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        save_checkpoint(self.ckpt_dir, step, self.accelerator.unwrap_model(self.policy), opt,
+                        self.scheduler, {"mode": "token", "history": self.history})
+
+    def summary(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        keys = ("reward_mean", "reward_rolling", "kl", "loss", "base_nll", "mixed_nll",
+                "mix_weight_mean", "frac_thought", "thought_diversity", "sec_per_step")
+        return {"steps": last.get("step", 0), **{k: last.get(k) for k in keys},
+                "first_reward_rolling": self.history[0]["reward_rolling"] if self.history else None}
+
+
+def run_token_rl(model_spec_or_dir, out: str | Path, data_path_or_records, overrides: dict | None = None,
+                 tracker=None, progress: Callable | None = None, resume: bool = False) -> dict:
+    """Token-level Step 2 end to end: load, train, save out/model (+ mixing_head.safetensors,
+    forge_meta phase 3 / step 2 / mode "token") and out/step2.json; returns step2.json's dict.
+
+    `model_spec_or_dir` is anything models.load_model takes, or a (model, tokenizer) pair; a
+    directory holding mixing_head.safetensors continues with that head.
+    """
+    from agent_forge.models import load_model, save_model
+
+    cfg = TokenRLConfig.from_overrides(overrides)
+    if isinstance(model_spec_or_dir, tuple):
+        (model, tokenizer), parent, head = model_spec_or_dir, "in-memory model", None
+    else:
+        model, tokenizer = load_model(str(model_spec_or_dir))
+        parent = str(model_spec_or_dir)
+        head_path = Path(parent) / HEAD_FILE
+        head = load_head(head_path) if head_path.is_file() else None
+    out = Path(out)
+    trainer = TokenRLTrainer(model, tokenizer, cfg, out, tracker, head)
+    ids, mask = encode_crops(load_texts(data_path_or_records), tokenizer, trainer.cfg.seq_len)
+    summary = trainer.run(ids, mask, resume=resume, progress=progress)
+    meta = {"phase": 3, "step": 2, "mode": "token", "parent": parent,
+            "thinking_tokens": trainer.token_ids, "vocab": get_vocab().to_dict(),
+            "config": trainer.cfg.to_dict(), "metrics": summary, "mixing_head": HEAD_FILE}
+    save_model(trainer.model, tokenizer, out / "model", meta)
+    save_head(trainer.head, out / "model" / HEAD_FILE)
+    result = {"mode": "token", "model_dir": str(out / "model"), "crops": len(ids),
+              "config": trainer.cfg.to_dict(), "metrics": summary, "history": trainer.history}
+    (out / "step2.json").write_text(json.dumps(result, indent=2, default=str))
+    return result

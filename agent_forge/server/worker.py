@@ -1,0 +1,130 @@
+"""A job's worker process: runs one slice of the Phase 3 pipeline on one run directory.
+
+The server starts `python -m agent_forge.server.worker SPEC_JSON` in a new process group
+and never trains itself. Each kind of job is a range of pipeline stages on the same run
+directory, so a run made through the API looks exactly like one made by
+`forge bake-quietstar` (pipeline_state.json, metrics.jsonl, step1/checkpoints ...) and the
+dashboard reads both the same way:
+
+    step1         validate_input, vocab, data, step1
+    step2         step2                      (needs step1 done)
+    anti_theater  anti_theater               (needs step1 done; a rerun replaces the old result)
+    complete      every stage not yet done   (the same as `forge bake-quietstar --resume`)
+
+The worker always resumes: finished stages are skipped and a training stage continues from
+its last checkpoint. Pausing is SIGTERM to the process group; work since the last
+checkpoint is redone on resume.
+
+Exit codes: 0 done, 1 error (traceback in the log), 3 the stage is not available in this
+version (Step 2 before `forge rl` lands in the pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+KIND_STAGES: dict[str, tuple[str, ...]] = {
+    "step1": ("validate_input", "vocab", "data", "step1"),
+    "step2": ("step2",),
+    "anti_theater": ("anti_theater",),
+}
+RERUN = {"anti_theater": ("anti_theater",)}
+CONFIG_FILE = "pipeline_config.json"  # the full config, for the dashboard's progress bars
+EXIT_UNAVAILABLE = 3
+FIXED_FIELDS = ("model", "out", "registry", "device")
+
+
+class StageUnavailable(RuntimeError):
+    """The pipeline's stage is a placeholder in this version."""
+
+
+def build_config(spec: dict):
+    """PipelineConfig from a job spec: preset, then overrides, then the server-checked paths."""
+    from agent_forge.config import update_dataclass
+    from agent_forge.quietstar.pipeline import make_config
+
+    cfg = make_config(spec.get("preset") or "quick")
+    cfg = update_dataclass(cfg, spec.get("overrides") or {}, "pipeline config")
+    fixed = {k: spec.get(k) for k in FIXED_FIELDS if spec.get(k) is not None}
+    return update_dataclass(cfg, fixed, "pipeline config")
+
+
+def _printer(every: int = 20):
+    def show(step: int, total: int, row: dict) -> None:
+        if step == total or step % max(1, total // every) == 0:
+            loss = row.get("loss")
+            print(f"step {step}/{total}" + (f" loss {loss:.4f}" if isinstance(loss, float) else ""), flush=True)
+
+    return show
+
+
+def run_stages(cfg, names: tuple[str, ...], rerun: tuple[str, ...] = ()) -> dict:
+    """Run the named stages (pipeline order) that are not yet done in cfg.out."""
+    from agent_forge.quietstar.pipeline import STAGES, Context, PipelineState
+    from agent_forge.tracking import Tracker
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = PipelineState(out, resume=True)
+    for name in rerun:
+        state.data["stages"].pop(name, None)
+    tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
+    ctx = Context(cfg, out, state, tracker, _printer(), True)
+    try:
+        for name, fn in STAGES:
+            if name not in names or state.done(name):
+                continue
+            print(f"stage {name} ...", flush=True)
+            t0 = time.time()
+            result = fn(ctx)
+            if result.get("status") == "not_implemented":
+                raise StageUnavailable(result.get("note") or f"stage {name} is not available")
+            result["stage_seconds"] = round(time.time() - t0, 1)
+            state.record(name, result)
+            print(f"stage {name} done in {result['stage_seconds']}s", flush=True)
+    finally:
+        tracker.finish()
+    return state.data
+
+
+def run_job(spec: dict) -> None:
+    cfg = build_config(spec)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    kind = spec["kind"]
+    if kind == "complete":
+        from agent_forge.quietstar.pipeline import run_pipeline
+
+        run_pipeline(cfg, resume=True, on_stage=lambda n, e, r: print(f"stage {n} {e}", flush=True),
+                     progress=_printer())
+    else:
+        run_stages(cfg, KIND_STAGES[kind], RERUN.get(kind, ()))
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds `finally` blocks: the tracker closes cleanly
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m agent_forge.server.worker SPEC_JSON", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    spec = json.loads(argv[0])
+    print(f"worker: job {spec.get('job_id')} kind {spec['kind']} out {spec['out']}", flush=True)
+    try:
+        run_job(spec)
+    except StageUnavailable as e:
+        print(f"worker: not available: {e}", flush=True)
+        return EXIT_UNAVAILABLE
+    print("worker: done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""Coherence scores: syntactic exact on handmade strings, predictive = sigmoid, composite =
+weighted sum, semantic with the real all-MiniLM-L6-v2 (relevant > unrelated)."""
+
+import math
+
+import pytest
+import torch
+
+from agent_forge.quietstar.coherence import (
+    CoherenceScorer, PolicyEmbedder, mean_pool, predictive_score, repeated_ngram_fraction,
+    semantic_scores, syntactic_score,
+)
+from agent_forge.vocab import add_thinking_tokens
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+
+def test_repeated_ngram_fraction_exact():
+    assert repeated_ngram_fraction("a b c d") == 0.0  # 2 trigrams, both new
+    assert repeated_ngram_fraction("a b c a b c") == pytest.approx(1 / 4)  # abc bca cab abc
+    assert repeated_ngram_fraction("x x x x x") == pytest.approx(2 / 3)
+    assert repeated_ngram_fraction("too short") == 0.0
+    assert repeated_ngram_fraction("A b C a B c") == pytest.approx(1 / 4)  # case-insensitive words
+
+
+def test_syntactic_score_exact():
+    good = "[thinking]<step> 3 + 4 = 7[/endthinking] 7"
+    assert syntactic_score(good, "<step> 3 + 4 = 7") == pytest.approx(1.0)
+    unclosed = "[thinking]<step> 3 + 4 = 7"
+    assert syntactic_score(unclosed, "<step> 3 + 4 = 7") == pytest.approx(0.5)
+    loop = "7 + 7 = 14 7 + 7 = 14"  # trigrams: 7+7 +7= 7=14 =14 7, 14 7 +, 7+7 +7= 7=14 -> 3 of 8 repeat
+    assert syntactic_score(f"[thinking]{loop}[/endthinking] 14", loop) == pytest.approx(0.5 + 0.5 * (1 - 3 / 8))
+    no_answer = "[thinking]<step> 1 + 1 = 2[/endthinking]"
+    assert syntactic_score(no_answer, "<step> 1 + 1 = 2") == pytest.approx(0.5)
+
+
+def test_predictive_is_a_sigmoid_of_the_gain():
+    assert predictive_score(0.0) == 0.5
+    assert predictive_score(2.0) == pytest.approx(1 / (1 + math.exp(-2.0)))
+    assert predictive_score(-1e9) == pytest.approx(0.0) and predictive_score(1e9) == pytest.approx(1.0)
+
+
+def test_composite_is_the_weighted_sum():
+    scorer = CoherenceScorer("none", weights=(0.2, 0.5, 0.3))
+    scorer.embed = lambda texts: torch.nn.functional.normalize(torch.tensor(
+        [[1.0, float(len(t) % 3)] for t in texts]), dim=-1)
+    s = scorer.score(["q1", "q2"], ["<step> a b", "x y z x y z"], ["1", "2"],
+                     ["[thinking]<step> a b[/endthinking] 1", "[thinking]x y z x y z"], [0.3, -2.0])
+    for i in range(2):
+        assert s.composite[i] == pytest.approx(0.2 * s.semantic[i] + 0.5 * s.syntactic[i] + 0.3 * s.predictive[i])
+    means = s.means()
+    assert means["coherence_composite"] == pytest.approx(sum(s.composite) / 2)
+
+
+def test_mean_pool_ignores_padding():
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [100.0, 100.0]]])
+    got = mean_pool(hidden, torch.tensor([[1, 1, 0]]))
+    assert torch.allclose(got, torch.tensor([[1.0, 0.0]]))
+
+
+def test_policy_embedder_gives_scores_in_unit_interval():
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    add_thinking_tokens(model, tok)
+    embed = PolicyEmbedder(model, tok)
+    scores = semantic_scores(embed, ["<step> 2 + 3 = 5", ""], ["2 + 3 = ? 5", "2 + 3 = ? 5"])
+    assert 0.0 <= scores[0] <= 1.0 and scores[1] == 0.0
+
+
+def test_minilm_semantic_prefers_a_relevant_thought():
+    scorer = CoherenceScorer("minilm")
+    q, a = "Tom has 3 apples and buys 4 more. How many apples does he have?", "7"
+    relevant = "<step> Tom starts with 3 apples, buys 4 more apples, 3 + 4 = 7 apples"
+    unrelated = "<step> The weather in Paris is rainy and the museum opens at noon"
+    sem = semantic_scores(scorer.embed, [relevant, unrelated], [f"{q} {a}", f"{q} {a}"])
+    assert sem[0] > sem[1] + 0.2
+    assert all(0.0 <= s <= 1.0 for s in sem)

@@ -1,0 +1,362 @@
+"""Step 2 (answer mode): advantages, policy gradient, KL, log-prob recomputation, the loglik
+reward, and exact resume, on tiny models."""
+
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from agent_forge.data.schema import Record, Segment, write_records
+from agent_forge.quietstar.rl import (
+    RLConfig, RLTrainer, Samples, combine_rewards, distinct_n, group_advantages, k3_kl,
+    kl_penalty, loglik_gains, policy_loss, sample, sample_logits, step_questions,
+    token_logprobs, valid_lengths,
+)
+from agent_forge.vocab import add_thinking_tokens
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+
+def make_policy(kind="llama", seed=0):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(kind, len(tok), seed=seed)
+    add_thinking_tokens(model, tok)
+    return tok, model
+
+
+def records(n=12):
+    out = []
+    for i in range(n):
+        r = random.Random(i)
+        a, b = r.randint(1, 9), r.randint(10, 99)
+        out.append(Record(f"r{i}", f"{a} + {b} = ?", [Segment("step", f"{a} + {b} = {a + b}")],
+                          str(a + b), str(a + b), "test", family="sum"))
+    return out
+
+
+def tiny_cfg(**kw):
+    base = dict(steps=3, questions_per_step=2, samples_per_question=3, max_new_tokens=10,
+                coherence_embedder="none", save_every=0, warmup_steps=1)
+    base.update(kw)
+    return RLConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------
+# Advantages and rewards
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_group_advantages_match_hand_loop(normalize):
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, -1.0, 0.0, 3.0]
+    k = 4
+    want = []
+    for g in range(0, len(rewards), k):
+        grp = rewards[g:g + k]
+        mean = sum(grp) / k
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / k)
+        want += [(x - mean) / (std + 1e-4) if normalize else x - mean for x in grp]
+    got = group_advantages(torch.tensor(rewards), k, normalize_std=normalize)
+    assert torch.allclose(got, torch.tensor(want), atol=1e-5)
+    assert got[4:8].abs().max() == 0  # a group that agrees carries no signal
+
+
+def test_combine_rewards_modes():
+    cfg = RLConfig(loglik_weight=0.5, loglik_clip=2.0)
+    correct, gains = [1.0, 0.0, 1.0], [5.0, -0.4, -9.0]
+    assert combine_rewards(correct, gains, RLConfig(reward="correct")) == correct
+    assert combine_rewards(correct, gains, RLConfig(reward="loglik")) == gains
+    assert combine_rewards(correct, gains, cfg) == pytest.approx([2.0, -0.2, 0.0])
+    with pytest.raises(ValueError):
+        combine_rewards(correct, None, cfg)
+
+
+def test_step_questions_pure_function_of_seed_and_step():
+    cfg = RLConfig(questions_per_step=4, seed=3)
+    a = [step_questions(s, cfg, 10) for s in range(5)]
+    assert a == [step_questions(s, cfg, 10) for s in range(5)]
+    assert sorted(a[0] + a[1] + a[2][:2]) == list(range(10))  # one epoch covers every question once
+    assert a != [step_questions(s, RLConfig(questions_per_step=4, seed=4), 10) for s in range(5)]
+
+
+def test_distinct_n():
+    assert distinct_n(["a b c", "a b d"]) == pytest.approx(3 / 4)
+    assert distinct_n(["x"]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Policy loss and its gradient
+
+
+def test_policy_loss_normalisations_match_hand_loop():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([2.0, -1.0])
+    tok = -(2.0 * (-6.0) + (-1.0) * (-1.0)) / 5
+    seq = -((2.0 * (-6.0) / 3) + (-1.0 * (-1.0) / 2)) / 2
+    assert policy_loss(logp, mask, adv, "token").item() == pytest.approx(tok)
+    assert policy_loss(logp, mask, adv, "sequence").item() == pytest.approx(seq)
+
+
+def _seq_logp(model, s: Samples) -> torch.Tensor:
+    with torch.no_grad():
+        lp = token_logprobs(sample_logits(model, s.sequences, s.mask, s.n_new), s.sequences[:, -s.n_new:])
+    return torch.where(s.new_mask, lp, torch.zeros_like(lp)).sum(1)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_sgd_step_moves_logprob_with_the_advantage(sign):
+    tok, model = make_policy()
+    torch.manual_seed(1)
+    s = sample(model, tok, ["3 + 4 = ?"], 1, tiny_cfg())
+    before = _seq_logp(model, s)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    lp = token_logprobs(sample_logits(model, s.sequences, s.mask, s.n_new), s.sequences[:, -s.n_new:])
+    policy_loss(lp, s.new_mask, torch.tensor([sign])).backward()
+    opt.step()
+    after = _seq_logp(model, s)
+    assert (after - before).item() * sign > 0
+
+
+def test_trainer_reinforces_the_rewarded_sample(tmp_path):
+    """Stub reward: the first sample of each group gets 1, the rest 0; one big-lr step with
+    no KL must raise the first sample's log-prob relative to its siblings."""
+    tok, model = make_policy()
+    cfg = tiny_cfg(steps=1, lr=0.05, kl_coefficient=0.0, warmup_steps=1, max_grad_norm=1e9,
+                   coherence=False, reward="correct")
+    k = cfg.samples_per_question
+    stub = lambda s, batch: [1.0 if i % k == 0 else 0.0 for i in range(len(s.new_ids))]  # noqa: E731
+    trainer = RLTrainer(model, tok, cfg, tmp_path, reward_fn=stub)
+    ref = trainer.reference
+    trainer.run(records())
+    s = trainer.last_samples
+    gain = _seq_logp(trainer.trained_model(), s) - _seq_logp(ref, s)
+    for q in range(cfg.questions_per_step):
+        g = gain[q * k:(q + 1) * k]
+        assert g[0] > g[1:].max()
+
+
+# ---------------------------------------------------------------------------------------
+# KL to the reference
+
+
+def test_k3_expectation_equals_kl_definition():
+    torch.manual_seed(0)
+    p_logits, q_logits = torch.randn(7), torch.randn(7)
+    lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    definition = sum(lp.exp()[i] * (lp[i] - lq[i]) for i in range(7))
+    expectation = (lp.exp() * k3_kl(lp, lq)).sum()  # E_{x ~ policy}[k3(x)], exactly
+    assert expectation.item() == pytest.approx(definition.item(), rel=1e-5)
+    assert torch.all(k3_kl(lp, lq) >= 0)
+    assert torch.all(k3_kl(lp, lp) == 0)
+
+
+@pytest.mark.parametrize("estimator", ["k3", "full"])
+def test_kl_penalty_zero_for_equal_models_positive_otherwise(estimator):
+    torch.manual_seed(0)
+    pol, ref = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    targets = torch.randint(0, 11, (2, 3))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    lp, lr = token_logprobs(pol, targets), token_logprobs(ref, targets)
+    assert kl_penalty(pol, pol, lp, lp, mask, estimator).item() == pytest.approx(0.0, abs=1e-6)
+    got = kl_penalty(pol, ref, lp, lr, mask, estimator).item()
+    assert got > 0
+    if estimator == "full":
+        want, n = 0.0, 0
+        for b in range(2):
+            for t in range(3):
+                if mask[b, t]:
+                    p, q = pol[b, t].softmax(-1), ref[b, t].softmax(-1)
+                    want += float((p * (p / q).log()).sum())
+                    n += 1
+        assert got == pytest.approx(want / n, rel=1e-5)
+    else:
+        r = (lr - lp)[mask]
+        assert got == pytest.approx(float((r.exp() - r - 1).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("norm,estimator", [("token", "k3"), ("sequence", "full")])
+def test_micro_batches_give_the_full_batch_loss_and_gradient(tmp_path, norm, estimator):
+    """Length-sorted, padding-trimmed micro-batches must change nothing but the cost."""
+    tok, model = make_policy()
+    torch.manual_seed(0)
+    s = sample(model, tok, ["1 + 2 = ?", "10 + 20 + 300 = ?", "7 * 8 = ?"], 2, tiny_cfg(max_new_tokens=12))
+    assert len(set(s.new_mask.sum(1).tolist())) > 1  # rows of different lengths
+    adv = torch.tensor([1.0, -0.5, 0.3, -2.0, 0.7, 0.1])
+    results = []
+    for rows in (100, 2):
+        cfg = tiny_cfg(micro_batch_rows=rows, loss_norm=norm, kl_estimator=estimator, coherence=False)
+        tr = RLTrainer(model, tok, cfg, tmp_path / str(rows),
+                       reference=make_tiny_model("llama", model.config.vocab_size, seed=5))
+        model.zero_grad()
+        row = tr._backward(s, adv, None, None, None)
+        results.append((row, [p.grad.clone() for p in model.parameters()]))
+    (full, g_full), (micro, g_micro) = results
+    assert micro["policy_loss"] == pytest.approx(full["policy_loss"], rel=1e-4, abs=1e-6)
+    assert micro["kl"] == pytest.approx(full["kl"], rel=1e-4) and full["kl"] > 0
+    for a, b in zip(g_full, g_micro):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_kl_is_zero_on_the_first_step_and_positive_after(tmp_path):
+    tok, model = make_policy()
+    cfg = tiny_cfg(steps=2, lr=0.05, coherence=False, reward="loglik")
+    hist = RLTrainer(model, tok, cfg, tmp_path).run(records()).history
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+    assert hist[1]["kl"] > 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling and log-prob recomputation
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_recomputed_logprobs_match_generate_scores(kind):
+    tok, model = make_policy(kind)
+    # a hub model's defaults must not leak into sampling (they would bend the distribution)
+    model.generation_config.top_k, model.generation_config.repetition_penalty = 5, 1.5
+    model.generation_config.min_p, model.generation_config.temperature = 0.2, 0.3
+    torch.manual_seed(0)
+    s = sample(model, tok, ["1 + 2 = ?", "10 + 20 + 300 = ?"], 2, tiny_cfg(), return_scores=True)
+    targets = s.sequences[:, -s.n_new:]
+    recomputed = token_logprobs(sample_logits(model, s.sequences, s.mask, s.n_new), targets)
+    from_scores = token_logprobs(torch.stack(s.scores, 1), targets)
+    assert torch.isfinite(recomputed[s.new_mask]).all()
+    assert torch.allclose(recomputed[s.new_mask], from_scores[s.new_mask], atol=1e-4)
+    assert s.sequences.shape[0] == 4 and len(set(len(p) for p in s.prompt_ids)) == 2  # padding exercised
+    assert model.generation_config.top_k == 5  # restored
+
+
+def test_valid_lengths_replay_stop_rules():
+    tok, _ = make_policy()
+    close = tok.convert_tokens_to_ids("[/endthinking]")
+    eos = tok.eos_token_id
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = [ids("ab") + [close] + ids(" 5\nxyz"),   # stops at the newline after the answer
+            ids("abc") + [eos] + ids("zzzzz"),        # stops at EOS (counted)
+            ids("a\nb") + ids("cccccc"),              # a newline inside thinking does not stop
+            ids("ab") + [close] + ids("\n 7") + [eos] + ids("q")]  # newline before any answer text: no stop
+    width = max(len(r) for r in rows)
+    new = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
+    got = valid_lengths(tok, new, {eos}, close)
+    assert got == [len(ids("ab")) + 1 + len(ids(" 5\n")), len(ids("abc")) + 1, width,
+                   len(ids("ab")) + 1 + len(ids("\n 7")) + 1]
+
+
+# ---------------------------------------------------------------------------------------
+# The log-likelihood reward
+
+
+def test_batched_continuation_logprob_matches_one_row_at_a_time():
+    from agent_forge.quietstar.rl import continuation_logprob
+
+    tok, model = make_policy("qwen2")
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    contexts = [ids("Question: 1 + 2 = ?"), ids("Q: 100 + 250 + 3 = ?\nA:"), ids("x")]
+    conts = [ids(" 3"), ids(" 353") + [tok.eos_token_id], ids(" yz")]
+    got = continuation_logprob(model, contexts, conts, tok.pad_token_id)
+    for c, a, g in zip(contexts, conts, got):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([c + a])).logits[0].log_softmax(-1)
+        want = sum(float(logits[len(c) - 1 + j, a[j]]) for j in range(len(a)))
+        assert g == pytest.approx(want, abs=1e-4)
+
+
+class BagOfTokens(torch.nn.Module):
+    """Predicts the tokens it has seen: logits[t] = 3 for each token present in x[:t+1], else 0."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.v = vocab_size
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, position_ids=None, **kw):
+        onehot = torch.nn.functional.one_hot(input_ids, self.v).float() * attention_mask[..., None]
+        return SimpleNamespace(logits=3.0 * onehot.cumsum(1).clamp(max=1.0))
+
+
+def test_loglik_reward_sign_on_a_handmade_case():
+    tok, _ = make_policy()
+    model = BagOfTokens(len(tok))
+    close = tok.convert_tokens_to_ids("[/endthinking]")
+    prompt = tok("Question: 2 + 2 = ?\nAnswer:[thinking]")["input_ids"]
+    helpful = tok(" it is 4", add_special_tokens=False)["input_ids"] + [close]
+    useless = tok(" xyz qqq", add_special_tokens=False)["input_ids"] + [close]
+    s = Samples(torch.zeros(1), torch.zeros(1), torch.zeros(2, 1, dtype=torch.bool), [prompt, prompt],
+                [helpful, useless], [], [], [], [], [], 0.0)
+    gains = loglik_gains(model, tok, s, ["4"], k=2)
+    assert gains[0] > 0 > gains[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Exact resume
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "mugrokfast"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, optimizer):
+    cfg = tiny_cfg(steps=4, save_every=2, lr=1e-2, optimizer=optimizer, coherence=True,
+                   coherence_embedder="policy")
+    tok, model = make_policy()
+    full = RLTrainer(model, tok, cfg, tmp_path / "a")
+    full.run(records())
+    want = _weights(full.trained_model())
+
+    class Stop(Exception):
+        pass
+
+    def kill_at_3(step, total, row):
+        if step == 3:
+            raise Stop
+
+    tok, model = make_policy()
+    with pytest.raises(Stop):
+        RLTrainer(model, tok, cfg, tmp_path / "b").run(records(), progress=kill_at_3)
+    tok, model = make_policy()
+    resumed = RLTrainer(model, tok, cfg, tmp_path / "b")
+    resumed.run(records(), resume=True)
+    got = _weights(resumed.trained_model())
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-5), k
+    assert not torch.equal(want["model.embed_tokens.weight"], make_policy()[1].state_dict()["model.embed_tokens.weight"])
+    log = [json.loads(x) for x in (tmp_path / "b" / "batches.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3, 4]
+    assert resumed.history[-1]["reward_rolling"] == pytest.approx(full.history[-1]["reward_rolling"], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The recipe and the command
+
+
+def test_run_step2_writes_model_and_report(tmp_path):
+    from agent_forge.models import read_meta, save_model
+    from agent_forge.quietstar.rl import run_step2
+
+    tok, model = make_policy()
+    save_model(model, tok, tmp_path / "baked", {"phase": 3, "step": 1})
+    data = tmp_path / "train.jsonl"
+    write_records(data, records())
+    over = dict(steps=2, questions_per_step=2, samples_per_question=2, max_new_tokens=8, coherence=False,
+                eval_samples=3, eval_max_new_tokens=8)
+    metrics = run_step2(str(tmp_path / "baked"), tmp_path / "out", over, data=str(data))
+    meta = read_meta(tmp_path / "out" / "model")
+    assert meta["phase"] == 3 and meta["step"] == 2 and meta["parent_meta"]["step"] == 1
+    assert metrics["model_dir"] == str(tmp_path / "out" / "model")
+    assert "accuracy_thinking_on" in metrics and "accuracy_thinking_off" in metrics
+    assert json.loads((tmp_path / "out" / "step2.json").read_text())["steps"] == 2
+
+
+def test_token_mode_says_not_available(tmp_path):
+    import typer
+
+    from agent_forge.quietstar.rl_commands import rl_cmd
+
+    with pytest.raises(typer.Exit):
+        rl_cmd(model="x", data=None, out=str(tmp_path), mode="token", steps=1, samples=4, questions=4,
+               reward="both", lr=1e-5, optimizer="adamw", kl=0.1, config=None, eval_data="easy_arithmetic",
+               eval_samples=10, device=None, tracking="disabled", resume=False, json_out=True)
