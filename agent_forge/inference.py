@@ -143,7 +143,8 @@ class AnswerSlotStop(StoppingCriteria):
 # Generation
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a reply: the generation config's EOS ids and the tokenizer's."""
     ids = set()
     for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
                    tokenizer.eos_token_id):
@@ -152,6 +153,17 @@ def _eos_ids(model, tokenizer) -> list[int]:
         elif source:
             ids.update(int(i) for i in source)
     return sorted(ids)
+
+
+def left_padded(tokenizer, texts: list[str], add_special_tokens: bool, device):
+    """(input_ids, attention_mask) padded on the left, as batched generation needs."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.padding_side = old_side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def _decode_row(tokenizer, ids: list[int], eos: list[int], pad: int | None) -> tuple[str, int]:
@@ -176,14 +188,18 @@ def generate_answers(model, tokenizer, questions: list[str], thinking: str = "au
                      do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
                      seed: int | None = None, stop_at_newline: bool = True,
                      vocab: ThinkingVocab | str = "default", progress: bool = False,
-                     thought_mode: str | None = None) -> list[Generation]:
+                     thought_mode: str | None = None, model_dir: str | None = None) -> list[Generation]:
     """Answer every question; results in input order.
 
-    thought_mode is reserved for token-level Quiet-STaR models (parallel thoughts at every
-    position); it is not built yet.
+    thought_mode ("all" | "difficult") decodes a token-level Quiet-STaR model with a silent
+    thought before every (or every difficult) visible token, mixed in by the mixing head
+    stored in `model_dir`; without a head the output equals plain decoding.
     """
+    decoder = None
     if thought_mode is not None:
-        raise NotImplementedError("thought_mode (token-level Quiet-STaR) is not implemented yet")
+        from agent_forge.quietstar.thought_inference import load_decoder
+
+        decoder = load_decoder(model, tokenizer, model_dir, mode=thought_mode)
     mode = resolve_mode(tokenizer, thinking, vocab)
     vocab = get_vocab(vocab)
     prompts = [build_prompt(tokenizer, q, mode, prompt_style, vocab) for q in questions]
@@ -193,7 +209,7 @@ def generate_answers(model, tokenizer, questions: list[str], thinking: str = "au
     return _generate_all(model, tokenizer, prompts, mode, max_new_tokens or DEFAULT_MAX_NEW[mode],
                          batch_size, add_special=not chat, sample=(do_sample, temperature, top_p),
                          stop=stop_at_newline, vocab=vocab, progress=progress,
-                         show_thinking=show_thinking)
+                         show_thinking=show_thinking, decoder=decoder)
 
 
 def generate_from_prompts(model, tokenizer, prompts: list[str], thinking: str = "auto",
@@ -213,14 +229,16 @@ def generate_from_prompts(model, tokenizer, prompts: list[str], thinking: str = 
 
 def _generate_all(model, tokenizer, prompts: list[tuple[str, str]], mode: str, max_new: int,
                   batch_size: int, add_special: bool, sample: tuple, stop: bool,
-                  vocab: ThinkingVocab, progress: bool, show_thinking: bool) -> list[Generation]:
+                  vocab: ThinkingVocab, progress: bool, show_thinking: bool,
+                  decoder=None) -> list[Generation]:
     """Generate for (prompt, forced prefix) pairs, similar lengths batched together."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     results: list[Generation | None] = [None] * len(prompts)
     for idx in _progress(batches, progress, f"generate ({mode})"):
         gens = _generate_batch(model, tokenizer, [prompts[i] for i in idx], mode, max_new,
-                               add_special=add_special, sample=sample, stop=stop, vocab=vocab)
+                               add_special=add_special, sample=sample, stop=stop, vocab=vocab,
+                               decoder=decoder)
         for i, g in zip(idx, gens):
             results[i] = g
             if show_thinking:
@@ -238,24 +256,19 @@ def _progress(items, enabled: bool, desc: str):
 
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, batch: list[tuple[str, str]], mode: str, max_new: int,
-                    add_special: bool, sample: tuple, stop: bool, vocab: ThinkingVocab) -> list[Generation]:
+                    add_special: bool, sample: tuple, stop: bool, vocab: ThinkingVocab,
+                    decoder=None) -> list[Generation]:
     texts = [p for p, _ in batch]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
-    finally:
-        tokenizer.padding_side = old_side
-    device = next(model.parameters()).device
-    input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    eos = _eos_ids(model, tokenizer)
+    input_ids, mask = left_padded(tokenizer, texts, add_special, next(model.parameters()).device)
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     close_id = tokenizer.convert_tokens_to_ids(vocab.close) if mode != "direct" else None
     criteria = [AnswerSlotStop(tokenizer, len(texts), mode == "on", close_id)] if stop else []
     do_sample, temperature, top_p = sample
     extra = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     t0 = time.perf_counter()
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
+    generate = decoder.generate if decoder is not None else model.generate
+    out = generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
                          do_sample=do_sample, eos_token_id=eos, pad_token_id=pad, use_cache=True,
                          stopping_criteria=criteria or None, **extra)
     seconds = (time.perf_counter() - t0) / len(texts)

@@ -192,14 +192,16 @@ def test_answer_slot_stop_state_machine():
     assert [direct(torch.tensor([_ids(tok, ["4", "\n"])[: t + 1]])).item() for t in range(2)] == [False, True]
 
 
-def test_sampling_is_seeded_and_thought_mode_reserved():
+def test_sampling_is_seeded_and_headless_thought_mode_is_plain_decoding():
     model, tok = _thinking_model()
     kw = dict(thinking="on", max_new_tokens=12, do_sample=True, temperature=1.0)
     a = generate_answers(model, tok, QUESTIONS, seed=3, **kw)
     b = generate_answers(model, tok, QUESTIONS, seed=3, **kw)
     assert [g.completion for g in a] == [g.completion for g in b]
-    with pytest.raises(NotImplementedError):
-        generate_answers(model, tok, QUESTIONS, thought_mode="parallel")
+    plain = generate_answers(model, tok, QUESTIONS, thinking="on", max_new_tokens=12)
+    for mode in ("all", "difficult"):  # no mixing head: thoughts cannot change a token
+        thought = generate_answers(model, tok, QUESTIONS, thinking="on", max_new_tokens=12, thought_mode=mode)
+        assert [g.completion for g in thought] == [g.completion for g in plain]
 
 
 def test_direct_mode_for_plain_model():

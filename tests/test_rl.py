@@ -351,12 +351,38 @@ def test_run_step2_writes_model_and_report(tmp_path):
     assert json.loads((tmp_path / "out" / "step2.json").read_text())["steps"] == 2
 
 
-def test_token_mode_says_not_available(tmp_path):
-    import typer
-
+def _rl_cli(tmp_path, **kw):
     from agent_forge.quietstar.rl_commands import rl_cmd
 
+    args = dict(model="x", data=None, out=str(tmp_path / "out"), mode="token", steps=1, samples=None,
+                questions=None, reward=None, lr=None, optimizer=None, kl=None, config=None,
+                eval_data="easy_arithmetic", eval_samples=None, device=None, tracking="disabled",
+                resume=False, json_out=True)
+    return rl_cmd(**{**args, **kw})
+
+
+def test_token_mode_needs_data(tmp_path):
+    import typer
+
     with pytest.raises(typer.Exit):
-        rl_cmd(model="x", data=None, out=str(tmp_path), mode="token", steps=1, samples=4, questions=4,
-               reward="both", lr=1e-5, optimizer="adamw", kl=0.1, config=None, eval_data="easy_arithmetic",
-               eval_samples=10, device=None, tracking="disabled", resume=False, json_out=True)
+        _rl_cli(tmp_path)
+
+
+def test_token_mode_trains_and_saves_the_mixing_head(tmp_path):
+    from agent_forge.data.schema import Record, Segment, write_records
+    from agent_forge.models import save_model
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    add_thinking_tokens(model, tok)
+    save_model(model, tok, tmp_path / "baked", {"phase": 3})
+    recs = [Record(str(i), f"{i} + 1 = ?", [Segment("step", f"{i} + 1 = {i + 1}")], str(i + 1), str(i + 1), "t")
+            for i in range(8)]
+    write_records(tmp_path / "d.jsonl", recs)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_thoughts: 2\nthought_len: 3\nbatch_size: 2\nseq_len: 24\nsave_every: 0\n")
+    _rl_cli(tmp_path, model=str(tmp_path / "baked"), data=str(tmp_path / "d.jsonl"), steps=2, config=str(cfg))
+    out = tmp_path / "out"
+    report = json.loads((out / "step2.json").read_text())
+    assert report["mode"] == "token" and report["metrics"]["steps"] == 2
+    assert (out / "model" / "mixing_head.safetensors").exists()

@@ -248,3 +248,13 @@ def test_crops_and_batches_are_deterministic():
     assert trl.batch_indices(3, 4, 10, 0) == trl.batch_indices(3, 4, 10, 0)
     seen = sum((trl.batch_indices(s, 5, 10, 0) for s in range(2)), [])
     assert sorted(seen) == list(range(10))  # one epoch visits every crop once
+
+
+def test_adaptive_thought_defaults_follow_model_size():
+    from agent_forge.models import adaptive_defaults, measure_model
+
+    model = make_tiny_model("llama", 60)
+    cfg = trl.resolve_adaptive(trl.TokenRLConfig(), model)
+    want = adaptive_defaults(measure_model(model), cfg.seq_len)
+    assert (cfg.n_thoughts, cfg.thought_len) == (want["n_thoughts"], want["thought_length"])
+    assert trl.resolve_adaptive(trl.TokenRLConfig(n_thoughts=3, thought_len=6), model).n_thoughts == 3

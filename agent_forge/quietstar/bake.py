@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from agent_forge.quietstar.bake_data import (ANSWER, IGNORE, collate, encode_records, shifted)
 from agent_forge.quietstar.kl import sequence_kl
-from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from agent_forge.vocab import STRATEGIES, add_thinking_tokens
 
 DEFAULT_BAKE_PROMPT = (
@@ -324,11 +324,8 @@ class Baker:
             self.tracker.log(flat, step=step, stage="bake_eval")
 
     def _truncate_batch_log(self, step: int) -> None:
-        path = self.out_dir / "batches.jsonl"
-        if not path.exists() or not self.accelerator.is_main_process:
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        if self.accelerator.is_main_process:
+            truncate_log(self.out_dir / "batches.jsonl", step)
 
     def save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()

@@ -73,7 +73,7 @@ PRESETS: dict[str, dict] = {
     # `make demo`: <= 25 minutes on a 2-core CPU.
     "quick": {"bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 25, "eval_samples": 100},
               "rl": {"steps": 10, "questions_per_step": 4, "samples_per_question": 4, "max_new_tokens": 80,
-                     "lr": 2e-5, "save_every": 5, "eval_samples": 100}},
+                     "lr": 2e-5, "save_every": 5, "eval_samples": 100, "anti_theater_every": 5}},
     # a GPU's hours.
     "standard": {"data": {"n_records": 20000, "families": ("chain_sum", "basic_arithmetic",
                                                            "simple_equations", "gsm_symbolic")},
@@ -190,7 +190,39 @@ def stage_step2(ctx: Context) -> dict:
     step1_model = ctx.out / "step1" / "model"
     overrides = dataclasses.asdict(ctx.cfg.rl)
     return run_step2(str(step1_model), ctx.out / "step2", overrides, eval_data=ctx.cfg.eval_dataset,
-                     resume=ctx.resume, device=ctx.cfg.device, tracker=ctx.tracker, progress=ctx.progress)
+                     resume=ctx.resume, device=ctx.cfg.device, tracker=ctx.tracker, progress=ctx.progress,
+                     monitor=AntiTheaterMonitor(ctx))
+
+
+class AntiTheaterMonitor:
+    """Anti-theater on a slice of the eval set during RL; two failures in a row stop RL.
+
+    A stop is a result, not a crash: Step 2 saves what it has and says why it stopped, and the
+    final anti-theater stage then decides keep or roll back.
+    """
+
+    def __init__(self, ctx: Context, limit: int = 48, patience: int = 2):
+        self.ctx, self.limit, self.patience, self.failures = ctx, limit, patience, 0
+
+    def __call__(self, step: int, model) -> dict:
+        from agent_forge.validation.anti_theater import run_anti_theater
+
+        tok = self._tokenizer()
+        items = _eval_items(self.ctx)[: self.limit]
+        report = run_anti_theater(model, tok, items, max_new_tokens=self.ctx.cfg.max_new_tokens,
+                                  coherence_fn=anti_theater_coherence(model, tok))
+        model.train()
+        self.failures = 0 if report.passed else self.failures + 1
+        figures = {t["name"]: t["value"] for t in report.tests}
+        stop = self.failures >= self.patience
+        reason = (f"anti-theater failed {self.failures} times in a row (step {step}): {report.sentence}"
+                  if stop else None)
+        return {"step": step, "passed": report.passed, **figures, "stop": stop, "reason": reason}
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.ctx.out / "step1" / "model")
 
 
 def current_model_dir(ctx: Context) -> Path:
@@ -206,12 +238,36 @@ def _eval_items(ctx: Context):
     return load_eval_set(ctx.cfg.eval_dataset, limit=ctx.cfg.eval_samples)
 
 
+def anti_theater_coherence(model=None, tokenizer=None):
+    """Coherence for the anti-theater correlation: semantic + syntactic parts only.
+
+    The composite's predictive part IS the log-likelihood gain that the correlation test
+    uses as utility; keeping it would make the test correlate a quantity with itself.
+    """
+    from agent_forge.quietstar.coherence import CoherenceScorer
+    from agent_forge.vocab import get_vocab
+
+    try:
+        scorer = CoherenceScorer("minilm", weights=(0.4 / 0.7, 0.3 / 0.7, 0.0))
+    except Exception:  # noqa: BLE001 - the embedding package is optional for custom installs
+        scorer = CoherenceScorer("policy", weights=(0.4 / 0.7, 0.3 / 0.7, 0.0), model=model, tokenizer=tokenizer)
+    v = get_vocab("default")
+
+    def coherence(thinking: str | None, question: str) -> float:
+        if not thinking:
+            return 0.0
+        completion = f"{v.open}{thinking}{v.close} x"
+        return scorer.score([question], [thinking], [""], [completion], [0.0]).composite[0]
+    return coherence
+
+
 def stage_anti_theater(ctx: Context) -> dict:
     from agent_forge.models import load_model
     from agent_forge.validation.anti_theater import run_anti_theater
 
     model, tok = load_model(str(current_model_dir(ctx)), device=ctx.cfg.device)
-    report = run_anti_theater(model, tok, _eval_items(ctx), max_new_tokens=ctx.cfg.max_new_tokens)
+    report = run_anti_theater(model, tok, _eval_items(ctx), max_new_tokens=ctx.cfg.max_new_tokens,
+                              coherence_fn=anti_theater_coherence(model, tok))
     return report.to_dict()
 
 

@@ -74,9 +74,10 @@ import torch
 
 from agent_forge.data.schema import Record, render_prompt
 from agent_forge.evaluation.answers import answer_slot, strip_thinking_tokens
-from agent_forge.inference import AnswerSlotStop
+from agent_forge.inference import AnswerSlotStop, eos_ids, left_padded
+from agent_forge.quietstar.bake import _precision
 from agent_forge.quietstar.kl import forward_kl
-from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
 ANTI_THEATER_KEYS = ("anti_theater_divergence", "anti_theater_ablation", "anti_theater_correlation")
@@ -108,6 +109,7 @@ class RLConfig:
     max_grad_norm: float = 1.0
     seed: int = 0  # question order and sampling RNG
     save_every: int = 10  # steps between checkpoints; 0 = never
+    anti_theater_every: int = 0  # steps between anti-theater checks (a `monitor` supplies them); 0 = never
     coherence: bool = True  # score coherence every step (needs the loglik gain)
     coherence_embedder: str = "minilm"  # "minilm" | "policy" | "none"
     coherence_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
@@ -326,15 +328,9 @@ def sample(model, tokenizer, questions: list[str], k: int, cfg: RLConfig, vocab=
 
     vocab = get_vocab(vocab)
     prompts = [render_prompt(q) + vocab.open for q in questions for _ in range(k)]
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-    finally:
-        tokenizer.padding_side = old
     device = next(model.parameters()).device
-    ids, pmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    eos = _eos_ids(model, tokenizer)
+    ids, pmask = left_padded(tokenizer, prompts, True, device)
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     close_id = tokenizer.convert_tokens_to_ids(vocab.close)
     gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
@@ -374,17 +370,6 @@ def _parse(tokenizer, ids: list[int], eos: set[int], close_id: int, vocab):
     return completion, thinking, answer, closed, n_thought
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                   tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(i) for i in source)
-    return sorted(ids)
-
-
 # ---------------------------------------------------------------------------------------
 # The log-likelihood reward
 
@@ -415,7 +400,7 @@ def loglik_gains(model, tokenizer, samples: Samples, golds: list[str], k: int, v
     """Per sample: log p(" gold" EOS | prompt, thought) - log p(same | prompt, empty thinking)."""
     vocab = get_vocab(vocab)
     close_id = tokenizer.convert_tokens_to_ids(vocab.close)
-    eos = set(_eos_ids(model, tokenizer))
+    eos = set(eos_ids(model, tokenizer))
     answers = [tokenizer(" " + str(g).strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for g in golds]
     contexts, conts = [], []
@@ -606,8 +591,11 @@ class RLTrainer:
         return out
 
     # -- run ------------------------------------------------------------------------------
-    def run(self, records: list[Record], resume: bool = False, progress=None) -> RLResult:
+    def run(self, records: list[Record], resume: bool = False, progress=None, monitor=None) -> RLResult:
+        """Train to cfg.steps. `monitor(step, model) -> dict` runs every anti_theater_every
+        steps; a result with "stop": True ends training early, its "reason" recorded."""
         cfg = self.cfg
+        self.stopped_reason = None
         if not records:
             raise ValueError("no training questions")
         lm_examples = self._encode_lm(records) if cfg.lm_coefficient > 0 else None
@@ -623,7 +611,20 @@ class RLTrainer:
                 progress(step, cfg.steps, row)
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"loss became {row['loss']} at step {step}; last good checkpoint kept")
+            if monitor is not None and cfg.anti_theater_every and step % cfg.anti_theater_every == 0 \
+                    and step < cfg.steps and self._check(monitor, step):
+                break
         return RLResult(step, self.summary(), self.history)
+
+    def _check(self, monitor, step: int) -> bool:
+        verdict = monitor(step, self.accelerator.unwrap_model(self.model))
+        self.history.append({"step": step, "anti_theater": verdict})
+        if self.tracker is not None:
+            figures = {k: verdict.get(k) for k in ("divergence", "ablation", "correlation")}
+            self.tracker.log(figures, step=step, stage="rl_anti_theater")
+        if verdict.get("stop"):
+            self.stopped_reason = verdict.get("reason", "anti-theater monitor asked to stop")
+        return bool(verdict.get("stop"))
 
     def _encode_lm(self, records):
         from agent_forge.quietstar.bake_data import encode_record
@@ -643,11 +644,8 @@ class RLTrainer:
             self.tracker.log(entry, step=step, stage="rl")
 
     def _truncate_log(self, step: int) -> None:
-        path = self.out_dir / "batches.jsonl"
-        if not path.exists() or not self.accelerator.is_main_process:
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        if self.accelerator.is_main_process:
+            truncate_log(self.out_dir / "batches.jsonl", step)
 
     def save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
@@ -674,14 +672,6 @@ class RLTrainer:
 
     def trained_model(self):
         return self.accelerator.unwrap_model(self.model)
-
-
-def _precision(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
 
 
 # ---------------------------------------------------------------------------------------
@@ -721,7 +711,7 @@ def training_records(cfg: RLConfig, data_path: str | Path | None = None) -> tupl
 
 def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=None, data=None,
               eval_data: str = "easy_arithmetic", resume: bool = False, device=None,
-              tracker=None, progress=None) -> dict:
+              tracker=None, progress=None, monitor=None) -> dict:
     """RL on `model_spec` (the Step 1 model); writes `out/model` and `out/step2.json`.
 
     Returns the metrics, with "model_dir" (what the pipeline carries forward).
@@ -740,7 +730,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
               if cfg.eval_before and not resume else None)
     trainer = RLTrainer(model, tokenizer, cfg, out, tracker=tracker)
     t0 = time.time()
-    result = trainer.run(records, resume=resume, progress=progress)
+    result = trainer.run(records, resume=resume, progress=progress, monitor=monitor)
     train_seconds = time.time() - t0
     if not trainer.accelerator.is_main_process:
         return result.metrics
@@ -748,7 +738,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     after = generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens)
     metrics = {**result.metrics, **after, "train_seconds": round(train_seconds, 1), "eval_data": eval_data,
                "train_questions": len(records), "dropped_overlap": len(dropped), "mode": "answer",
-               "before": before}
+               "before": before, "stopped_early": trainer.stopped_reason}
     parent_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
     meta = {"phase": 3, "step": 2, "parent": str(model_spec), "thinking_tokens": thinking_token_ids(tokenizer),
             "vocab": trainer.vocab.to_dict(), "config": cfg.to_dict(), "metrics": metrics,

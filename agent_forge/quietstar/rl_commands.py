@@ -12,10 +12,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-TOKEN_MODE_MESSAGE = ("--mode token (Quiet-STaR's parallel thoughts at every position, with the mixing "
-                      "head) is not available yet in `forge rl`; use --mode answer, which reinforces the "
-                      "[thinking] block before each answer.")
-
 
 def _fail(message: str) -> None:
     from rich.markup import escape
@@ -44,9 +40,7 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
            resume: bool = typer.Option(False, "--resume", help="continue from out/checkpoints"),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Reinforce thoughts that lead to right answers (GRPO-style groups, KL to the Step 1 model)."""
-    if mode == "token":
-        _fail(TOKEN_MODE_MESSAGE)
-    if mode != "answer":
+    if mode not in ("answer", "token"):
         _fail(f"--mode must be 'answer' or 'token', not {mode!r}")
     from agent_forge.quietstar.rl import run_step2
     from agent_forge.tracking import Tracker
@@ -56,21 +50,36 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
              "eval_samples": eval_samples}
     overrides = {k: v for k, v in given.items() if v is not None}
     progress = None if json_out else _printer()
-    with Tracker(out, mode=tracking, config={"command": "rl", **overrides}) as tracker:
+    with Tracker(out, mode=tracking, config={"command": "rl", "mode": mode, **overrides}) as tracker:
         try:
-            metrics = run_step2(model, out, overrides, config, data=data, eval_data=eval_data, resume=resume,
-                                device=device, tracker=tracker, progress=progress)
+            if mode == "token":
+                metrics = _token_mode(model, out, data, steps, lr, optimizer, kl, config, tracker, progress, resume)
+            else:
+                metrics = run_step2(model, out, overrides, config, data=data, eval_data=eval_data, resume=resume,
+                                    device=device, tracker=tracker, progress=progress)
         except (ValueError, FileNotFoundError) as e:
             _fail(str(e))
     if json_out:
         print(json.dumps(metrics, default=str))
         return
     console = Console()
-    console.print(f"[green]Step 2 done[/]: model in {metrics['model_dir']}")
+    console.print(f"[green]Step 2 done[/]: model in {metrics.get('model_dir', out + '/model')}")
     for key in ("reward_first5", "reward_mean_last5", "accuracy_first5", "accuracy_last5", "kl_last5",
                 "accuracy_thinking_on", "accuracy_thinking_off", "sec_per_step_mean"):
         value = metrics.get(key)
         console.print(f"  {key:24s} {value:.4g}" if isinstance(value, (int, float)) else f"  {key:24s} -")
+
+
+def _token_mode(model, out, data, steps, lr, optimizer, kl, config, tracker, progress, resume) -> dict:
+    """Token-level Quiet-STaR (parallel thoughts after every position, mixing head)."""
+    from agent_forge.config import load_yaml
+    from agent_forge.quietstar.token_rl import run_token_rl
+
+    if not data:
+        raise ValueError("--mode token needs --data (records JSONL or plain text to think over)")
+    given = {"steps": steps, "lr": lr, "optimizer": optimizer, "kl_coefficient": kl}
+    overrides = {**(load_yaml(config) if config else {}), **{k: v for k, v in given.items() if v is not None}}
+    return run_token_rl(model, out, data, overrides, tracker=tracker, progress=progress, resume=resume)
 
 
 def _printer():

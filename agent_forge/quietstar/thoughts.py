@@ -83,7 +83,7 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 def mask_kind(model) -> str:
     """'bool' for sdpa (True = may attend), 'additive' for eager (0 / dtype min)."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl == "sdpa":
+    if impl in ("sdpa", "qk_clip_sdpa"):  # QK-clip's recorder wraps sdpa and takes its masks
         return "bool"
     if impl == "eager":
         return "additive"

@@ -108,3 +108,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler=None) -> dict:
         scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return json.loads((path / STATE_FILE).read_text())
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop lines of a JSONL step log past `step`: on resume, steps after the checkpoint
+    never happened as far as the model is concerned, and will be logged again."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
