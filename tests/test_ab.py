@@ -76,3 +76,19 @@ def test_model_arm_greedy_then_seeded_sampling():
     off = model_arm("off", model, tok, thinking="off", max_new_tokens=8)
     rep = run_ab(off, arm, items, rounds=1)
     assert rep.candidate["mean"] == 1.0 and rep.baseline["mean"] == 0.0
+
+
+def test_direct_arm_gets_its_best_reading():
+    from agent_forge.data.evalsets import EvalItem
+    from agent_forge.inference import Generation
+    from agent_forge.validation.ab import _correct
+
+    item = EvalItem("1", "4 + 9 = ?", "13", "sum", None, {})
+
+    def gen(text, mode="direct"):
+        return Generation(prompt="", full_text=text, completion=text, thinking=None, answer_text=text,
+                          closed=True, n_new_tokens=1, seconds=0.0, mode=mode)
+
+    assert _correct([item] * 3, [gen("13"), gen("4 + 9 is 13"), gen("4 + 9 is 12")]) == [True, True, False]
+    # a thinking arm is read strictly from its answer slot
+    assert _correct([item], [gen("4 + 9 is 13", mode="on")]) == [False]

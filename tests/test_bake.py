@@ -250,3 +250,39 @@ def test_planted_slip_is_input_but_never_a_target():
     assert all(lbl == IGNORE for lbl in ex.labels[start:start + len(slip)])  # ... but never learns it
     fix = ex.input_ids.index(tok.convert_tokens_to_ids("<correct>"))
     assert ex.labels[fix:] == ex.input_ids[fix:]  # the repair is learned
+
+
+def test_bad_loss_stops_and_names_the_last_checkpoint(tmp_path):
+    from agent_forge.training.guards import check_loss
+
+    check_loss(2.0, 1.5, 3, tmp_path)  # fine
+    with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
+        check_loss(float("nan"), 1.5, 3, tmp_path)
+    tok = make_tiny_tokenizer()
+    cfg = BakeConfig(steps=4, batch_size=4, save_every=2, max_len=512, lr=1e3, explode_factor=1.05,
+                     max_grad_norm=1e9)
+    with pytest.raises(FloatingPointError, match="step-0000002|no checkpoint"):
+        Baker(make_tiny_model("llama", len(tok)), tok, cfg, tmp_path / "b").run(RECORDS[:16], RECORDS[16:20])
+
+
+def test_lora_bake_trains_adapters_and_new_token_rows(tmp_path):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    cfg = BakeConfig(steps=3, batch_size=4, save_every=0, max_len=512, lr=1e-2, lora=True, lora_r=4)
+    baker = Baker(model, tok, cfg, tmp_path)
+    trainable = [n for n, p in baker.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("token_adapter" in n or "trainable_tokens" in n
+                                                         for n in trainable)
+    baker.run(RECORDS[:16], RECORDS[16:20])
+    merged = baker.merged_model()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())  # adapters merged in
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def test_preflight_refuses_when_memory_is_short(tmp_path):
+    from agent_forge.preflight import PreflightError, check, training_needs
+
+    needs = training_needs(10**9)
+    with pytest.raises(PreflightError, match="not enough memory"):
+        check(tmp_path, needs, free_memory_bytes=10**8)
+    assert check(tmp_path, training_needs(1000), free_memory_bytes=10**9)["disk_free_gb"] > 0

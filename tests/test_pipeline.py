@@ -115,3 +115,32 @@ def test_sigkill_mid_step1_then_resume_matches_uninterrupted(tmp_path, tiny_dir,
         (tmp_path / "ref" / "step1" / "batches.jsonl").read_text()
     models = Registry(tmp_path / "reg.sqlite").list_models(phase=3)
     assert len(models) == 2  # one per completed run, none from the killed attempt
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step2_then_resume_matches_uninterrupted(tmp_path, tiny_dir, forge_home):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n"
+                        "rl:\n  steps: 16\n  save_every: 2\n")
+    args = ["bake-quietstar", "--model", str(tiny_dir), "--preset", "smoke", "--config", str(cfg_file)]
+    ref = _cli([*args, "--out", str(tmp_path / "ref")])
+    assert ref.wait(600) == 0, ref.stdout.read()
+    victim = _cli([*args, "--out", str(tmp_path / "run")])
+    ckpts = tmp_path / "run" / "step2" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(ckpts.glob("step-0000006")):
+        time.sleep(0.1)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+    assert "step1" in state["stages"] and "step2" not in state["stages"]  # died inside Step 2
+    resumed = _cli([*args, "--out", str(tmp_path / "run"), "--resume"])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    got = json.loads((tmp_path / "run" / "forge_report.json").read_text())
+    want = json.loads((tmp_path / "ref" / "forge_report.json").read_text())
+    assert got["stages"].keys() == want["stages"].keys()
+    assert got["stages"]["step2"]["steps"] == want["stages"]["step2"]["steps"] == 16
+    assert (tmp_path / "run" / "step2" / "batches.jsonl").read_text() == \
+        (tmp_path / "ref" / "step2" / "batches.jsonl").read_text()
+    assert len(Registry(tmp_path / "reg.sqlite").list_models(phase=3)) == 2

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from agent_forge.quietstar.bake_data import (ANSWER, IGNORE, collate, encode_records, shifted)
 from agent_forge.quietstar.kl import sequence_kl
 from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from agent_forge.training.guards import check_loss
 from agent_forge.vocab import STRATEGIES, add_thinking_tokens
 
 DEFAULT_BAKE_PROMPT = (
@@ -50,6 +51,7 @@ class BakeConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    explode_factor: float = 10.0  # stop if the loss exceeds this multiple of the first loss
     seed: int = 0
     eval_every: int = 0  # steps between held-out token-accuracy evals; 0 = end only
     eval_samples: int = 64  # held-out questions for the generation eval
@@ -288,8 +290,8 @@ class Baker:
                 self.save_checkpoint(step)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 self._log_eval(step, held)
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"loss became {row['loss']} at step {step}; last good checkpoint kept")
+            first = next((h["loss"] for h in self.history if "loss" in h), None)
+            check_loss(row["loss"], first, step, self.ckpt_dir, cfg.explode_factor)
             if cfg.mode == "kl" and cfg.kl_target is not None and row["loss"] < cfg.kl_target:
                 return end  # half-baked: this prompt is done
         return step

@@ -145,11 +145,15 @@ def stage_vocab(ctx: Context) -> dict:
     from agent_forge.models import load_model, measure_model
     from agent_forge.vocab import add_thinking_tokens
 
+    from agent_forge.preflight import check, training_needs
+
     model, tok = load_model(ctx.cfg.model, device="cpu")
-    size = measure_model(model)
+    size = measure_model(model, ctx.cfg.device)
+    preflight = check(ctx.out, training_needs(size.n_bytes), size.free_memory_bytes)
     before = len(tok)
     ids = add_thinking_tokens(model, tok)
-    return {"thinking_tokens": ids, "added": len(tok) - before, "model_size": size.to_dict()}
+    return {"thinking_tokens": ids, "added": len(tok) - before, "model_size": size.to_dict(),
+            "preflight": preflight}
 
 
 def stage_data(ctx: Context) -> dict:
@@ -364,7 +368,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable |
                 continue
             _notify(on_stage, name, "start", None)
             t0 = time.time()
-            result = fn(ctx)
+            result = _run_stage(name, fn, ctx)
             result["stage_seconds"] = round(time.time() - t0, 1)
             state.record(name, result)
             _notify(on_stage, name, "done", result)
@@ -373,6 +377,19 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable |
     report = build_report(cfg, state)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def _run_stage(name: str, fn, ctx: Context) -> dict:
+    """Run one stage; turn the problems a user can act on into one clear PipelineError."""
+    from agent_forge.preflight import PreflightError
+
+    try:
+        return fn(ctx)
+    except FloatingPointError as e:
+        raise PipelineError(f"stage {name} stopped: {e}. Rerun with --resume after lowering the "
+                            "learning rate in --config; training restarts from that checkpoint.") from e
+    except PreflightError as e:
+        raise PipelineError(f"pre-flight check failed: {e}") from e
 
 
 def _notify(cb, name, event, result):

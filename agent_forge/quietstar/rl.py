@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +77,7 @@ from agent_forge.inference import AnswerSlotStop, eos_ids, left_padded
 from agent_forge.quietstar.bake import _precision
 from agent_forge.quietstar.kl import forward_kl
 from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from agent_forge.training.guards import check_loss
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
 ANTI_THEATER_KEYS = ("anti_theater_divergence", "anti_theater_ablation", "anti_theater_correlation")
@@ -609,8 +609,7 @@ class RLTrainer:
                 self.save_checkpoint(step)
             if progress is not None:
                 progress(step, cfg.steps, row)
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"loss became {row['loss']} at step {step}; last good checkpoint kept")
+            check_loss(row["loss"], None, step, self.ckpt_dir)  # RL losses change sign: NaN/inf only
             if monitor is not None and cfg.anti_theater_every and step % cfg.anti_theater_every == 0 \
                     and step < cfg.steps and self._check(monitor, step):
                 break

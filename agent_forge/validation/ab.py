@@ -8,6 +8,11 @@ with a bootstrap interval over the pairs, and Cohen's d_z.
 
 Winner: the candidate (or the baseline) only if it is ahead by more than `threshold`
 points AND McNemar p < alpha; otherwise "tie" (no clear winner).
+
+A direct-answer arm (a model without thinking tokens, e.g. the input model) is credited if
+EITHER the strict reading (first number of its reply) or the flexible one (last number, as
+lm-evaluation-harness does) is right: the baseline gets its best reading, so a gain claimed
+for the thinking model is a conservative one.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from agent_forge.evaluation.answers import gsm8k_flexible
 from agent_forge.evaluation.runner import score
 from agent_forge.inference import Generation, generate_answers
 from agent_forge.validation.stats import (bootstrap_mean_diff, cohens_d_paired, mcnemar_exact,
@@ -70,7 +76,13 @@ def _round_items(items: list, r: int, subsample: float | None, seed: int) -> lis
 
 
 def _correct(items, gens) -> list[bool]:
-    return [score(it, g.answer_text if g.closed else None)[0] for it, g in zip(items, gens)]
+    return [_best_reading(it, g) for it, g in zip(items, gens)]
+
+
+def _best_reading(item, g: Generation) -> bool:
+    if g.mode == "direct" and not item.choices:
+        return score(item, g.answer_text)[0] or score(item, gsm8k_flexible(g.completion))[0]
+    return score(item, g.answer_text if g.closed else None)[0]
 
 
 def run_ab(baseline: Arm, candidate: Arm, items, rounds: int = 3, threshold: float = 2.0, *,
