@@ -15,8 +15,8 @@ import streamlit as st
 from agent_forge.dashboard import data
 
 STAGE_LABELS = {"validate_input": "input check", "vocab": "vocabulary", "data": "data", "step1": "Step 1 bake",
-                "step2": "Step 2 RL", "anti_theater": "anti-theater", "ab_test": "A/B test", "save": "save",
-                "register": "register", "handoff": "handoff"}
+                "step2": "Step 2 RL", "trace_baking": "trace baking", "anti_theater": "anti-theater",
+                "ab_test": "A/B test", "save": "save", "register": "register", "handoff": "handoff"}
 
 
 def _pct(x) -> str:

@@ -4,8 +4,11 @@ Stages run in order and each writes its result into `out/pipeline_state.json` as
 finishes, so `--resume` after a kill continues from the first unfinished stage (and a
 training stage from its last checkpoint). Nothing already done is redone.
 
-    validate_input -> vocab -> data -> step1 -> step2 -> anti_theater -> ab_test
-        -> trace_baking -> save -> register -> handoff
+    validate_input -> vocab -> data -> step1 -> step2 -> trace_baking -> anti_theater
+        -> ab_test -> save -> register -> handoff
+
+Trace baking comes before the checks (the issue lists it after A/B) so that the model we
+save is exactly the model anti-theater and A/B measured.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent_forge.config import load_yaml, update_dataclass
-from agent_forge.quietstar.bake import BakeConfig
+from agent_forge.quietstar.bake import Baker, BakeConfig
 from agent_forge.quietstar.rl import RLConfig
 
 STATE_FILE = "pipeline_state.json"
@@ -48,6 +51,9 @@ class PipelineConfig:
     bake: BakeConfig = field(default_factory=BakeConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     rl_enabled: bool = True  # run Step 2 (answer-level Quiet-STaR RL) after Step 1
+    trace_bake_questions: int = 64  # fresh questions sampled for trace baking (0 = skip the stage)
+    trace_bake_samples: int = 2  # traces sampled per question; only verified-correct ones are kept
+    trace_bake_steps: int = 20  # supervised steps on the kept traces
     eval_dataset: str = "easy_arithmetic"  # held-out set: an evalsets name or a JSONL path
     eval_samples: int = 200  # questions for the final evaluation, anti-theater and A/B
     ab_test_rounds: int = 3  # A/B rounds (disjoint subsamples of the eval set)
@@ -67,6 +73,7 @@ PRESETS: dict[str, dict] = {
     "smoke": {"data": {"n_records": 200}, "eval_samples": 16, "ab_test_rounds": 2, "max_new_tokens": 48,
               "bake": {"steps": 6, "batch_size": 4, "save_every": 3, "eval_samples": 16,
                        "eval_max_new_tokens": 48},
+              "trace_bake_questions": 16, "trace_bake_steps": 3,
               "rl": {"steps": 4, "questions_per_step": 2, "samples_per_question": 2, "max_new_tokens": 32,
                      "save_every": 2, "n_questions": 40, "eval_samples": 16, "eval_max_new_tokens": 48,
                      "coherence_embedder": "policy"}},
@@ -229,10 +236,47 @@ class AntiTheaterMonitor:
         return AutoTokenizer.from_pretrained(self.ctx.out / "step1" / "model")
 
 
+def stage_trace_baking(ctx: Context) -> dict:
+    """Bake the model's own successful thoughts back into its weights (STaR-style).
+
+    Sample traces on fresh questions, keep only those whose answer verifies, fine-tune
+    briefly on them. Runs before anti-theater and A/B, so the model shipped is the one tested.
+    """
+    cfg = ctx.cfg
+    if not cfg.trace_bake_questions or not cfg.trace_bake_steps:
+        return {"status": "skipped", "note": "trace_bake_questions or trace_bake_steps is 0"}
+    from agent_forge.data.overlap import filter_overlap
+    from agent_forge.data.procedural import build_gym_records
+    from agent_forge.data.star import star_records
+    from agent_forge.models import load_model, read_meta, save_model
+
+    src = current_model_dir(ctx)
+    model, tok = load_model(str(src), device=cfg.device)
+    fresh, _ = filter_overlap(build_gym_records(cfg.trace_bake_questions, seed=cfg.data.seed + 2,
+                                                families=tuple(cfg.data.families)))
+    questions = [{"id": r.id, "question": r.question, "gold": r.gold, "family": r.family} for r in fresh]
+    kept, report = star_records(model, tok, questions, k=cfg.trace_bake_samples,
+                                max_new_tokens=cfg.max_new_tokens, temperature=0.8)
+    result = {"questions": len(questions), "samples": report.samples, "kept": len(kept),
+              "yield": report.yield_rate}
+    if len(kept) < 8:
+        return {**result, "status": "skipped", "note": "fewer than 8 verified traces; nothing baked"}
+    bake_cfg = dataclasses.replace(cfg.bake, steps=cfg.trace_bake_steps, lr=cfg.bake.lr / 4, warmup_steps=2,
+                                   save_every=0, eval_every=0)
+    baker = Baker(model, tok, bake_cfg, ctx.out / "trace_baking", tracker=ctx.tracker)
+    baked = baker.run(kept, kept[-8:], resume=False, progress=ctx.progress)
+    meta = {**read_meta(src), "parent": str(src), "trace_baking": result}
+    out_dir = save_model(baker.merged_model(), tok, ctx.out / "trace_baking" / "model", meta)
+    return {**result, "status": "done", "steps": baked.steps_done, "final_loss": baked.metrics["final_loss"],
+            "model_dir": str(out_dir)}
+
+
 def current_model_dir(ctx: Context) -> Path:
-    step2 = ctx.state.result("step2")
-    if step2.get("model_dir"):
-        return Path(step2["model_dir"])
+    """The newest model a finished stage produced: trace baking, else Step 2, else Step 1."""
+    for stage in ("trace_baking", "step2"):
+        found = ctx.state.result(stage).get("model_dir")
+        if found:
+            return Path(found)
     return ctx.out / "step1" / "model"
 
 
@@ -337,7 +381,8 @@ def stage_handoff(ctx: Context) -> dict:
 
 STAGES: list[tuple[str, Callable[[Context], dict]]] = [
     ("validate_input", stage_validate_input), ("vocab", stage_vocab), ("data", stage_data),
-    ("step1", stage_step1), ("step2", stage_step2), ("anti_theater", stage_anti_theater),
+    ("step1", stage_step1), ("step2", stage_step2), ("trace_baking", stage_trace_baking),
+    ("anti_theater", stage_anti_theater),
     ("ab_test", stage_ab_test), ("save", stage_save), ("register", stage_register),
     ("handoff", stage_handoff),
 ]
