@@ -14,24 +14,44 @@ def _ci(ci) -> str:
     return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
+def headline(report: dict) -> dict:
+    """The test-set numbers of the final model: from anti-theater's ablation (thinking on and
+    forced off, same questions) and the A/B's greedy round (the input model)."""
+    st = report.get("stages", {})
+    ablation = next((t for t in st.get("anti_theater", {}).get("tests", []) if t["name"] == "ablation"), {})
+    ab = st.get("ab_test", {})
+    return {"n": ablation.get("n"), "accuracy_on": ablation.get("accuracy_on"), "ci95_on": ablation.get("ci95_on"),
+            "accuracy_off": ablation.get("accuracy_off"), "ci95_off": ablation.get("ci95_off"),
+            "on_vs_off_p": ablation.get("p"),
+            "input_accuracy_greedy": (ab.get("baseline") or {}).get("per_round", [None])[0],
+            "candidate_accuracy_greedy": (ab.get("candidate") or {}).get("per_round", [None])[0],
+            "ab_diff_points": ab.get("diff_points"), "ab_diff_ci_points": ab.get("diff_ci_points"),
+            "ab_p": (ab.get("mcnemar") or {}).get("p"), "ab_winner": ab.get("winner")}
+
+
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     st = report.get("stages", {})
-    s1, at, ab, ho = (st.get(k, {}) for k in ("step1", "anti_theater", "ab_test", "handoff"))
-    rows = [("baking token accuracy (held-out)", _pct(s1.get("baking_accuracy"))),
-            ("converged (>=85% overall)", str(s1.get("convergence", {}).get("converged"))),
-            ("accuracy, thinking on", _pct(s1.get("accuracy_thinking_on")) + _ci(s1.get("ci95_on"))),
-            ("accuracy, thinking forced off", _pct(s1.get("accuracy_thinking_off")) + _ci(s1.get("ci95_off"))),
-            ("well-formed thinking", _pct((s1.get("usage") or {}).get("well_formed_rate")))]
-    for arm in ("baseline", "candidate"):
-        if arm in ab:
-            rows.append((f"A/B {arm} accuracy", _pct(ab[arm].get("mean")) + f" ({ab[arm].get('name', '')})"))
-    if ab:
-        p = (ab.get("mcnemar") or {}).get("p", float("nan"))
-        rows.append(("A/B difference (95% CI)", f"{ab.get('diff_points', 0):+.1f} points "
-                     f"[{ab.get('diff_ci_points', [0, 0])[0]:+.1f}, {ab.get('diff_ci_points', [0, 0])[1]:+.1f}]"))
-        rows.append(("A/B winner (McNemar p)", f"{ab.get('winner')} (p={p:.3g})"))
+    s1, s2, at, ho = (st.get(k, {}) for k in ("step1", "step2", "anti_theater", "handoff"))
+    h = headline(report)
+    rows = [(f"TEST accuracy, thinking on (n={h['n']})", _pct(h["accuracy_on"]) + _ci(h["ci95_on"])),
+            ("TEST accuracy, thinking forced off", _pct(h["accuracy_off"]) + _ci(h["ci95_off"])
+             + (f"  (McNemar p={h['on_vs_off_p']:.2g})" if h["on_vs_off_p"] is not None else "")),
+            ("TEST input model, answering directly", _pct(h["input_accuracy_greedy"]) + " (A/B greedy round)")]
+    if h["ab_diff_points"] is not None:
+        lo, hi = h["ab_diff_ci_points"] or (0, 0)
+        rows.append(("A/B: thinking model - input (all rounds)",
+                     f"{h['ab_diff_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}], p={h['ab_p']:.2g}, winner: {h['ab_winner']}"))
+    rows += [("val: Step 1 accuracy, thinking on", _pct(s1.get("accuracy_thinking_on")) + _ci(s1.get("ci95_on"))),
+             ("Step 1 held-out token accuracy (converged?)",
+              f"{_pct(s1.get('baking_accuracy'))} ({s1.get('convergence', {}).get('converged')})"),
+             ("well-formed thinking (Step 1, val)", _pct((s1.get("usage") or {}).get("well_formed_rate")))]
+    if s2.get("accuracy_thinking_on") is not None:
+        rows.append(("val: Step 2 accuracy, thinking on", _pct(s2.get("accuracy_thinking_on")) + _ci(s2.get("ci95_on"))
+                     + ("  kept" if s2.get("kept") else "  ROLLED BACK")))
     if at:
         rows.append(("anti-theater", f"{'passed' if at.get('passed') else 'FAILED'}: {at.get('recommendation', '')}"))
+        rows += [(f"  {t['name']} (> {t['threshold']})", f"{t['value']:.3g} {'pass' if t['passed'] else 'FAIL'}")
+                 for t in at.get("tests", [])]
     if ho:
         rows.append(("Phase 3 -> 4 handoff", "passed" if ho.get("ok") else "failed"))
     rows.append(("total time", f"{report.get('total_seconds', 0) / 60:.1f} min"))

@@ -4,6 +4,8 @@
 basic_arithmetic and simple_equations in equal shares, generated with exactly the
 training generator's "easy" settings but from seeds (EVAL_SEED_BASE + i) that training
 never uses. Gold answers are recomputed from the expression, never taken on trust.
+`easy_arithmetic_val` is the same distribution from another seed range: the pipeline's
+keep-or-roll-back decisions look at it, so the test set above stays untouched by them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from pathlib import Path
 
 from agent_forge.data.procedural import DIFFICULTY, EVAL_SEED_BASE, gym_problems
 
+VAL_SEED_BASE = EVAL_SEED_BASE + 10**6  # the validation split's seeds: disjoint from test and training
+
 EASY_FAMILIES = ("chain_sum", "basic_arithmetic", "simple_equations")
 EASY_SIZE = 300
 GYM_SIZE = 200
-NAMES = ("gsm8k", "arc_easy", "arc_challenge", "commonsense_qa", "easy_arithmetic", "gym:<family>",
+NAMES = ("gsm8k", "arc_easy", "arc_challenge", "commonsense_qa", "easy_arithmetic", "easy_arithmetic_val",
+         "gym:<family>",
          "<path>.jsonl")
 
 
@@ -42,6 +47,8 @@ def load_eval_set(name: str, limit: int | None = None) -> list[EvalItem]:
         items = _multiple_choice(name)
     elif name == "easy_arithmetic":
         items = _procedural(EASY_FAMILIES, (limit or EASY_SIZE), "easy_arithmetic")
+    elif name == "easy_arithmetic_val":
+        items = _procedural(EASY_FAMILIES, (limit or EASY_SIZE), "easy_arithmetic_val", VAL_SEED_BASE)
     elif name.startswith("gym:"):
         items = _procedural((name[4:],), (limit or GYM_SIZE), "gym")
     elif name.endswith(".jsonl") or Path(name).is_file():
@@ -100,20 +107,20 @@ def _letter(label: str, k: int) -> str:
     return "ABCDEFGH"[int(label) - 1] if label.isdigit() else label.strip().upper()
 
 
-def _procedural(families, size: int, prefix: str) -> list[EvalItem]:
+def _procedural(families, size: int, prefix: str, seed_base: int = EVAL_SEED_BASE) -> list[EvalItem]:
     """Equal shares per family, interleaved; items with unusable gold are skipped and replaced."""
-    per = [_family_items(f, -(-size // len(families)), prefix) for f in families]
+    per = [_family_items(f, -(-size // len(families)), prefix, seed_base) for f in families]
     out = [rs[i] for i in range(max(len(r) for r in per)) for rs in per if i < len(rs)]
     return out[:size]
 
 
-def _family_items(family: str, want: int, prefix: str) -> list[EvalItem]:
+def _family_items(family: str, want: int, prefix: str, seed_base: int = EVAL_SEED_BASE) -> list[EvalItem]:
     difficulty = "easy" if family in DIFFICULTY["easy"] else "default"
     items: list[EvalItem] = []
     start = 0
     while len(items) < want and start < 4 * want + 100:
         count = want - len(items)
-        for p in gym_problems(family, difficulty, EVAL_SEED_BASE, start, count):
+        for p in gym_problems(family, difficulty, seed_base, start, count):
             if p is not None:
                 items.append(_gym_item(p, family, prefix))
         start += count

@@ -54,7 +54,8 @@ class PipelineConfig:
     trace_bake_questions: int = 64  # fresh questions sampled for trace baking (0 = skip the stage)
     trace_bake_samples: int = 2  # traces sampled per question; only verified-correct ones are kept
     trace_bake_steps: int = 20  # supervised steps on the kept traces
-    eval_dataset: str = "easy_arithmetic"  # held-out set: an evalsets name or a JSONL path
+    eval_dataset: str = "easy_arithmetic"  # the test set for final checks: an evalsets name or a JSONL path
+    val_dataset: str = "easy_arithmetic_val"  # Step 1/2 metrics and keep/roll-back decisions look here
     eval_samples: int = 200  # questions for the final evaluation, anti-theater and A/B
     ab_test_rounds: int = 3  # A/B rounds (disjoint subsamples of the eval set)
     ab_threshold_points: float = 5.0  # the candidate wins if it beats the baseline by this
@@ -188,7 +189,7 @@ def stage_step1(ctx: Context) -> dict:
     data_path = ctx.state.result("data")["path"]
     bake_overrides = dataclasses.asdict(ctx.cfg.bake)
     return run_step1(ctx.cfg.model, data_path, ctx.out / "step1", bake_overrides, None,
-                     ctx.cfg.eval_dataset, resume=ctx.resume, device=ctx.cfg.device,
+                     ctx.cfg.val_dataset, resume=ctx.resume, device=ctx.cfg.device,
                      tracker=ctx.tracker, progress=ctx.progress)
 
 
@@ -200,9 +201,27 @@ def stage_step2(ctx: Context) -> dict:
 
     step1_model = ctx.out / "step1" / "model"
     overrides = dataclasses.asdict(ctx.cfg.rl)
-    return run_step2(str(step1_model), ctx.out / "step2", overrides, eval_data=ctx.cfg.eval_dataset,
-                     resume=ctx.resume, device=ctx.cfg.device, tracker=ctx.tracker, progress=ctx.progress,
-                     monitor=AntiTheaterMonitor(ctx))
+    result = run_step2(str(step1_model), ctx.out / "step2", overrides, eval_data=ctx.cfg.val_dataset,
+                       resume=ctx.resume, device=ctx.cfg.device, tracker=ctx.tracker, progress=ctx.progress,
+                       monitor=AntiTheaterMonitor(ctx))
+    return keep_or_roll_back(result, ctx.state.result("step1"))
+
+
+def keep_or_roll_back(step2: dict, step1: dict) -> dict:
+    """Keep the RL model only if validation accuracy with thinking did not fall.
+
+    Both are measured on the same validation questions (never the test set). A rolled-back
+    Step 2 keeps its metrics in the report; the Step 1 model goes forward.
+    """
+    before, after = step1.get("accuracy_thinking_on"), step2.get("accuracy_thinking_on")
+    kept = before is None or after is None or after >= before
+    verdict = {"kept": kept, "val_accuracy_step1": before, "val_accuracy_step2": after}
+    if kept:
+        return {**step2, **verdict}
+    note = (f"rolled back: validation accuracy with thinking fell from {100 * before:.1f}% to "
+            f"{100 * after:.1f}%; the Step 1 model goes forward")
+    return {**{k: v for k, v in step2.items() if k != "model_dir"}, **verdict, "rl_model_dir": step2.get("model_dir"),
+            "note": note}
 
 
 class AntiTheaterMonitor:
@@ -216,10 +235,11 @@ class AntiTheaterMonitor:
         self.ctx, self.limit, self.patience, self.failures = ctx, limit, patience, 0
 
     def __call__(self, step: int, model) -> dict:
+        from agent_forge.data.evalsets import load_eval_set
         from agent_forge.validation.anti_theater import run_anti_theater
 
         tok = self._tokenizer()
-        items = _eval_items(self.ctx)[: self.limit]
+        items = load_eval_set(self.ctx.cfg.val_dataset, limit=self.limit)
         report = run_anti_theater(model, tok, items, max_new_tokens=self.ctx.cfg.max_new_tokens,
                                   coherence_fn=anti_theater_coherence(model, tok))
         model.train()
@@ -444,6 +464,8 @@ def _notify(cb, name, event, result):
 
 def build_report(cfg: PipelineConfig, state: PipelineState) -> dict:
     stages = state.data["stages"]
+    from agent_forge.report import headline
+
     return {"model": cfg.model, "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
-            "stages": stages, "timings": {k: v.get("stage_seconds") for k, v in stages.items()},
+            "headline": headline({"stages": stages}), "stages": stages, "timings": {k: v.get("stage_seconds") for k, v in stages.items()},
             "total_seconds": round(sum(v.get("stage_seconds") or 0 for v in stages.values()), 1)}

@@ -25,6 +25,7 @@ from rapidfuzz.distance import Levenshtein
 from agent_forge.evaluation.runner import continuation_logprobs, score
 from agent_forge.evaluation.answers import gsm8k_gold, strip_thinking_tokens
 from agent_forge.inference import Generation, generate_answers
+from agent_forge.evaluation.metrics import wilson_interval
 from agent_forge.validation.stats import mcnemar_exact, pearson
 from agent_forge.vocab import get_vocab, is_well_formed
 
@@ -111,7 +112,9 @@ def _ablation(ok_on: list[bool], ok_off: list[bool], threshold: float) -> dict:
     mc = mcnemar_exact(ok_off, ok_on)
     return {"name": "ablation", "value": points, "threshold": threshold, "passed": points > threshold,
             "detail": f"accuracy on {100 * sum(ok_on) / n:.1f}% vs off {100 * sum(ok_off) / n:.1f}%, "
-                      f"McNemar p={mc['p']:.3g}", "p": mc["p"]}
+                      f"McNemar p={mc['p']:.3g}", "p": mc["p"],
+            "accuracy_on": sum(ok_on) / n, "ci95_on": list(wilson_interval(sum(ok_on), n)),
+            "accuracy_off": sum(ok_off) / n, "ci95_off": list(wilson_interval(sum(ok_off), n)), "n": n}
 
 
 def _correlation(coh: list[float], util: list[float], kind: str, threshold: float) -> dict:
