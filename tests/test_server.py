@@ -24,9 +24,10 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # A Step 1 small enough for a 2-core CPU: tiny model, few records, short evaluation.
+STEP1_STEPS = 120  # enough that a pause after the first checkpoint lands mid-run, even on a busy CPU
 SMALL = {"tracking": "disabled", "eval_samples": 4, "ab_test_rounds": 2, "max_new_tokens": 8,
          "data": {"n_records": 48},
-         "bake": {"steps": 16, "batch_size": 2, "save_every": 4, "eval_samples": 4, "eval_max_new_tokens": 8},
+         "bake": {"steps": STEP1_STEPS, "batch_size": 2, "save_every": 4, "eval_samples": 4, "eval_max_new_tokens": 8},
          "rl": {"steps": 2, "questions_per_step": 2, "samples_per_question": 2, "max_new_tokens": 12,
                 "eval_samples": 4, "eval_max_new_tokens": 8, "save_every": 1,
                 "coherence_embedder": "policy"}}
@@ -181,17 +182,17 @@ def test_step1_job_pause_resume_complete(server, root):
     assert paused["status"] == "paused" and paused["returncode"] != 0, paused
     assert c.post(f"/jobs/{job['id']}/pause", headers=AUTH).status_code == 409
     steps_before = _bake_steps(run)
-    assert steps_before and steps_before[-1] < 16
+    assert steps_before and steps_before[-1] < STEP1_STEPS
     saved = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
     assert c.post(f"/jobs/{job['id']}/resume", headers=AUTH).json()["status"] == "running"
     done = _wait(c, job["id"], lambda j: j["status"] == "completed")
     assert done["attempts"] == 2 and done["returncode"] == 0
-    assert done["progress"]["step1"] == {"step": 16, "steps": 16}
+    assert done["progress"]["step1"] == {"step": STEP1_STEPS, "steps": STEP1_STEPS}
     assert "step1" in done["progress"]["stages_done"] and "anti_theater" not in done["progress"]["stages_done"]
     # Resumed exactly from the newest checkpoint kept at pause time: the log restarts right after it.
     steps = _bake_steps(run)
     restart = steps[len(steps_before)]
-    assert restart == max(saved) + 1 and steps[-1] == 16
+    assert restart == max(saved) + 1 and steps[-1] == STEP1_STEPS
     assert any("worker: done" in line for line in c.get(f"/jobs/{job['id']}/log", headers=AUTH).json()["lines"])
     assert [j["id"] for j in c.get("/jobs", params={"kind": "step1"}, headers=AUTH).json()] == [job["id"]]
 
