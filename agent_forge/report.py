@@ -48,6 +48,11 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if s2.get("accuracy_thinking_on") is not None:
         rows.append(("val: Step 2 accuracy, thinking on", _pct(s2.get("accuracy_thinking_on")) + _ci(s2.get("ci95_on"))
                      + ("  kept" if s2.get("kept") else "  ROLLED BACK")))
+    tb = st.get("trace_baking", {})
+    if tb.get("val_accuracy_after") is not None:
+        verdict = "kept" if tb.get("kept") else "ROLLED BACK"
+        rows.append(("val: after trace baking, thinking on",
+                     f"{_pct(tb['val_accuracy_after'])} ({verdict}; {tb.get('kept_traces')} verified traces)"))
     if at:
         rows.append(("anti-theater", f"{'passed' if at.get('passed') else 'FAILED'}: {at.get('recommendation', '')}"))
         rows += [(f"  {t['name']} (> {t['threshold']})", f"{t['value']:.3g} {'pass' if t['passed'] else 'FAIL'}")

@@ -146,12 +146,13 @@ def test_sigkill_mid_step2_then_resume_matches_uninterrupted(tmp_path, tiny_dir,
     assert len(Registry(tmp_path / "reg.sqlite").list_models(phase=3)) == 2
 
 
-def test_step2_is_rolled_back_when_validation_accuracy_falls():
+def test_a_stage_is_rolled_back_when_validation_accuracy_falls():
     from agent_forge.quietstar.pipeline import keep_or_roll_back
 
     step2 = {"accuracy_thinking_on": 0.59, "model_dir": "/x/step2/model", "steps": 10}
-    rolled = keep_or_roll_back(step2, {"accuracy_thinking_on": 0.67})
-    assert rolled["kept"] is False and "model_dir" not in rolled and rolled["rl_model_dir"] == "/x/step2/model"
-    assert "fell from 67.0% to 59.0%" in rolled["note"]
-    kept = keep_or_roll_back({**step2, "accuracy_thinking_on": 0.70}, {"accuracy_thinking_on": 0.67})
+    rolled = keep_or_roll_back(step2, 0.67, 0.59, "Step 2")
+    assert rolled["kept"] is False and "model_dir" not in rolled
+    assert rolled["rolled_back_model_dir"] == "/x/step2/model"
+    assert "fell from 67.0% to 59.0% after Step 2" in rolled["note"]
+    kept = keep_or_roll_back(step2, 0.67, 0.70, "Step 2")
     assert kept["kept"] is True and kept["model_dir"] == "/x/step2/model"

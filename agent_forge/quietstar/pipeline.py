@@ -27,6 +27,7 @@ from agent_forge.quietstar.rl import RLConfig
 
 STATE_FILE = "pipeline_state.json"
 REPORT_FILE = "forge_report.json"
+CONFIG_FILE = "pipeline_config.json"  # written at the start, so a watcher knows the totals
 
 
 @dataclass
@@ -79,9 +80,10 @@ PRESETS: dict[str, dict] = {
                      "save_every": 2, "n_questions": 40, "eval_samples": 16, "eval_max_new_tokens": 48,
                      "coherence_embedder": "policy"}},
     # `make demo`: <= 25 minutes on a 2-core CPU.
-    "quick": {"bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 25, "eval_samples": 100},
-              "rl": {"steps": 10, "questions_per_step": 4, "samples_per_question": 4, "max_new_tokens": 80,
-                     "lr": 2e-5, "save_every": 5, "eval_samples": 100, "anti_theater_every": 5}},
+    "quick": {"eval_samples": 150, "ab_test_rounds": 2, "trace_bake_questions": 32, "trace_bake_steps": 10,
+              "bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 25, "eval_samples": 100},
+              "rl": {"steps": 4, "questions_per_step": 4, "samples_per_question": 4, "max_new_tokens": 80,
+                     "lr": 2e-5, "save_every": 2, "eval_samples": 100, "anti_theater_every": 2}},
     # a GPU's hours.
     "standard": {"data": {"n_records": 20000, "families": ("chain_sum", "basic_arithmetic",
                                                            "simple_equations", "gsm_symbolic")},
@@ -204,24 +206,32 @@ def stage_step2(ctx: Context) -> dict:
     result = run_step2(str(step1_model), ctx.out / "step2", overrides, eval_data=ctx.cfg.val_dataset,
                        resume=ctx.resume, device=ctx.cfg.device, tracker=ctx.tracker, progress=ctx.progress,
                        monitor=AntiTheaterMonitor(ctx))
-    return keep_or_roll_back(result, ctx.state.result("step1"))
+    return keep_or_roll_back(result, val_accuracy_so_far(ctx), result.get("accuracy_thinking_on"), "Step 2")
 
 
-def keep_or_roll_back(step2: dict, step1: dict) -> dict:
-    """Keep the RL model only if validation accuracy with thinking did not fall.
+def keep_or_roll_back(result: dict, before: float | None, after: float | None, label: str) -> dict:
+    """Keep a stage's model only if validation accuracy with thinking did not fall.
 
-    Both are measured on the same validation questions (never the test set). A rolled-back
-    Step 2 keeps its metrics in the report; the Step 1 model goes forward.
+    Both numbers come from the same validation questions (never the test set). A rolled-back
+    stage keeps its metrics in the report, its model is not carried forward, and it says so.
     """
-    before, after = step1.get("accuracy_thinking_on"), step2.get("accuracy_thinking_on")
     kept = before is None or after is None or after >= before
-    verdict = {"kept": kept, "val_accuracy_step1": before, "val_accuracy_step2": after}
+    verdict = {"kept": kept, "val_accuracy_before": before, "val_accuracy_after": after}
     if kept:
-        return {**step2, **verdict}
+        return {**result, **verdict}
     note = (f"rolled back: validation accuracy with thinking fell from {100 * before:.1f}% to "
-            f"{100 * after:.1f}%; the Step 1 model goes forward")
-    return {**{k: v for k, v in step2.items() if k != "model_dir"}, **verdict, "rl_model_dir": step2.get("model_dir"),
-            "note": note}
+            f"{100 * after:.1f}% after {label}; the previous model goes forward")
+    return {**{k: v for k, v in result.items() if k != "model_dir"}, **verdict,
+            "rolled_back_model_dir": result.get("model_dir"), "note": note}
+
+
+def val_accuracy_so_far(ctx: Context) -> float | None:
+    """Validation accuracy (thinking on) of the model current_model_dir() points at."""
+    for stage in ("trace_baking", "step2"):
+        res = ctx.state.result(stage)
+        if res.get("model_dir"):
+            return res.get("val_accuracy_after", res.get("accuracy_thinking_on"))
+    return ctx.state.result("step1").get("accuracy_thinking_on")
 
 
 class AntiTheaterMonitor:
@@ -277,7 +287,7 @@ def stage_trace_baking(ctx: Context) -> dict:
     questions = [{"id": r.id, "question": r.question, "gold": r.gold, "family": r.family} for r in fresh]
     kept, report = star_records(model, tok, questions, k=cfg.trace_bake_samples,
                                 max_new_tokens=cfg.max_new_tokens, temperature=0.8)
-    result = {"questions": len(questions), "samples": report.samples, "kept": len(kept),
+    result = {"questions": len(questions), "samples": report.samples, "kept_traces": len(kept),
               "yield": report.yield_rate}
     if len(kept) < 8:
         return {**result, "status": "skipped", "note": "fewer than 8 verified traces; nothing baked"}
@@ -285,10 +295,22 @@ def stage_trace_baking(ctx: Context) -> dict:
                                    save_every=0, eval_every=0)
     baker = Baker(model, tok, bake_cfg, ctx.out / "trace_baking", tracker=ctx.tracker)
     baked = baker.run(kept, kept[-8:], resume=False, progress=ctx.progress)
+    model = baker.merged_model()
+    after = _val_accuracy(ctx, model, tok)
     meta = {**read_meta(src), "parent": str(src), "trace_baking": result}
-    out_dir = save_model(baker.merged_model(), tok, ctx.out / "trace_baking" / "model", meta)
-    return {**result, "status": "done", "steps": baked.steps_done, "final_loss": baked.metrics["final_loss"],
-            "model_dir": str(out_dir)}
+    out_dir = save_model(model, tok, ctx.out / "trace_baking" / "model", meta)
+    result = {**result, "status": "done", "steps": baked.steps_done, "final_loss": baked.metrics["final_loss"],
+              "model_dir": str(out_dir)}
+    return keep_or_roll_back(result, val_accuracy_so_far(ctx), after, "trace baking")
+
+
+def _val_accuracy(ctx: Context, model, tokenizer) -> float:
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.evaluation.runner import evaluate
+
+    items = load_eval_set(ctx.cfg.val_dataset, limit=ctx.cfg.bake.eval_samples)
+    return evaluate(model, tokenizer, items, thinking="on", max_new_tokens=ctx.cfg.bake.eval_max_new_tokens,
+                    progress=False).accuracy
 
 
 def current_model_dir(ctx: Context) -> Path:
@@ -423,6 +445,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable |
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     state = PipelineState(out, resume)
     tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
     ctx = Context(cfg, out, state, tracker, progress, resume)
