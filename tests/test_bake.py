@@ -192,29 +192,31 @@ def _bake_cmd(model_dir, data, out, steps, extra=()):
             "--config", str(cfg), *extra]
 
 
-def _forge(args, **kw):
+def _forge(args, stdout=subprocess.PIPE):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "agent_forge", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                            stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume_loses_and_repeats_nothing(tmp_path, forge_home):
     model_dir, data = _tiny_setup(tmp_path)
-    ref = _forge(_bake_cmd(model_dir, data, tmp_path / "ref", 40))
-    assert ref.wait(600) == 0, ref.stdout.read()
-    victim = _forge(_bake_cmd(model_dir, data, tmp_path / "run", 40))
+    steps = 300  # long enough that the kill lands mid-run on a fast, quiet machine
+    ref = _forge(_bake_cmd(model_dir, data, tmp_path / "ref", steps), stdout=subprocess.DEVNULL)
+    assert ref.wait(600) == 0
+    victim = _forge(_bake_cmd(model_dir, data, tmp_path / "run", steps), stdout=subprocess.DEVNULL)
     log = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and any(log.glob("step-0000004"))):
-        time.sleep(0.2)
+    while time.time() < deadline and victim.poll() is None and not (log.exists() and any(log.glob("step-*"))):
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before the kill; make it longer"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    resumed = _forge(_bake_cmd(model_dir, data, tmp_path / "run", 40, ["--resume"]))
+    resumed = _forge(_bake_cmd(model_dir, data, tmp_path / "run", steps, ["--resume"]))
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out
     final = json.loads((tmp_path / "run" / "step1.json").read_text())
-    assert final["steps"] == 40
+    assert final["steps"] == steps
     got = (tmp_path / "run" / "batches.jsonl").read_text().splitlines()
     want = (tmp_path / "ref" / "batches.jsonl").read_text().splitlines()
     assert got == want  # same batches, in order, none lost, none repeated

@@ -81,69 +81,50 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path, tiny_dir, forge_home):
     assert result.exit_code == 2 and "--resume" in result.output
 
 
-def _cli(args):
+def _cli(args, stdout=subprocess.PIPE):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "agent_forge", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=stdout, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_then_resume(tmp_path, tiny_dir, extra_yaml: str, stage: str, steps: int):
+    """Run once uninterrupted; run again, SIGKILL it inside `stage` once it has a checkpoint,
+    resume; the two must end with the same report structure, batch log and registry rows."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n{extra_yaml}")
+    args = ["bake-quietstar", "--model", str(tiny_dir), "--preset", "smoke", "--config", str(cfg_file)]
+    ref = _cli([*args, "--out", str(tmp_path / "ref")], stdout=subprocess.DEVNULL)
+    assert ref.wait(600) == 0
+    victim = _cli([*args, "--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL)
+    ckpts = tmp_path / "run" / stage / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None and not any(ckpts.glob("step-*")):
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before the kill; make it longer"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+    assert stage not in state["stages"]  # it really died inside that stage
+    resumed = _cli([*args, "--out", str(tmp_path / "run"), "--resume"])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    got = json.loads((tmp_path / "run" / "forge_report.json").read_text())
+    want = json.loads((tmp_path / "ref" / "forge_report.json").read_text())
+    assert got["stages"].keys() == want["stages"].keys()
+    assert got["stages"][stage]["steps"] == want["stages"][stage]["steps"] == steps
+    assert (tmp_path / "run" / stage / "batches.jsonl").read_text() == \
+        (tmp_path / "ref" / stage / "batches.jsonl").read_text()
+    assert len(Registry(tmp_path / "reg.sqlite").list_models(phase=3)) == 2  # none from the killed try
 
 
 @pytest.mark.slow
 def test_sigkill_mid_step1_then_resume_matches_uninterrupted(tmp_path, tiny_dir, forge_home):
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n"
-                        "bake:\n  steps: 40\n  save_every: 5\n")
-    args = ["bake-quietstar", "--model", str(tiny_dir), "--preset", "smoke", "--config", str(cfg_file)]
-    ref = _cli([*args, "--out", str(tmp_path / "ref")])
-    assert ref.wait(600) == 0, ref.stdout.read()
-    victim = _cli([*args, "--out", str(tmp_path / "run")])
-    ckpts = tmp_path / "run" / "step1" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(ckpts.glob("step-0000010")):
-        time.sleep(0.2)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
-    assert "step1" not in state["stages"]  # it really died inside Step 1
-    resumed = _cli([*args, "--out", str(tmp_path / "run"), "--resume"])
-    out = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, out
-    got = json.loads((tmp_path / "run" / "forge_report.json").read_text())
-    want = json.loads((tmp_path / "ref" / "forge_report.json").read_text())
-    assert got["stages"].keys() == want["stages"].keys()
-    assert got["stages"]["step1"]["steps"] == want["stages"]["step1"]["steps"] == 40
-    assert (tmp_path / "run" / "step1" / "batches.jsonl").read_text() == \
-        (tmp_path / "ref" / "step1" / "batches.jsonl").read_text()
-    models = Registry(tmp_path / "reg.sqlite").list_models(phase=3)
-    assert len(models) == 2  # one per completed run, none from the killed attempt
+    _kill_then_resume(tmp_path, tiny_dir, "bake:\n  steps: 200\n  save_every: 5\n", "step1", 200)
 
 
 @pytest.mark.slow
 def test_sigkill_mid_step2_then_resume_matches_uninterrupted(tmp_path, tiny_dir, forge_home):
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n"
-                        "rl:\n  steps: 16\n  save_every: 2\n")
-    args = ["bake-quietstar", "--model", str(tiny_dir), "--preset", "smoke", "--config", str(cfg_file)]
-    ref = _cli([*args, "--out", str(tmp_path / "ref")])
-    assert ref.wait(600) == 0, ref.stdout.read()
-    victim = _cli([*args, "--out", str(tmp_path / "run")])
-    ckpts = tmp_path / "run" / "step2" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(ckpts.glob("step-0000006")):
-        time.sleep(0.1)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
-    assert "step1" in state["stages"] and "step2" not in state["stages"]  # died inside Step 2
-    resumed = _cli([*args, "--out", str(tmp_path / "run"), "--resume"])
-    out = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, out
-    got = json.loads((tmp_path / "run" / "forge_report.json").read_text())
-    want = json.loads((tmp_path / "ref" / "forge_report.json").read_text())
-    assert got["stages"].keys() == want["stages"].keys()
-    assert got["stages"]["step2"]["steps"] == want["stages"]["step2"]["steps"] == 16
-    assert (tmp_path / "run" / "step2" / "batches.jsonl").read_text() == \
-        (tmp_path / "ref" / "step2" / "batches.jsonl").read_text()
-    assert len(Registry(tmp_path / "reg.sqlite").list_models(phase=3)) == 2
+    _kill_then_resume(tmp_path, tiny_dir, "rl:\n  steps: 30\n  save_every: 2\n", "step2", 30)
 
 
 def test_a_stage_is_rolled_back_when_validation_accuracy_falls():
