@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -182,10 +184,24 @@ class Registry:
         finally:
             conn.close()
 
+    def _enable_wal(self) -> None:
+        """Switch the file to WAL (persistent). Two processes switching a fresh file at once
+        can deadlock inside SQLite, which then returns "locked" at once without waiting on
+        busy_timeout, so retry with jitter until BUSY_TIMEOUT_S has passed."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                with self._read() as conn:
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
+
     def _migrate(self) -> None:
-        with self._read() as conn:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")  # persistent; waits on busy_timeout
+        self._enable_wal()
         with self._write() as conn:  # re-read the version under the lock: another process may have migrated
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
