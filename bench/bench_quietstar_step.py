@@ -22,7 +22,6 @@ says. Prints a table; writes bench/results/quietstar_step.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import save_result, thought_step_parser  # noqa: E402
 from bench_thought_step import _current_rss_mb, _peak_rss_mb, build_model, make_batch  # noqa: E402
 
 from agent_forge.quietstar.mixing import MixingHead  # noqa: E402
@@ -171,36 +171,15 @@ def print_table(rec: dict) -> None:
           f"reference timed on {rec['ref_positions']} positions and scaled to all {rec['seq_len']}")
 
 
-def save(rec: dict, path: Path = RESULTS) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[f"{rec['config']}@{rec['device']}@T{rec['seq_len']}"] = rec
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="tiny", choices=["tiny", "smol-shape", "default"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--k", type=int, default=2)
-    p.add_argument("--thought-len", type=int, default=8)
-    p.add_argument("--n-true", type=int, default=4)
-    p.add_argument("--ref-positions", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p = thought_step_parser(__doc__, VARIANTS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
     rec = run_all(args)
     print_table(rec)
-    save(rec)
+    save_result(rec, RESULTS, f"{rec['config']}@{rec['device']}@T{rec['seq_len']}")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ writes bench/results/thought_latency.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -35,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import model_parser, save_result  # noqa: E402
 from bench_thought_step import build_model  # noqa: E402
 
 from agent_forge.quietstar.injector import next_token_entropy  # noqa: E402
@@ -148,21 +147,8 @@ def print_table(rec: dict) -> None:
           "zero-initialised, so every variant must produce the plain tokens")
 
 
-def save(rec: dict, path: Path = RESULTS) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[f"{rec['config']}@{rec['device']}@B{rec['batch']}"] = rec
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="tiny", choices=["tiny", "smol-shape", "default"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--batch", type=int, default=1)
+    p = model_parser(__doc__)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--thought-len", type=int, default=8)
@@ -171,7 +157,7 @@ def main(argv=None) -> None:
     p.add_argument("--nocache", action="store_true")
     rec = run(p.parse_args(argv))
     print_table(rec)
-    save(rec)
+    save_result(rec, RESULTS, f"{rec['config']}@{rec['device']}@B{rec['batch']}")
 
 
 if __name__ == "__main__":
