@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +54,11 @@ class BakeConfig:
     max_grad_norm: float = 1.0
     explode_factor: float = 10.0  # stop if the loss exceeds this multiple of the first loss
     seed: int = 0
+    group_by_length: bool = True  # micro-batches of similar length: less padding, same examples per epoch
     eval_every: int = 0  # steps between held-out token-accuracy evals; 0 = end only
     eval_samples: int = 64  # held-out questions for the generation eval
     eval_max_new_tokens: int = 96
+    eval_thinking_off: bool = True  # also evaluate with thinking forced off (one more pass)
     save_every: int = 50  # steps between checkpoints; 0 = never
     mixed_precision: str = "auto"  # "auto" (bf16 on capable GPUs), "no", "bf16", "fp16"
     lora: bool = False  # LoRA adapters (peft) instead of full fine-tuning
@@ -83,28 +86,43 @@ class BakeResult:
 # Batches
 
 
-def batch_indices(step: int, micro: int, cfg: BakeConfig, n: int, rank: int = 0, world: int = 1) -> list[int]:
-    """The examples of micro-batch `micro` of step `step`: epoch permutations seeded by
-    (seed, epoch), read in order; each process takes every world-th example."""
+def batch_indices(step: int, micro: int, cfg: BakeConfig, n: int, rank: int = 0, world: int = 1,
+                  lengths: Sequence[int] | None = None) -> list[int]:
+    """The examples of micro-batch `micro` of step `step`: epoch orders seeded by (seed,
+    epoch), read in order; each process takes every world-th example. With `lengths` and
+    cfg.group_by_length, each micro-batch holds examples of similar length (less padding)."""
     per_micro = max(1, cfg.batch_size // cfg.grad_accum)
     start = (step * cfg.grad_accum + micro) * per_micro
+    grouped = tuple(lengths) if (lengths is not None and cfg.group_by_length) else None
     out = []
     for pos in range(start, start + per_micro):
         epoch, offset = divmod(pos, n)
-        perm = _permutation(cfg.seed, epoch, n)
-        out.append(int(perm[offset]))
+        out.append(_epoch_order(cfg.seed, epoch, n, per_micro, grouped)[offset])
     return out[rank::world]
 
 
-_PERM_CACHE: dict = {}
+_ORDER_CACHE: dict = {}
+LENGTH_GROUP_MICROS = 16  # a length-sorted window spans this many micro-batches
 
 
-def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    key = (seed, epoch, n)
-    if key not in _PERM_CACHE:
-        _PERM_CACHE.clear()
-        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    return _PERM_CACHE[key]
+def _epoch_order(seed: int, epoch: int, n: int, per_micro: int, lengths: tuple | None) -> list[int]:
+    """A seeded permutation of range(n). Length grouping (as HF's group_by_length): cut the
+    permutation into windows of LENGTH_GROUP_MICROS micro-batches, sort each window by
+    length, cut into micro-batches, and shuffle the micro-batches (seeded) across the epoch.
+    On the default data random batches of 8 are 71% real tokens; grouped, ~95%."""
+    key = (seed, epoch, n, per_micro, lengths)
+    if key not in _ORDER_CACHE:
+        _ORDER_CACHE.clear()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        if lengths is not None:
+            window = per_micro * LENGTH_GROUP_MICROS
+            perm = [i for w in range(0, n, window) for i in sorted(perm[w:w + window], key=lambda i: -lengths[i])]
+            full = n // per_micro * per_micro  # a short last block stays last: blocks stay aligned
+            blocks = [perm[b:b + per_micro] for b in range(0, full, per_micro)]
+            shuffle = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1000 + epoch + 1))
+            perm = [i for b in shuffle.tolist() for i in blocks[b]] + perm[full:]
+        _ORDER_CACHE[key] = perm
+    return _ORDER_CACHE[key]
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,8 +254,9 @@ class Baker:
         self.model.train()
         total, used = 0.0, []
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(step, micro, cfg, len(examples), acc.process_index, acc.num_processes)
-            used += batch_indices(step, micro, cfg, len(examples))  # the global batch, for the log
+            lengths = [len(e.input_ids) for e in examples]
+            idx = batch_indices(step, micro, cfg, len(examples), acc.process_index, acc.num_processes, lengths)
+            used += batch_indices(step, micro, cfg, len(examples), lengths=lengths)  # the global batch, for the log
             batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], self.pad_id).items()}
             with acc.autocast():
                 if cfg.mode == "kl":
