@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from agent_forge.quietstar.coherence import (
-    CoherenceScorer, PolicyEmbedder, mean_pool, predictive_score, repeated_ngram_fraction,
-    semantic_scores, syntactic_score,
+    CoherenceScorer, PolicyEmbedder, claim_consistency, mean_pool, predictive_score,
+    repeated_ngram_fraction, semantic_scores, syntactic_score,
 )
 from agent_forge.vocab import add_thinking_tokens
 
@@ -26,12 +26,30 @@ def test_repeated_ngram_fraction_exact():
 def test_syntactic_score_exact():
     good = "[thinking]<step> 3 + 4 = 7[/endthinking] 7"
     assert syntactic_score(good, "<step> 3 + 4 = 7") == pytest.approx(1.0)
-    unclosed = "[thinking]<step> 3 + 4 = 7"
-    assert syntactic_score(unclosed, "<step> 3 + 4 = 7") == pytest.approx(0.5)
+    unclosed = "[thinking]<step> 3 + 4 = 7"  # structure 0.5, claims hold
+    assert syntactic_score(unclosed, "<step> 3 + 4 = 7") == pytest.approx(0.75)
     loop = "7 + 7 = 14 7 + 7 = 14"  # trigrams: 7+7 +7= 7=14 =14 7, 14 7 +, 7+7 +7= 7=14 -> 3 of 8 repeat
-    assert syntactic_score(f"[thinking]{loop}[/endthinking] 14", loop) == pytest.approx(0.5 + 0.5 * (1 - 3 / 8))
+    structure = 0.5 + 0.5 * (1 - 3 / 8)
+    assert syntactic_score(f"[thinking]{loop}[/endthinking] 14", loop) == pytest.approx(0.5 * structure + 0.5)
     no_answer = "[thinking]<step> 1 + 1 = 2[/endthinking]"
-    assert syntactic_score(no_answer, "<step> 1 + 1 = 2") == pytest.approx(0.5)
+    assert syntactic_score(no_answer, "<step> 1 + 1 = 2") == pytest.approx(0.75)
+    slip = "<step> 6 + 9 = 15<step> 15 - 8 = 6"  # well built, but one of its two claims is false
+    assert syntactic_score(f"[thinking]{slip}[/endthinking] 6", slip) == pytest.approx(0.5 + 0.5 * 0.5)
+
+
+def test_claim_consistency_against_hand_checked_claims():
+    cases = {
+        "<step> 6 + 9 = 15<step> 15 - 8 = 7": 1.0,
+        "<step> 6 + 9 = 15<step> 15 - 8 = 6": 0.5,  # the tokens split the steps into two claims
+        "<step> 18 + 41 = 69<doubt> 69 - 41 = 18, yes": 0.0,
+        "<step> 8*a = 33 - 17 = 16<step> a = 16 / 8 = 2<falsify> plug in a = 2: 8*2 + 17 = 33, it holds": 1.0,
+        "<step> b = 44 / 9 = 5<falsify> plug in b = 5: 9*5 - 16 = 38, it holds": 0.0,
+        "<step> 22 * 78 = 1716<step> 85 + 1716 = 1801": 1.0,
+        "<expert> carry the tens first": 1.0,  # nothing checkable: no evidence against
+        "": 1.0,
+    }
+    for thinking, want in cases.items():
+        assert claim_consistency(thinking) == pytest.approx(want), thinking
 
 
 def test_predictive_is_a_sigmoid_of_the_gain():

@@ -10,11 +10,15 @@ in [0, 1], and their weighted sum (weights 0.4 / 0.3 / 0.3 by default, configura
   mean pooling over tokens + L2 normalisation, as sentence-transformers does), or, as a
   cheap fallback that loads nothing, from the policy model's own last hidden states
   (mean over tokens + L2 normalisation). Empty thinking scores 0.
-- syntactic: 0.5 * well_formed + 0.5 * (1 - repeated), where well_formed is
-  `vocab.is_well_formed(completion)` (one opener, one closer, a non-empty answer with no
-  thinking token in it) and repeated is the fraction of the thinking text's word
-  3-grams that repeat an earlier 3-gram ((n - distinct) / n; 0 with fewer than one
-  3-gram). A loop "7 + 7 = 14 7 + 7 = 14 ..." is well formed yet scores low.
+- syntactic: 0.5 * structure + 0.5 * consistency. structure = 0.5 * well_formed +
+  0.5 * (1 - repeated), where well_formed is `vocab.is_well_formed(completion)` (one
+  opener, one closer, a non-empty answer with no thinking token in it) and repeated is
+  the fraction of the thinking text's word 3-grams that repeat an earlier 3-gram
+  ((n - distinct) / n; 0 with fewer than one 3-gram): a loop "7 + 7 = 14 7 + 7 = 14 ..."
+  is well formed yet scores low. consistency is the share of the thought's checkable
+  claims ("a + b = c" chains, exact arithmetic) that hold, 1 when none is checkable: a
+  thought that writes "18 + 41 = 69" or "plug in 3: 8*3 + 17 = 33, it holds" contradicts
+  itself whatever answer follows. No part of syntactic looks at the gold answer.
 - predictive: sigmoid(loglik gain), the gain being log p(gold | question, thought) -
   log p(gold | question, empty thinking) in nats (see rl.py). 0.5 means "no help".
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from agent_forge.data.parse import claimed_equalities, false_equalities
 from agent_forge.evaluation.answers import strip_thinking_tokens
 from agent_forge.vocab import ThinkingVocab, get_vocab, is_well_formed
 
@@ -54,10 +59,24 @@ def repeated_ngram_fraction(text: str, n: int = 3) -> float:
     return (len(grams) - len(set(grams))) / len(grams)
 
 
+def claim_consistency(thinking: str, vocab: ThinkingVocab | str = "default") -> float:
+    """Share of the thought's checkable equalities that hold; 1.0 when none can be checked.
+
+    Thinking tokens separate steps, so each becomes "; " first: "<step> 6 + 9 = 15<step>
+    15 - 8 = 6" holds two claims (one false), not one unparseable chain.
+    """
+    text = thinking or ""
+    for token in get_vocab(vocab).tokens:
+        text = text.replace(token, " ; ")
+    claims = claimed_equalities(text)
+    return 1.0 if not claims else 1.0 - len(false_equalities(text)) / len(claims)
+
+
 def syntactic_score(completion: str, thinking: str, vocab: ThinkingVocab | str = "default") -> float:
-    """0.5 * well-formed + 0.5 * (1 - repeated 3-gram fraction of the thinking text)."""
+    """0.5 * structure (well-formed, not repetitive) + 0.5 * claim consistency; module docstring."""
     clean = strip_thinking_tokens(thinking or "", vocab)
-    return 0.5 * float(is_well_formed(completion, vocab)) + 0.5 * (1.0 - repeated_ngram_fraction(clean))
+    structure = 0.5 * float(is_well_formed(completion, vocab)) + 0.5 * (1.0 - repeated_ngram_fraction(clean))
+    return 0.5 * structure + 0.5 * claim_consistency(thinking, vocab)
 
 
 # ---------------------------------------------------------------------------------------
