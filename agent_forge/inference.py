@@ -20,8 +20,10 @@ when every row has ended. Thinking tokens never reach `answer_text`.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria
@@ -294,3 +296,24 @@ def _make_generation(prompt: str, prefix: str, generated: str, n: int, seconds: 
     return Generation(prompt=prompt, full_text=prompt + generated, completion=completion,
                       thinking=thinking, answer_text=answer, closed=closed, n_new_tokens=n,
                       seconds=seconds, mode=mode)
+
+
+def save_generations(path: str | Path, key: dict, questions: list[str], gens: list[Generation]) -> None:
+    """Record generations with what produced them (`key`: model, mode, budget, batch size), so a
+    later stage that would make the very same greedy generations can replay them instead."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "questions": questions, "generations": [asdict(g) for g in gens]}))
+    tmp.replace(path)
+
+
+def load_generations(path: str | Path, key: dict, questions: list[str]) -> list[Generation] | None:
+    """The recorded generations if they were made by `key` on exactly `questions`, else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("key") != key or data.get("questions") != questions:
+        return None
+    return [Generation(**g) for g in data["generations"]]

@@ -20,11 +20,14 @@ def headline(report: dict) -> dict:
     st = report.get("stages", {})
     ablation = next((t for t in st.get("anti_theater", {}).get("tests", []) if t["name"] == "ablation"), {})
     ab = st.get("ab_test", {})
+    greedy = (ab.get("per_round_diff") or [{}])[0]
     return {"n": ablation.get("n"), "accuracy_on": ablation.get("accuracy_on"), "ci95_on": ablation.get("ci95_on"),
             "accuracy_off": ablation.get("accuracy_off"), "ci95_off": ablation.get("ci95_off"),
             "on_vs_off_p": ablation.get("p"),
             "input_accuracy_greedy": (ab.get("baseline") or {}).get("per_round", [None])[0],
             "candidate_accuracy_greedy": (ab.get("candidate") or {}).get("per_round", [None])[0],
+            "greedy_gain_points": greedy.get("points"), "greedy_gain_ci_points": greedy.get("ci95_points"),
+            "greedy_gain_p": greedy.get("mcnemar_p"),
             "ab_diff_points": ab.get("diff_points"), "ab_diff_ci_points": ab.get("diff_ci_points"),
             "ab_p": (ab.get("mcnemar") or {}).get("p"), "ab_winner": ab.get("winner")}
 
@@ -37,9 +40,13 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             ("TEST accuracy, thinking forced off", _pct(h["accuracy_off"]) + _ci(h["ci95_off"])
              + (f"  (McNemar p={h['on_vs_off_p']:.2g})" if h["on_vs_off_p"] is not None else "")),
             ("TEST input model, answering directly", _pct(h["input_accuracy_greedy"]) + " (A/B greedy round)")]
+    if h["greedy_gain_points"] is not None:
+        lo, hi = h["greedy_gain_ci_points"]
+        rows.append(("TEST thinking model - input (greedy)",
+                     f"{h['greedy_gain_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}], p={h['greedy_gain_p']:.2g}"))
     if h["ab_diff_points"] is not None:
         lo, hi = h["ab_diff_ci_points"] or (0, 0)
-        rows.append(("A/B: thinking model - input (all rounds)",
+        rows.append(("A/B: thinking model - input (greedy + sampled rounds)",
                      f"{h['ab_diff_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}], p={h['ab_p']:.2g}, winner: {h['ab_winner']}"))
     rows += [("val: Step 1 accuracy, thinking on", _pct(s1.get("accuracy_thinking_on")) + _ci(s1.get("ci95_on"))),
              ("Step 1 held-out token accuracy (converged?)",

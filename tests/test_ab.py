@@ -62,6 +62,12 @@ def test_pooled_mcnemar_matches_direct_computation_and_subsample():
         c_ok += [g.answer_text == it.answer for g, it in zip(cand.generate(qs, r), its)]
     assert rep.mcnemar == mcnemar_exact(b_ok, c_ok)
     assert rep.diff_points == pytest.approx(100 * (np.mean(c_ok) - np.mean(b_ok)))
+    for r, row in enumerate(rep.per_round_diff):  # each round on its own, paired within the round
+        b, c = b_ok[30 * r:30 * (r + 1)], c_ok[30 * r:30 * (r + 1)]
+        assert row["round"] == r and row["sampled"] == (r > 0)
+        assert row["points"] == pytest.approx(100 * (np.mean(c) - np.mean(b)))
+        assert row["mcnemar_p"] == pytest.approx(mcnemar_exact(b, c)["p"])
+        assert row["ci95_points"][0] <= row["points"] <= row["ci95_points"][1]
 
 
 def test_model_arm_greedy_then_seeded_sampling():
@@ -92,3 +98,31 @@ def test_direct_arm_gets_its_best_reading():
     assert _correct([item] * 3, [gen("13"), gen("4 + 9 is 13"), gen("4 + 9 is 12")]) == [True, True, False]
     # a thinking arm is read strictly from its answer slot
     assert _correct([item], [gen("4 + 9 is 13", mode="on")]) == [False]
+
+
+def test_recorded_greedy_round_replays_exactly_and_only_when_it_matches(tmp_path):
+    """The pipeline's A/B replays anti-theater's greedy thinking-on pass: the replay must equal
+    a fresh greedy generation, and anything that differs (key, questions, round) regenerates."""
+    from agent_forge.inference import load_generations, save_generations
+    from agent_forge.validation.ab import replay_first_round
+
+    model, tok = memorised_model()
+    qs = list(MEMORY)
+    key = {"model": "m", "mode": "on", "max_new_tokens": 24, "batch_size": 16}
+    fresh = generate_answers(model, tok, qs, thinking="on", max_new_tokens=24)
+    path = tmp_path / "greedy_on.json"
+    save_generations(path, key, qs, fresh)
+    recorded = load_generations(path, key, qs)
+    assert recorded == fresh  # dataclass equality: every field survives the round trip
+    assert load_generations(path, {**key, "max_new_tokens": 25}, qs) is None
+    assert load_generations(path, key, qs[::-1]) is None
+    assert load_generations(tmp_path / "missing.json", key, qs) is None
+
+    calls = []
+    inner = Arm("c", lambda q, r: calls.append(r) or [fresh[0]] * len(q))
+    arm = replay_first_round(inner, recorded, qs)
+    assert arm.generate(qs, 0) is recorded and calls == []
+    arm.generate(qs, 1)
+    arm.generate(qs[:1], 0)  # other questions: generated, not replayed
+    assert calls == [1, 0]
+    assert replay_first_round(inner, None, qs) is inner

@@ -85,6 +85,16 @@ def test_headline_and_usage(tmp_path):
     assert h["baking_accuracy"] == 0.873 and h["anti_theater_passed"] is False and h["ab_winner"] == "candidate"
     assert data.token_usage(stages) == {"[thinking]": 1.0, "<step>": 0.75, "<doubt>": 0.25}
     assert data.ab_rounds(stages)["cand"].tolist() == [75.0, 50.0]
+    assert h["accuracy_thinking_on"] == 0.625 and h["accuracy_source"] == "validation"
+    # a rolled-back Step 2 never supplies the headline; a kept one does (its validation figure)
+    stages["step2"] = {"accuracy_thinking_on": 0.3, "kept": False}
+    assert data.headline(stages)["accuracy_thinking_on"] == 0.625
+    stages["step2"] = {"accuracy_thinking_on": 0.7, "val_accuracy_after": 0.7, "kept": True}
+    assert data.headline(stages)["accuracy_thinking_on"] == 0.7
+    # once anti-theater has measured the final model on the test set, that is the headline
+    stages["anti_theater"]["tests"][1].update(accuracy_on=0.66, accuracy_off=0.04, n=150)
+    h = data.headline(stages)
+    assert (h["accuracy_thinking_on"], h["accuracy_thinking_off"], h["accuracy_source"]) == (0.66, 0.04, "test")
 
 
 def test_registry_readers_never_create_a_file(tmp_path):

@@ -71,6 +71,10 @@ def test_combine_rewards_modes():
     assert combine_rewards(correct, gains, cfg) == pytest.approx([2.0, -0.2, 0.0])
     with pytest.raises(ValueError):
         combine_rewards(correct, None, cfg)
+    shaped = RLConfig(reward="correct", consistency_weight=0.5)
+    assert combine_rewards(correct, None, shaped, [1.0, 0.5, 0.0]) == pytest.approx([1.5, 0.25, 1.0])
+    with pytest.raises(ValueError, match="consistency"):
+        combine_rewards(correct, None, shaped)
 
 
 def test_step_questions_pure_function_of_seed_and_step():

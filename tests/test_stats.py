@@ -109,3 +109,19 @@ def test_bootstrap_mean_diff_matches_numpy_loop():
 def test_unpaired_input_rejected():
     with pytest.raises(ValueError):
         paired_ttest([1, 2, 3], [1, 2])
+
+
+def test_paired_gain_by_hand():
+    from agent_forge.validation.stats import paired_gain
+
+    before = [True] * 10 + [False] * 30 + [True] * 2 + [False] * 8   # 12 / 50
+    after = [True] * 10 + [True] * 12 + [False] * 18 + [False] * 10  # 22 / 50; 12 gained, 2 lost
+    g = paired_gain(before, after)
+    assert g["points"] == pytest.approx(100 * (22 - 12) / 50) and g["n"] == 50
+    assert (g["before"], g["after"]) == (pytest.approx(0.24), pytest.approx(0.44))
+    want_p = min(1.0, 2 * sum(math.comb(14, k) for k in range(0, 3)) / 2 ** 14)  # 2 of 14 discordant
+    assert g["mcnemar_p"] == pytest.approx(want_p)
+    lo, hi = g["ci95_points"]
+    assert 0 < lo < g["points"] < hi  # a clear gain: the interval excludes zero
+    same = paired_gain(before, before)
+    assert same["points"] == 0 and same["ci95_points"] == [0.0, 0.0] and same["mcnemar_p"] == 1.0

@@ -74,8 +74,9 @@ def headline_section(stages: dict) -> None:
     h = data.headline(stages)
     cols = st.columns(6)
     cols[0].metric("Baking accuracy", _pct(h["baking_accuracy"]), help="held-out teacher-forced token accuracy")
-    cols[1].metric("Accuracy, thinking on", _pct(h["accuracy_thinking_on"]))
-    cols[2].metric("Accuracy, thinking off", _pct(h["accuracy_thinking_off"]))
+    where = f"{h['accuracy_source']} set, final model"
+    cols[1].metric("Accuracy, thinking on", _pct(h["accuracy_thinking_on"]), help=where)
+    cols[2].metric("Accuracy, thinking off", _pct(h["accuracy_thinking_off"]), help=where)
     anti = {None: "-", True: "PASSED", False: "FAILED"}[h["anti_theater_passed"]]
     cols[3].metric("Anti-theater", anti)
     diff = h["ab_diff_points"]

@@ -80,10 +80,13 @@ PRESETS: dict[str, dict] = {
                      "save_every": 2, "n_questions": 40, "eval_samples": 16, "eval_max_new_tokens": 48,
                      "coherence_embedder": "policy"}},
     # `make demo`: <= 25 minutes on a 2-core CPU.
+    # Thinking-off accuracy is measured once, on the test set (anti-theater), not per stage.
     "quick": {"eval_samples": 150, "ab_test_rounds": 2, "trace_bake_questions": 32, "trace_bake_steps": 10,
-              "bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 25, "eval_samples": 100},
+              "bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 25, "eval_samples": 100,
+                       "eval_thinking_off": False},
               "rl": {"steps": 4, "questions_per_step": 4, "samples_per_question": 4, "max_new_tokens": 80,
-                     "lr": 2e-5, "save_every": 2, "eval_samples": 100, "anti_theater_every": 2}},
+                     "lr": 2e-5, "save_every": 2, "eval_samples": 100, "anti_theater_every": 2,
+                     "eval_thinking_off": False}},
     # a GPU's hours.
     "standard": {"data": {"n_records": 20000, "families": ("chain_sum", "basic_arithmetic",
                                                            "simple_equations", "gsm_symbolic")},
@@ -351,31 +354,60 @@ def anti_theater_coherence(model=None, tokenizer=None):
     return coherence
 
 
+GREEDY_ON_FILE = "anti_theater/greedy_on.json"
+EVAL_BATCH = 16
+
+
+def _greedy_on_key(ctx: Context, model_dir: Path) -> dict:
+    """What makes a greedy thinking-on generation pass reproducible: the A/B's first round
+    replays anti-theater's pass only if all of these match."""
+    return {"model": str(model_dir), "mode": "on", "max_new_tokens": ctx.cfg.max_new_tokens,
+            "batch_size": EVAL_BATCH}
+
+
 def stage_anti_theater(ctx: Context) -> dict:
+    from agent_forge.inference import generate_answers, save_generations
     from agent_forge.models import load_model
     from agent_forge.validation.anti_theater import run_anti_theater
 
-    model, tok = load_model(str(current_model_dir(ctx)), device=ctx.cfg.device)
-    report = run_anti_theater(model, tok, _eval_items(ctx), max_new_tokens=ctx.cfg.max_new_tokens,
+    model_dir = current_model_dir(ctx)
+    model, tok = load_model(str(model_dir), device=ctx.cfg.device)
+
+    def generate(questions: list[str], thinking: str):
+        gens = generate_answers(model, tok, questions, thinking=thinking, batch_size=EVAL_BATCH,
+                                max_new_tokens=ctx.cfg.max_new_tokens)
+        if thinking == "on":
+            save_generations(ctx.out / GREEDY_ON_FILE, _greedy_on_key(ctx, model_dir), questions, gens)
+        return gens
+    report = run_anti_theater(model, tok, _eval_items(ctx), generate_fn=generate, batch_size=EVAL_BATCH,
                               coherence_fn=anti_theater_coherence(model, tok))
     return report.to_dict()
 
 
 def stage_ab_test(ctx: Context) -> dict:
-    """The input model (answering directly, its best prompt) against the thinking model."""
+    """The input model (answering directly, its best prompt) against the thinking model.
+
+    The thinking model's greedy round is exactly anti-theater's thinking-on pass (same model,
+    questions, budget and batching), so it is replayed from disk rather than generated twice.
+    """
+    from agent_forge.inference import load_generations
     from agent_forge.models import load_model
-    from agent_forge.validation.ab import model_arm, run_ab
+    from agent_forge.validation.ab import model_arm, replay_first_round, run_ab
 
     cfg = ctx.cfg
+    items = _eval_items(ctx)
+    model_dir = current_model_dir(ctx)
     base_model, base_tok = load_model(cfg.model, device=cfg.device)
-    cand_model, cand_tok = load_model(str(current_model_dir(ctx)), device=cfg.device)
+    cand_model, cand_tok = load_model(str(model_dir), device=cfg.device)
     baseline = model_arm(f"input ({cfg.model})", base_model, base_tok, thinking="auto",
-                         max_new_tokens=cfg.max_new_tokens)
+                         batch_size=EVAL_BATCH, max_new_tokens=cfg.max_new_tokens)
     candidate = model_arm("phase 3 (thinking)", cand_model, cand_tok, thinking="on",
-                          max_new_tokens=cfg.max_new_tokens)
-    report = run_ab(baseline, candidate, _eval_items(ctx), rounds=cfg.ab_test_rounds,
-                    threshold=cfg.ab_threshold_points)
-    return report.to_dict()
+                          batch_size=EVAL_BATCH, max_new_tokens=cfg.max_new_tokens)
+    questions = [it.question for it in items]
+    recorded = load_generations(ctx.out / GREEDY_ON_FILE, _greedy_on_key(ctx, model_dir), questions)
+    candidate = replay_first_round(candidate, recorded, questions)
+    report = run_ab(baseline, candidate, items, rounds=cfg.ab_test_rounds, threshold=cfg.ab_threshold_points)
+    return {**report.to_dict(), "replayed_greedy_round": recorded is not None}
 
 
 def stage_save(ctx: Context) -> dict:
@@ -403,9 +435,14 @@ def stage_register(ctx: Context) -> dict:
     from agent_forge.registry import Registry
 
     reg = Registry(ctx.cfg.registry)
-    metrics = {k: ctx.state.result(s).get(k) for s, k in
-               (("step1", "baking_accuracy"), ("step1", "accuracy_thinking_on"),
-                ("step1", "accuracy_thinking_off"), ("anti_theater", "passed"), ("ab_test", "winner"))}
+    from agent_forge.report import headline
+
+    test = headline({"stages": ctx.state.data["stages"]})
+    metrics = {"baking_accuracy": ctx.state.result("step1").get("baking_accuracy"),
+               "val_accuracy_thinking_on": val_accuracy_so_far(ctx),
+               "test_accuracy_thinking_on": test["accuracy_on"], "test_accuracy_thinking_off": test["accuracy_off"],
+               "input_accuracy": test["input_accuracy_greedy"], "ab_diff_points": test["ab_diff_points"],
+               "anti_theater_passed": ctx.state.result("anti_theater").get("passed"), "ab_winner": test["ab_winner"]}
     model_id = reg.register_model(f"quietstar:{Path(ctx.cfg.out).name}", 3, ctx.out / "model", metrics=metrics)
     return {"model_id": model_id, "registry": str(reg.path)}
 

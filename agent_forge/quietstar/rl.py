@@ -20,6 +20,10 @@ One optimiser step:
    - "both" (default): correct + loglik_weight * clip(gain, -loglik_clip, +loglik_clip);
      with the defaults (0.5, 2.0) the loglik part is worth at most +-1, like a right
      answer, so it breaks ties inside groups that are all right or all wrong.
+   - plus `consistency_weight` * claim consistency (coherence.claim_consistency: the share
+     of the thought's checkable "a op b = c" claims that hold; 1 with none), a process
+     reward that needs no gold: of two right answers it prefers the thought without a
+     false step, of two wrong ones the thought whose slip was smaller. Off by default.
 4. Advantage: reward minus the mean reward of the K samples of the same question; with
    `normalize_std` (default, GRPO) divided by (population std of the group + 1e-4).
 5. Loss = policy + kl_coefficient * KL + lm_coefficient * LM, where
@@ -75,6 +79,7 @@ from agent_forge.data.schema import Record, render_prompt
 from agent_forge.evaluation.answers import answer_slot, strip_thinking_tokens
 from agent_forge.inference import AnswerSlotStop, eos_ids, left_padded
 from agent_forge.quietstar.bake import _precision
+from agent_forge.quietstar.coherence import claim_consistency
 from agent_forge.quietstar.kl import forward_kl
 from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from agent_forge.training.guards import check_loss
@@ -97,6 +102,7 @@ class RLConfig:
     reward: str = "both"  # "correct" | "loglik" | "both" (module docstring)
     loglik_weight: float = 0.5  # weight of the clipped loglik gain in "both"
     loglik_clip: float = 2.0  # clip (nats) of the loglik gain in "both"
+    consistency_weight: float = 0.0  # + this * share of the thought's arithmetic claims that hold (no gold needed)
     normalize_std: bool = True  # divide advantages by the group's std (GRPO)
     loss_norm: str = "token"  # "token" (sum over tokens / all tokens) | "sequence"
     kl_coefficient: float = 0.1  # weight of the KL to the frozen Step 1 model; 0 = off (no ref forward)
@@ -119,6 +125,7 @@ class RLConfig:
     families: tuple[str, ...] = ("chain_sum", "basic_arithmetic", "simple_equations")
     eval_samples: int = 100  # held-out questions for the final thinking on/off evaluation
     eval_max_new_tokens: int = 96
+    eval_thinking_off: bool = True  # also evaluate with thinking forced off (one more pass)
     eval_before: bool = False  # also evaluate before training (costs one more evaluation)
     mixed_precision: str = "auto"  # "auto" (bf16 on capable GPUs), "no", "bf16", "fp16"
 
@@ -164,7 +171,18 @@ class _GoldItem:
     choices: list | None = None
 
 
-def combine_rewards(correct: list[float], gains: list[float] | None, cfg: RLConfig) -> list[float]:
+def combine_rewards(correct: list[float], gains: list[float] | None, cfg: RLConfig,
+                    consistency: list[float] | None = None) -> list[float]:
+    """The `reward` of each sample, plus consistency_weight * consistency when given."""
+    base = _base_rewards(correct, gains, cfg)
+    if not cfg.consistency_weight:
+        return base
+    if consistency is None:
+        raise ValueError("consistency_weight > 0 needs the samples' claim consistency")
+    return [r + cfg.consistency_weight * c for r, c in zip(base, consistency)]
+
+
+def _base_rewards(correct: list[float], gains: list[float] | None, cfg: RLConfig) -> list[float]:
     if cfg.reward == "correct":
         return list(correct)
     if gains is None:
@@ -514,7 +532,10 @@ class RLTrainer:
                    for i, (a, c) in enumerate(zip(s.answers, s.closed))]
         need_gain = cfg.reward in ("loglik", "both") or self.scorer is not None
         gains = loglik_gains(policy, self.tokenizer, s, golds, k, self.vocab) if need_gain else None
-        rewards = self.reward_fn(s, batch) if self.reward_fn else combine_rewards(correct, gains, cfg)
+        consistency = ([claim_consistency(t, self.vocab) for t in s.thoughts] if cfg.consistency_weight
+                       else None)
+        rewards = (self.reward_fn(s, batch) if self.reward_fn
+                   else combine_rewards(correct, gains, cfg, consistency))
         adv = group_advantages(torch.tensor(rewards), k, cfg.normalize_std).to(s.sequences.device)
         t1 = time.perf_counter()
         losses = self._backward(s, adv, batch, lm_examples, mine)
@@ -578,6 +599,7 @@ class RLTrainer:
                "thought_length": mean(s.thought_lengths), "closed_rate": mean([float(c) for c in s.closed]),
                "thought_diversity": mean([distinct_n(s.thoughts[q * k:(q + 1) * k]) for q in range(n // k)]),
                "inference_seconds": s.seconds, "loglik_gain": mean(gains) if gains else None,
+               "claim_consistency": mean([claim_consistency(t, self.vocab) for t in s.thoughts]),
                "groups_with_signal": mean([float(adv[q * k:(q + 1) * k].abs().max() > 0) for q in range(n // k)])}
         if self.scorer is not None:
             t0 = time.perf_counter()
@@ -718,6 +740,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     from agent_forge.data.evalsets import load_eval_set
     from agent_forge.models import load_model, read_meta, save_model
     from agent_forge.quietstar.step1 import generation_metrics
+    from agent_forge.validation.stats import paired_gain
     from agent_forge.vocab import thinking_token_ids
 
     cfg = make_config(overrides, config_path)
@@ -725,7 +748,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     records, dropped = training_records(cfg, data)
     model, tokenizer = load_model(model_spec, device=device)
     items = load_eval_set(eval_data, limit=cfg.eval_samples)
-    before = (generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens)
+    before = (generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off)
               if cfg.eval_before and not resume else None)
     trainer = RLTrainer(model, tokenizer, cfg, out, tracker=tracker)
     t0 = time.time()
@@ -734,10 +757,12 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     if not trainer.accelerator.is_main_process:
         return result.metrics
     model = trainer.trained_model()
-    after = generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens)
+    after = generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off)
+    after_ok = after.pop("correct_on")
+    gain = paired_gain(before.pop("correct_on"), after_ok) if before else None
     metrics = {**result.metrics, **after, "train_seconds": round(train_seconds, 1), "eval_data": eval_data,
                "train_questions": len(records), "dropped_overlap": len(dropped), "mode": "answer",
-               "before": before, "stopped_early": trainer.stopped_reason}
+               "before": before, "gain_vs_before": gain, "stopped_early": trainer.stopped_reason}
     parent_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
     meta = {"phase": 3, "step": 2, "parent": str(model_spec), "thinking_tokens": thinking_token_ids(tokenizer),
             "vocab": trainer.vocab.to_dict(), "config": cfg.to_dict(), "metrics": metrics,

@@ -15,17 +15,22 @@ def split_heldout(records: list, fraction: float = 0.05, minimum: int = 32) -> t
     return records[:-n_held] if n_held else records, records[-n_held:] if n_held else []
 
 
-def generation_metrics(model, tokenizer, items, max_new_tokens: int, batch_size: int = 16) -> dict:
-    """Task accuracy with thinking on and forced off, and token usage, on held-out questions."""
+def generation_metrics(model, tokenizer, items, max_new_tokens: int, batch_size: int = 16,
+                       with_off: bool = True) -> dict:
+    """Task accuracy with thinking on (and forced off unless `with_off` is False: the pipeline
+    measures that on the test set anyway), and token usage, on held-out questions.
+    "correct_on" (per question) is for paired comparisons; callers pop it before saving."""
     from agent_forge.evaluation.runner import evaluate
 
     on = evaluate(model, tokenizer, items, thinking="on", max_new_tokens=max_new_tokens, batch_size=batch_size)
-    off = evaluate(model, tokenizer, items, thinking="off", max_new_tokens=max_new_tokens, batch_size=batch_size)
+    off = (evaluate(model, tokenizer, items, thinking="off", max_new_tokens=max_new_tokens, batch_size=batch_size)
+           if with_off else None)
     return {"accuracy_thinking_on": on.accuracy, "ci95_on": on.ci95,
-            "accuracy_thinking_off": off.accuracy, "ci95_off": off.ci95,
+            "accuracy_thinking_off": off and off.accuracy, "ci95_off": off and off.ci95,
             "no_answer_rate": on.no_answer_rate, "per_family_on": on.per_family,
             "usage": on.usage, "ms_per_example_on": on.ms_per_example,
-            "ms_per_example_off": off.ms_per_example, "n": on.n}
+            "ms_per_example_off": off and off.ms_per_example, "n": on.n,
+            "correct_on": [bool(r["correct"]) for r in on.per_example]}
 
 
 def make_config(overrides: dict | None = None, config_path: str | Path | None = None,
@@ -59,7 +64,9 @@ def run_step1(model_spec: str, data_path, out, overrides=None, config_path=None,
         return result.metrics
     model = baker.merged_model()
     items = load_eval_set(eval_data, limit=cfg.eval_samples)
-    metrics = {**result.metrics, **generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens),
+    measured = generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off)
+    measured.pop("correct_on")
+    metrics = {**result.metrics, **measured,
                "eval_data": eval_data, "train_records": len(train), "dropped_overlap": len(leaked)}
     metrics["baking_accuracy"] = metrics["token_accuracy"]
     from agent_forge.vocab import get_vocab, thinking_token_ids

@@ -33,7 +33,6 @@ KIND_STAGES: dict[str, tuple[str, ...]] = {
     "anti_theater": ("anti_theater",),
 }
 RERUN = {"anti_theater": ("anti_theater",)}
-CONFIG_FILE = "pipeline_config.json"  # the full config, for the dashboard's progress bars
 EXIT_UNAVAILABLE = 3
 FIXED_FIELDS = ("model", "out", "registry", "device")
 
@@ -92,6 +91,8 @@ def run_stages(cfg, names: tuple[str, ...], rerun: tuple[str, ...] = ()) -> dict
 
 
 def run_job(spec: dict) -> None:
+    from agent_forge.quietstar.pipeline import CONFIG_FILE  # the full config, for the dashboard's progress bars
+
     cfg = build_config(spec)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

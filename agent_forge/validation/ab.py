@@ -18,7 +18,7 @@ for the thinking model is a conservative one.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -27,7 +27,7 @@ from agent_forge.evaluation.answers import gsm8k_flexible
 from agent_forge.evaluation.runner import score
 from agent_forge.inference import Generation, generate_answers
 from agent_forge.validation.stats import (bootstrap_mean_diff, cohens_d_paired, mcnemar_exact,
-                                          paired_ttest)
+                                          paired_gain, paired_ttest)
 
 
 @dataclass
@@ -49,6 +49,19 @@ def model_arm(name: str, model, tokenizer, thinking: str = "auto", batch_size: i
     return Arm(name, generate)
 
 
+def replay_first_round(arm: Arm, recorded: list[Generation] | None, questions: list[str]) -> Arm:
+    """`arm`, except that round 0 on exactly `questions` returns `recorded`: the same greedy
+    generations made earlier (anti-theater's thinking-on pass), not made a second time."""
+    if recorded is None:
+        return arm
+
+    def generate(qs: list[str], round_index: int) -> list[Generation]:
+        if round_index == 0 and qs == questions:
+            return recorded
+        return arm.generate(qs, round_index)
+    return Arm(arm.name, generate)
+
+
 @dataclass
 class ABReport:
     baseline: dict   # {name, per_round, mean, std}
@@ -63,6 +76,7 @@ class ABReport:
     threshold: float
     winner: str      # "candidate" | "baseline" | "tie"
     sentence: str
+    per_round_diff: list[dict] = field(default_factory=list)  # each round: points, ci95_points, mcnemar_p
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,13 +108,15 @@ def run_ab(baseline: Arm, candidate: Arm, items, rounds: int = 3, threshold: flo
         raise ValueError("need at least one round and one item")
     acc = {"b": [], "c": []}
     pooled = {"b": [], "c": []}
+    per_round = []
     for r in _rounds(rounds, progress):
         its = _round_items(items, r, subsample, seed)
         qs = [it.question for it in its]
-        for key, arm in (("b", baseline), ("c", candidate)):
-            ok = _correct(its, arm.generate(qs, r))
-            acc[key].append(sum(ok) / len(ok))
-            pooled[key].extend(ok)
+        ok = {key: _correct(its, arm.generate(qs, r)) for key, arm in (("b", baseline), ("c", candidate))}
+        for key in ok:
+            acc[key].append(sum(ok[key]) / len(ok[key]))
+            pooled[key].extend(ok[key])
+        per_round.append({"round": r, "sampled": r > 0, **paired_gain(ok["b"], ok["c"], seed=seed)})
     b_arr, c_arr = np.array(pooled["b"], float), np.array(pooled["c"], float)
     boot = bootstrap_mean_diff(b_arr, c_arr, seed=seed)
     ttest = paired_ttest(acc["b"], acc["c"]) if rounds >= 2 else None
@@ -111,7 +127,7 @@ def run_ab(baseline: Arm, candidate: Arm, items, rounds: int = 3, threshold: flo
     arms = [_arm_summary(a.name, acc[k]) for a, k in ((baseline, "b"), (candidate, "c"))]
     return ABReport(baseline=arms[0], candidate=arms[1], rounds=rounds, n_pairs=len(b_arr),
                     diff_points=diff, diff_ci_points=[100 * x for x in boot["ci"]], cohens_d=d,
-                    ttest=ttest, mcnemar=mc, threshold=threshold, winner=winner,
+                    ttest=ttest, mcnemar=mc, threshold=threshold, winner=winner, per_round_diff=per_round,
                     sentence=_sentence(baseline.name, candidate.name, diff, mc["p"], winner, threshold))
 
 

@@ -80,3 +80,13 @@ def bootstrap_mean_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 20
     d = y - x
     lo, hi = bootstrap_ci(d, np.mean, n_boot=n_boot, alpha=alpha, seed=seed)
     return {"mean_diff": float(d.mean()) if d.size else 0.0, "ci": [lo, hi]}
+
+
+def paired_gain(before: Sequence[bool], after: Sequence[bool], seed: int = 0) -> dict:
+    """Accuracy change on the same questions: points, a bootstrap 95% interval over the pairs,
+    and the exact McNemar p-value; what "this stage raised accuracy" has to be backed by."""
+    boot = bootstrap_mean_diff([float(x) for x in before], [float(x) for x in after], seed=seed)
+    return {"points": 100 * boot["mean_diff"], "ci95_points": [100 * x for x in boot["ci"]],
+            "mcnemar_p": mcnemar_exact(before, after)["p"], "n": len(before),
+            "before": sum(map(bool, before)) / max(len(before), 1),
+            "after": sum(map(bool, after)) / max(len(after), 1)}

@@ -1,0 +1,30 @@
+"""The printed summary: test-set headline numbers come from the stages that measured them."""
+
+from agent_forge.report import headline, summary_rows
+
+
+def _report():
+    ablation = {"name": "ablation", "value": 60.0, "threshold": 2.0, "passed": True, "n": 150, "p": 1e-20,
+                "accuracy_on": 0.64, "ci95_on": [0.56, 0.71], "accuracy_off": 0.03, "ci95_off": [0.01, 0.07]}
+    ab = {"baseline": {"per_round": [0.16, 0.20]}, "candidate": {"per_round": [0.64, 0.50]},
+          "diff_points": 39.0, "diff_ci_points": [33.0, 45.0], "mcnemar": {"p": 2e-25}, "winner": "candidate",
+          "per_round_diff": [{"round": 0, "points": 48.0, "ci95_points": [40.0, 56.0], "mcnemar_p": 3e-20},
+                             {"round": 1, "points": 30.0, "ci95_points": [21.0, 39.0], "mcnemar_p": 1e-8}]}
+    return {"stages": {"anti_theater": {"passed": True, "tests": [ablation]}, "ab_test": ab},
+            "total_seconds": 1230}
+
+
+def test_headline_reads_the_greedy_round_and_the_ablation():
+    h = headline(_report())
+    assert (h["accuracy_on"], h["accuracy_off"], h["n"]) == (0.64, 0.03, 150)
+    assert (h["input_accuracy_greedy"], h["candidate_accuracy_greedy"]) == (0.16, 0.64)
+    assert (h["greedy_gain_points"], h["greedy_gain_ci_points"], h["greedy_gain_p"]) == (48.0, [40.0, 56.0], 3e-20)
+    assert headline({"stages": {}})["greedy_gain_points"] is None  # nothing measured, nothing claimed
+
+
+def test_summary_rows_show_both_ab_views_and_the_time():
+    rows = dict(summary_rows(_report()))
+    assert rows["TEST thinking model - input (greedy)"] == "+48.0 points [+40.0, +56.0], p=3e-20"
+    assert rows["A/B: thinking model - input (greedy + sampled rounds)"].startswith("+39.0 points [+33.0, +45.0]")
+    assert rows["TEST accuracy, thinking on (n=150)"] == "64.0% [56.0, 71.0]"
+    assert rows["total time"] == "20.5 min"
