@@ -27,9 +27,24 @@ def test_generate_from_prompts_thinks_and_strips():
     assert cut_at(strip_thoughts(gen.completion), ["\n"]) == MEMORY[q][1]
 
 
-def test_make_lm_needs_lm_eval():
+def test_requests_through_the_real_harness():
+    """lm_eval's own HFLM machinery, driven with its Instance requests: log-likelihood is
+    scored in the answer slot (after the forced-empty block, where the memorised model says
+    the WRONG number), generation thinks and hands back only the answer."""
     pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
     from agent_forge.evaluation.lm_eval_adapter import make_lm
+    from agent_forge.evaluation.runner import continuation_logprobs
 
     model, tok = memorised_model()
-    assert make_lm(model, tok, batch_size=2) is not None
+    lm = make_lm(model, tok, batch_size=2)
+    q, (_, right, wrong) = next(iter(MEMORY.items()))
+    ctx = f"Question: {q}\nAnswer:"
+    reqs = [Instance("loglikelihood", {}, (ctx, f" {c}"), i) for i, c in enumerate((right, wrong))]
+    (ll_right, _), (ll_wrong, greedy_wrong) = lm.loglikelihood(reqs)
+    assert ll_wrong > ll_right and greedy_wrong
+    ours = continuation_logprobs(model, tok, [(ctx + THINK_OPEN + THINK_CLOSE, f" {wrong}")])[0]
+    assert ll_wrong == pytest.approx(ours, abs=1e-3)
+    gen = lm.generate_until([Instance("generate_until", {}, (ctx, {"until": ["\n"], "max_gen_toks": 24}), 0)])
+    assert gen == [right]

@@ -5,9 +5,8 @@ lm-eval sees an ordinary HF model (`HFLM`), except that
   thinking block "[thinking][/endthinking]" appended (a model with thinking tokens only);
 - generation requests let the model think ("on") and return only what follows the
   closing token, thinking tokens removed, cut at lm-eval's `until` strings.
-lm_eval is imported lazily (install the `lmeval` extra); nothing here runs without it.
-UNTESTED against a live lm_eval install in this repository (it is not installed here);
-the pure helpers below are tested.
+lm_eval is imported lazily (the `lmeval` extra, which `make setup` installs); the tests
+drive the wrapper with lm_eval's own Instance requests through its HFLM code.
 """
 
 from __future__ import annotations
