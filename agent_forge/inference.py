@@ -34,6 +34,9 @@ from agent_forge.vocab import ThinkingVocab, get_vocab, has_thinking_tokens
 
 CHAT_SUFFIX = " Give only the final answer."
 DEFAULT_MAX_NEW = {"on": 256, "off": 48, "direct": 48}
+# Rows decoded together. On the 2-core CPU with the default model: 0.33 s/question at 16,
+# 0.23-0.28 at 32-96 (weights are read once per token for the whole batch).
+GENERATION_BATCH = 32
 
 
 @dataclass
@@ -185,7 +188,7 @@ def _decode_row(tokenizer, ids: list[int], eos: list[int], pad: int | None) -> t
 
 
 def generate_answers(model, tokenizer, questions: list[str], thinking: str = "auto",
-                     max_new_tokens: int | None = None, batch_size: int = 16,
+                     max_new_tokens: int | None = None, batch_size: int = GENERATION_BATCH,
                      show_thinking: bool = False, *, prompt_style: str | None = None,
                      do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
                      seed: int | None = None, stop_at_newline: bool = True,
@@ -215,7 +218,7 @@ def generate_answers(model, tokenizer, questions: list[str], thinking: str = "au
 
 
 def generate_from_prompts(model, tokenizer, prompts: list[str], thinking: str = "auto",
-                          max_new_tokens: int | None = None, batch_size: int = 16, *,
+                          max_new_tokens: int | None = None, batch_size: int = GENERATION_BATCH, *,
                           stop_at_newline: bool = False, vocab: ThinkingVocab | str = "default",
                           progress: bool = False) -> list[Generation]:
     """Greedy replies to ready-made prompts (e.g. lm-eval's few-shot contexts); the forced

@@ -52,7 +52,7 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
              data: str = typer.Option("easy_arithmetic", help=DATA_HELP),
              limit: Optional[int] = typer.Option(None, help="first N items only"),
              thoughts: str = typer.Option("auto", help="on | off | auto"),
-             batch_size: int = typer.Option(16, help="questions generated together"),
+             batch_size: int = typer.Option(32, help="questions generated together (inference.GENERATION_BATCH)"),
              max_new_tokens: Optional[int] = typer.Option(None, help="default: 256 thinking, 48 otherwise"),
              device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
              json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
@@ -96,7 +96,7 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
 def anti_theater_cmd(model: str = typer.Option(..., help=MODEL_HELP),
                      data: str = typer.Option("easy_arithmetic", help=DATA_HELP),
                      limit: Optional[int] = typer.Option(100, help="first N items only"),
-                     batch_size: int = typer.Option(16),
+                     batch_size: int = typer.Option(32, help="questions generated together"),
                      device: Optional[str] = typer.Option(None),
                      json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Do the thoughts carry the answer? Divergence, ablation, coherence-utility correlation.
@@ -132,7 +132,7 @@ def ab_cmd(baseline: str = typer.Option(..., help=MODEL_HELP),
            rounds: int = typer.Option(3, help="round 0 greedy, later rounds sampled with new seeds"),
            limit: Optional[int] = typer.Option(100, help="first N items only"),
            threshold: float = typer.Option(2.0, help="improvement in points needed to win"),
-           batch_size: int = typer.Option(16),
+           batch_size: int = typer.Option(32, help="questions generated together"),
            device: Optional[str] = typer.Option(None),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Baseline vs candidate over several rounds with paired significance tests."""

@@ -23,7 +23,7 @@ from agent_forge.evaluation.answers import (
     is_numeric, numbers_equal,
 )
 from agent_forge.evaluation.metrics import accuracy_summary
-from agent_forge.inference import Generation, generate_answers
+from agent_forge.inference import GENERATION_BATCH, Generation, generate_answers
 from agent_forge.vocab import analyze_usage, get_vocab, has_thinking_tokens
 
 
@@ -67,7 +67,7 @@ def score(item, answer: str | None) -> tuple[bool, str | None]:
     return bool(pred) and _normalise(pred) == _normalise(item.answer), pred
 
 
-def evaluate(model, tokenizer, items, thinking: str = "auto", batch_size: int = 16,
+def evaluate(model, tokenizer, items, thinking: str = "auto", batch_size: int = GENERATION_BATCH,
              max_new_tokens: int | None = None, limit: int | None = None, *,
              generate_fn: Callable[..., list[Generation]] = generate_answers,
              loglik: bool = True, progress: bool = True,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.inference import GENERATION_BATCH
 from agent_forge.quietstar.bake import Baker, BakeConfig
 from agent_forge.quietstar.rl import RLConfig
 
@@ -248,7 +249,7 @@ class AntiTheaterMonitor:
     final anti-theater stage then decides keep or roll back.
     """
 
-    def __init__(self, ctx: Context, limit: int = 48, patience: int = 2):
+    def __init__(self, ctx: Context, limit: int = 32, patience: int = 2):  # one generation batch
         self.ctx, self.limit, self.patience, self.failures = ctx, limit, patience, 0
 
     def __call__(self, step: int, model) -> dict:
@@ -359,14 +360,13 @@ def anti_theater_coherence(model=None, tokenizer=None):
 
 
 GREEDY_ON_FILE = "anti_theater/greedy_on.json"
-EVAL_BATCH = 16
 
 
 def _greedy_on_key(ctx: Context, model_dir: Path) -> dict:
     """What makes a greedy thinking-on generation pass reproducible: the A/B's first round
     replays anti-theater's pass only if all of these match."""
     return {"model": str(model_dir), "mode": "on", "max_new_tokens": ctx.cfg.max_new_tokens,
-            "batch_size": EVAL_BATCH}
+            "batch_size": GENERATION_BATCH}
 
 
 def stage_anti_theater(ctx: Context) -> dict:
@@ -378,12 +378,12 @@ def stage_anti_theater(ctx: Context) -> dict:
     model, tok = load_model(str(model_dir), device=ctx.cfg.device)
 
     def generate(questions: list[str], thinking: str):
-        gens = generate_answers(model, tok, questions, thinking=thinking, batch_size=EVAL_BATCH,
+        gens = generate_answers(model, tok, questions, thinking=thinking, batch_size=GENERATION_BATCH,
                                 max_new_tokens=ctx.cfg.max_new_tokens)
         if thinking == "on":
             save_generations(ctx.out / GREEDY_ON_FILE, _greedy_on_key(ctx, model_dir), questions, gens)
         return gens
-    report = run_anti_theater(model, tok, _eval_items(ctx), generate_fn=generate, batch_size=EVAL_BATCH,
+    report = run_anti_theater(model, tok, _eval_items(ctx), generate_fn=generate, batch_size=GENERATION_BATCH,
                               coherence_fn=anti_theater_coherence(model, tok))
     return report.to_dict()
 
@@ -404,9 +404,9 @@ def stage_ab_test(ctx: Context) -> dict:
     base_model, base_tok = load_model(cfg.model, device=cfg.device)
     cand_model, cand_tok = load_model(str(model_dir), device=cfg.device)
     baseline = model_arm(f"input ({cfg.model})", base_model, base_tok, thinking="auto",
-                         batch_size=EVAL_BATCH, max_new_tokens=cfg.max_new_tokens)
+                         batch_size=GENERATION_BATCH, max_new_tokens=cfg.max_new_tokens)
     candidate = model_arm("phase 3 (thinking)", cand_model, cand_tok, thinking="on",
-                          batch_size=EVAL_BATCH, max_new_tokens=cfg.max_new_tokens)
+                          batch_size=GENERATION_BATCH, max_new_tokens=cfg.max_new_tokens)
     questions = [it.question for it in items]
     recorded = load_generations(ctx.out / GREEDY_ON_FILE, _greedy_on_key(ctx, model_dir), questions)
     candidate = replay_first_round(candidate, recorded, questions)

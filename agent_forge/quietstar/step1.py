@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.inference import GENERATION_BATCH
 from agent_forge.quietstar.bake import Baker, BakeConfig
 
 
@@ -15,7 +16,7 @@ def split_heldout(records: list, fraction: float = 0.05, minimum: int = 32) -> t
     return records[:-n_held] if n_held else records, records[-n_held:] if n_held else []
 
 
-def generation_metrics(model, tokenizer, items, max_new_tokens: int, batch_size: int = 16,
+def generation_metrics(model, tokenizer, items, max_new_tokens: int, batch_size: int = GENERATION_BATCH,
                        with_off: bool = True) -> dict:
     """Task accuracy with thinking on (and forced off unless `with_off` is False: the pipeline
     measures that on the test set anyway), and token usage, on held-out questions.

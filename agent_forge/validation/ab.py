@@ -25,7 +25,7 @@ import numpy as np
 
 from agent_forge.evaluation.answers import gsm8k_flexible
 from agent_forge.evaluation.runner import score
-from agent_forge.inference import Generation, generate_answers
+from agent_forge.inference import GENERATION_BATCH, Generation, generate_answers
 from agent_forge.validation.stats import (bootstrap_mean_diff, cohens_d_paired, mcnemar_exact,
                                           paired_gain, paired_ttest)
 
@@ -38,7 +38,7 @@ class Arm:
     generate: Callable[[list[str], int], list[Generation]]
 
 
-def model_arm(name: str, model, tokenizer, thinking: str = "auto", batch_size: int = 16,
+def model_arm(name: str, model, tokenizer, thinking: str = "auto", batch_size: int = GENERATION_BATCH,
               max_new_tokens: int | None = None, temperature: float = 0.7, seed: int = 0) -> Arm:
     """An arm backed by a real model: greedy in round 0, sampled with seed+round afterwards."""
     def generate(questions: list[str], round_index: int) -> list[Generation]:

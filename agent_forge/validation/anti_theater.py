@@ -24,7 +24,7 @@ from rapidfuzz.distance import Levenshtein
 
 from agent_forge.evaluation.runner import continuation_logprobs, score
 from agent_forge.evaluation.answers import gsm8k_gold, strip_thinking_tokens
-from agent_forge.inference import Generation, generate_answers
+from agent_forge.inference import GENERATION_BATCH, Generation, generate_answers
 from agent_forge.evaluation.metrics import wilson_interval
 from agent_forge.validation.stats import mcnemar_exact, pearson
 from agent_forge.vocab import get_vocab, is_well_formed
@@ -68,7 +68,7 @@ def default_coherence(thinking: str | None, question: str = "", vocab="default")
 def run_anti_theater(model, tokenizer, items, *, generate_fn: GenerateFn | None = None,
                      coherence_fn: Callable[[str | None, str], float] | None = None,
                      utility: str = "auto", thresholds: dict | None = None,
-                     batch_size: int = 16, max_new_tokens: int | None = None,
+                     batch_size: int = GENERATION_BATCH, max_new_tokens: int | None = None,
                      vocab="default", progress: bool = False) -> AntiTheaterReport:
     """Run the three tests; `generate_fn(questions, thinking)` replaces real generation in tests."""
     items = list(items)
