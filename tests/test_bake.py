@@ -246,6 +246,23 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(tmp_path, forge_home):
     assert got == want  # same batches, in order, none lost, none repeated
 
 
+def _train_lengths(model_dir, data) -> list[int]:
+    """Token counts of the training examples, encoded as run_step1 does (the grouping key)."""
+    from agent_forge.data.overlap import filter_overlap
+    from agent_forge.data.schema import read_records
+    from agent_forge.models import load_model
+    from agent_forge.quietstar.bake_data import encode_records
+    from agent_forge.quietstar.step1 import split_heldout
+    from agent_forge.vocab import add_thinking_tokens
+
+    model, tok = load_model(str(model_dir))
+    add_thinking_tokens(model, tok)
+    train, _ = split_heldout(filter_overlap(list(read_records(data)))[0])
+    encoded = encode_records(train, tok, max_len=BakeConfig().max_len)
+    examples = encoded[0] if isinstance(encoded, tuple) else encoded
+    return [len(e.input_ids) for e in examples]
+
+
 @pytest.mark.slow
 def test_two_process_torchrun_bake(tmp_path, forge_home):
     model_dir, data = _tiny_setup(tmp_path)
@@ -261,7 +278,9 @@ def test_two_process_torchrun_bake(tmp_path, forge_home):
 
     cfg = BakeConfig(batch_size=4)
     n_train = json.loads((tmp_path / "dist" / "step1.json").read_text())["train_records"]
-    assert [x["examples"] for x in lines] == [batch_indices(s, 0, cfg, n_train) for s in range(4)]
+    lengths = _train_lengths(model_dir, data)
+    assert len(lengths) == n_train
+    assert [x["examples"] for x in lines] == [batch_indices(s, 0, cfg, n_train, lengths=lengths) for s in range(4)]
     assert (tmp_path / "dist" / "model" / "model.safetensors").exists()
 
 

@@ -15,7 +15,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -100,14 +102,15 @@ class Browser:
     def __enter__(self) -> "Browser":
         from websockets.sync.client import connect
 
-        self._profile = tempfile.TemporaryDirectory(prefix="forge-chromium-")
+        self._profile = tempfile.TemporaryDirectory(prefix="forge-chromium-", ignore_cleanup_errors=True)
         port = free_port()
         self.proc = subprocess.Popen(
             [self.chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--mute-audio",
              f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
              f"--user-data-dir={self._profile.name}", f"--window-size={self.width},{self.height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            start_new_session=True)  # its own process group: the renderers go down with it
         wait_http(f"http://127.0.0.1:{port}/json/version", 30)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:
             pages = [t for t in json.load(r) if t.get("type") == "page"]
@@ -118,13 +121,15 @@ class Browser:
     def __exit__(self, *exc) -> None:
         with contextlib.suppress(Exception):
             self._ws.__exit__(None, None, None)
-        self.proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        self._profile.cleanup()
+        self._profile.cleanup()  # a helper process may still be writing: errors ignored, not raised
 
     def call(self, method: str, timeout: float = 30, **params) -> dict:
         msg_id = next(self._ids)
