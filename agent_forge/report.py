@@ -14,6 +14,21 @@ def _ci(ci) -> str:
     return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
+CARRYING_STAGES = ("trace_baking", "step2")  # newest first; Step 1's model is the fallback
+
+
+def carried_stage(stages: dict) -> str:
+    """The stage whose model goes forward: the newest that produced one and was not rolled
+    back (a rolled-back stage has no "model_dir"), else Step 1."""
+    return next((name for name in CARRYING_STAGES if (stages.get(name) or {}).get("model_dir")), "step1")
+
+
+def carried_val_accuracy(stages: dict) -> float | None:
+    """Validation accuracy (thinking on) of the model that goes forward."""
+    res = stages.get(carried_stage(stages)) or {}
+    return res.get("val_accuracy_after", res.get("accuracy_thinking_on"))
+
+
 def headline(report: dict) -> dict:
     """The test-set numbers of the final model: from anti-theater's ablation (thinking on and
     forced off, same questions) and the A/B's greedy round (the input model)."""

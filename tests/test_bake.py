@@ -181,6 +181,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, optimizer):
     part = Baker(*fresh(), cfg, tmp_path / "part")
     part._setup(resume=False)
     examples = [encode_record(r, part.tokenizer, max_len=512) for r in RECORDS[:40]]
+    part.lengths = tuple(len(e.input_ids) for e in examples)  # what run() sets before its first step
     for step in range(3):
         row = part._step(step, examples, None)
         part._log_step(step + 1, row, time.time())
@@ -258,8 +259,7 @@ def _train_lengths(model_dir, data) -> list[int]:
     model, tok = load_model(str(model_dir))
     add_thinking_tokens(model, tok)
     train, _ = split_heldout(filter_overlap(list(read_records(data)))[0])
-    encoded = encode_records(train, tok, max_len=BakeConfig().max_len)
-    examples = encoded[0] if isinstance(encoded, tuple) else encoded
+    examples, _ = encode_records(train, tok, max_len=BakeConfig().max_len)
     return [len(e.input_ids) for e in examples]
 
 

@@ -89,7 +89,7 @@ def test_headline_and_usage(tmp_path):
     # a rolled-back Step 2 never supplies the headline; a kept one does (its validation figure)
     stages["step2"] = {"accuracy_thinking_on": 0.3, "kept": False}
     assert data.headline(stages)["accuracy_thinking_on"] == 0.625
-    stages["step2"] = {"accuracy_thinking_on": 0.7, "val_accuracy_after": 0.7, "kept": True}
+    stages["step2"] = {"accuracy_thinking_on": 0.7, "val_accuracy_after": 0.7, "kept": True, "model_dir": "m"}
     assert data.headline(stages)["accuracy_thinking_on"] == 0.7
     # once anti-theater has measured the final model on the test set, that is the headline
     stages["anti_theater"]["tests"][1].update(accuracy_on=0.66, accuracy_off=0.04, n=150)

@@ -1,6 +1,6 @@
 """The printed summary: test-set headline numbers come from the stages that measured them."""
 
-from agent_forge.report import headline, summary_rows
+from agent_forge.report import carried_stage, carried_val_accuracy, headline, summary_rows
 
 
 def _report():
@@ -28,3 +28,16 @@ def test_summary_rows_show_both_ab_views_and_the_time():
     assert rows["A/B: thinking model - input (greedy + sampled rounds)"].startswith("+39.0 points [+33.0, +45.0]")
     assert rows["TEST accuracy, thinking on (n=150)"] == "64.0% [56.0, 71.0]"
     assert rows["total time"] == "20.5 min"
+
+
+def test_the_carried_model_is_the_newest_kept_one():
+    step1 = {"accuracy_thinking_on": 0.49}
+    kept2 = {"accuracy_thinking_on": 0.51, "val_accuracy_after": 0.51, "kept": True, "model_dir": "s2"}
+    dropped_tb = {"val_accuracy_after": 0.44, "kept": False, "rolled_back_model_dir": "tb"}
+    assert carried_stage({"step1": step1}) == "step1" and carried_val_accuracy({"step1": step1}) == 0.49
+    stages = {"step1": step1, "step2": kept2, "trace_baking": dropped_tb}
+    assert carried_stage(stages) == "step2" and carried_val_accuracy(stages) == 0.51
+    stages["trace_baking"] = {"val_accuracy_after": 0.55, "kept": True, "model_dir": "tb"}
+    assert carried_stage(stages) == "trace_baking" and carried_val_accuracy(stages) == 0.55
+    skipped = {"status": "skipped"}  # no model: never carried
+    assert carried_stage({"step1": step1, "step2": skipped}) == "step1"

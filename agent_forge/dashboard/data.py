@@ -140,18 +140,17 @@ def headline(stages: dict) -> dict:
     Accuracy is the final model's on the test set (anti-theater's on/off pass) once that has
     run; before, the validation accuracy of the newest stage whose model was kept.
     """
+    from agent_forge.report import carried_stage, carried_val_accuracy
     from agent_forge.report import headline as test_headline
 
     step1 = stages.get("step1") or {}
-    kept = [stages.get(k) or {} for k in ("trace_baking", "step2") if (stages.get(k) or {}).get("kept")]
-    latest = kept[0] if kept else step1
     test = test_headline({"stages": stages})
     anti, ab, hand = stages.get("anti_theater"), stages.get("ab_test"), stages.get("handoff")
     on_test = test["accuracy_on"] is not None
     return {"baking_accuracy": step1.get("baking_accuracy"),
-            "accuracy_thinking_on": test["accuracy_on"] if on_test else latest.get(
-                "val_accuracy_after", latest.get("accuracy_thinking_on")),
-            "accuracy_thinking_off": test["accuracy_off"] if on_test else latest.get("accuracy_thinking_off"),
+            "accuracy_thinking_on": test["accuracy_on"] if on_test else carried_val_accuracy(stages),
+            "accuracy_thinking_off": test["accuracy_off"] if on_test
+            else (stages.get(carried_stage(stages)) or {}).get("accuracy_thinking_off"),
             "accuracy_source": "test" if on_test else "validation",
             "anti_theater_passed": None if anti is None else bool(anti.get("passed")),
             "ab_winner": None if ab is None else ab.get("winner"),

@@ -15,6 +15,7 @@ from rich.table import Table
 
 console = Console(stderr=False)
 MODEL_HELP = "hub id, HF dir, .gguf, .pt, or 'default'"
+BATCH_HELP = "questions generated together (default: inference.GENERATION_BATCH, 32)"
 DATA_HELP = "gsm8k, arc_easy, arc_challenge, commonsense_qa, easy_arithmetic, gym:<family>, or a .jsonl"
 
 
@@ -48,11 +49,18 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _batch(batch_size: int | None) -> int:
+    """The CLI leaves the default to inference (imported late: `forge --help` stays fast)."""
+    from agent_forge.inference import GENERATION_BATCH
+
+    return batch_size or GENERATION_BATCH
+
+
 def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
              data: str = typer.Option("easy_arithmetic", help=DATA_HELP),
              limit: Optional[int] = typer.Option(None, help="first N items only"),
              thoughts: str = typer.Option("auto", help="on | off | auto"),
-             batch_size: int = typer.Option(32, help="questions generated together (inference.GENERATION_BATCH)"),
+             batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
              max_new_tokens: Optional[int] = typer.Option(None, help="default: 256 thinking, 48 otherwise"),
              device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
              json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
@@ -64,7 +72,7 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
     m, tok = _load(model, device)
     items = _items(data, limit)
     try:
-        res = evaluate(m, tok, items, thinking=thoughts, batch_size=batch_size,
+        res = evaluate(m, tok, items, thinking=thoughts, batch_size=_batch(batch_size),
                        max_new_tokens=max_new_tokens, progress=not json_out)
     except ValueError as e:
         _fail(str(e))
@@ -96,7 +104,7 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
 def anti_theater_cmd(model: str = typer.Option(..., help=MODEL_HELP),
                      data: str = typer.Option("easy_arithmetic", help=DATA_HELP),
                      limit: Optional[int] = typer.Option(100, help="first N items only"),
-                     batch_size: int = typer.Option(32, help="questions generated together"),
+                     batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
                      device: Optional[str] = typer.Option(None),
                      json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Do the thoughts carry the answer? Divergence, ablation, coherence-utility correlation.
@@ -106,7 +114,7 @@ def anti_theater_cmd(model: str = typer.Option(..., help=MODEL_HELP),
 
     m, tok = _load(model, device)
     try:
-        report = run_anti_theater(m, tok, _items(data, limit), batch_size=batch_size,
+        report = run_anti_theater(m, tok, _items(data, limit), batch_size=_batch(batch_size),
                                   progress=not json_out)
     except ValueError as e:
         _fail(str(e))
@@ -132,14 +140,14 @@ def ab_cmd(baseline: str = typer.Option(..., help=MODEL_HELP),
            rounds: int = typer.Option(3, help="round 0 greedy, later rounds sampled with new seeds"),
            limit: Optional[int] = typer.Option(100, help="first N items only"),
            threshold: float = typer.Option(2.0, help="improvement in points needed to win"),
-           batch_size: int = typer.Option(32, help="questions generated together"),
+           batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
            device: Optional[str] = typer.Option(None),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Baseline vs candidate over several rounds with paired significance tests."""
     from agent_forge.validation.ab import model_arm, run_ab
 
     items = _items(data, limit)
-    arms = [model_arm(name, *_load(name, device), batch_size=batch_size) for name in (baseline, candidate)]
+    arms = [model_arm(name, *_load(name, device), batch_size=_batch(batch_size)) for name in (baseline, candidate)]
     report = run_ab(arms[0], arms[1], items, rounds=rounds, threshold=threshold, progress=not json_out)
     if json_out:
         print(json.dumps({"data": data, **report.to_dict()}))

@@ -109,7 +109,7 @@ def _epoch_order(seed: int, epoch: int, n: int, per_micro: int, lengths: tuple |
     """A seeded permutation of range(n). Length grouping (as HF's group_by_length): cut the
     permutation into windows of LENGTH_GROUP_MICROS micro-batches, sort each window by
     length, cut into micro-batches, and shuffle the micro-batches (seeded) across the epoch.
-    On the default data random batches of 8 are 71% real tokens; grouped, ~95%."""
+    On the demo's data, 150 batches of 8 are 70.6% real tokens in random order, 96.3% grouped."""
     key = (seed, epoch, n, per_micro, lengths)
     if key not in _ORDER_CACHE:
         _ORDER_CACHE.clear()
@@ -254,9 +254,9 @@ class Baker:
         self.model.train()
         total, used = 0.0, []
         for micro in range(cfg.grad_accum):
-            lengths = [len(e.input_ids) for e in examples]
-            idx = batch_indices(step, micro, cfg, len(examples), acc.process_index, acc.num_processes, lengths)
-            used += batch_indices(step, micro, cfg, len(examples), lengths=lengths)  # the global batch, for the log
+            n = len(examples)
+            idx = batch_indices(step, micro, cfg, n, acc.process_index, acc.num_processes, self.lengths)
+            used += batch_indices(step, micro, cfg, n, lengths=self.lengths)  # the global batch, for the log
             batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], self.pad_id).items()}
             with acc.autocast():
                 if cfg.mode == "kl":
@@ -284,6 +284,7 @@ class Baker:
         held, _ = encode_records(eval_records, self.tokenizer, max_len=cfg.max_len)
         if not examples:
             raise ValueError("no training example fits in max_len; raise max_len or check the data")
+        self.lengths = tuple(len(e.input_ids) for e in examples)  # the length-grouping key, once per run
         start = self._setup(resume)
         prompts = list(cfg.kl_prompts) if cfg.mode == "kl" else [""]
         per_prompt = math.ceil(cfg.steps / len(prompts))

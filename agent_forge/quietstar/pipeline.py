@@ -235,11 +235,9 @@ def keep_or_roll_back(result: dict, before: float | None, after: float | None, l
 
 def val_accuracy_so_far(ctx: Context) -> float | None:
     """Validation accuracy (thinking on) of the model current_model_dir() points at."""
-    for stage in ("trace_baking", "step2"):
-        res = ctx.state.result(stage)
-        if res.get("model_dir"):
-            return res.get("val_accuracy_after", res.get("accuracy_thinking_on"))
-    return ctx.state.result("step1").get("accuracy_thinking_on")
+    from agent_forge.report import carried_val_accuracy
+
+    return carried_val_accuracy(ctx.state.data["stages"])
 
 
 class AntiTheaterMonitor:
@@ -313,21 +311,21 @@ def stage_trace_baking(ctx: Context) -> dict:
 
 
 def _val_accuracy(ctx: Context, model, tokenizer) -> float:
+    """Validation accuracy with thinking, measured as Step 1 measured its own."""
     from agent_forge.data.evalsets import load_eval_set
-    from agent_forge.evaluation.runner import evaluate
+    from agent_forge.quietstar.step1 import generation_metrics
 
     items = load_eval_set(ctx.cfg.val_dataset, limit=ctx.cfg.bake.eval_samples)
-    return evaluate(model, tokenizer, items, thinking="on", max_new_tokens=ctx.cfg.bake.eval_max_new_tokens,
-                    progress=False).accuracy
+    return generation_metrics(model, tokenizer, items, ctx.cfg.bake.eval_max_new_tokens,
+                              with_off=False)["accuracy_thinking_on"]
 
 
 def current_model_dir(ctx: Context) -> Path:
-    """The newest model a finished stage produced: trace baking, else Step 2, else Step 1."""
-    for stage in ("trace_baking", "step2"):
-        found = ctx.state.result(stage).get("model_dir")
-        if found:
-            return Path(found)
-    return ctx.out / "step1" / "model"
+    """The newest model a finished, kept stage produced: trace baking, else Step 2, else Step 1."""
+    from agent_forge.report import carried_stage
+
+    stage = carried_stage(ctx.state.data["stages"])
+    return ctx.out / "step1" / "model" if stage == "step1" else Path(ctx.state.result(stage)["model_dir"])
 
 
 def _eval_items(ctx: Context):
@@ -437,10 +435,9 @@ def stage_save(ctx: Context) -> dict:
 
 def stage_register(ctx: Context) -> dict:
     from agent_forge.registry import Registry
-
-    reg = Registry(ctx.cfg.registry)
     from agent_forge.report import headline
 
+    reg = Registry(ctx.cfg.registry)
     test = headline({"stages": ctx.state.data["stages"]})
     metrics = {"baking_accuracy": ctx.state.result("step1").get("baking_accuracy"),
                "val_accuracy_thinking_on": val_accuracy_so_far(ctx),
@@ -527,9 +524,10 @@ def _notify(cb, name, event, result):
 
 
 def build_report(cfg: PipelineConfig, state: PipelineState) -> dict:
-    stages = state.data["stages"]
     from agent_forge.report import headline
 
+    stages = state.data["stages"]
     return {"model": cfg.model, "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
-            "headline": headline({"stages": stages}), "stages": stages, "timings": {k: v.get("stage_seconds") for k, v in stages.items()},
+            "headline": headline({"stages": stages}), "stages": stages,
+            "timings": {k: v.get("stage_seconds") for k, v in stages.items()},
             "total_seconds": round(sum(v.get("stage_seconds") or 0 for v in stages.values()), 1)}

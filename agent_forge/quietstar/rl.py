@@ -532,8 +532,7 @@ class RLTrainer:
                    for i, (a, c) in enumerate(zip(s.answers, s.closed))]
         need_gain = cfg.reward in ("loglik", "both") or self.scorer is not None
         gains = loglik_gains(policy, self.tokenizer, s, golds, k, self.vocab) if need_gain else None
-        consistency = ([claim_consistency(t, self.vocab) for t in s.thoughts] if cfg.consistency_weight
-                       else None)
+        consistency = [claim_consistency(t, self.vocab) for t in s.thoughts]  # reward part and metric
         rewards = (self.reward_fn(s, batch) if self.reward_fn
                    else combine_rewards(correct, gains, cfg, consistency))
         adv = group_advantages(torch.tensor(rewards), k, cfg.normalize_std).to(s.sequences.device)
@@ -545,7 +544,7 @@ class RLTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         row = {**losses, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
                "questions": idx, "reward_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
-        row.update(self._sample_metrics(s, batch, rewards, correct, gains, adv))
+        row.update(self._sample_metrics(s, batch, rewards, correct, gains, adv, consistency))
         return row
 
     def _backward(self, s: Samples, adv, batch, lm_examples, idx) -> dict:
@@ -592,14 +591,14 @@ class RLTrainer:
         b = {k: v.to(self.accelerator.device) for k, v in collate(examples, pad).items()}
         return sft_loss(self.model, b)
 
-    def _sample_metrics(self, s: Samples, batch, rewards, correct, gains, adv) -> dict:
+    def _sample_metrics(self, s: Samples, batch, rewards, correct, gains, adv, consistency) -> dict:
         k, n = self.cfg.samples_per_question, len(rewards)
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
         out = {"reward_mean": mean(rewards), "accuracy": mean(correct), "num_thoughts": n,
                "thought_length": mean(s.thought_lengths), "closed_rate": mean([float(c) for c in s.closed]),
                "thought_diversity": mean([distinct_n(s.thoughts[q * k:(q + 1) * k]) for q in range(n // k)]),
                "inference_seconds": s.seconds, "loglik_gain": mean(gains) if gains else None,
-               "claim_consistency": mean([claim_consistency(t, self.vocab) for t in s.thoughts]),
+               "claim_consistency": mean(consistency),
                "groups_with_signal": mean([float(adv[q * k:(q + 1) * k].abs().max() > 0) for q in range(n // k)])}
         if self.scorer is not None:
             t0 = time.perf_counter()
@@ -748,8 +747,8 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     records, dropped = training_records(cfg, data)
     model, tokenizer = load_model(model_spec, device=device)
     items = load_eval_set(eval_data, limit=cfg.eval_samples)
-    before = (generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off)
-              if cfg.eval_before and not resume else None)
+    measure = dict(max_new_tokens=cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off, per_item=True)
+    before = generation_metrics(model, tokenizer, items, **measure) if cfg.eval_before and not resume else None
     trainer = RLTrainer(model, tokenizer, cfg, out, tracker=tracker)
     t0 = time.time()
     result = trainer.run(records, resume=resume, progress=progress, monitor=monitor)
@@ -757,8 +756,8 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     if not trainer.accelerator.is_main_process:
         return result.metrics
     model = trainer.trained_model()
-    after = generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off)
-    after_ok = after.pop("correct_on")
+    after = generation_metrics(model, tokenizer, items, **measure)
+    after_ok = after.pop("correct_on")  # per-question lists are not metrics to save
     gain = paired_gain(before.pop("correct_on"), after_ok) if before else None
     metrics = {**result.metrics, **after, "train_seconds": round(train_seconds, 1), "eval_data": eval_data,
                "train_questions": len(records), "dropped_overlap": len(dropped), "mode": "answer",

@@ -17,10 +17,10 @@ def split_heldout(records: list, fraction: float = 0.05, minimum: int = 32) -> t
 
 
 def generation_metrics(model, tokenizer, items, max_new_tokens: int, batch_size: int = GENERATION_BATCH,
-                       with_off: bool = True) -> dict:
+                       with_off: bool = True, per_item: bool = False) -> dict:
     """Task accuracy with thinking on (and forced off unless `with_off` is False: the pipeline
     measures that on the test set anyway), and token usage, on held-out questions.
-    "correct_on" (per question) is for paired comparisons; callers pop it before saving."""
+    `per_item` adds "correct_on", one bool per question, for paired before/after comparisons."""
     from agent_forge.evaluation.runner import evaluate
 
     on = evaluate(model, tokenizer, items, thinking="on", max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -31,7 +31,7 @@ def generation_metrics(model, tokenizer, items, max_new_tokens: int, batch_size:
             "no_answer_rate": on.no_answer_rate, "per_family_on": on.per_family,
             "usage": on.usage, "ms_per_example_on": on.ms_per_example,
             "ms_per_example_off": off and off.ms_per_example, "n": on.n,
-            "correct_on": [bool(r["correct"]) for r in on.per_example]}
+            **({"correct_on": [bool(r["correct"]) for r in on.per_example]} if per_item else {})}
 
 
 def make_config(overrides: dict | None = None, config_path: str | Path | None = None,
@@ -66,7 +66,6 @@ def run_step1(model_spec: str, data_path, out, overrides=None, config_path=None,
     model = baker.merged_model()
     items = load_eval_set(eval_data, limit=cfg.eval_samples)
     measured = generation_metrics(model, tokenizer, items, cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off)
-    measured.pop("correct_on")
     metrics = {**result.metrics, **measured,
                "eval_data": eval_data, "train_records": len(train), "dropped_overlap": len(leaked)}
     metrics["baking_accuracy"] = metrics["token_accuracy"]
