@@ -205,3 +205,24 @@ def test_edge_cases_shortest_thought_empty_selection_bad_noise():
         th.generate_thoughts(model, ids, mask, noise=noise[..., :1], **kw)
     with pytest.raises(ValueError):
         th.generate_thoughts(model, ids, mask, **{**kw, "thought_len": 1})
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_sparse_pass_embeddings_give_the_dense_gradient(kind, monkeypatch):
+    """The passes' sparse embedding gradient must sum to what the model's own (dense)
+    embedding module gives, and leave a dense .grad for the optimiser."""
+    def grads():
+        model = sharp_model(kind, "sdpa")
+        ids, mask = batch()
+        out = th.generate_thoughts(model, ids, mask, start_id=START, end_id=END, n_thoughts=K,
+                                   thought_len=L, n_true=N_TRUE, noise=noise_for(ids))
+        (-(out.logprob_sum.sum() + out.ll_with.sum() + out.ll_without.sum())).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    sparse = grads()
+    monkeypatch.setattr(th, "pass_embedder", lambda model: model.get_input_embeddings())
+    dense = grads()
+    assert sparse.keys() == dense.keys()
+    for name in dense:
+        assert not sparse[name].is_sparse
+        torch.testing.assert_close(sparse[name], dense[name], atol=1e-5, rtol=1e-4)

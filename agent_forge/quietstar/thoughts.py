@@ -7,8 +7,10 @@ thought can be scored on how much it helps predict the text that follows.
 Doing this naively costs one forward per (position, thought, token). Here it costs one base
 forward over the text plus L + n_true - 1 passes in which EVERY (position, thought) gets
 one new token at once: the text KV cache is shared (expanded K times along the batch, row
-b*K + k), each new token gets position id `pos(j) + 1 + pass`, and a 4-D attention mask
-lets the token at slot j see text[0..j] and its own earlier thought tokens, nothing else.
+b*K + k), each new token gets position id `pos(j) + 1 + pass`, and the token at slot j sees
+text[0..j] and its own earlier thought tokens, nothing else. The passes attend with
+`thought_attention` (text under a (S, T) mask plus each slot's own keys), so no pass scores
+the other slots' thought keys: a pass costs about one plain forward over the selected slots.
 
 Randomness is drawn up front as one uniform number per (b, j, k, token) and turned into a
 token by inverse-CDF sampling, so `reference_thoughts` (a slow, per-position loop of plain
@@ -24,6 +26,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from agent_forge.quietstar.thought_attention import split_attention
 
 NOT_SELECTED = -1  # token id written where a position had no thought
 
@@ -78,6 +82,37 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+class _GatherGradient(torch.autograd.Function):
+    """Identity on the embedding weight. Its backward receives the passes' sparse lookup
+    gradients already summed (sparse + sparse is cheap) and hands them on once."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def pass_embedder(model):
+    """ids -> the model's input embeddings, for the thought passes.
+
+    A plain nn.Embedding is looked up with a sparse gradient through one `_GatherGradient`
+    node, so the L + n_true - 1 passes add one sparse gradient into the dense weight
+    gradient instead of each building and adding a dense vocabulary x hidden matrix for a few
+    hundred rows. Other embedding modules (scaled, adapted, max_norm) are called as they are.
+    """
+    emb = model.get_input_embeddings()
+    if type(emb) is not torch.nn.Embedding or emb.max_norm is not None:
+        return emb
+    weight = emb.weight
+    if torch.is_grad_enabled() and weight.requires_grad:
+        weight = _GatherGradient.apply(weight)
+    return lambda ids: F.embedding(ids, weight, emb.padding_idx, scale_grad_by_freq=emb.scale_grad_by_freq,
+                                   sparse=True)
 
 
 def mask_kind(model) -> str:
@@ -217,7 +252,7 @@ def generate_thoughts(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     for s0 in range(0, slots.shape[1], step):
         chunk = _ChunkInputs(slots[:, s0:s0 + step], valid[:, s0:s0 + step], noise, batch,
                              attention_mask, start_id, end_id, temperature, banned_ids)
-        _scatter(batch, chunk, _run_passes(model, cache, chunk, K, L, n_true, kind))
+        _scatter(batch, chunk, _run_passes(model, cache, chunk, K, L, n_true))
     return batch
 
 
@@ -277,15 +312,10 @@ class _ChunkInputs:
         return g.permute(0, 2, 1, 3).reshape(B * K, S, -1)
 
 
-def _pass_mask(text_allowed: torch.Tensor, n_done: int) -> torch.Tensor:
-    """Text part (rows, S, T) plus one identity block per pass so far: (rows, 1, S, T + n*S)."""
-    rows, S, _ = text_allowed.shape
-    eye = torch.eye(S, dtype=torch.bool, device=text_allowed.device).repeat(1, n_done)
-    return torch.cat([text_allowed, eye.expand(rows, -1, -1)], dim=-1)[:, None]
-
-
-def _run_passes(model, text_cache, c: _ChunkInputs, K, L, n_true, kind) -> dict:
-    """Feed one token per (slot, thought) per pass; sample, then teacher-force true tokens."""
+def _run_passes(model, text_cache, c: _ChunkInputs, K, L, n_true) -> dict:
+    """Feed one token per (slot, thought) per pass; sample, then teacher-force true tokens.
+    The passes attend with `thought_attention` (text prefix under `text_allowed`, plus the
+    slot's own thought), so no pass scores the other slots' thought keys."""
     B, S = c.slots.shape
     T = c.attention_mask.shape[1]
     dev = c.slots.device
@@ -297,29 +327,37 @@ def _run_passes(model, text_cache, c: _ChunkInputs, K, L, n_true, kind) -> dict:
     pos0 = thought_positions(c.attention_mask, c.slots).repeat_interleave(K, 0)
     targets = c.per_row(c.batch.true_tokens, K)                                    # (B*K, S, n_true)
     u = c.slot_noise(K)
-    dtype = model.get_input_embeddings().weight.dtype
     tok = torch.full_like(j, c.start_id)
     out = {"tokens": [tok], "logprobs": [torch.zeros(j.shape, device=dev)], "ll": [], "hidden": []}
-    for p in range(L + n_true - 1):
-        mask = to_model_mask(_pass_mask(text_allowed, p + 1), kind, dtype)
-        res = backbone(model)(input_ids=tok, attention_mask=mask,
-                              position_ids=pos0 + p, past_key_values=cache, use_cache=True)
-        h = res.last_hidden_state
-        logits = lm_logits(model, h)
-        if p <= L - 3:
-            tok, lp = sample_tokens(logits, u[:, :, p + 1], c.temperature, c.banned_ids)
-            out["tokens"].append(tok)
-            out["logprobs"].append(lp)
-        elif p == L - 2:
-            tok = torch.full_like(j, c.end_id)
-            out["tokens"].append(tok)
-            out["logprobs"].append(torch.zeros(j.shape, device=dev))
-        else:
-            t = p - (L - 1)
-            out["ll"].append(token_loglik(logits, targets[:, :, t]))
-            out["hidden"].append(h)
-            tok = targets[:, :, t]
+    embed = pass_embedder(model)
+    with split_attention(model, T):
+        for p in range(L + n_true - 1):
+            tok = _one_pass(model, cache, text_allowed[:, None], embed(tok), pos0 + p, p, c, targets, u, L, out)
     return {k: torch.stack(v, dim=2) for k, v in out.items()}  # (B*K, S, L | n_true, ...)
+
+
+def _one_pass(model, cache, text_mask, embeds, positions, p, c: _ChunkInputs, targets, u, L, out) -> torch.Tensor:
+    """Pass p feeds the token embeddings `embeds` (rows, S, H) and records into `out`; returns
+    the next pass's token: a sampled thought token, the forced end token, or the next
+    teacher-forced true token."""
+    tok_shape = embeds.shape[:2]
+    res = backbone(model)(inputs_embeds=embeds, attention_mask=text_mask,
+                          position_ids=positions, past_key_values=cache, use_cache=True)
+    h = res.last_hidden_state
+    logits = lm_logits(model, h)
+    if p <= L - 3:
+        nxt, lp = sample_tokens(logits, u[:, :, p + 1], c.temperature, c.banned_ids)
+    elif p == L - 2:
+        nxt = torch.full(tok_shape, c.end_id, dtype=torch.long, device=embeds.device)
+        lp = torch.zeros(tok_shape, device=embeds.device)
+    else:
+        t = p - (L - 1)
+        out["ll"].append(token_loglik(logits, targets[:, :, t]))
+        out["hidden"].append(h)
+        return targets[:, :, t]
+    out["tokens"].append(nxt)
+    out["logprobs"].append(lp)
+    return nxt
 
 
 def _scatter(batch: ThoughtBatch, c: _ChunkInputs, res: dict) -> None:
