@@ -26,7 +26,7 @@ One optimiser step:
      false step, of two wrong ones the thought whose slip was smaller. Off by default.
 4. Advantage: reward minus the mean reward of the K samples of the same question; with
    `normalize_std` (default, GRPO) divided by (population std of the group + 1e-4).
-5. Loss = policy + kl_coefficient * KL + lm_coefficient * LM, where
+5. Loss = policy_coefficient * policy + kl_coefficient * KL + lm_coefficient * LM, where
    - policy = -sum_i A_i * sum_t log p(token_it) over the sampled thought+answer tokens
      (prompt and padding masked), recomputed with grad by one forward over prompt+sample
      (in length-sorted micro-batches of `micro_batch_rows`, columns that are padding in
@@ -108,6 +108,8 @@ class RLConfig:
     kl_coefficient: float = 0.1  # weight of the KL to the frozen Step 1 model; 0 = off (no ref forward)
     kl_estimator: str = "k3"  # "k3" (sampled-token estimator) | "full" (exact, over vocab)
     lm_coefficient: float = 0.0  # weight of an LM loss on gold traces; 0 = off
+    policy_coefficient: float = 1.0  # weight of the REINFORCE term; 0 = LM (+ KL) only: the ablation that
+    #                                  tells how much of a gain the policy gradient itself made
     optimizer: str = "adamw"  # "adamw" | "mugrokfast" (RL preset)
     lr: float = 1e-5  # learning rate (both of MuGrokfast's if chosen)
     weight_decay: float = 0.0
@@ -560,7 +562,8 @@ class RLTrainer:
             logp = token_logprobs(logits, targets)
             pol = policy_loss(logp, new_mask, adv[rows], cfg.loss_norm, total)
             kl = self._kl(seq, mask, new_mask, logits, logp, targets, n_tok)
-            acc.backward(pol + cfg.kl_coefficient * kl if kl is not None else pol)
+            weighted = cfg.policy_coefficient * pol
+            acc.backward(weighted + cfg.kl_coefficient * kl if kl is not None else weighted)
             pol_sum += float(pol.detach())
             kl_sum = None if kl is None else (kl_sum or 0.0) + float(kl.detach())
         lm = None
@@ -568,7 +571,8 @@ class RLTrainer:
             lm = self._lm_loss([lm_examples[i] for i in idx if lm_examples[i] is not None])
             acc.backward(cfg.lm_coefficient * lm)
             lm = float(lm.detach())
-        loss = pol_sum + cfg.kl_coefficient * (kl_sum or 0.0) + (cfg.lm_coefficient * lm if lm is not None else 0.0)
+        loss = (cfg.policy_coefficient * pol_sum + cfg.kl_coefficient * (kl_sum or 0.0)
+                + (cfg.lm_coefficient * lm if lm is not None else 0.0))
         return {"loss": loss, "policy_loss": pol_sum, "kl": kl_sum, "lm_loss": lm}
 
     def _kl(self, seq, mask, new_mask, logits, logp, targets, n_tok):
