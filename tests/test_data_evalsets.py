@@ -79,3 +79,15 @@ def test_overlap_finds_planted_eval_items(easy):
     kept, dropped = filter_overlap(planted, eval_sets=("easy_arithmetic", "gsm8k"))
     assert dropped == ["p1", "p2", "p3"] and [r.id for r in kept] == ["ok"]
     assert find_overlap(planted[:1], eval_sets=("easy_arithmetic",))["p1"] == easy[0].id
+
+
+def test_joined_sets_are_each_set_in_full_then_limited(tmp_path):
+    test, val = load_eval_set("easy_arithmetic"), load_eval_set("easy_arithmetic_val")
+    both = load_eval_set("easy_arithmetic+easy_arithmetic_val")
+    assert [i.id for i in both] == [i.id for i in test + val]
+    assert len({i.id for i in both}) == len(test) + len(val)
+    assert [i.id for i in load_eval_set("easy_arithmetic_val+easy_arithmetic", limit=310)] == \
+        [i.id for i in (val + test)[:310]]
+    odd = tmp_path / "a+b.jsonl"                      # a file whose name has a '+' is still a file
+    odd.write_text('{"question": "1 + 1 =", "answer": "2"}\n')
+    assert [i.answer for i in load_eval_set(str(odd))] == ["2"]

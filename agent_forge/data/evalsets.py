@@ -24,7 +24,8 @@ EASY_SIZE = 300
 GYM_SIZE = 200
 NAMES = ("gsm8k", "arc_easy", "arc_challenge", "commonsense_qa", "easy_arithmetic", "easy_arithmetic_val",
          "gym:<family>",
-         "<path>.jsonl")
+         "<path>.jsonl",
+         "<name>+<name>")
 
 
 @dataclass
@@ -40,7 +41,11 @@ class EvalItem:
 
 
 def load_eval_set(name: str, limit: int | None = None) -> list[EvalItem]:
-    """Load an evaluation set by name (see NAMES); the first `limit` items when given."""
+    """Load an evaluation set by name (see NAMES); the first `limit` items when given.
+    "a+b" is set a then set b, each in full (more paired questions for one comparison)."""
+    if "+" in name and not Path(name).is_file():
+        items = [item for part in name.split("+") for item in load_eval_set(part)]
+        return items[:limit] if limit is not None else items
     if name == "gsm8k":
         items = _gsm8k()
     elif name in ("arc_easy", "arc_challenge", "commonsense_qa"):

@@ -16,7 +16,8 @@ from rich.table import Table
 console = Console(stderr=False)
 MODEL_HELP = "hub id, HF dir, .gguf, .pt, or 'default'"
 BATCH_HELP = "questions generated together (default: inference.GENERATION_BATCH, 32)"
-DATA_HELP = "gsm8k, arc_easy, arc_challenge, commonsense_qa, easy_arithmetic, gym:<family>, or a .jsonl"
+DATA_HELP = ("gsm8k, arc_easy, arc_challenge, commonsense_qa, easy_arithmetic, easy_arithmetic_val, gym:<family>, "
+             "a .jsonl, or sets joined by + (easy_arithmetic+easy_arithmetic_val)")
 
 
 def _fail(message: str) -> None:
