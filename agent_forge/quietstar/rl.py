@@ -95,7 +95,8 @@ class RLConfig:
     steps: int = 30  # optimiser steps
     questions_per_step: int = 4  # distinct questions per step
     samples_per_question: int = 4  # K: thoughts+answers sampled per question (the group)
-    temperature: float = 1.0  # sampling temperature (1 = the policy itself)
+    temperature: float = 1.0  # sampling temperature (1 = the policy itself; the loss uses temperature-1
+    #                           log-probs, so other values make the update slightly off-policy)
     top_p: float = 1.0  # nucleus sampling; 1 = off
     max_new_tokens: int = 96  # per sample (thought + answer); easy traces: median 48, p90 71 tokens
     micro_batch_rows: int = 8  # samples per forward/backward (length-sorted, padding trimmed)
