@@ -9,11 +9,13 @@ import agent_forge.quietstar.thought_attention as ta
 from conftest import make_tiny_model
 
 
-def plain_attention(query, key, value, allowed, scale):
+def plain_attention(query, key, value, allowed, scale, softcap=None):
     """Softmax attention over every key with a (R, 1, S, KV) boolean mask, GQA by repeating."""
     groups = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = (query @ k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return (probs @ v).transpose(1, 2)
 
@@ -25,8 +27,8 @@ def full_mask(text_allowed, n):
     return torch.cat([text_allowed, own], dim=-1)
 
 
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
-def test_split_equals_masked_attention_over_all_keys(hq, hkv):
+@pytest.mark.parametrize("hq,hkv,softcap", [(4, 4, None), (4, 2, None), (6, 1, None), (4, 2, 1.5)])
+def test_split_equals_masked_attention_over_all_keys(hq, hkv, softcap):
     gen = torch.Generator().manual_seed(0)
     R, S, T, n, D = 3, 5, 7, 4, 8
     q = torch.randn(R, hq, S, D, generator=gen)
@@ -37,15 +39,15 @@ def test_split_equals_masked_attention_over_all_keys(hq, hkv):
     module = torch.nn.Module().eval()
     token = ta._TEXT_LEN.set(T)
     try:
-        got, _ = ta.thought_attention_forward(module, q, k, v, text_allowed, scaling=0.3)
+        got, _ = ta.thought_attention_forward(module, q, k, v, text_allowed, scaling=0.3, softcap=softcap)
     finally:
         ta._TEXT_LEN.reset(token)
-    want = plain_attention(q, k, v, full_mask(text_allowed, n), 0.3)
+    want = plain_attention(q, k, v, full_mask(text_allowed, n), 0.3, softcap)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # it can fail: letting a slot see its neighbour's thought keys changes the answer
     leaky = full_mask(text_allowed, n)
     leaky[:, :, 0, T + 1] = True
-    assert not torch.allclose(got, plain_attention(q, k, v, leaky, 0.3), atol=1e-4)
+    assert not torch.allclose(got, plain_attention(q, k, v, leaky, 0.3, softcap), atol=1e-4)
 
 
 def test_gradients_match_masked_attention():

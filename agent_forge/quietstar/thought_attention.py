@@ -49,7 +49,7 @@ def thought_attention_forward(module, query: torch.Tensor, key: torch.Tensor, va
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     allowed = torch.cat([attention_mask.bool(), attention_mask.new_ones((R, 1, S, n), dtype=torch.bool)], -1)
-    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))  # after the cap: tanh(-inf) is finite
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     p_text, p_own = probs.split([T, n], dim=-1)
@@ -59,12 +59,11 @@ def thought_attention_forward(module, query: torch.Tensor, key: torch.Tensor, va
 
 
 def register() -> str:
-    """Register the function (and, for mask plumbing, the sdpa mask builder) under ATTN_NAME."""
+    """Register the function under ATTN_NAME. No mask builder is needed: the passes hand the
+    model a ready 4-D mask, which transformers passes through unchanged."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_NAME, thought_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
     return ATTN_NAME
 
 
