@@ -21,8 +21,15 @@ class Needs:
     memory_bytes: int
 
 
+def checkpoints_on_disk(steps: int, save_every: int, keep: int = 2) -> int:
+    """How many checkpoints a training run holds at its peak: it saves every `save_every`
+    steps before the last, keeps the newest `keep`, and writes a new one before pruning."""
+    written = (steps - 1) // save_every if save_every and steps > 0 else 0
+    return min(written, keep + 1)
+
+
 def training_needs(n_param_bytes: int, checkpoints_kept: int = 2, models_saved: int = 3) -> Needs:
-    """Disk: kept checkpoints (weights + two Adam moments each) plus saved models.
+    """Disk: checkpoints held at once (weights + two Adam moments each) plus saved models.
     Memory: weights, gradients, two optimiser moments, a frozen reference copy, and
     activations (budgeted as one more copy of the weights)."""
     disk = n_param_bytes * (3 * checkpoints_kept + models_saved)

@@ -61,6 +61,48 @@ def test_smoke_pipeline_runs_every_stage(tmp_path, tiny_dir, forge_home):
     assert entry.phase == 3 and entry.handoff_status in ("passed", "failed")
     # An untrained tiny model cannot pass: the handoff must say so, not pretend.
     assert report["stages"]["handoff"]["ok"] is False
+    # Finished steps drop their resume checkpoints; the final model's weights are links, not copies.
+    assert not (out / "step1" / "checkpoints").exists() and not (out / "step2" / "checkpoints").exists()
+    stage_models = [out / s / "model" for s in ("step1", "step2", "trace_baking")]
+    src = [d for d in stage_models if d.exists() and os.path.samefile(out / "model" / "model.safetensors", d / "model.safetensors")]
+    assert len(src) == 1
+    assert "pipeline" not in json.loads((src[0] / "forge_meta.json").read_text())  # its meta untouched
+
+
+def test_keep_checkpoints_keeps_them(tmp_path, tiny_dir, forge_home):
+    run_pipeline(_config(tmp_path, tiny_dir, keep_checkpoints=True, trace_bake_questions=0))
+    assert any((tmp_path / "run" / "step1" / "checkpoints").glob("step-*"))
+    assert any((tmp_path / "run" / "step2" / "checkpoints").glob("step-*"))
+
+
+def _peak_checkpoints_by_simulation(steps: int, save_every: int, keep: int = 2) -> int:
+    """The trainers' save loop, step by step: save before the last step, write, then prune."""
+    held, peak = 0, 0
+    for step in range(1, steps + 1):
+        if save_every and step % save_every == 0 and step < steps:
+            held += 1
+            peak = max(peak, held)
+            held = min(held, keep)
+    return peak
+
+
+def test_checkpoints_on_disk_matches_the_save_loop():
+    from agent_forge.preflight import checkpoints_on_disk
+
+    for steps in range(0, 40):
+        for save_every in range(0, 12):
+            assert checkpoints_on_disk(steps, save_every) == _peak_checkpoints_by_simulation(steps, save_every)
+
+
+def test_disk_plan_counts_models_and_the_checkpoints_held_at_once():
+    from agent_forge.quietstar.pipeline import disk_plan
+
+    cfg = make_config("smoke")  # bake 6 steps / save 3 -> 1 checkpoint; rl 4 / 2 -> 1; 3 models
+    assert disk_plan(cfg, 100).disk_bytes == 100 * (3 * 1 + 3)
+    cfg.keep_checkpoints = True
+    assert disk_plan(cfg, 100).disk_bytes == 100 * (3 * 2 + 3)
+    cfg.rl_enabled, cfg.trace_bake_questions = False, 0
+    assert disk_plan(cfg, 100).disk_bytes == 100 * (3 * 1 + 1)
 
 
 def test_resume_skips_finished_stages(tmp_path, tiny_dir, forge_home):

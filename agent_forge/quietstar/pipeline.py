@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class PipelineConfig:
     trace_bake_questions: int = 64  # fresh questions sampled for trace baking (0 = skip the stage)
     trace_bake_samples: int = 2  # traces sampled per question; only verified-correct ones are kept
     trace_bake_steps: int = 20  # supervised steps on the kept traces
+    keep_checkpoints: bool = False  # keep Step 1/2 resume checkpoints once the step is done (3x the model each)
     eval_dataset: str = "easy_arithmetic"  # the test set for final checks: an evalsets name or a JSONL path
     val_dataset: str = "easy_arithmetic_val"  # Step 1/2 metrics and keep/roll-back decisions look here
     eval_samples: int = 200  # questions for the final evaluation, anti-theater and A/B
@@ -163,15 +165,29 @@ def stage_vocab(ctx: Context) -> dict:
     from agent_forge.models import load_model, measure_model
     from agent_forge.vocab import add_thinking_tokens
 
-    from agent_forge.preflight import check, training_needs
+    from agent_forge.preflight import check
 
     model, tok = load_model(ctx.cfg.model, device="cpu")
     size = measure_model(model, ctx.cfg.device)
-    preflight = check(ctx.out, training_needs(size.n_bytes), size.free_memory_bytes)
+    preflight = check(ctx.out, disk_plan(ctx.cfg, size.n_bytes), size.free_memory_bytes)
     before = len(tok)
     ids = add_thinking_tokens(model, tok)
     return {"thinking_tokens": ids, "added": len(tok) - before, "model_size": size.to_dict(),
             "preflight": preflight}
+
+
+def disk_plan(cfg: PipelineConfig, n_bytes: int):
+    """What this run will hold at its peak: the Step 1, Step 2 and trace-baking models (the
+    final copy is hard-linked) plus the checkpoints of the step in flight, or of both steps
+    when keep_checkpoints is set (a finished step's checkpoints are deleted otherwise)."""
+    from agent_forge.preflight import checkpoints_on_disk, training_needs
+
+    per_step = [checkpoints_on_disk(cfg.bake.steps, cfg.bake.save_every)]
+    if cfg.rl_enabled:
+        per_step.append(checkpoints_on_disk(cfg.rl.steps, cfg.rl.save_every))
+    held = sum(per_step) if cfg.keep_checkpoints else max(per_step)
+    models = 1 + int(cfg.rl_enabled) + int(cfg.trace_bake_questions > 0)
+    return training_needs(n_bytes, checkpoints_kept=held, models_saved=models)
 
 
 def stage_data(ctx: Context) -> dict:
@@ -426,11 +442,21 @@ def stage_save(ctx: Context) -> dict:
     meta["pipeline"] = {"preset": ctx.cfg.preset, "config": ctx.cfg.to_dict()}
     tmp = ctx.out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    (tmp / META_FILE).unlink(missing_ok=True)  # a link: writing through it would change src's meta
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.replace(dst)
     return {"model_dir": str(dst)}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a file (models are written whole and replaced, never edited in place), or
+    copy it where the filesystem cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def stage_register(ctx: Context) -> dict:
@@ -497,6 +523,8 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable |
             result = _run_stage(name, fn, ctx)
             result["stage_seconds"] = round(time.time() - t0, 1)
             state.record(name, result)
+            if not cfg.keep_checkpoints:
+                shutil.rmtree(out / name / "checkpoints", ignore_errors=True)  # resume is per stage now
             _notify(on_stage, name, "done", result)
     finally:
         tracker.finish()
