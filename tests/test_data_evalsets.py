@@ -91,3 +91,22 @@ def test_joined_sets_are_each_set_in_full_then_limited(tmp_path):
     odd = tmp_path / "a+b.jsonl"                      # a file whose name has a '+' is still a file
     odd.write_text('{"question": "1 + 1 =", "answer": "2"}\n')
     assert [i.answer for i in load_eval_set(str(odd))] == ["2"]
+
+
+def test_confirm_split_asks_nothing_test_or_val_asks(tmp_path):
+    from agent_forge.data.evalsets import CONFIRM_SIZE, unseen_items
+    from agent_forge.data.overlap import question_keys
+
+    confirm = load_eval_set("easy_arithmetic_confirm")
+    assert len(confirm) == CONFIRM_SIZE
+    assert {i.family for i in confirm} == {"chain_sum", "basic_arithmetic", "simple_equations"}
+    asked = {k for name in ("easy_arithmetic", "easy_arithmetic_val") for i in load_eval_set(name)
+             for k in question_keys(i.question)}
+    keys = [k for i in confirm for k in question_keys(i.question)]
+    assert not asked.intersection(keys) and len(set(keys)) == len(keys)  # fresh, and no repeats within
+    # Leaving out what a training file asks: a planted repeat (reworded) goes, the rest stays.
+    seen = tmp_path / "train.jsonl"
+    seen.write_text(json.dumps({"question": confirm[3].question.upper()}) + "\n"
+                    + json.dumps({"question": "What is 123456 + 654321?"}) + "\n")
+    kept = unseen_items(confirm[:10], [seen])
+    assert [i.id for i in kept] == [i.id for i in confirm[:10] if i.id != confirm[3].id]

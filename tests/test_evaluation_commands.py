@@ -54,3 +54,16 @@ def test_anti_theater_and_ab_json(monkeypatch):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["winner"] == "tie" and out["rounds"] == 1
+
+
+def test_eval_exclude_seen_leaves_out_trained_questions(monkeypatch, tmp_path):
+    seen = tmp_path / "train.jsonl"
+    seen.write_text(json.dumps({"question": ITEMS[0].question}) + "\n")
+    res = CliRunner().invoke(_app(monkeypatch), ["eval", "--model", "x", "--data", "y", "--thoughts", "on",
+                                                 "--max-new-tokens", "24", "--exclude-seen", str(seen), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n"] == len(ITEMS) - 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no question here"}\n')
+    res = CliRunner().invoke(_app(monkeypatch), ["eval", "--model", "x", "--data", "y", "--exclude-seen", str(bad)])
+    assert res.exit_code == 2 and "'question' field" in res.output

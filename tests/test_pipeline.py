@@ -98,11 +98,13 @@ def test_disk_plan_counts_models_and_the_checkpoints_held_at_once():
     from agent_forge.quietstar.pipeline import disk_plan
 
     cfg = make_config("smoke")  # bake 6 steps / save 3 -> 1 checkpoint; rl 4 / 2 -> 1; 3 models
-    assert disk_plan(cfg, 100).disk_bytes == 100 * (3 * 1 + 3)
+    assert disk_plan(cfg, 1000).disk_bytes == 1100 * (1 + 3 * 1 + 1)  # Step 2: Step 1's model, its checkpoint, its model
     cfg.keep_checkpoints = True
-    assert disk_plan(cfg, 100).disk_bytes == 100 * (3 * 2 + 3)
-    cfg.rl_enabled, cfg.trace_bake_questions = False, 0
-    assert disk_plan(cfg, 100).disk_bytes == 100 * (3 * 1 + 1)
+    assert disk_plan(cfg, 1000).disk_bytes == 1100 * (3 * 2 + 3)  # the end: both checkpoints and three models
+    cfg.bake.steps, cfg.bake.save_every = 200, 10  # 19 written, at most 3 at once
+    assert disk_plan(cfg, 1000).disk_bytes == 1100 * (3 * 2 + 3 * 1 + 3)
+    cfg.keep_checkpoints, cfg.rl_enabled, cfg.trace_bake_questions = False, False, 0
+    assert disk_plan(cfg, 1000).disk_bytes == 1100 * (3 * 3 + 1)  # Step 1's three checkpoints and its model
 
 
 def test_resume_skips_finished_stages(tmp_path, tiny_dir, forge_home):

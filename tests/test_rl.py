@@ -353,6 +353,8 @@ def test_run_step2_writes_model_and_report(tmp_path):
     assert metrics["model_dir"] == str(tmp_path / "out" / "model")
     assert "accuracy_thinking_on" in metrics and "accuracy_thinking_off" in metrics
     assert json.loads((tmp_path / "out" / "step2.json").read_text())["steps"] == 2
+    trained = [json.loads(line)["question"] for line in (tmp_path / "out" / "train_questions.jsonl").open()]
+    assert trained and set(trained) <= {r.question for r in records()}
 
 
 def _rl_cli(tmp_path, **kw):

@@ -6,6 +6,8 @@ training generator's "easy" settings but from seeds (EVAL_SEED_BASE + i) that tr
 never uses. Gold answers are recomputed from the expression, never taken on trust.
 `easy_arithmetic_val` is the same distribution from another seed range: the pipeline's
 keep-or-roll-back decisions look at it, so the test set above stays untouched by them.
+`easy_arithmetic_confirm` is a third seed range, 600 questions, kept for confirming a
+result once it has been chosen on the other two: nothing is tuned or selected on it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from pathlib import Path
 from agent_forge.data.procedural import DIFFICULTY, EVAL_SEED_BASE, gym_problems
 
 VAL_SEED_BASE = EVAL_SEED_BASE + 10**6  # the validation split's seeds: disjoint from test and training
+CONFIRM_SEED_BASE = EVAL_SEED_BASE + 2 * 10**6  # the confirmation split's: disjoint from all the others
+CONFIRM_SIZE = 600
 
 EASY_FAMILIES = ("chain_sum", "basic_arithmetic", "simple_equations")
 EASY_SIZE = 300
 GYM_SIZE = 200
 NAMES = ("gsm8k", "arc_easy", "arc_challenge", "commonsense_qa", "easy_arithmetic", "easy_arithmetic_val",
+         "easy_arithmetic_confirm",
          "gym:<family>",
          "<path>.jsonl",
          "<name>+<name>")
@@ -54,6 +59,9 @@ def load_eval_set(name: str, limit: int | None = None) -> list[EvalItem]:
         items = _procedural(EASY_FAMILIES, (limit or EASY_SIZE), "easy_arithmetic")
     elif name == "easy_arithmetic_val":
         items = _procedural(EASY_FAMILIES, (limit or EASY_SIZE), "easy_arithmetic_val", VAL_SEED_BASE)
+    elif name == "easy_arithmetic_confirm":
+        items = _procedural(EASY_FAMILIES, (limit or CONFIRM_SIZE), "easy_arithmetic_confirm", CONFIRM_SEED_BASE,
+                            fresh=_unasked_by(("easy_arithmetic", "easy_arithmetic_val")))
     elif name.startswith("gym:"):
         items = _procedural((name[4:],), (limit or GYM_SIZE), "gym")
     elif name.endswith(".jsonl") or Path(name).is_file():
@@ -112,24 +120,42 @@ def _letter(label: str, k: int) -> str:
     return "ABCDEFGH"[int(label) - 1] if label.isdigit() else label.strip().upper()
 
 
-def _procedural(families, size: int, prefix: str, seed_base: int = EVAL_SEED_BASE) -> list[EvalItem]:
-    """Equal shares per family, interleaved; items with unusable gold are skipped and replaced."""
-    per = [_family_items(f, -(-size // len(families)), prefix, seed_base) for f in families]
+def _procedural(families, size: int, prefix: str, seed_base: int = EVAL_SEED_BASE, fresh=None) -> list[EvalItem]:
+    """Equal shares per family, interleaved; items with unusable gold, or that `fresh` rejects,
+    are skipped and replaced."""
+    per = [_family_items(f, -(-size // len(families)), prefix, seed_base, fresh) for f in families]
     out = [rs[i] for i in range(max(len(r) for r in per)) for rs in per if i < len(rs)]
     return out[:size]
 
 
-def _family_items(family: str, want: int, prefix: str, seed_base: int = EVAL_SEED_BASE) -> list[EvalItem]:
+def _family_items(family: str, want: int, prefix: str, seed_base: int = EVAL_SEED_BASE,
+                  fresh=None) -> list[EvalItem]:
     difficulty = "easy" if family in DIFFICULTY["easy"] else "default"
     items: list[EvalItem] = []
     start = 0
     while len(items) < want and start < 4 * want + 100:
         count = want - len(items)
         for p in gym_problems(family, difficulty, seed_base, start, count):
-            if p is not None:
+            if p is not None and (fresh is None or fresh(p["question"])):
                 items.append(_gym_item(p, family, prefix))
         start += count
     return items
+
+
+def _unasked_by(names: tuple[str, ...]):
+    """A filter passing questions that none of the named sets (nor an earlier pass) asks."""
+    from agent_forge.data.overlap import question_keys
+
+    taken = {k for name in names for it in load_eval_set(name) for k in question_keys(it.question)}
+
+    def fresh(question: str) -> bool:
+        keys = question_keys(question)
+        if taken.intersection(keys):
+            return False
+        taken.update(keys)
+        return True
+
+    return fresh
 
 
 def _gym_item(p: dict, family: str, prefix: str) -> EvalItem:
@@ -153,3 +179,20 @@ def _jsonl(path: Path) -> list[EvalItem]:
                                   d.get("family", path.stem), choices=d.get("choices"),
                                   meta={k: v for k, v in d.items() if k not in ("id", "question", "answer")}))
     return items
+
+
+def unseen_items(items: list[EvalItem], seen_files) -> list[EvalItem]:
+    """The items whose question no line of the JSONL files asks (by the overlap keys), so
+    a comparison can be made on questions neither model trained on."""
+    from agent_forge.data.overlap import question_keys
+
+    seen: set[str] = set()
+    for path in seen_files:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    d = json.loads(line)
+                    if "question" not in d:
+                        raise ValueError(f"{path}:{i + 1}: no 'question' field")
+                    seen.update(question_keys(d["question"]))
+    return [it for it in items if not seen.intersection(question_keys(it.question, stem_only=it.choices is not None))]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-DEFAULT_EVAL_SETS = ("easy_arithmetic", "easy_arithmetic_val", "gsm8k", "arc_easy", "arc_challenge", "commonsense_qa")
+DEFAULT_EVAL_SETS = ("easy_arithmetic", "easy_arithmetic_val", "easy_arithmetic_confirm", "gsm8k", "arc_easy", "arc_challenge", "commonsense_qa")
 
 
 def normalize_question(text: str) -> str:

@@ -16,8 +16,10 @@ from rich.table import Table
 console = Console(stderr=False)
 MODEL_HELP = "hub id, HF dir, .gguf, .pt, or 'default'"
 BATCH_HELP = "questions generated together (default: inference.GENERATION_BATCH, 32)"
-DATA_HELP = ("gsm8k, arc_easy, arc_challenge, commonsense_qa, easy_arithmetic, easy_arithmetic_val, gym:<family>, "
-             "a .jsonl, or sets joined by + (easy_arithmetic+easy_arithmetic_val)")
+DATA_HELP = ("gsm8k, arc_easy, arc_challenge, commonsense_qa, easy_arithmetic, easy_arithmetic_val, "
+             "easy_arithmetic_confirm, gym:<family>, a .jsonl, or sets joined by + (easy_arithmetic+easy_arithmetic_val)")
+SEEN_HELP = ("JSONL of questions a model trained on (its 'question' fields); eval items that ask the same "
+             "question are left out (repeatable)")
 
 
 def _fail(message: str) -> None:
@@ -34,11 +36,16 @@ def _load(model: str, device: Optional[str]):
         _fail(str(e))
 
 
-def _items(data: str, limit: Optional[int]):
-    from agent_forge.data.evalsets import load_eval_set
+def _items(data: str, limit: Optional[int], exclude_seen: Optional[list[str]] = None, quiet: bool = False):
+    from agent_forge.data.evalsets import load_eval_set, unseen_items
 
     try:
         items = load_eval_set(data, limit)
+        if exclude_seen:
+            before = len(items)
+            items = unseen_items(items, exclude_seen)
+            if not quiet:
+                console.print(f"left out {before - len(items)} of {before} items asked in {', '.join(exclude_seen)}")
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(f"cannot load eval set {data!r}: {e}")
     if not items:
@@ -64,6 +71,7 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
              batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
              max_new_tokens: Optional[int] = typer.Option(None, help="default: 256 thinking, 48 otherwise"),
              device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+             exclude_seen: Optional[list[str]] = typer.Option(None, help=SEEN_HELP),
              json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Accuracy (Wilson 95% interval), per family, ms per example, thinking-token usage."""
     from agent_forge.evaluation.runner import evaluate
@@ -71,7 +79,7 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
     if thoughts not in ("on", "off", "auto"):
         _fail("--thoughts must be on, off or auto")
     m, tok = _load(model, device)
-    items = _items(data, limit)
+    items = _items(data, limit, exclude_seen, quiet=json_out)
     try:
         res = evaluate(m, tok, items, thinking=thoughts, batch_size=_batch(batch_size),
                        max_new_tokens=max_new_tokens, progress=not json_out)
@@ -143,11 +151,12 @@ def ab_cmd(baseline: str = typer.Option(..., help=MODEL_HELP),
            threshold: float = typer.Option(2.0, help="improvement in points needed to win"),
            batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
            device: Optional[str] = typer.Option(None),
+           exclude_seen: Optional[list[str]] = typer.Option(None, help=SEEN_HELP),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Baseline vs candidate over several rounds with paired significance tests."""
     from agent_forge.validation.ab import model_arm, run_ab
 
-    items = _items(data, limit)
+    items = _items(data, limit, exclude_seen, quiet=json_out)
     arms = [model_arm(name, *_load(name, device), batch_size=_batch(batch_size)) for name in (baseline, candidate)]
     report = run_ab(arms[0], arms[1], items, rounds=rounds, threshold=threshold, progress=not json_out)
     if json_out:

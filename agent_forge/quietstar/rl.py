@@ -734,14 +734,19 @@ def training_records(cfg: RLConfig, data_path: str | Path | None = None) -> tupl
     return kept, dropped
 
 
+TRAIN_QUESTIONS_FILE = "train_questions.jsonl"
+
+
 def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=None, data=None,
               eval_data: str = "easy_arithmetic", resume: bool = False, device=None,
               tracker=None, progress=None, monitor=None) -> dict:
-    """RL on `model_spec` (the Step 1 model); writes `out/model` and `out/step2.json`.
+    """RL on `model_spec` (the Step 1 model); writes `out/model`, `out/step2.json` and
+    `out/train_questions.jsonl` (what it trained on, for `forge ab --exclude-seen`).
 
     Returns the metrics, with "model_dir" (what the pipeline carries forward).
     """
     from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.data.schema import write_records
     from agent_forge.models import load_model, read_meta, save_model
     from agent_forge.quietstar.step1 import generation_metrics
     from agent_forge.validation.stats import paired_gain
@@ -760,6 +765,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     train_seconds = time.time() - t0
     if not trainer.accelerator.is_main_process:
         return result.metrics
+    write_records(out / TRAIN_QUESTIONS_FILE, records)
     model = trainer.trained_model()
     after = generation_metrics(model, tokenizer, items, **measure)
     after_ok = after.pop("correct_on")  # per-question lists are not metrics to save

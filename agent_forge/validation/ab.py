@@ -128,7 +128,8 @@ def run_ab(baseline: Arm, candidate: Arm, items, rounds: int = 3, threshold: flo
     return ABReport(baseline=arms[0], candidate=arms[1], rounds=rounds, n_pairs=len(b_arr),
                     diff_points=diff, diff_ci_points=[100 * x for x in boot["ci"]], cohens_d=d,
                     ttest=ttest, mcnemar=mc, threshold=threshold, winner=winner, per_round_diff=per_round,
-                    sentence=_sentence(baseline.name, candidate.name, diff, mc["p"], winner, threshold))
+                    sentence=_sentence(baseline.name, candidate.name, diff, [100 * x for x in boot["ci"]],
+                                       mc["p"], winner, threshold))
 
 
 def _rounds(rounds: int, progress: bool):
@@ -152,8 +153,9 @@ def _winner(diff: float, p: float, threshold: float, alpha: float) -> str:
     return "tie"
 
 
-def _sentence(b: str, c: str, diff: float, p: float, winner: str, threshold: float) -> str:
-    head = f"{c} vs {b}: {diff:+.1f} points (McNemar p={p:.3g}, threshold {threshold} points)."
+def _sentence(b: str, c: str, diff: float, ci: list[float], p: float, winner: str, threshold: float) -> str:
+    head = (f"{c} vs {b}: {diff:+.1f} points, 95% paired bootstrap interval [{ci[0]:+.1f}, {ci[1]:+.1f}] "
+            f"(McNemar p={p:.3g}, threshold {threshold} points).")
     if winner == "tie":
         return head + " No clear winner."
     return head + f" Winner: {c if winner == 'candidate' else b}."
