@@ -7,7 +7,9 @@ never uses. Gold answers are recomputed from the expression, never taken on trus
 `easy_arithmetic_val` is the same distribution from another seed range: the pipeline's
 keep-or-roll-back decisions look at it, so the test set above stays untouched by them.
 `easy_arithmetic_confirm` is a third seed range, 600 questions, kept for confirming a
-result once it has been chosen on the other two: nothing is tuned or selected on it.
+result once it has been chosen on the other two: nothing is tuned or selected on it. It is
+not filtered out of training data (see overlap.DEFAULT_EVAL_SETS): compare on it with
+`--exclude-seen` and the training files.
 """
 
 from __future__ import annotations
