@@ -10,6 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent_forge.training.checkpoint import KEEP_CHECKPOINTS
+
 
 class PreflightError(RuntimeError):
     """Not enough disk or memory; the message says how much is needed and how much is free."""
@@ -21,20 +23,17 @@ class Needs:
     memory_bytes: int
 
 
-def checkpoints_on_disk(steps: int, save_every: int, keep: int = 2) -> int:
+def checkpoints_on_disk(steps: int, save_every: int, keep: int = KEEP_CHECKPOINTS) -> int:
     """How many checkpoints a training run holds at its peak: it saves every `save_every`
     steps before the last, keeps the newest `keep`, and writes a new one before pruning."""
     written = (steps - 1) // save_every if save_every and steps > 0 else 0
     return min(written, keep + 1)
 
 
-def training_needs(n_param_bytes: int, checkpoints_kept: int = 2, models_saved: int = 3) -> Needs:
-    """Disk: checkpoints held at once (weights + two Adam moments each) plus saved models.
-    Memory: weights, gradients, two optimiser moments, a frozen reference copy, and
-    activations (budgeted as one more copy of the weights)."""
-    disk = n_param_bytes * (3 * checkpoints_kept + models_saved)
-    memory = n_param_bytes * 6
-    return Needs(disk, memory)
+def training_memory(n_param_bytes: int) -> int:
+    """Weights, gradients, two optimiser moments, a frozen reference copy, and activations
+    (budgeted as one more copy of the weights)."""
+    return n_param_bytes * 6
 
 
 def check(out_dir: str | Path, needs: Needs, free_memory_bytes: int) -> dict:

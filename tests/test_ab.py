@@ -34,6 +34,8 @@ def test_clear_candidate_win():
     assert rep.diff_ci_points[0] < rep.diff_points < rep.diff_ci_points[1]
     assert rep.ttest == paired_ttest(rep.baseline["per_round"], rep.candidate["per_round"])
     assert rep.mcnemar["p"] < 1e-6 and "Winner: cand" in rep.sentence
+    lo, hi = rep.diff_ci_points
+    assert f"interval [{lo:+.1f}, {hi:+.1f}]" in rep.sentence  # the sentence carries the measured interval
 
 
 def test_same_model_is_a_tie_and_baseline_can_win():

@@ -325,10 +325,10 @@ def test_lora_bake_trains_adapters_and_new_token_rows(tmp_path):
 
 
 def test_preflight_refuses_when_memory_is_short(tmp_path):
-    from agent_forge.preflight import Needs, PreflightError, check, training_needs
+    from agent_forge.preflight import Needs, PreflightError, check
 
     with pytest.raises(PreflightError, match="not enough memory"):
         check(tmp_path, Needs(disk_bytes=0, memory_bytes=10**9), free_memory_bytes=10**8)
     with pytest.raises(PreflightError, match="not enough disk"):
         check(tmp_path, Needs(disk_bytes=10**18, memory_bytes=0), free_memory_bytes=10**9)
-    assert check(tmp_path, training_needs(1000), free_memory_bytes=10**9)["disk_free_gb"] > 0
+    assert check(tmp_path, Needs(disk_bytes=1000, memory_bytes=1000), free_memory_bytes=10**9)["disk_free_gb"] > 0

@@ -94,8 +94,8 @@ def test_joined_sets_are_each_set_in_full_then_limited(tmp_path):
 
 
 def test_confirm_split_asks_nothing_test_or_val_asks(tmp_path):
-    from agent_forge.data.evalsets import CONFIRM_SIZE, unseen_items
-    from agent_forge.data.overlap import question_keys
+    from agent_forge.data.evalsets import CONFIRM_SIZE
+    from agent_forge.data.overlap import question_keys, unseen_items
 
     confirm = load_eval_set("easy_arithmetic_confirm")
     assert len(confirm) == CONFIRM_SIZE

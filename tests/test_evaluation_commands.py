@@ -66,4 +66,4 @@ def test_eval_exclude_seen_leaves_out_trained_questions(monkeypatch, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no question here"}\n')
     res = CliRunner().invoke(_app(monkeypatch), ["eval", "--model", "x", "--data", "y", "--exclude-seen", str(bad)])
-    assert res.exit_code == 2 and "'question' field" in res.output
+    assert res.exit_code == 2 and "--exclude-seen" in res.output and "'question' field" in res.output

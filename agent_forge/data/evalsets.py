@@ -182,19 +182,3 @@ def _jsonl(path: Path) -> list[EvalItem]:
                                   meta={k: v for k, v in d.items() if k not in ("id", "question", "answer")}))
     return items
 
-
-def unseen_items(items: list[EvalItem], seen_files) -> list[EvalItem]:
-    """The items whose question no line of the JSONL files asks (by the overlap keys), so
-    a comparison can be made on questions neither model trained on."""
-    from agent_forge.data.overlap import question_keys
-
-    seen: set[str] = set()
-    for path in seen_files:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    d = json.loads(line)
-                    if "question" not in d:
-                        raise ValueError(f"{path}:{i + 1}: no 'question' field")
-                    seen.update(question_keys(d["question"]))
-    return [it for it in items if not seen.intersection(question_keys(it.question, stem_only=it.choices is not None))]

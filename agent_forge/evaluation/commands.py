@@ -37,17 +37,21 @@ def _load(model: str, device: Optional[str]):
 
 
 def _items(data: str, limit: Optional[int], exclude_seen: Optional[list[str]] = None, quiet: bool = False):
-    from agent_forge.data.evalsets import load_eval_set, unseen_items
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.data.overlap import unseen_items
 
     try:
         items = load_eval_set(data, limit)
-        if exclude_seen:
-            before = len(items)
-            items = unseen_items(items, exclude_seen)
-            if not quiet:
-                console.print(f"left out {before - len(items)} of {before} items asked in {', '.join(exclude_seen)}")
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(f"cannot load eval set {data!r}: {e}")
+    if exclude_seen:
+        before = len(items)
+        try:
+            items = unseen_items(items, exclude_seen)
+        except (ValueError, OSError) as e:
+            _fail(f"--exclude-seen: {e}")
+        if not quiet:
+            console.print(f"left out {before - len(items)} of {before} items asked in {', '.join(exclude_seen)}")
     if not items:
         _fail(f"eval set {data!r} is empty")
     return items

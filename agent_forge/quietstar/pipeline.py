@@ -184,14 +184,15 @@ def disk_plan(cfg: PipelineConfig, n_bytes: int):
     finished step's checkpoints are deleted unless keep_checkpoints (then the newest two stay).
     Plus a tenth for tokenizers, logs and caches. (Smoke preset on SmolLM2-135M: a 2.69 GB
     peak measured by sampling `du` each second, against 2.69 GB before the tenth.)"""
-    from agent_forge.preflight import Needs, checkpoints_on_disk, training_needs
+    from agent_forge.preflight import Needs, checkpoints_on_disk, training_memory
+    from agent_forge.training.checkpoint import KEEP_CHECKPOINTS as KEEP
 
     c1 = checkpoints_on_disk(cfg.bake.steps, cfg.bake.save_every)
     c2 = checkpoints_on_disk(cfg.rl.steps, cfg.rl.save_every) if cfg.rl_enabled else 0
-    kept1, kept2 = (min(c1, 2), min(c2, 2)) if cfg.keep_checkpoints else (0, 0)
+    kept1, kept2 = (min(c1, KEEP), min(c2, KEEP)) if cfg.keep_checkpoints else (0, 0)
     models = 1 + int(cfg.rl_enabled) + int(cfg.trace_bake_questions > 0)
     copies = max(3 * c1 + 1, 3 * kept1 + 1 + 3 * c2 + int(cfg.rl_enabled), 3 * (kept1 + kept2) + models)
-    return Needs(disk_bytes=int(n_bytes * copies * 1.1), memory_bytes=training_needs(n_bytes).memory_bytes)
+    return Needs(disk_bytes=int(n_bytes * copies * 1.1), memory_bytes=training_memory(n_bytes))
 
 
 def stage_data(ctx: Context) -> dict:

@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 STATE_FILE = "trainer_state.json"
 
 
+KEEP_CHECKPOINTS = 2  # newest checkpoints kept per run (a new one is written before the oldest goes)
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": _py_state_to_lists(random.getstate())}
     if torch.cuda.is_available():
@@ -52,7 +54,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler=None,
-                    extra: dict | None = None, keep: int = 2) -> Path:
+                    extra: dict | None = None, keep: int = KEEP_CHECKPOINTS) -> Path:
     """Write `directory/step-XXXXXXX` atomically and prune all but the newest `keep`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
