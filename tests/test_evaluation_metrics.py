@@ -26,13 +26,27 @@ def test_wilson_empty_and_summary():
     assert s["accuracy"] == 0.75 and s["n"] == 4 and s["ci95"] == list(wilson_interval(3, 4))
 
 
-def test_bootstrap_matches_loop_version():
-    x = np.array([0.1, 0.5, -0.2, 0.9, 0.3, 0.0, 0.7])
-    lo, hi = bootstrap_ci(x, n_boot=500, seed=7)
-    rng = np.random.default_rng(7)
-    idx = rng.integers(0, len(x), size=(500, len(x)))
-    means = sorted(sum(x[j] for j in row) / len(row) for row in idx)
-    assert lo == pytest.approx(np.quantile(means, 0.025))
-    assert hi == pytest.approx(np.quantile(means, 0.975))
-    assert lo < x.mean() < hi
-    assert bootstrap_ci(x, n_boot=500, seed=7) == (lo, hi)  # seeded
+def test_wilson_other_levels_match_scan():
+    lo, hi = wilson_interval(7, 20, z=1.0)
+    slo, shi = _wilson_by_scan(7, 20, z=1.0)
+    assert lo == pytest.approx(slo, abs=2e-5) and hi == pytest.approx(shi, abs=2e-5)
+
+
+def test_bootstrap_matches_normal_theory_and_order_statistics():
+    """The mean's interval on 400 values is close to mean +- 1.96 sd / sqrt(n); a median's is
+    bracketed by the order statistics a binomial count puts around the middle."""
+    x = np.random.default_rng(3).normal(10.0, 2.0, 400)
+    lo, hi = bootstrap_ci(x, n_boot=4000, seed=7)
+    half = 1.959963984540054 * x.std(ddof=1) / np.sqrt(x.size)
+    assert lo == pytest.approx(x.mean() - half, abs=0.08 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.08 * half)
+    assert bootstrap_ci(x, n_boot=4000, seed=7) == (lo, hi)  # seeded
+    mlo, mhi = bootstrap_ci(x, stat=np.median, n_boot=2000, seed=7)
+    s = np.sort(x)  # distribution-free 95% median interval: ranks 200 -+ 1.96 * 10, 5 ranks of slack
+    assert s[175] <= mlo <= np.median(x) <= mhi <= s[224]
+
+
+def test_bootstrap_degenerate_inputs():
+    assert all(np.isnan(bootstrap_ci([])))
+    assert bootstrap_ci([0.3]) == (0.3, 0.3)
+    assert bootstrap_ci([0.0] * 5) == (0.0, 0.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agent_forge.validation.stats import (
-    bootstrap_mean_diff, cohens_d_paired, mcnemar_exact, paired_ttest, pearson,
+    bootstrap_mean_diff, cohens_d_paired, mcnemar_exact, paired_ttest, pearson, sign_test,
 )
 
 
@@ -33,10 +33,13 @@ def test_paired_t_matches_hand_formula():
     assert paired_ttest(b, a)["t"] == pytest.approx(-res["t"])
 
 
-def test_paired_t_degenerate():
-    assert paired_ttest([0.5, 0.6], [0.5, 0.6])["p"] == 1.0
-    res = paired_ttest([0.5, 0.6], [0.6, 0.7])
-    assert res["p"] == 0.0 and res["t"] == math.inf and not res["defined"]
+def test_paired_t_degenerate_has_no_p_value():
+    """Differences that do not vary give t = 0/0 or x/0: no p-value, not p = 0 (which read as
+    'certain') or 1."""
+    for a, b in (([0.5, 0.6], [0.5, 0.6]), ([0.5, 0.6], [0.6, 0.7]), ([0.5], [0.7])):
+        res = paired_ttest(a, b)
+        assert res["t"] is None and res["p"] is None and not res["defined"]
+        assert res["mean_diff"] == pytest.approx(b[0] - a[0])
 
 
 def _mcnemar_by_sum(only_a, only_b):
@@ -57,6 +60,17 @@ def test_mcnemar_matches_binomial_sum(only_a, only_b, both, neither):
     res = mcnemar_exact(a, b)
     assert (res["only_a"], res["only_b"]) == (only_a, only_b)
     assert res["p"] == pytest.approx(_mcnemar_by_sum(only_a, only_b))
+
+
+def test_sign_test_on_item_scores_matches_binomial_sum():
+    """Fractional per-item scores (mean correctness over rounds): only the sign of each
+    difference counts, ties are dropped."""
+    a = [0, 1 / 3, 2 / 3, 1, 0.5, 0.5, 0, 1, 1 / 3, 0]
+    b = [1, 2 / 3, 2 / 3, 0, 1.0, 0.5, 1 / 3, 1, 1, 2 / 3]  # b ahead on 6, a on 1, 3 ties
+    res = sign_test(a, b)
+    assert (res["only_a"], res["only_b"], res["defined"]) == (1, 6, True)
+    assert res["p"] == pytest.approx(_mcnemar_by_sum(1, 6))
+    assert sign_test(a, a) == {"only_a": 0, "only_b": 0, "p": 1.0, "defined": False}
 
 
 def _pearson_by_hand(x, y):
@@ -91,19 +105,19 @@ def test_cohens_d_paired_by_hand():
     assert cohens_d_paired([1, 2], [2, 3]) == 0.0
 
 
-def test_bootstrap_mean_diff_matches_numpy_loop():
-    a = _rand(20, 5)
-    b = [x + 0.2 for x in _rand(20, 6)]
-    res = bootstrap_mean_diff(a, b, n_boot=400, seed=11)
+def test_bootstrap_mean_diff_matches_normal_theory():
+    """With 300 pairs the percentile bootstrap of a mean difference is close to the textbook
+    mean +- 1.96 sd / sqrt(n) interval; pairs are resampled together, so a shift shared by
+    both arms does not widen it."""
+    a = _rand(300, 5)
+    b = [x + 0.2 + 0.5 * e for x, e in zip(a, _rand(300, 6))]
     d = np.array(b) - np.array(a)
-    rng = np.random.default_rng(11)
-    boots = []
-    for _ in range(400):
-        pick = rng.integers(0, 20, size=20)
-        boots.append(sum(d[i] for i in pick) / 20)
+    half = 1.959963984540054 * d.std(ddof=1) / math.sqrt(d.size)
+    res = bootstrap_mean_diff(a, b, n_boot=4000, seed=11)
     assert res["mean_diff"] == pytest.approx(d.mean())
-    assert res["ci"][0] == pytest.approx(np.quantile(boots, 0.025))
-    assert res["ci"][1] == pytest.approx(np.quantile(boots, 0.975))
+    assert res["ci"][0] == pytest.approx(d.mean() - half, abs=0.08 * half)
+    assert res["ci"][1] == pytest.approx(d.mean() + half, abs=0.08 * half)
+    assert bootstrap_mean_diff(a, b, n_boot=4000, seed=11) == res  # seeded
 
 
 def test_unpaired_input_rejected():

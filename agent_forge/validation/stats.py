@@ -1,15 +1,15 @@
 """The significance tests the validation steps rely on, in one place.
 
 Paired designs throughout: the same items (or rounds) are answered by both arms, so we
-test differences, not two independent samples. McNemar is exact (a binomial test on the
-discordant pairs) because our sets are small. Undefined statistics (no variance, no
-discordant pairs) come back as a neutral value with `defined: False`, never as NaN, so
-reports stay valid JSON.
+test differences, not two independent samples. The sign test is exact (a binomial test on
+the pairs that differ) because our sets are small; on right/wrong pairs it is the exact
+McNemar test. A p-value with no discordant pairs is 1 with `defined: False`; a t-test
+whose differences do not vary has no t or p at all (`None`, `defined: False`), never NaN
+or a made-up 0, so reports stay valid JSON and say what they do not know.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +17,7 @@ from scipy import stats as _st
 
 from agent_forge.evaluation.metrics import bootstrap_ci, wilson_interval
 
-__all__ = ["paired_ttest", "mcnemar_exact", "pearson", "cohens_d_paired", "bootstrap_mean_diff",
+__all__ = ["paired_ttest", "sign_test", "mcnemar_exact", "pearson", "cohens_d_paired", "bootstrap_mean_diff",
            "wilson_interval"]
 
 
@@ -29,29 +29,34 @@ def _pair(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarra
 
 
 def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Two-sided paired t-test of mean(b - a) == 0."""
+    """Two-sided paired t-test of mean(b - a) == 0; t and p are None when the differences
+    do not vary (the statistic is 0/0 or x/0: no p-value, not p = 0 or 1)."""
     x, y = _pair(a, b)
     d = y - x
     if d.size < 2 or np.all(d == d[0]):
-        same = d.size == 0 or d[0] == 0
-        return {"t": 0.0 if same else math.copysign(math.inf, d[0]), "p": 1.0 if same else 0.0,
-                "df": max(0, d.size - 1), "mean_diff": float(d.mean()) if d.size else 0.0,
-                "defined": False}
+        return {"t": None, "p": None, "df": max(0, d.size - 1),
+                "mean_diff": float(d.mean()) if d.size else 0.0, "defined": False}
     res = _st.ttest_rel(y, x)
     return {"t": float(res.statistic), "p": float(res.pvalue), "df": int(d.size - 1),
             "mean_diff": float(d.mean()), "defined": True}
 
 
-def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
-    """Exact McNemar: two-sided binomial test on the pairs where exactly one arm is right.
+def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Exact two-sided sign test of "b is ahead as often as a": a binomial test on the pairs
+    that differ, so it needs no assumption about how the differences are distributed.
 
-    only_a: a right, b wrong; only_b: b right, a wrong.
+    only_a: pairs where a is higher; only_b: pairs where b is higher; ties are left out.
     """
-    x, y = _pair([bool(v) for v in a_correct], [bool(v) for v in b_correct])
-    only_a, only_b = int(np.sum((x == 1) & (y == 0))), int(np.sum((x == 0) & (y == 1)))
+    x, y = _pair(a, b)
+    only_a, only_b = int(np.sum(x > y)), int(np.sum(y > x))
     n = only_a + only_b
     p = 1.0 if n == 0 else float(_st.binomtest(only_b, n, 0.5).pvalue)
     return {"only_a": only_a, "only_b": only_b, "p": p, "defined": n > 0}
+
+
+def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
+    """Exact McNemar: the sign test on right/wrong pairs (only_a: a right, b wrong)."""
+    return sign_test([float(bool(v)) for v in a_correct], [float(bool(v)) for v in b_correct])
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> dict:
@@ -82,10 +87,10 @@ def bootstrap_mean_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 20
     return {"mean_diff": float(d.mean()) if d.size else 0.0, "ci": [lo, hi]}
 
 
-def paired_gain(before: Sequence[bool], after: Sequence[bool], seed: int = 0) -> dict:
+def paired_gain(before: Sequence[bool], after: Sequence[bool], seed: int = 0, n_boot: int = 2000) -> dict:
     """Accuracy change on the same questions: points, a bootstrap 95% interval over the pairs,
     and the exact McNemar p-value; what "this stage raised accuracy" has to be backed by."""
-    boot = bootstrap_mean_diff([float(x) for x in before], [float(x) for x in after], seed=seed)
+    boot = bootstrap_mean_diff([float(x) for x in before], [float(x) for x in after], n_boot=n_boot, seed=seed)
     return {"points": 100 * boot["mean_diff"], "ci95_points": [100 * x for x in boot["ci"]],
             "mcnemar_p": mcnemar_exact(before, after)["p"], "n": len(before),
             "before": sum(map(bool, before)) / max(len(before), 1),
