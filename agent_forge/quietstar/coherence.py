@@ -10,21 +10,32 @@ in [0, 1], and their weighted sum (weights 0.4 / 0.3 / 0.3 by default, configura
   mean pooling over tokens + L2 normalisation, as sentence-transformers does), or, as a
   cheap fallback that loads nothing, from the policy model's own last hidden states
   (mean over tokens + L2 normalisation). Empty thinking scores 0.
-- syntactic: 0.5 * structure + 0.5 * consistency. structure = 0.5 * well_formed +
-  0.5 * (1 - repeated), where well_formed is `vocab.is_well_formed(completion)` (one
-  opener, one closer, a non-empty answer with no thinking token in it) and repeated is
-  the fraction of the thinking text's word 3-grams that repeat an earlier 3-gram
-  ((n - distinct) / n; 0 with fewer than one 3-gram): a loop "7 + 7 = 14 7 + 7 = 14 ..."
-  is well formed yet scores low. consistency is the share of the thought's checkable
-  claims ("a + b = c" chains, exact arithmetic) that hold, 1 when none is checkable: a
-  thought that writes "18 + 41 = 69" or "plug in 3: 8*3 + 17 = 33, it holds" contradicts
-  itself whatever answer follows. No part of syntactic looks at the gold answer.
+- syntactic: 0.5 * structure + 0.5 * consistency, or structure alone when the thought makes
+  no checkable claim (the weights renormalised over the parts that apply). structure =
+  0.5 * well_formed + 0.5 * (1 - repeated), where well_formed is
+  `vocab.is_well_formed(completion)` (one opener, one closer, a non-empty answer with no
+  thinking token in it) and repeated is the fraction of the thinking text's word 3-grams
+  that repeat an earlier 3-gram ((n - distinct) / n; 0 with fewer than one 3-gram): a loop
+  "7 + 7 = 14 7 + 7 = 14 ..." is well formed yet scores low. consistency is the share of
+  the thought's checkable claims ("a + b = c" chains, exact arithmetic) that hold: a thought
+  that writes "18 + 41 = 69" or "plug in 3: 8*3 + 17 = 33, it holds" contradicts itself
+  whatever answer follows. With no checkable claim it is None, "not applicable", never 1:
+  a thought with no equation must not outscore one with a slip, and on tasks without
+  arithmetic (ARC, CommonsenseQA) a constant part would only dilute the score. No part of
+  syntactic looks at the gold answer.
 - predictive: sigmoid(loglik gain), the gain being log p(gold | question, thought) -
   log p(gold | question, empty thinking) in nats (see rl.py). 0.5 means "no help".
+
+`anti_theater_coherence` is THE coherence that the anti-theater correlation test uses, in
+the pipeline and in `forge anti-theater` alike: semantic (against the question alone) and
+syntactic, weights 0.4 / 0.3 renormalised over the parts that apply; never the predictive
+part, which IS the utility that the test correlates it with. Each score says which parts
+went into it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import re
@@ -34,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agent_forge.data.parse import claimed_equalities, false_equalities
+from agent_forge.data.parse import claimed_equalities, evaluate
 from agent_forge.evaluation.answers import strip_thinking_tokens
 from agent_forge.vocab import ThinkingVocab, get_vocab, is_well_formed
 
@@ -59,24 +70,38 @@ def repeated_ngram_fraction(text: str, n: int = 3) -> float:
     return (len(grams) - len(set(grams))) / len(grams)
 
 
-def claim_consistency(thinking: str, vocab: ThinkingVocab | str = "default") -> float:
-    """Share of the thought's checkable equalities that hold; 1.0 when none can be checked.
+def claim_consistency(thinking: str, vocab: ThinkingVocab | str = "default") -> float | None:
+    """Share of the thought's checkable equalities that hold; None when none can be checked.
 
     Thinking tokens separate steps, so each becomes "; " first: "<step> 6 + 9 = 15<step>
-    15 - 8 = 6" holds two claims (one false), not one unparseable chain.
+    15 - 8 = 6" holds two claims (one false), not one unparseable chain. A claim with a side
+    that does not parse is not checkable and does not count either way.
     """
     text = thinking or ""
     for token in get_vocab(vocab).tokens:
         text = text.replace(token, " ; ")
-    claims = claimed_equalities(text)
-    return 1.0 if not claims else 1.0 - len(false_equalities(text)) / len(claims)
+    verdicts = [v for v in (_holds(a, b) for a, b in claimed_equalities(text)) if v is not None]
+    return None if not verdicts else sum(verdicts) / len(verdicts)
+
+
+def _holds(left: str, right: str) -> bool | None:
+    """Whether left = right in exact arithmetic; None when a side does not parse."""
+    try:
+        return evaluate(left) == evaluate(right)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def structure_score(completion: str, thinking: str, vocab: ThinkingVocab | str = "default") -> float:
+    """0.5 * well-formed completion + 0.5 * (1 - repeated 3-gram fraction of the thought)."""
+    clean = strip_thinking_tokens(thinking or "", vocab)
+    return 0.5 * float(is_well_formed(completion, vocab)) + 0.5 * (1.0 - repeated_ngram_fraction(clean))
 
 
 def syntactic_score(completion: str, thinking: str, vocab: ThinkingVocab | str = "default") -> float:
-    """0.5 * structure (well-formed, not repetitive) + 0.5 * claim consistency; module docstring."""
-    clean = strip_thinking_tokens(thinking or "", vocab)
-    structure = 0.5 * float(is_well_formed(completion, vocab)) + 0.5 * (1.0 - repeated_ngram_fraction(clean))
-    return 0.5 * structure + 0.5 * claim_consistency(thinking, vocab)
+    """0.5 * structure + 0.5 * claim consistency, or structure alone with no checkable claim."""
+    structure, claims = structure_score(completion, thinking, vocab), claim_consistency(thinking, vocab)
+    return structure if claims is None else 0.5 * structure + 0.5 * claims
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,8 +176,7 @@ def semantic_scores(embed, thoughts: list[str], contexts: list[str],
                     vocab: ThinkingVocab | str = "default") -> list[float]:
     """clamp(cos(embed(thought), embed(context)), 0, 1) per pair; empty thought -> 0."""
     clean = [strip_thinking_tokens(t or "", vocab).strip() for t in thoughts]
-    vecs = embed(clean + list(contexts))
-    a, b = vecs[:len(clean)], vecs[len(clean):]
+    a, b = embed(clean), embed(list(contexts))  # apart: short thoughts are not padded to long questions
     cos = (a * b).sum(-1).clamp(0.0, 1.0).tolist()
     return [c if t else 0.0 for c, t in zip(cos, clean)]
 
@@ -205,3 +229,75 @@ class CoherenceScorer:
         ws, wy, wp = self.weights
         comp = [ws * s + wy * y + wp * p for s, y, p in zip(sem, syn, pred)]
         return CoherenceScores(sem, syn, pred, comp)
+
+
+# ---------------------------------------------------------------------------------------
+# The anti-theater coherence (semantic + syntactic, no predictive part)
+
+ANTI_THEATER_WEIGHTS = {"semantic": 0.4, "syntactic": 0.3}  # DEFAULT_WEIGHTS less the predictive part
+PARTS = ("semantic", "structure", "claims")
+
+
+@dataclass
+class ThoughtCoherence:
+    """One thought's coherence in [0, 1] and its parts; a part that does not apply is None."""
+
+    value: float
+    parts: dict[str, float | None]
+
+
+def weighted_mean(scores: dict[str, float | None], weights: dict[str, float]) -> float:
+    """Weighted mean over the parts that apply (not None); 0 when none does."""
+    used = {k: w for k, w in weights.items() if scores.get(k) is not None}
+    total = sum(used.values())
+    return 0.0 if not total else sum(w * scores[k] for k, w in used.items()) / total
+
+
+def thought_coherences(thoughts: list[str | None], questions: list[str], embed=None,
+                       vocab: ThinkingVocab | str = "default", chunk: int = 32) -> list[ThoughtCoherence]:
+    """Per thought: semantic (vs its question; None without an embedder, embedded `chunk`
+    pairs at a time), structure and claims, combined as the module docstring says."""
+    v = get_vocab(vocab)
+    thoughts = [t or "" for t in thoughts]
+    semantic = [None] * len(thoughts) if embed is None else [
+        s for i in range(0, len(thoughts), chunk)
+        for s in semantic_scores(embed, thoughts[i:i + chunk], questions[i:i + chunk], v)]
+    return [_thought_coherence(t, s, v) for t, s in zip(thoughts, semantic)]
+
+
+def _thought_coherence(thinking: str, semantic: float | None, v: ThinkingVocab) -> ThoughtCoherence:
+    """Empty thinking scores 0; else 0.4 semantic + 0.3 syntactic over the parts that apply."""
+    if not strip_thinking_tokens(thinking, v).strip():
+        return ThoughtCoherence(0.0, {"semantic": semantic, "structure": 0.0, "claims": None})
+    parts = {"semantic": semantic, "structure": structure_score(f"{v.open}{thinking}{v.close} x", thinking, v),
+             "claims": claim_consistency(thinking, v)}
+    syntactic = weighted_mean(parts, {"structure": 0.5, "claims": 0.5})
+    return ThoughtCoherence(weighted_mean({"semantic": semantic, "syntactic": syntactic}, ANTI_THEATER_WEIGHTS),
+                            parts)
+
+
+@functools.lru_cache(maxsize=1)
+def cached_minilm() -> MiniLMEmbedder:
+    """One MiniLM per process: the RL monitor asks for it every few steps."""
+    return MiniLMEmbedder()
+
+
+def anti_theater_coherence(model=None, tokenizer=None, vocab: ThinkingVocab | str = "default",
+                           embedder: str = "auto"):
+    """(thoughts, questions) -> [ThoughtCoherence], for the anti-theater correlation test.
+
+    embedder: "minilm", "policy" (the model's own states), "none", or "auto": MiniLM when its
+    package is installed, else the policy model when one is given, else none.
+    """
+    if embedder == "auto":
+        embedder = ("minilm" if importlib.util.find_spec(MINILM_PACKAGE) is not None
+                    else "policy" if model is not None else "none")
+    if embedder not in ("minilm", "policy", "none") or (embedder == "policy" and model is None):
+        raise ValueError(f"embedder must be 'auto', 'minilm', 'none' or 'policy' (with a model), not {embedder!r}")
+    embed = {"minilm": cached_minilm, "none": lambda: None,
+             "policy": lambda: PolicyEmbedder(model, tokenizer)}[embedder]()
+
+    def coherence(thoughts: list[str | None], questions: list[str]) -> list[ThoughtCoherence]:
+        return thought_coherences(thoughts, questions, embed, vocab)
+    coherence.embedder = embedder
+    return coherence
