@@ -8,8 +8,8 @@ from fractions import Fraction
 import pytest
 
 from agent_forge.data import procedural as P
-from agent_forge.data.evalsets import load_eval_set
-from agent_forge.data.overlap import filter_overlap, find_overlap, math_key, normalize_question
+from agent_forge.data.evalsets import EASY_FAMILIES, MAX_ASKED, askable, load_eval_set
+from agent_forge.data.overlap import DEFAULT_EVAL_SETS, filter_overlap, find_overlap, math_key, normalize_question
 from agent_forge.data.schema import Record, Segment
 
 
@@ -27,11 +27,25 @@ def test_easy_arithmetic_mix_and_gold(easy):
     assert load_eval_set("easy_arithmetic", limit=30) == easy[:30]
 
 
-def test_easy_arithmetic_is_disjoint_from_training_generation(easy):
-    train = P.build_gym_records(300, seed=0, families=("chain_sum", "basic_arithmetic", "simple_equations"))
-    train_seeds = {r.meta["gym_seed"] for r in train}
-    eval_ids = {int(i.id.rsplit("-", 1)[1]) + P.EVAL_SEED_BASE for i in easy}
-    assert max(train_seeds) % (1 << 44) < P.EVAL_SEED_BASE <= min(eval_ids)
+def _asks(question: str, meta: dict) -> str:
+    """What a question asks, worked out apart from overlap.py's keys: its expression, its
+    equation with the variable renamed, else its text."""
+    if "expression" in meta:
+        return "expression " + meta["expression"].replace(" ", "")
+    if "equation" in meta:
+        return "equation " + re.sub(r"[a-z]", "v", meta["equation"].replace(" ", ""))
+    return "text " + " ".join(question.lower().split())
+
+
+def test_training_data_asks_nothing_any_eval_set_can_ask():
+    """The pipeline's training data (generated, then filtered) against every item each
+    filtered eval set can ask, up to the largest `--limit`, compared by content."""
+    records = P.build_gym_records(600, seed=1, families=EASY_FAMILIES)
+    kept, dropped = filter_overlap(records)
+    asked = {_asks(i.question, i.meta) for name in DEFAULT_EVAL_SETS for i in askable(name)}
+    repeats = {r.id for r in records if _asks(r.question, r.meta) in asked}
+    assert repeats and repeats <= set(dropped)  # generation alone repeats eval questions
+    assert not [r.id for r in kept if _asks(r.question, r.meta) in asked]
 
 
 def test_gsm8k_answers_are_numbers():
@@ -57,6 +71,23 @@ def test_gym_family_and_jsonl_and_unknown(tmp_path):
     assert [g.answer for g in got] == ["4", "y"] and got[1].id == "k"
     with pytest.raises(ValueError, match="unknown eval set"):
         load_eval_set("no_such_set")
+
+
+def test_jsonl_bad_line_is_named_and_refused(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"question": "1 + 1 =", "answer": 2}\n\n{"question": "2 + 2 =", answer: 4}\n')
+    with pytest.raises(ValueError, match=r"mine\.jsonl:3: not valid JSON \(Expecting property name"):
+        load_eval_set(str(path))
+    path.write_text('{"question": "1 + 1 =", "answer": 2}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"mine\.jsonl:2: not a JSON object"):
+        load_eval_set(str(path))
+
+
+def test_procedural_sets_stop_at_max_asked():
+    assert len(load_eval_set("easy_arithmetic")) == 300  # the default size is unchanged
+    assert len(load_eval_set("easy_arithmetic_val", limit=5 * MAX_ASKED)) == MAX_ASKED
+    assert [i.id for i in askable("easy_arithmetic")] == [i.id for i in load_eval_set("easy_arithmetic", 10**6)]
+    assert len(askable("gsm8k")) == 1319  # a fixed set: all of it
 
 
 def test_normalisation():
@@ -110,3 +141,21 @@ def test_confirm_split_asks_nothing_test_or_val_asks(tmp_path):
                     + json.dumps({"question": "What is 123456 + 654321?"}) + "\n")
     kept = unseen_items(confirm[:10], [seen])
     assert [i.id for i in kept] == [i.id for i in confirm[:10] if i.id != confirm[3].id]
+
+
+def test_fresh_split_is_seeded_wider_than_training_and_asks_nothing_test_or_val_asks():
+    from agent_forge.data.evalsets import fresh_split_name
+    from agent_forge.data.overlap import question_keys
+
+    name = fresh_split_name(12)
+    items = load_eval_set(name, limit=90)
+    assert [it.question for it in items] == [it.question for it in load_eval_set(name, limit=90)]
+    assert [it.question for it in items] != [it.question for it in load_eval_set(fresh_split_name(13), limit=90)]
+    taken = {k for n in ("easy_arithmetic", "easy_arithmetic_val") for it in load_eval_set(n)
+             for k in question_keys(it.question)}
+    assert not any(taken.intersection(question_keys(it.question)) for it in items)
+    chains = [it for it in items if it.family == "chain_sum"]
+    assert max(len(re.findall(r"\d+", it.question)) for it in chains) >= 4  # training's easy stops at 3
+    assert fresh_split_name().startswith("easy_arithmetic_fresh:")
+    with pytest.raises(ValueError, match="seed"):
+        load_eval_set("easy_arithmetic_fresh:x1")

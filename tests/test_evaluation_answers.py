@@ -1,11 +1,9 @@
 """Answer extraction rules: answer slot, numbers, choices and lm-eval's GSM8K filters."""
 
-import re
-
 import pytest
 
 from agent_forge.evaluation.answers import (
-    answer_slot, extract_choice, extract_number, gsm8k_flexible, gsm8k_gold, gsm8k_strict,
+    answer_slot, cut_at_until, extract_choice, extract_number, gsm8k_flexible, gsm8k_gold, gsm8k_strict,
     numbers_equal, strip_thinking_tokens,
 )
 from agent_forge.vocab import THINK_CLOSE, THINK_OPEN
@@ -75,7 +73,7 @@ def test_numbers_equal_fractions_and_garbage():
 
 @pytest.mark.parametrize("s,expected", [
     ("B", "B"), ("b", "B"), ("(C)", "C"), ("D) because", "D"), ("A. a fruit", "A"), ("C: blue", "C"),
-    ("The answer is b", "B"), ("I think (B) fits", "B"), ("A cat is an animal", None),
+    ("The answer is B", "B"), ("I think (B) fits", "B"), ("A cat is an animal", None),
     ("E", None),  # out of range for 4 choices
     ("blue", "C"),  # the text of choice C
     ("", None),
@@ -84,22 +82,28 @@ def test_extract_choice(s, expected):
     assert extract_choice(s, 4, choices=["red", "green", "blue", "black"]) == expected
 
 
-def _slow_last_number(reply):
-    """lm-eval's flexible filter by hand: last run of [$0-9.,-] with >= 2 chars or digits."""
-    tokens = re.findall(r"-?[$0-9.,]{2,}|-?[0-9]+", reply)
-    if not tokens:
-        return None
-    return tokens[-1].replace(",", "").replace("$", "").removesuffix(".")
+def test_the_answer_is_a_fox_is_no_letter():
+    """After "answer is" only an upper-case letter is a letter (lm-eval's mmlu_pro regex);
+    the choice text it introduces is read instead (lm-eval's fallback)."""
+    animals = ["a dog", "a fox", "a cat", "a cow"]
+    assert extract_choice("The answer is a fox", 4) is None
+    assert extract_choice("The answer is a fox.", 4, choices=animals) == "B"
+    assert extract_choice("the answer is b", 4) is None
+    assert extract_choice("The answer is (C), a cat", 4, choices=animals) == "C"
+    assert extract_choice("The answer is D", 4, choices=animals) == "D"
+    assert extract_choice("It is a category error", 4, choices=["cat", "dog", "cow", "ox"]) is None
 
 
-@pytest.mark.parametrize("reply", [
-    "She has 3 apples and buys 4 more, so 7.\n#### 7",
-    "Total cost is $1,250.",
-    "First 12, then 30, finally -8",
-    "nothing numeric",
-])
-def test_gsm8k_flexible_matches_hand_version(reply):
-    assert gsm8k_flexible(reply) == _slow_last_number(reply)
+def test_plain_reply_ends_at_lm_evals_stop_sequences():
+    reply = " 3 + 4\nmakes 7\nQuestion: What is 1 + 1?"
+    assert cut_at_until(reply) == " 3 + 4\nmakes 7\n"
+    assert gsm8k_flexible(cut_at_until(reply)) == "7"
+    assert answer_slot("Question: 5", None) == ""          # the stop comes first: no answer
+    assert answer_slot(" 12<|im_end|>9", None) == "12"
+
+
+# gsm8k_flexible / gsm8k_strict against lm-eval's own filter objects and metric:
+# tests/test_evaluation_lm_eval_adapter.py (test_gsm8k_readings_match_the_harness_filters).
 
 
 def test_gsm8k_strict_and_gold():

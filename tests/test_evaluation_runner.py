@@ -1,5 +1,7 @@
 """evaluate(): scoring rules, summaries, and log-likelihood multiple choice vs a slow version."""
 
+import functools
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from agent_forge.evaluation.metrics import wilson_interval
 from agent_forge.evaluation.runner import (
     bare_question, choice_loglik_accuracy, continuation_logprobs, evaluate, score,
 )
-from agent_forge.inference import Generation
+from agent_forge.inference import Generation, generate_answers
 from conftest import make_tiny_model, make_tiny_tokenizer
 from test_inference import MEMORY, memorised_model
 
@@ -110,3 +112,41 @@ def test_choice_loglik_accuracy_against_slow_argmax():
         correct += raw == k
         correct_norm += norm == k
     assert res["acc"] == correct / 3 and res["acc_norm"] == correct_norm / 3 and res["n"] == 3
+
+
+PLAIN_REPLY = " 3 + 4\nmakes 7\nQuestion: What is 1 + 1?"
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_model_with_working():
+    """A tiny Llama without thinking tokens that answers "What is 3 + 4?" on two lines and
+    then starts a new question, as base models do."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg)
+    enc = tok([f"Question: What is 3 + 4?\nAnswer:{PLAIN_REPLY}"], return_tensors="pt")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = model(**enc, labels=enc["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    return model.eval(), tok
+
+
+def test_direct_reply_runs_to_question_not_the_first_newline():
+    """lm-eval's gsm8k generates until "Question:" or EOS and reads the last number of that."""
+    model, tok = _plain_model_with_working()
+    item = EvalItem("a", "What is 3 + 4?", "7", "f")
+    res = evaluate(model, tok, [item], max_new_tokens=40, progress=False, loglik=False)
+    row = res.per_example[0]
+    assert row["reply"] == "3 + 4" and row["answer"] == "3" and not row["correct"]  # strict: first line
+    assert res.flexible_accuracy == 1.0                    # flexible: "makes 7" before "Question:"
+    gen = generate_answers(model, tok, [item.question], max_new_tokens=40)[0]
+    assert gen.completion == PLAIN_REPLY.split("Question:")[0] + "Question:"  # stopped right there

@@ -7,9 +7,20 @@ never uses. Gold answers are recomputed from the expression, never taken on trus
 `easy_arithmetic_val` is the same distribution from another seed range: the pipeline's
 keep-or-roll-back decisions look at it, so the test set above stays untouched by them.
 `easy_arithmetic_confirm` is a third seed range, 600 questions, kept for confirming a
-result once it has been chosen on the other two: nothing is tuned or selected on it. It is
-not filtered out of training data (see overlap.DEFAULT_EVAL_SETS): compare on it with
-`--exclude-seen` and the training files.
+result once it has been chosen on the other two: nothing is tuned or selected on it. It asks
+nothing the first 300 items of either asks; 66 of its 600 items are among their items 300-999,
+which only a larger `--limit` (or the `standard` preset) reaches. It is not filtered out of
+training data (see overlap.DEFAULT_EVAL_SETS): compare on it with `--exclude-seen` and the
+training files.
+
+Sizes: a procedural set gives its default size (300, 600 for the confirmation split, 200 for
+gym:<family>) without a limit, and at most MAX_ASKED items whatever the limit; `askable(name)`
+is every item any evaluation can ask of a set, which is what the overlap filter keeps out of
+training.
+
+A JSONL eval file must parse whole: a bad line is refused with the file, the line and the
+problem. Training data skips a bad record with a warning (schema.read_records), but an eval
+set that silently lost a line would report an accuracy over a different set than the file.
 """
 
 from __future__ import annotations
@@ -19,17 +30,23 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent_forge.data.overlap import jsonl_object
 from agent_forge.data.procedural import DIFFICULTY, EVAL_SEED_BASE, gym_problems
 
 VAL_SEED_BASE = EVAL_SEED_BASE + 10**6  # the validation split's seeds: disjoint from test and training
 CONFIRM_SEED_BASE = EVAL_SEED_BASE + 2 * 10**6  # the confirmation split's: disjoint from all the others
 CONFIRM_SIZE = 600
+FRESH = "easy_arithmetic_fresh"  # "easy_arithmetic_fresh:<seed>": see fresh_split_name
+FRESH_SEED_BASE = EVAL_SEED_BASE + 3 * 10**6  # fresh split s uses FRESH_SEED_BASE + s * 10**4 + i
+FRESH_SEEDS = 10**5
 
 EASY_FAMILIES = ("chain_sum", "basic_arithmetic", "simple_equations")
 EASY_SIZE = 300
 GYM_SIZE = 200
+MAX_ASKED = 1000  # the most items a procedural set gives: the `standard` preset's eval_samples
+PROCEDURAL = ("easy_arithmetic", "easy_arithmetic_val", "easy_arithmetic_confirm")
 NAMES = ("gsm8k", "arc_easy", "arc_challenge", "commonsense_qa", "easy_arithmetic", "easy_arithmetic_val",
-         "easy_arithmetic_confirm",
+         "easy_arithmetic_confirm", "easy_arithmetic_fresh:<seed>",
          "gym:<family>",
          "<path>.jsonl",
          "<name>+<name>")
@@ -58,19 +75,34 @@ def load_eval_set(name: str, limit: int | None = None) -> list[EvalItem]:
     elif name in ("arc_easy", "arc_challenge", "commonsense_qa"):
         items = _multiple_choice(name)
     elif name == "easy_arithmetic":
-        items = _procedural(EASY_FAMILIES, (limit or EASY_SIZE), "easy_arithmetic")
+        items = _procedural(EASY_FAMILIES, _size(limit, EASY_SIZE), "easy_arithmetic")
     elif name == "easy_arithmetic_val":
-        items = _procedural(EASY_FAMILIES, (limit or EASY_SIZE), "easy_arithmetic_val", VAL_SEED_BASE)
+        items = _procedural(EASY_FAMILIES, _size(limit, EASY_SIZE), "easy_arithmetic_val", VAL_SEED_BASE)
     elif name == "easy_arithmetic_confirm":
-        items = _procedural(EASY_FAMILIES, (limit or CONFIRM_SIZE), "easy_arithmetic_confirm", CONFIRM_SEED_BASE,
-                            fresh=_unasked_by(("easy_arithmetic", "easy_arithmetic_val")))
+        items = _procedural(EASY_FAMILIES, _size(limit, CONFIRM_SIZE), "easy_arithmetic_confirm",
+                            CONFIRM_SEED_BASE, fresh=_unasked_by(("easy_arithmetic", "easy_arithmetic_val")))
+    elif name.startswith(FRESH + ":"):
+        items = _fresh(name, _size(limit, EASY_SIZE))
     elif name.startswith("gym:"):
-        items = _procedural((name[4:],), (limit or GYM_SIZE), "gym")
+        items = _procedural((name[4:],), _size(limit, GYM_SIZE), "gym")
     elif name.endswith(".jsonl") or Path(name).is_file():
         items = _jsonl(Path(name))
     else:
         raise ValueError(f"unknown eval set {name!r}; known: {', '.join(NAMES)}")
     return items[:limit] if limit is not None else items
+
+
+def _size(limit: int | None, default: int) -> int:
+    """`limit` items (else the default), never more than the overlap filter indexes."""
+    return min(limit or default, MAX_ASKED)
+
+
+def askable(name: str) -> list[EvalItem]:
+    """Every item any evaluation can ask of set `name`: a procedural set at MAX_ASKED, others whole."""
+    if "+" in name and not Path(name).is_file():
+        return [item for part in name.split("+") for item in askable(part)]
+    procedural = name in PROCEDURAL or name.startswith("gym:")
+    return load_eval_set(name, limit=MAX_ASKED if procedural else None)
 
 
 def package_dir(package: str) -> Path:
@@ -122,17 +154,39 @@ def _letter(label: str, k: int) -> str:
     return "ABCDEFGH"[int(label) - 1] if label.isdigit() else label.strip().upper()
 
 
-def _procedural(families, size: int, prefix: str, seed_base: int = EVAL_SEED_BASE, fresh=None) -> list[EvalItem]:
+def fresh_split_name(seed: int | None = None) -> str:
+    """A fresh split's name: the whole easy range ("easy_wide" settings, wider than training's)
+    from a seed range nothing was chosen on, drawn now unless `seed` is given (to re-measure)."""
+    import secrets
+
+    seed = secrets.randbelow(FRESH_SEEDS) if seed is None else seed
+    if not 0 <= seed < FRESH_SEEDS:
+        raise ValueError(f"fresh split seed must be in [0, {FRESH_SEEDS})")
+    return f"{FRESH}:{seed}"
+
+
+def _fresh(name: str, size: int) -> list[EvalItem]:
+    """The fresh split `name`, leaving out questions the test and validation splits ask."""
+    tail = name.split(":", 1)[1]
+    if not tail.isdigit() or int(tail) >= FRESH_SEEDS:
+        raise ValueError(f"{name!r}: the fresh split's seed must be a whole number below {FRESH_SEEDS}")
+    base = FRESH_SEED_BASE + int(tail) * 10**4
+    return _procedural(EASY_FAMILIES, size, name.replace(":", "-"), base,
+                       fresh=_unasked_by(("easy_arithmetic", "easy_arithmetic_val")), difficulty="easy_wide")
+
+
+def _procedural(families, size: int, prefix: str, seed_base: int = EVAL_SEED_BASE, fresh=None,
+                difficulty: str = "easy") -> list[EvalItem]:
     """Equal shares per family, interleaved; items with unusable gold, or that `fresh` rejects,
     are skipped and replaced."""
-    per = [_family_items(f, -(-size // len(families)), prefix, seed_base, fresh) for f in families]
+    per = [_family_items(f, -(-size // len(families)), prefix, seed_base, fresh, difficulty) for f in families]
     out = [rs[i] for i in range(max(len(r) for r in per)) for rs in per if i < len(rs)]
     return out[:size]
 
 
 def _family_items(family: str, want: int, prefix: str, seed_base: int = EVAL_SEED_BASE,
-                  fresh=None) -> list[EvalItem]:
-    difficulty = "easy" if family in DIFFICULTY["easy"] else "default"
+                  fresh=None, difficulty: str = "easy") -> list[EvalItem]:
+    difficulty = difficulty if family in DIFFICULTY[difficulty] else "default"
     items: list[EvalItem] = []
     start = 0
     while len(items) < want and start < 4 * want + 100:
@@ -174,7 +228,7 @@ def _jsonl(path: Path) -> list[EvalItem]:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
-            d = json.loads(line)
+            d = jsonl_object(line, path, i + 1)
             if "question" not in d or "answer" not in d:
                 raise ValueError(f"{path}:{i + 1}: needs 'question' and 'answer'")
             items.append(EvalItem(str(d.get("id", f"{path.stem}-{i}")), d["question"], str(d["answer"]),

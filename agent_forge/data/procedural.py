@@ -20,6 +20,7 @@ import math
 import random
 import re
 import zlib
+from typing import Callable
 from fractions import Fraction
 
 from agent_forge.data.parse import answers_match, eval_steps, evaluate, false_equalities, to_number
@@ -29,6 +30,10 @@ from agent_forge.data.schema import Record, Segment
 from agent_forge.vocab import STRATEGIES
 
 DEFAULT_FAMILIES = ("chain_sum", "basic_arithmetic", "simple_equations", "gsm_symbolic")
+# Families whose problems are GSM8K *test* questions with names and numbers redrawn
+# (reasoning-gym's gsm_symbolic, after GSM-Symbolic, Mirzadeh et al. 2024): a model trained
+# on them has seen GSM8K's test set, so its GSM8K figures are flagged (overlap.gsm8k_contamination).
+GSM8K_TEST_TEMPLATE_FAMILIES = frozenset({"gsm_symbolic"})
 TRAIN_SEED_STRIDE = 10_000_000
 MAX_TRAIN_SEED = 100_000
 EVAL_SEED_BASE = 1 << 40
@@ -51,6 +56,17 @@ DIFFICULTY: dict[str, dict[str, dict]] = {
                                  operators=("+", "-", "*"), allow_parentheses=True,
                                  allow_negation=False, format_style="natural"),
         "simple_equations": dict(min_terms=2, max_terms=4, min_value=1, max_value=50),
+        "gsm_symbolic": {},
+    },
+    # The whole easy range, wider than "easy": 2-5 terms, coefficient 1 and negative
+    # coefficients, larger constants. The fresh evaluation split uses it (see evalsets).
+    "easy_wide": {
+        "chain_sum": dict(min_terms=2, max_terms=5, min_digits=1, max_digits=2),
+        "basic_arithmetic": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2,
+                                 operators=("+", "-", "*"), allow_parentheses=False,
+                                 allow_negation=False, format_style="natural", max_number=99),
+        "simple_equations": dict(min_terms=2, max_terms=3, min_value=1, max_value=20,
+                                 operators_weights=[0.45, 0.45, 0.1]),
         "gsm_symbolic": {},
     },
     "hard": {
@@ -548,12 +564,14 @@ def make_record(family: str, item: dict, rid: str, difficulty: str, rng_seed: in
 
 
 def build_gym_records(n: int, seed: int = 0, families=DEFAULT_FAMILIES,
-                      difficulty: str = "easy", stats: dict | None = None) -> list[Record]:
+                      difficulty: str = "easy", stats: dict | None = None,
+                      exclude: Callable[[str], bool] | None = None) -> list[Record]:
     """`n` verified records, an equal share per family, interleaved family by family.
 
-    Ids are "gym-<family>-<difficulty>-s<seed>-<index>". Items whose gold is wrong or
-    whose trace fails verification are skipped (counted in `stats`) and replaced by the
-    next index, so the result is deterministic in (n, seed, families, difficulty).
+    Ids are "gym-<family>-<difficulty>-s<seed>-<index>". Items whose gold is wrong, whose
+    trace fails verification, or whose question `exclude` rejects (an evaluation set asks
+    it: see overlap.asked_by) are skipped (counted in `stats`) and replaced by the next
+    index, so a filtered build still has `n` records, deterministic in its arguments.
     """
     if not 0 <= seed < MAX_TRAIN_SEED:
         raise ValueError(f"seed must be in [0, {MAX_TRAIN_SEED}) to stay clear of evaluation seeds")
@@ -564,25 +582,29 @@ def build_gym_records(n: int, seed: int = 0, families=DEFAULT_FAMILIES,
     per_family = []
     for k, family in enumerate(families):
         want = n // len(families) + (k < n % len(families))
-        per_family.append(_family_records(family, want, seed, difficulty, stats))
+        per_family.append(_family_records(family, want, seed, difficulty, stats, exclude))
     out = []
     for i in range(max((len(x) for x in per_family), default=0)):
         out.extend(rs[i] for rs in per_family if i < len(rs))
     return out
 
 
-def _family_records(family: str, want: int, seed: int, difficulty: str, stats: dict) -> list[Record]:
+def _family_records(family: str, want: int, seed: int, difficulty: str, stats: dict,
+                    exclude: Callable[[str], bool] | None = None) -> list[Record]:
     base = seed * TRAIN_SEED_STRIDE
     records: list[Record] = []
     start = 0
     while len(records) < want:
-        if start > 4 * want + 200:
+        if start > 8 * want + 200:
             raise RuntimeError(f"{family}: too many items fail verification ({stats})")
         batch = gym_problems(family, difficulty, base, start, max(want - len(records), 16))
         for offset, item in enumerate(batch):
             index = start + offset
             if item is None:
                 stats["bad_gold"] = stats.get("bad_gold", 0) + 1
+                continue
+            if exclude is not None and exclude(item["question"]):
+                stats["eval_overlap"] = stats.get("eval_overlap", 0) + 1
                 continue
             record = make_record(family, item, f"gym-{family}-{difficulty}-s{seed}-{index}",
                                  difficulty, base + family_offset(family) + index)

@@ -12,19 +12,42 @@ Rules (all documented here, tested in tests/test_evaluation_answers.py):
     cut at EOS (if `eos` is given) and at the first newline that follows some answer
     text; thinking tokens are removed from it; surrounding whitespace stripped. If no
     closing token appears, the block was never closed: None (no answer).
-  * vocab None (plain model): the first non-empty line of the reply, stripped.
+  * vocab None (plain model): the reply cut at the first of DIRECT_UNTIL ("Question:" and
+    the EOS texts, lm-eval's GSM8K stop sequences), then its first non-empty line, stripped.
 - extract_number(s): the first number in s. Thousands commas ("1,234"), "$" and a
   trailing "." are ignored; negatives ("-5", "−5") and decimals ("3.25", ".5") kept;
   a simple fraction "3/4" is one number. Returned as a clean string ("1234", "-0.5").
 - numbers_equal(a, b): exact rational comparison of two number strings (so "5", "5.0",
   "$5" and "10/2" are equal); False when either does not parse.
-- extract_choice(s, n_choices, choices=None): a choice letter A.. (upper-case), read as
-  "B", "(B)", "B)", "B.", "B: text", "answer is B" or a lone letter; a reply equal to a
-  choice's text (case-insensitive) maps to that letter. An "A"/"I" that starts an
-  English sentence ("A cat ...") is not read as a letter.
+- extract_choice(s, n_choices, choices=None), first rule that applies:
+  1. a reply equal to a choice's text (case-insensitive) maps to that letter;
+  2. a letter written as one: "B" or "b" alone, "(B)", "B)", "B.", "B: text" at the start,
+     "(B)" anywhere, "answer is B" / "answer: (B)" (the letter upper-case, as in lm-eval's
+     mmlu_pro "answer is" regex: "The answer is a fox" is no letter);
+  3. lm-eval's fallback: the first choice text found in the reply (case-insensitive,
+     longest choice first where two start at the same place), so "The answer is a fox"
+     reads as the choice "a fox";
+  4. an upper-case letter standing alone, unless an "A"/"I" starts an English sentence
+     ("A cat ...").
 - GSM8K as lm-evaluation-harness scores it (for plain-model replies): strict match takes
   the number after the first "#### "; flexible match takes the LAST number-like run in
   the reply; both then drop ",", "$" and a trailing ".".
+
+Where we differ from lm-evaluation-harness 0.4 (tasks gsm8k, arc_*, mmlu_pro, bbh):
+- A plain model's reply is generated, as lm-eval's gsm8k does, until "Question:" or EOS
+  (inference.py, DIRECT_UNTIL), and the flexible reading looks at all of it. But our score
+  (strict) is the FIRST number of its first line, not lm-eval's "#### N", which only its
+  few-shot context asks for; the A/B gives a plain model the better of the two readings.
+- Prompts: zero-shot "Question: ...\nAnswer:" (or the chat template with " Give only the
+  final answer."), not lm-eval's 5-shot GSM8K context; at most 48 new tokens for a direct
+  answer (DEFAULT_MAX_NEW), not lm-eval's 256.
+- A thinking model's answer is the line after its closed thinking block; lm-eval has no
+  such slot (lm_eval_adapter.py strips the thoughts before lm-eval's own filters run).
+- Multiple choice: lm-eval's ARC and CommonsenseQA rank the choices by log-likelihood
+  (runner.choice_loglik_accuracy does the same); reading a generated letter follows its
+  generative tasks' filters (rules 2-3 above) with two additions: a lone lower-case letter
+  and a lone upper-case letter anywhere (rule 4) count. Choice texts must match on word
+  boundaries ("cat" is not found in "category"); lm-eval matches any substring.
 """
 
 from __future__ import annotations
@@ -37,6 +60,9 @@ from agent_forge.vocab import ThinkingVocab, get_vocab
 
 # A number: optional sign, then thousands-grouped or plain digits, optional decimals; or
 # a fraction; or a bare decimal ".5". A sign must not follow a word character ("3-5").
+# lm-eval's gsm8k `until`: where a plain model's reply ends.
+DIRECT_UNTIL = ("Question:", "</s>", "<|im_end|>")
+
 _NUM = re.compile(
     r"(?<![\w.])[-−]?\$?(?:\d+/\d+(?![\d/])|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 )
@@ -47,7 +73,7 @@ def answer_slot(text: str, vocab: ThinkingVocab | str | None = None, eos: str | 
     if eos:
         text = text.split(eos, 1)[0]
     if vocab is None:
-        for line in text.splitlines():
+        for line in cut_at_until(text).splitlines():
             if line.strip():
                 return line.strip()
         return ""
@@ -59,6 +85,13 @@ def answer_slot(text: str, vocab: ThinkingVocab | str | None = None, eos: str | 
         if line.strip():
             return line.strip()
     return ""
+
+
+def cut_at_until(text: str) -> str:
+    """A plain model's reply up to the first DIRECT_UNTIL sequence (lm-eval's gsm8k stops)."""
+    for stop in DIRECT_UNTIL:
+        text = text.split(stop, 1)[0]
+    return text
 
 
 def strip_thinking_tokens(text: str, vocab: ThinkingVocab | str = "default") -> str:
@@ -110,7 +143,7 @@ def choice_letters(n_choices: int) -> str:
 
 
 def extract_choice(s: str | None, n_choices: int, choices: list[str] | None = None) -> str | None:
-    """The chosen letter (A.. for n_choices options), or None."""
+    """The chosen letter (A.. for n_choices options), or None; rules 1-4 of the module docstring."""
     if not s:
         return None
     letters = choice_letters(n_choices)
@@ -122,15 +155,30 @@ def extract_choice(s: str | None, n_choices: int, choices: list[str] | None = No
                 return letter
     cls = f"[{letters}]"
     patterns = (
-        rf"^\(?({cls})\)?\s*$",                       # "B", "(B)"
-        rf"^\(?({cls})[).:]",                          # "B)", "B.", "B: text"
-        rf"\(({cls})\)",                               # "... (B) ..."
-        rf"answer\s*(?:is|:)?\s*\(?({cls})\b",          # "the answer is B"
+        (rf"^\(?({cls})\)?\s*$", re.IGNORECASE),          # "B", "b", "(B)"
+        (rf"^\(?({cls})[).:]", 0),                          # "B)", "B.", "B: text"
+        (rf"\(({cls})\)", 0),                               # "... (B) ..."
+        (rf"(?i:answer)\s*(?:is|:)?\s*\(?({cls})\b", 0),   # "the answer is B"
     )
-    for p in patterns:
-        m = re.search(p, text, flags=re.IGNORECASE if "answer" in p or p.endswith("$") else 0)
+    for p, flags in patterns:
+        m = re.search(p, text, flags=flags)
         if m:
             return m.group(1).upper()
+    return _choice_text_in(text, letters, choices) or _lone_letter(text, cls)
+
+
+def _choice_text_in(text: str, letters: str, choices: list[str] | None) -> str | None:
+    """lm-eval's fallback: the letter of the first choice text found in the reply."""
+    texts = {c.strip().lower(): letter for letter, c in zip(letters, choices or []) if c.strip()}
+    if not texts:
+        return None
+    alternation = "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))
+    m = re.search(rf"(?<!\w)(?:{alternation})(?!\w)", text.lower())
+    return texts[m.group(0)] if m else None
+
+
+def _lone_letter(text: str, cls: str) -> str | None:
+    """An upper-case letter standing alone that is not an English "A" or "I"."""
     for m in re.finditer(rf"\b({cls})\b", text):
         follows = text[m.end():m.end() + 2]
         if m.group(1) in "AI" and re.match(r" [a-z]", follows):

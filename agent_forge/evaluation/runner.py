@@ -7,7 +7,9 @@ Scoring per item (answers.py has the extraction rules):
 - numeric gold: the FIRST number of the answer slot, compared exactly as a rational.
 - anything else: case- and punctuation-insensitive exact match of the slot.
 For plain-model replies we also report lm-eval's GSM8K flexible match (last number of
-the whole reply) as `flexible_accuracy`, so the two readings can be compared.
+the whole reply, which runs to "Question:" or EOS as lm-eval's gsm8k generates it) as
+`flexible_accuracy`, so the two readings can be compared. answers.py lists where our
+readings differ from lm-evaluation-harness.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 
 from agent_forge.evaluation.answers import (
-    answer_slot, choice_letters, extract_choice, extract_number, gsm8k_flexible, gsm8k_gold,
+    answer_slot, choice_letters, cut_at_until, extract_choice, extract_number, gsm8k_flexible, gsm8k_gold,
     is_numeric, numbers_equal,
 )
 from agent_forge.evaluation.metrics import accuracy_summary
@@ -107,7 +109,7 @@ def _example_row(item, gen: Generation) -> dict:
            "family": item.family, "closed": gen.closed, "reply": gen.answer_text, "flexible": None}
     gold = gsm8k_gold(item.answer)
     if gen.mode == "direct" and not item.choices and is_numeric(gold):
-        row["flexible"] = numbers_equal(gsm8k_flexible(gen.completion) or "", gold)
+        row["flexible"] = numbers_equal(gsm8k_flexible(cut_at_until(gen.completion)) or "", gold)
     return row
 
 
