@@ -147,6 +147,23 @@ def test_bad_input_is_rejected(server, root):
     for body, status in cases:
         r = c.post("/jobs", json=body, headers=AUTH)
         assert r.status_code == status, (body, r.status_code, r.text)
+    (root / "models" / "data.jsonl").write_text('{"question": "1 + 1", "answer": "2"}\n')
+    # 409 (needs Step 1) means every dataset path passed; 400 means one was refused
+    for overrides, status in [
+        ({"eval_dataset": "data.jsonl+/etc/passwd"}, 400),  # the loader splits on "+": each part is checked
+        ({"eval_dataset": f"{root}/models/data.jsonl+/etc/passwd"}, 400),
+        ({"eval_dataset": "data.jsonl+../../../../../../etc/passwd"}, 400),
+        ({"val_dataset": "/etc/passwd"}, 400),
+        ({"val_dataset": "easy_arithmetic+/etc/passwd"}, 400),
+        ({"val_dataset": "passwd"}, 400),  # not a built-in set: a path, and none such under the roots
+        ({"eval_dataset": "nope.jsonl"}, 400),
+        ({"eval_dataset": "easy_arithmetic+"}, 400),
+        ({"eval_dataset": "easy_arithmetic+data.jsonl", "val_dataset": "gym:chain_sum"}, 409),
+        ({"val_dataset": f"{root}/models/data.jsonl"}, 409),
+    ]:
+        body = {**ok, "model": model, "kind": "anti_theater", "out": "fresh", "overrides": overrides}
+        r = c.post("/jobs", json=body, headers=AUTH)
+        assert r.status_code == status, (overrides, r.status_code, r.text)
     (root / "outside").mkdir(exist_ok=True)
     (root / "runs" / "link").symlink_to(root / "outside")
     r = c.post("/jobs", json={**ok, "model": model, "out": "link/run"}, headers=AUTH)
@@ -214,6 +231,44 @@ def test_step1_job_pause_resume_complete(server, root):
     entry = Registry(root / "reg.sqlite").get_model(model_id)
     assert entry.handoff_status == ("passed" if state["handoff"]["ok"] else "failed")
     assert c.post(f"/jobs/{r.json()['id']}/cancel", headers=AUTH).status_code == 409
+
+
+def test_dataset_strings_are_rewritten_to_what_the_loader_will_open(tmp_path):
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.server.paths import PathRejected, confine_dataset
+
+    (tmp_path / "data.jsonl").write_text('{"question": "1 + 1", "answer": "2"}\n')
+    checked = confine_dataset("gym:chain_sum+data.jsonl", [tmp_path], "eval_dataset")
+    assert checked == f"gym:chain_sum+{tmp_path / 'data.jsonl'}"
+    items = load_eval_set(checked)
+    assert items[-1].question == "1 + 1" and len(items) > 1
+    (tmp_path / "a+b.jsonl").write_text("")
+    with pytest.raises(PathRejected, match=r"\+"):  # a file name with "+" reads two ways: refused
+        confine_dataset("a+b.jsonl", [tmp_path], "eval_dataset")
+
+
+def test_every_path_field_of_a_job_is_checked():
+    """Each string field of the pipeline config is a checked path, a request field, or named here
+    as not a path: a new field must be classed before a job can set it unchecked."""
+    import dataclasses
+
+    from agent_forge.quietstar.pipeline import make_config
+    from agent_forge.server.jobs import DATASET_FIELDS, RESERVED_OVERRIDES
+
+    not_paths = {"data.difficulty", "data.families", "bake.mode", "bake.optimizer", "bake.mixed_precision",
+                 "bake.kl_prompts", "bake.kl_source", "rl.reward", "rl.loss_norm", "rl.kl_estimator", "rl.optimizer",
+                 "rl.coherence_embedder", "rl.mixed_precision", "rl.families", "tracking"}
+
+    def text_fields(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from text_fields(value, f"{prefix}{f.name}.")
+            elif "str" in str(f.type):
+                yield prefix + f.name
+
+    unclassed = set(text_fields(make_config("quick"))) - not_paths - set(DATASET_FIELDS) - set(RESERVED_OVERRIDES)
+    assert not unclassed, f"class these config fields in jobs.py (paths) or here (not paths): {unclassed}"
 
 
 def test_restart_marks_running_jobs_paused(tmp_path):

@@ -1,12 +1,17 @@
 """Reasoning traces from teacher models behind an OpenAI-compatible API (OpenRouter default).
 
 Each job is one (question, teacher model, strategy). Jobs run concurrently under a
-semaphore; each reserves its worst-case cost before it is sent, so the budget holds even
-with many calls in flight. Retries back off exponentially with jitter and honour
-Retry-After. Every finished job is appended (and fsynced) to a log beside the output, and
-every accepted record to the output, so a rerun with the same output skips what is done:
-no duplicates, nothing lost, money already spent still counted against the budget.
-The API key is read from an environment variable and never printed.
+semaphore; every attempt reserves its worst-case cost before it is sent, so the budget holds
+even with many calls in flight. Every attempt that may have been billed is charged: a reply
+whose body is unreadable or has no text, and a timeout, count their usage or the worst case.
+Retries back off exponentially with jitter and honour Retry-After. Every job that made a
+call is appended (and fsynced) to a log beside the output with what it cost, and every
+accepted record to the output. A job is done once the teacher's reply was judged (kept, or
+rejected for its content); a job whose calls failed (retries ran out, a 4xx, the budget
+ran out mid-retry) is not, so a rerun with the same output asks it again: no duplicates,
+nothing lost, money already spent still counted against the budget. A refused key
+(401/403) stops the whole build at once with TeacherAuthError. The API key is read from an
+environment variable and never printed.
 """
 
 from __future__ import annotations
@@ -84,10 +89,26 @@ class BuildReport:
         return asdict(self)
 
 
+# Log statuses of jobs that are not done: a rerun tries them again.
+FAILED = ("api_error", "auth_error", "over_budget", "cancelled")
+
+
+class TeacherAuthError(RuntimeError):
+    """The API refused the key (401/403): every other call would be refused too, so the build stops."""
+
+
 class _Retryable(Exception):
-    def __init__(self, why: str, wait: float | None = None):
+    def __init__(self, why: str, wait: float | None = None, cost: float = 0.0):
         super().__init__(why)
-        self.why, self.wait = why, wait
+        self.why, self.wait, self.cost = why, wait, cost      # cost: what this attempt may have been billed
+
+
+class _Refused(Exception):
+    """A 401 or 403 from the API; the text is the server's, with the key blanked out."""
+
+
+class _OverBudget(Exception):
+    """The next attempt's worst case does not fit the budget."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,30 +150,62 @@ def _backoff(attempt: int, cfg: TeacherConfig, wait: float | None) -> float:
     return min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
 
 
-async def _post_once(client, model: str, messages: list[dict], cfg: TeacherConfig) -> dict:
+async def _post_once(client, model: str, messages: list[dict], cfg: TeacherConfig) -> tuple[str, float]:
+    """(reply text, billed cost) of one request; raises _Retryable (with what it may have cost) or _Refused."""
     import openai
 
     try:
         raw = await client.chat.completions.with_raw_response.create(
             model=model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+        raise _Refused(f"{e.status_code}: {_redact(str(e), cfg)[:300]}") from None
     except openai.RateLimitError as e:
         raise _Retryable("429", _retry_after(e.response)) from e
-    except openai.APITimeoutError as e:
-        raise _Retryable("timeout") from e
+    except openai.APITimeoutError as e:           # we hung up; the teacher may have answered and billed
+        raise _Retryable("timeout", cost=max_cost(model, messages, cfg)) from e
     except openai.APIConnectionError as e:
         raise _Retryable("connection") from e
     except openai.APIStatusError as e:
         if e.status_code >= 500:
             raise _Retryable(str(e.status_code), _retry_after(e.response)) from e
         raise
+    return _read_reply(raw.http_response.text, model, messages, cfg)
+
+
+def _read_reply(text: str, model: str, messages: list[dict], cfg: TeacherConfig) -> tuple[str, float]:
+    """(content, cost) of a 200 reply; a malformed one raises _Retryable carrying its cost, as it was billed."""
     try:
-        body = json.loads(raw.http_response.text)
+        body = json.loads(text)
+    except ValueError:
+        raise _Retryable("malformed", cost=max_cost(model, messages, cfg)) from None
+    cost = _billed(body, model, messages, cfg)
+    try:
         content = body["choices"][0]["message"]["content"]
-        if not isinstance(content, str):
-            raise TypeError("content is not text")
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise _Retryable("malformed") from e
-    return body
+    except (KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise _Retryable("malformed", cost=cost)
+    return content, cost
+
+
+def _billed(body, model: str, messages: list[dict], cfg: TeacherConfig) -> float:
+    """usage.cost, else the token counts at list price, else (nothing readable) the worst case."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict) or not usage:
+        return max_cost(model, messages, cfg)
+    if isinstance(usage.get("cost"), (int, float)) and not isinstance(usage["cost"], bool):
+        return float(usage["cost"])
+    try:
+        return price_of(model, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                        cfg.prices)
+    except (TypeError, ValueError):
+        return max_cost(model, messages, cfg)
+
+
+def _redact(text: str, cfg: TeacherConfig) -> str:
+    """Blank the key out of a server's error text (some servers echo what they were sent)."""
+    key = os.environ.get(cfg.api_key_env)
+    return text.replace(key, "***") if key else text
 
 
 def _retry_after(response) -> float | None:
@@ -163,29 +216,31 @@ def _retry_after(response) -> float | None:
         return None
 
 
-async def call_teacher(client, model: str, messages: list[dict], cfg: TeacherConfig,
-                       report: BuildReport) -> tuple[str, float]:
-    """(reply text, cost in USD); raises RuntimeError when retries run out."""
-    last = "unknown"
+async def call_teacher(client, model: str, messages: list[dict], cfg: TeacherConfig, report: BuildReport,
+                       state: _State, billed: list[float]) -> str:
+    """The reply text. Each attempt reserves its worst case first; what it was billed goes to `billed`.
+
+    Raises _OverBudget when the next attempt does not fit, _Refused on 401/403, RuntimeError
+    when retries run out, and the openai error of any other 4xx.
+    """
+    reserve, last = max_cost(model, messages, cfg), "unknown"
     for attempt in range(cfg.max_retries + 1):
+        if not state.try_reserve(reserve):
+            raise _OverBudget()
         report.calls += 1
+        cost, wait = 0.0, None
         try:
-            body = await _post_once(client, model, messages, cfg)
+            text, cost = await _post_once(client, model, messages, cfg)
+            return text
         except _Retryable as e:
-            last = e.why
-            if attempt < cfg.max_retries:
-                report.retries += 1
-                await asyncio.sleep(_backoff(attempt, cfg, e.wait))
-            continue
-        usage = body.get("usage") or {}
-        if isinstance(usage.get("cost"), (int, float)):
-            cost = float(usage["cost"])
-        elif usage:
-            cost = price_of(model, int(usage.get("prompt_tokens", 0)),
-                            int(usage.get("completion_tokens", 0)), cfg.prices)
-        else:
-            cost = max_cost(model, messages, cfg)     # unknown: assume the worst case
-        return body["choices"][0]["message"]["content"], cost
+            cost, wait, last = e.cost, e.wait, e.why
+        finally:
+            billed.append(cost)
+            report.cost_usd += cost
+            state.settle(reserve, cost)
+        if attempt < cfg.max_retries:
+            report.retries += 1
+            await asyncio.sleep(_backoff(attempt, cfg, wait))
     raise RuntimeError(f"gave up after {cfg.max_retries + 1} attempts ({last})")
 
 
@@ -224,10 +279,12 @@ class _State:
         self.done: set[str] = set()
         self.traces: dict[str, list[str]] = {}
         self.prior_cost = 0.0
+        self.refused: str | None = None       # the first 401/403's text: the build stops
         if log.exists():
             for line in log.read_text(encoding="utf-8").splitlines():
                 entry = json.loads(line)
-                self.done.add(entry["key"])
+                if entry.get("status") not in FAILED:
+                    self.done.add(entry["key"])
                 self.prior_cost += float(entry.get("cost", 0.0))
         if out.exists():
             for r in read_records(out, errors=[]):
@@ -241,6 +298,13 @@ class _State:
             return False
         self.reserved += amount
         return True
+
+    def settle(self, reserved: float, cost: float) -> None:
+        """An attempt ended: free its reservation, charge what it cost."""
+        self.reserved -= reserved
+        self.spent += cost
+        if cost > reserved:
+            self.stop = True        # the estimate was too low: launch nothing more
 
 
 def judge(question: dict, model: str, strategy: str, text: str, cost: float,
@@ -297,32 +361,41 @@ async def build_api_records(questions: list[dict], out: str | Path, cfg: Teacher
             progress()
 
     await asyncio.gather(*(run(j) for j in todo))
+    if state.refused:
+        raise TeacherAuthError(f"the API at {cfg.base_url} refused the key in {cfg.api_key_env} "
+                               f"({state.refused}); the build stopped and no job was marked done: "
+                               "set a valid key and rerun")
     return report
 
 
 async def _run_job(job, client, cfg, state: _State, report: BuildReport, out: Path, log: Path) -> None:
     q, model, strategy = job
     key = _job_key(q["id"], model, strategy)
-    messages = build_messages(q["question"], strategy)
-    reserve = max_cost(model, messages, cfg)
-    if not state.try_reserve(reserve):
-        report.skipped_budget += 1
-        return
-    cost = 0.0
+    messages, billed = build_messages(q["question"], strategy), []
     try:
-        text, cost = await call_teacher(client, model, messages, cfg, report)
-        record, verdict = judge(q, model, strategy, text, cost, state.traces.get(str(q["id"]), []),
+        text = await call_teacher(client, model, messages, cfg, report, state, billed)
+        record, verdict = judge(q, model, strategy, text, sum(billed), state.traces.get(str(q["id"]), []),
                                 cfg.near_duplicate)
-    except RuntimeError:
+    except _OverBudget:
+        if not billed:              # never sent
+            if not state.refused:
+                report.skipped_budget += 1
+            return
+        record, verdict = None, "over_budget"
+    except _Refused as e:
+        state.refused, state.stop = state.refused or str(e), True
+        record, verdict = None, "auth_error"
+    except asyncio.CancelledError:
+        if sum(billed) > 0:         # keep what it spent on the books for the rerun's budget
+            _append(log, json.dumps({"key": key, "status": "cancelled", "cost": sum(billed)}))
+        raise
+    except Exception:  # noqa: BLE001 - retries ran out, a 4xx or a client error: record it, keep going
         record, verdict = None, "api_error"
-    except Exception:  # noqa: BLE001 - a 4xx or client error: record it, keep going
-        record, verdict = None, "api_error"
-    finally:
-        state.reserved -= reserve
-        state.spent += cost
-        report.cost_usd += cost
-    if cost > reserve:
-        state.stop = True        # the estimate was too low: launch nothing more
+    _finish_job(key, q, record, verdict, sum(billed), state, report, out, log)
+
+
+def _finish_job(key, q, record, verdict, cost, state: _State, report: BuildReport, out: Path, log: Path) -> None:
+    """Write the record and the log line; only a judged reply makes the job done."""
     if record is not None:
         _append(out, record.to_json())
         state.traces.setdefault(str(q["id"]), []).append(render_thinking(record.thinking))
@@ -330,7 +403,8 @@ async def _run_job(job, client, cfg, state: _State, report: BuildReport, out: Pa
     else:
         report.reject(verdict)
     _append(log, json.dumps({"key": key, "status": verdict, "cost": cost}))
-    state.done.add(key)
+    if verdict not in FAILED:
+        state.done.add(key)
 
 
 def make_client(cfg: TeacherConfig):

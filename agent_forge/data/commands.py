@@ -87,25 +87,26 @@ def data_build(
 def _build_gym(n, out, seed, difficulty, fams, check_overlap) -> None:
     import time
 
+    from agent_forge.data.overlap import asked_by
     from agent_forge.data.procedural import build_gym_records
     from agent_forge.data.schema import write_records
 
     t0, stats = time.perf_counter(), {}
     with console.status(f"generating {n} procedural records"):
-        extra = n // 10 + 20 if check_overlap else 0     # room for items dropped as eval overlap
-        records = build_gym_records(n + extra, seed=seed, families=fams, difficulty=difficulty, stats=stats)
-        records = _drop_eval_overlap(records, check_overlap)[:n]
+        records = build_gym_records(n, seed=seed, families=fams, difficulty=difficulty, stats=stats,
+                                    exclude=asked_by() if check_overlap else None)
     write_records(out, records)
     console.print(f"wrote {len(records)} records to {out} in {time.perf_counter() - t0:.1f} s "
                   f"(gold fixed {stats.get('gold_fixed', 0)}, bad gold {stats.get('bad_gold', 0)}, "
-                  f"failed verification {stats.get('failed_verification', 0)})")
+                  f"failed verification {stats.get('failed_verification', 0)}, "
+                  f"skipped as asked by an eval set {stats.get('eval_overlap', 0)})")
 
 
 def _build_api(n, out, seed, difficulty, fams, questions, check_overlap, base_url, models,
                budget_usd, api_key_env, strategies, concurrency) -> None:
     from rich.progress import Progress
 
-    from agent_forge.data.api import DEFAULT_MODELS, TeacherConfig, run_api_build
+    from agent_forge.data.api import DEFAULT_MODELS, FAILED, TeacherConfig, run_api_build
     from agent_forge.vocab import STRATEGIES
 
     qs = _drop_eval_overlap(load_questions(questions, n, seed, difficulty, fams), check_overlap)
@@ -116,10 +117,15 @@ def _build_api(n, out, seed, difficulty, fams, questions, check_overlap, base_ur
         task = bar.add_task("teacher calls", total=total)
         try:
             report = run_api_build(qs, out, cfg, progress=lambda: bar.advance(task))
-        except RuntimeError as e:
-            console.print(f"[red]{e}[/]")
+        except RuntimeError as e:  # a missing or refused key: one message, the server's text unparsed
+            bar.stop()
+            console.print(str(e), style="red", markup=False, highlight=False)
             raise typer.Exit(2)
     console.print_json(json.dumps(report.to_dict()))
+    failed = sum(report.rejected_by_reason.get(k, 0) for k in FAILED)
+    if failed:
+        console.print(f"[yellow]{failed} job(s) failed (API errors or budget); rerun the same command "
+                      "to retry them[/]")
 
 
 def _build_star(n, out, seed, difficulty, fams, questions, check_overlap, model_spec, k, rationalize) -> None:

@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from agent_forge.registry import Registry
-from agent_forge.server.paths import PathRejected, confine
+from agent_forge.server.paths import PathRejected, confine, confine_dataset
 
 KINDS = ("step1", "step2", "anti_theater", "complete")
 RESUMABLE = ("step1", "step2", "complete")  # an anti-theater run has no checkpoints
@@ -33,6 +33,7 @@ NEEDS_STEP1 = ("step2", "anti_theater")
 KIND_PREFIX = "job:"
 ACTIVE = ("queued", "running")
 RESERVED_OVERRIDES = ("model", "out", "registry", "device", "preset")
+DATASET_FIELDS = ("eval_dataset", "val_dataset")  # overrides the worker reads files from (evalsets names or paths)
 WORKER_MODULE = "agent_forge.server.worker"
 SECRET_ENV = ("FORGE_API_TOKEN",)
 
@@ -177,10 +178,10 @@ class JobManager:
                     raise JobError(400, f"model {model!r} does not exist")
                 model = str(model_path)
             overrides = dict(req.get("overrides") or {})
-            eval_set = overrides.get("eval_dataset")
-            if isinstance(eval_set, str) and ("/" in eval_set or eval_set.endswith(".jsonl")):
-                overrides["eval_dataset"] = str(confine(eval_set, self.settings.model_roots + self.settings.out_roots,
-                                                        "eval_dataset"))
+            for name in DATASET_FIELDS:
+                if isinstance(overrides.get(name), str):
+                    overrides[name] = confine_dataset(overrides[name], self.settings.model_roots
+                                                      + self.settings.out_roots, name)
         except PathRejected as e:
             raise JobError(400, str(e)) from None
         if out.exists() and not out.is_dir():
