@@ -8,6 +8,8 @@ Three modes, always in the project's fixed text format (see data/schema.py):
          writes the answer straight away.
 - "auto": "on" for a tokenizer that has the thinking tokens, else a plain direct answer.
 
+"off" for a model without thinking tokens is a direct answer too: no thinking is what it does.
+
 A model without thinking tokens (the baseline) answers directly, after either the plain
 prompt ("plain") or its chat template with " Give only the final answer." ("chat"; the
 default when the tokenizer has a template), because an instruct baseline deserves its
@@ -15,7 +17,9 @@ best shot. Prompts are left-padded so a batch can be decoded together with the K
 
 Stopping: a row ends at EOS, or (by default) at the first newline after some answer text
 in the answer slot, which is all we score; this is a StoppingCriteria, so the batch ends
-when every row has ended. Thinking tokens never reach `answer_text`.
+when every row has ended. A direct answer (mode "direct") instead runs, as lm-eval's gsm8k
+generates, until "Question:" or EOS (answers.DIRECT_UNTIL), so lm-eval's flexible reading
+sees the whole reply. Thinking tokens never reach `answer_text`.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria
+from transformers import StoppingCriteria, StopStringCriteria
 
 from agent_forge.data.schema import render_prompt
-from agent_forge.evaluation.answers import answer_slot, strip_thinking_tokens
+from agent_forge.evaluation.answers import DIRECT_UNTIL, answer_slot, strip_thinking_tokens
 from agent_forge.vocab import ThinkingVocab, get_vocab, has_thinking_tokens
 
 CHAT_SUFFIX = " Give only the final answer."
@@ -73,15 +77,16 @@ class Generation:
 
 
 def resolve_mode(tokenizer, thinking: str, vocab: ThinkingVocab | str = "default") -> str:
-    """'on' | 'off' | 'direct' for this tokenizer; 'on'/'off' need the thinking tokens."""
+    """'on' | 'off' | 'direct' for this tokenizer; 'on' needs the thinking tokens, and 'off'
+    without them is a direct answer (the model cannot think, so it answers straight away)."""
     if thinking not in ("on", "off", "auto"):
         raise ValueError(f"thinking must be 'on', 'off' or 'auto', not {thinking!r}")
     has = has_thinking_tokens(tokenizer, vocab)
-    if thinking == "auto":
-        return "on" if has else "direct"
-    if not has:
-        raise ValueError(f"thinking={thinking!r} needs a model with thinking tokens; use 'auto'")
-    return thinking
+    if has and thinking != "auto":
+        return thinking
+    if thinking == "on":
+        raise ValueError("thinking='on' needs a model with thinking tokens; use 'auto' or 'off'")
+    return "on" if has else "direct"
 
 
 def default_prompt_style(tokenizer) -> str:
@@ -198,14 +203,17 @@ def generate_answers(model, tokenizer, questions: list[str], thinking: str = "au
 
     thought_mode ("all" | "difficult") decodes a token-level Quiet-STaR model with a silent
     thought before every (or every difficult) visible token, mixed in by the mixing head
-    stored in `model_dir`; without a head the output equals plain decoding.
+    stored in `model_dir`; without a head the output equals plain decoding. In mode "on" the
+    written thinking block stays writable (its markers and closing token are not banned).
     """
+    mode = resolve_mode(tokenizer, thinking, vocab)
     decoder = None
     if thought_mode is not None:
         from agent_forge.quietstar.thought_inference import load_decoder
 
-        decoder = load_decoder(model, tokenizer, model_dir, mode=thought_mode)
-    mode = resolve_mode(tokenizer, thinking, vocab)
+        if mode == "direct":
+            raise ValueError("silent thoughts (thought_mode) need a model with thinking tokens")
+        decoder = load_decoder(model, tokenizer, model_dir, mode=thought_mode, visible_block=mode == "on")
     vocab = get_vocab(vocab)
     prompts = [build_prompt(tokenizer, q, mode, prompt_style, vocab) for q in questions]
     chat = mode == "direct" and (prompt_style or default_prompt_style(tokenizer)) == "chat"
@@ -268,7 +276,8 @@ def _generate_batch(model, tokenizer, batch: list[tuple[str, str]], mode: str, m
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     close_id = tokenizer.convert_tokens_to_ids(vocab.close) if mode != "direct" else None
-    criteria = [AnswerSlotStop(tokenizer, len(texts), mode == "on", close_id)] if stop else []
+    criteria = [AnswerSlotStop(tokenizer, len(texts), mode == "on", close_id) if mode != "direct"
+                else StopStringCriteria(tokenizer, list(DIRECT_UNTIL))] if stop else []
     do_sample, temperature, top_p = sample
     extra = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     t0 = time.perf_counter()

@@ -84,6 +84,8 @@ def test_resolve_mode_and_prompts():
         resolve_mode(plain, "on")
     with pytest.raises(ValueError):
         resolve_mode(tok, "maybe")
+    assert resolve_mode(tok, "off") == "off"
+    assert resolve_mode(plain, "off") == "direct"  # no thinking tokens: "off" is answering directly
     p_on, pre_on = build_prompt(tok, "2+2?", "on")
     p_off, pre_off = build_prompt(tok, "2+2?", "off")
     assert p_on == "Question: 2+2?\nAnswer:" + THINK_OPEN and pre_on == THINK_OPEN
@@ -212,3 +214,19 @@ def test_direct_mode_for_plain_model():
         assert g.mode == "direct" and g.closed and g.thinking is None
         assert "\n" not in g.answer_text
         assert 0 <= g.n_new_tokens <= 8 and g.seconds > 0
+
+
+def test_silent_thoughts_keep_the_written_block_writable():
+    """A token-level model thinks silently AND writes its block in mode "on": with a zero (closed)
+    mixing head its replies are exactly the plain ones, block markers and closing token included."""
+    model, tok = memorised_model()
+    qs = list(MEMORY)
+    for mode in ("all", "difficult"):
+        on = generate_answers(model, tok, qs, thinking="on", max_new_tokens=24, thought_mode=mode)
+        assert [g.answer_text for g in on] == [MEMORY[q][1] for q in qs] and all(g.closed for g in on)
+        assert all(g.thinking.startswith(MEMORY[q][0].split()[0]) for g, q in zip(on, qs))
+        off = generate_answers(model, tok, qs, thinking="off", max_new_tokens=8, thought_mode=mode)
+        assert [g.answer_text for g in off] == [MEMORY[q][2] for q in qs]
+    plain_tok = make_tiny_tokenizer()
+    with pytest.raises(ValueError, match="thinking tokens"):
+        generate_answers(make_tiny_model("llama", len(plain_tok)), plain_tok, qs, thought_mode="all")

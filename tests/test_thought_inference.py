@@ -125,3 +125,38 @@ def test_eos_padding_and_stopping_like_hf_generate():
     got = dec.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=1,
                        stopping_criteria=[stop_after_two])
     assert got.shape[1] == ids.shape[1] + 2
+
+
+def test_written_block_may_close_but_never_reopen():
+    """visible_block (inference mode "on"): the closing token and the strategy markers may be
+    written visibly; the opening token, which starts every silent thought, never may."""
+    model, tok, tids, ids, mask = setup()
+    with torch.no_grad():  # make the model love its thinking tokens
+        model.get_output_embeddings().weight[sorted(tids.values())] += model.model.norm.weight * 5
+    dec = load_decoder(model, tok, None, mode="all", thought_len=4, visible_block=True)
+    torch.manual_seed(0)
+    out = dec.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
+                       do_sample=True, temperature=1.0)
+    visible = set(out[:, ids.shape[1]:].flatten().tolist())
+    assert tids["[thinking]"] not in visible
+    assert visible & (set(tids.values()) - {tids["[thinking]"]})  # block tokens were written
+    assert tids["[thinking]"] in dec.banned and tids["[/endthinking]"] not in dec.banned
+
+
+def test_thought_positions_follow_the_mixing_head(tmp_path):
+    """A directory with a mixing head thinks at difficult positions unless told otherwise; one
+    without decodes plainly and refuses an explicit thought mode (thoughts would do nothing)."""
+    from agent_forge.quietstar.mixing import save_head
+    from agent_forge.quietstar.thought_inference import HEAD_FILE, has_mixing_head, resolve_thought_positions
+
+    plain, token = tmp_path / "plain", tmp_path / "token"
+    plain.mkdir()
+    save_head(MixingHead(8), token / HEAD_FILE)
+    assert has_mixing_head(token) and not has_mixing_head(plain) and not has_mixing_head(None)
+    assert [resolve_thought_positions(token, p) for p in (None, "all", "difficult", "none")] == \
+        ["difficult", "all", "difficult", None]
+    assert resolve_thought_positions(plain) is None and resolve_thought_positions(plain, "none") is None
+    with pytest.raises(ValueError, match="mixing_head"):
+        resolve_thought_positions(plain, "all")
+    with pytest.raises(ValueError, match="one of"):
+        resolve_thought_positions(token, "some")

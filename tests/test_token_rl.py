@@ -3,6 +3,7 @@ direction, one real step, and exact resume."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -258,3 +259,87 @@ def test_adaptive_thought_defaults_follow_model_size():
     want = adaptive_defaults(measure_model(model), cfg.seq_len)
     assert (cfg.n_thoughts, cfg.thought_len) == (want["n_thoughts"], want["thought_length"])
     assert trl.resolve_adaptive(trl.TokenRLConfig(n_thoughts=3, thought_len=6), model).n_thoughts == 3
+
+
+# ---------------------------------------------------------------- held-out evaluation and the CLI
+
+def _eval_file(tmp_path):
+    import json
+
+    from test_inference import MEMORY
+
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": right}) + "\n"
+                            for q, (_, right, _) in MEMORY.items()))
+    return str(path)
+
+
+def test_held_out_eval_before_and_after_with_and_without_thoughts(tmp_path):
+    """Token Step 2 answers held-out questions before training and after it, with the trained
+    head's silent thoughts and without them, and pairs the three."""
+    import copy
+
+    from test_inference import memorised_model
+
+    model, tok = memorised_model()
+    res = trl.run_token_rl((copy.deepcopy(model), tok), tmp_path / "out", TEXTS,
+                           {**tiny_cfg().to_dict(), "eval_samples": 3, "eval_max_new_tokens": 24,
+                            "eval_thought_positions": "all", "lr": 1e-6},
+                           eval_data=_eval_file(tmp_path))
+    h = res["held_out"]
+    assert h["n"] == 3 and h["before"]["accuracy"] == 1.0  # the memorised model, plain decoding
+    assert (h["before"]["thought_positions"], h["after"]["thought_positions"],
+            h["after_no_thoughts"]["thought_positions"]) == ("none", "all", "none")
+    assert h["gain_vs_before"]["before"] == h["before"]["accuracy"]
+    assert h["gain_vs_before"]["after"] == h["gain_vs_no_thoughts"]["after"] == h["after"]["accuracy"]
+    assert h["after"]["ms_per_example"] > 0 and "correct" not in h["after"]
+    assert json.loads((tmp_path / "out" / "step2.json").read_text())["held_out"] == h
+
+
+def _rl_cli(tmp_path, **kw):
+    from agent_forge.quietstar.rl_commands import rl_cmd
+
+    args = dict(model="x", data=None, out=str(tmp_path / "out"), mode="token", steps=1, samples=None,
+                questions=None, reward=None, lr=None, optimizer=None, kl=None, config=None,
+                eval_data="easy_arithmetic", eval_samples=None, device=None, tracking="disabled",
+                resume=False, json_out=False)
+    return rl_cmd(**{**args, **kw})
+
+
+def _baked(tmp_path):
+    """A saved tiny thinking model, training records and a small token-mode config."""
+    from agent_forge.data.schema import Record, Segment, write_records
+    from agent_forge.models import save_model
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    add_thinking_tokens(model, tok)
+    save_model(model, tok, tmp_path / "baked", {"phase": 3})
+    recs = [Record(str(i), f"{i} + 1 = ?", [Segment("step", f"{i} + 1 = {i + 1}")], str(i + 1), str(i + 1), "t")
+            for i in range(8)]
+    write_records(tmp_path / "d.jsonl", recs)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_thoughts: 2\nthought_len: 3\nbatch_size: 2\nseq_len: 24\nsave_every: 0\n")
+    return dict(model=str(tmp_path / "baked"), data=str(tmp_path / "d.jsonl"), config=str(cfg))
+
+
+@pytest.mark.parametrize("option", [{"samples": 4}, {"questions": 2}, {"reward": "correct"}])
+def test_token_mode_rejects_answer_mode_options(tmp_path, option, capsys):
+    import typer
+
+    with pytest.raises(typer.Exit):
+        _rl_cli(tmp_path, **_baked(tmp_path), **option)
+    assert f"--{next(iter(option))}" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "step2.json").exists()
+
+
+def test_token_mode_prints_metrics_and_held_out_eval(tmp_path, capsys):
+    """--eval-data / --eval-samples / --device reach token mode; its metrics are printed."""
+    _rl_cli(tmp_path, **_baked(tmp_path), eval_data=_eval_file(tmp_path), eval_samples=2, device="cpu")
+    text = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("  ")}
+    for key in ("reward_rolling", "kl", "mix_weight_mean", "frac_thought", "sec_per_step"):
+        float(rows[key])  # a number, not "-"
+    assert "held-out" in text and "silent thoughts difficult" in text and "ms/example" in text
+    saved = json.loads((tmp_path / "out" / "step2.json").read_text())
+    assert saved["held_out"]["n"] == 2 and saved["eval_data"].endswith("held_out.jsonl")

@@ -68,10 +68,52 @@ def _batch(batch_size: int | None) -> int:
     return batch_size or GENERATION_BATCH
 
 
+POSITIONS_HELP = ("silent thoughts of a token-level Quiet-STaR model (a directory with a mixing head): "
+                  "all | difficult | none (default: difficult when the model has a mixing head, else none)")
+
+
+def _thought_modes(models: list[str], positions: Optional[str]) -> list[Optional[str]]:
+    """Each model's silent-thought mode; --thought-positions applies to the models with a mixing head."""
+    from agent_forge.quietstar.thought_inference import (HEAD_FILE, POSITIONS, has_mixing_head,
+                                                         resolve_thought_positions)
+
+    if positions is not None and positions not in POSITIONS:
+        _fail(f"--thought-positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    if positions not in (None, "none") and not any(has_mixing_head(m) for m in models):
+        _fail(f"--thought-positions {positions} needs a token-level Quiet-STaR model; "
+              f"no {HEAD_FILE} in {', '.join(models)}")
+    return [resolve_thought_positions(m, positions) if has_mixing_head(m) else None for m in models]
+
+
+def _thought_line(mode: Optional[str], ms: float) -> str:
+    """Which silent thoughts ran and what they cost, for the table output."""
+    where = {"all": "before every visible token", "difficult": "at difficult (high-entropy) positions",
+             None: "none (plain decoding)"}[mode]
+    return f"silent thoughts: {where}; {ms:.0f} ms/example"
+
+
+class _Timer:
+    """Wall time of the generations that pass through, per label: the ms/example reported."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}
+
+    def add(self, label: str, gens: list) -> list:
+        t = self.totals.setdefault(label, [0.0, 0])
+        t[0] += sum(g.seconds for g in gens)
+        t[1] += len(gens)
+        return gens
+
+    def ms(self) -> dict[str, float]:
+        return {k: 1000 * sec / max(1, n) for k, (sec, n) in self.totals.items()}
+
+
 def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
              data: str = typer.Option("easy_arithmetic", help=DATA_HELP),
              limit: Optional[int] = typer.Option(None, help="first N items only"),
-             thoughts: str = typer.Option("auto", help="on | off | auto"),
+             thoughts: str = typer.Option("auto", help="on | off | auto (off on a model without "
+                                          "thinking tokens: it answers directly)"),
+             thought_positions: Optional[str] = typer.Option(None, help=POSITIONS_HELP),
              batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
              max_new_tokens: Optional[int] = typer.Option(None, help="default: 256 thinking, 48 otherwise"),
              device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
@@ -82,20 +124,29 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
 
     if thoughts not in ("on", "off", "auto"):
         _fail("--thoughts must be on, off or auto")
+    [thought_mode] = _thought_modes([model], thought_positions)
     m, tok = _load(model, device)
     items = _items(data, limit, exclude_seen, quiet=json_out)
     try:
         res = evaluate(m, tok, items, thinking=thoughts, batch_size=_batch(batch_size),
-                       max_new_tokens=max_new_tokens, progress=not json_out)
+                       max_new_tokens=max_new_tokens, progress=not json_out,
+                       thought_mode=thought_mode, model_dir=model if thought_mode else None)
     except ValueError as e:
         _fail(str(e))
-    out = {"model": model, "data": data, **res.to_dict()}
+    out = {"model": model, "data": data, **res.to_dict(), "thought_positions": thought_mode or "none"}
+    if thoughts == "off" and res.mode == "direct":
+        out["note"] = "the model has no thinking tokens, so thoughts off means answering directly"
     if out.get("loglik"):
         out["loglik"] = {k: v for k, v in out["loglik"].items() if k != "per_example"}
     if json_out:
         print(json.dumps(out))
         return
-    table = Table(title=f"forge eval: {model} on {data} (thoughts {res.mode})")
+    _print_eval(out, res)
+
+
+def _print_eval(out: dict, res) -> None:
+    """The table and the lines under it."""
+    table = Table(title=f"forge eval: {out['model']} on {out['data']} (thoughts {res.mode})")
     for col in ("family", "n", "accuracy", "95% CI"):
         table.add_column(col)
     for fam, s in res.per_family.items():
@@ -103,7 +154,10 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
     table.add_row("[bold]all", str(res.n), f"[bold]{_pct(res.accuracy)}",
                   f"{_pct(res.ci95[0])} - {_pct(res.ci95[1])}")
     console.print(table)
-    console.print(f"ms/example {res.ms_per_example:.0f}   no answer {_pct(res.no_answer_rate)}")
+    if out.get("note"):
+        console.print(out["note"])
+    mode = None if out["thought_positions"] == "none" else out["thought_positions"]
+    console.print(f"{_thought_line(mode, res.ms_per_example)}   no answer {_pct(res.no_answer_rate)}")
     if res.usage:
         console.print(f"thinking closed {_pct(res.usage['closed_rate'])}, "
                       f"well-formed {_pct(res.usage['well_formed_rate'])}")
@@ -114,37 +168,66 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
                       f"acc_norm {_pct(res.loglik['acc_norm'])}")
 
 
+AT_TOKENS_HELP = ("new tokens per reply (default: 256 thinking on, 48 off); the pipeline's anti-theater "
+                  "uses its preset's max_new_tokens (quick: 96): pass that to compare with it")
+
+
 def anti_theater_cmd(model: str = typer.Option(..., help=MODEL_HELP),
                      data: str = typer.Option("easy_arithmetic", help=DATA_HELP),
                      limit: Optional[int] = typer.Option(100, help="first N items only"),
                      batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
                      device: Optional[str] = typer.Option(None),
+                     thought_positions: Optional[str] = typer.Option(None, help=POSITIONS_HELP),
+                     max_new_tokens: Optional[int] = typer.Option(None, help=AT_TOKENS_HELP),
                      json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Do the thoughts carry the answer? Divergence, ablation, coherence-utility correlation.
 
+    A token-level model thinks silently in the thinking-on pass; the off pass has no thinking.
     Exit status 1 when any test fails (the recommendation is then "roll back")."""
-    from agent_forge.validation.anti_theater import run_anti_theater
+    from agent_forge.validation.anti_theater import comparison, run_anti_theater, value_text
 
+    [thought_mode] = _thought_modes([model], thought_positions)
     m, tok = _load(model, device)
+    timer = _Timer()
+    gen = _anti_theater_generate(m, tok, model, thought_mode, _batch(batch_size), not json_out, timer,
+                                 max_new_tokens)
     try:
-        report = run_anti_theater(m, tok, _items(data, limit), batch_size=_batch(batch_size),
+        report = run_anti_theater(m, tok, _items(data, limit), generate_fn=gen, batch_size=_batch(batch_size),
                                   progress=not json_out)
     except ValueError as e:
         _fail(str(e))
     if json_out:
-        print(json.dumps({"model": model, "data": data, **report.to_dict()}))
+        print(json.dumps({"model": model, "data": data, **report.to_dict(),
+                          "thought_positions": thought_mode or "none", "ms_per_example": timer.ms()}))
         raise typer.Exit(0 if report.passed else 1)
     table = Table(title=f"forge anti-theater: {model} on {data}")
     for col in ("test", "value", "threshold", "passed", "detail"):
         table.add_column(col)
     for t in report.tests:
-        table.add_row(t["name"], f"{t['value']:.3f}", f"> {t['threshold']}",
+        table.add_row(t["name"], value_text(t, ".3f"),
+                      f"{comparison(t)} {t['threshold']}" + (f", p < {t['alpha']}" if "alpha" in t else ""),
                       "[green]yes" if t["passed"] else "[red]no", t["detail"])
     console.print(table)
+    ms = timer.ms()
+    console.print(f"thinking on: {_thought_line(thought_mode, ms['on'])}; thinking off: {ms['off']:.0f} ms/example")
     colour = "green" if report.passed else "red"
     console.print(f"[bold {colour}]{report.recommendation}[/]: {report.sentence}")
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _anti_theater_generate(m, tok, model: str, thought_mode: Optional[str], batch_size: int,
+                           progress: bool, timer: _Timer, max_new_tokens: Optional[int] = None):
+    """generate_fn(questions, thinking) for run_anti_theater: silent thoughts (if any) in the
+    thinking-on pass only, each pass timed."""
+    from agent_forge.inference import generate_answers
+
+    def generate(questions: list[str], thinking: str):
+        tm = thought_mode if thinking == "on" else None
+        return timer.add(thinking, generate_answers(m, tok, questions, thinking=thinking, batch_size=batch_size,
+                                                    max_new_tokens=max_new_tokens, progress=progress,
+                                                    thought_mode=tm, model_dir=model if tm else None))
+    return generate
 
 
 def ab_cmd(baseline: str = typer.Option(..., help=MODEL_HELP),
@@ -156,21 +239,32 @@ def ab_cmd(baseline: str = typer.Option(..., help=MODEL_HELP),
            batch_size: Optional[int] = typer.Option(None, help=BATCH_HELP),
            device: Optional[str] = typer.Option(None),
            exclude_seen: Optional[list[str]] = typer.Option(None, help=SEEN_HELP),
+           thought_positions: Optional[str] = typer.Option(None, help=POSITIONS_HELP + "; applies to each "
+                                                            "arm that has a mixing head"),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Baseline vs candidate over several rounds with paired significance tests."""
-    from agent_forge.validation.ab import model_arm, run_ab
+    from agent_forge.validation.ab import Arm, model_arm, run_ab
 
+    names = [baseline, candidate]
+    modes = _thought_modes(names, thought_positions)
     items = _items(data, limit, exclude_seen, quiet=json_out)
-    arms = [model_arm(name, *_load(name, device), batch_size=_batch(batch_size)) for name in (baseline, candidate)]
+    timer = _Timer()
+    arms = []
+    for role, name, mode in zip(("baseline", "candidate"), names, modes):
+        arm = model_arm(name, *_load(name, device), batch_size=_batch(batch_size), thought_mode=mode,
+                        model_dir=name if mode else None)
+        arms.append(Arm(name, lambda qs, r, arm=arm, role=role: timer.add(role, arm.generate(qs, r))))
     report = run_ab(arms[0], arms[1], items, rounds=rounds, threshold=threshold, progress=not json_out)
+    thoughts = {"baseline": modes[0] or "none", "candidate": modes[1] or "none"}
     if json_out:
-        print(json.dumps({"data": data, **report.to_dict()}))
+        print(json.dumps({"data": data, **report.to_dict(), "thought_positions": thoughts,
+                          "ms_per_example": timer.ms()}))
         return
     table = Table(title=f"forge ab on {data}: {rounds} round(s), {len(items)} items")
-    for col in ("arm", "mean accuracy", "std", "per round"):
+    for col in ("arm", "mean accuracy", "std over rounds", "per round", "silent thoughts", "ms/example"):
         table.add_column(col)
-    for arm in (report.baseline, report.candidate):
+    for role, arm in (("baseline", report.baseline), ("candidate", report.candidate)):
         table.add_row(arm["name"], _pct(arm["mean"]), f"{100 * arm['std']:.1f}",
-                      ", ".join(_pct(a) for a in arm["per_round"]))
+                      ", ".join(_pct(a) for a in arm["per_round"]), thoughts[role], f"{timer.ms()[role]:.0f}")
     console.print(table)
     console.print(report.sentence)

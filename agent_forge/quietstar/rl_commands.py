@@ -32,7 +32,8 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
            lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-5)"),
            optimizer: Optional[str] = typer.Option(None, help="adamw | mugrokfast (default adamw)"),
            kl: Optional[float] = typer.Option(None, help="KL coefficient to the Step 1 model (default 0.1)"),
-           config: Optional[str] = typer.Option(None, help="YAML file with RLConfig fields"),
+           config: Optional[str] = typer.Option(None, help="YAML file with RLConfig fields (--mode token: "
+                                                 "TokenRLConfig fields)"),
            eval_data: str = typer.Option("easy_arithmetic", help="held-out set for the final evaluation"),
            eval_samples: Optional[int] = typer.Option(None, help="held-out questions (default 100)"),
            device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
@@ -42,6 +43,10 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
     """Reinforce thoughts that lead to right answers (GRPO-style groups, KL to the Step 1 model)."""
     if mode not in ("answer", "token"):
         _fail(f"--mode must be 'answer' or 'token', not {mode!r}")
+    answer_only = {"--samples": samples, "--questions": questions, "--reward": reward}
+    if mode == "token" and any(v is not None for v in answer_only.values()):
+        _fail(f"{', '.join(k for k, v in answer_only.items() if v is not None)}: answer mode only; "
+              "token mode sets its thoughts with --config (n_thoughts, thought_len, injection)")
     from agent_forge.quietstar.rl import run_step2
     from agent_forge.tracking import Tracker
 
@@ -53,7 +58,8 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
     with Tracker(out, mode=tracking, config={"command": "rl", "mode": mode, **overrides}) as tracker:
         try:
             if mode == "token":
-                metrics = _token_mode(model, out, data, steps, lr, optimizer, kl, config, tracker, progress, resume)
+                metrics = _token_mode(model, out, data, overrides, config, eval_data, device, tracker,
+                                      progress, resume)
             else:
                 metrics = run_step2(model, out, overrides, config, data=data, eval_data=eval_data, resume=resume,
                                     device=device, tracker=tracker, progress=progress)
@@ -61,6 +67,9 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
             _fail(str(e))
     if json_out:
         print(json.dumps(metrics, default=str))
+        return
+    if mode == "token":
+        _print_token(metrics)
         return
     console = Console()
     console.print(f"[green]Step 2 done[/]: model in {metrics.get('model_dir', out + '/model')}")
@@ -70,16 +79,40 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
         console.print(f"  {key:24s} {value:.4g}" if isinstance(value, (int, float)) else f"  {key:24s} -")
 
 
-def _token_mode(model, out, data, steps, lr, optimizer, kl, config, tracker, progress, resume) -> dict:
-    """Token-level Quiet-STaR (parallel thoughts after every position, mixing head)."""
+def _token_mode(model, out, data, given: dict, config, eval_data, device, tracker, progress, resume) -> dict:
+    """Token-level Quiet-STaR (parallel thoughts after every position, mixing head), evaluated on
+    held-out questions before and after."""
     from agent_forge.config import load_yaml
     from agent_forge.quietstar.token_rl import run_token_rl
 
     if not data:
         raise ValueError("--mode token needs --data (records JSONL or plain text to think over)")
-    given = {"steps": steps, "lr": lr, "optimizer": optimizer, "kl_coefficient": kl}
-    overrides = {**(load_yaml(config) if config else {}), **{k: v for k, v in given.items() if v is not None}}
-    return run_token_rl(model, out, data, overrides, tracker=tracker, progress=progress, resume=resume)
+    overrides = {**(load_yaml(config) if config else {}), **given}
+    return run_token_rl(model, out, data, overrides, tracker=tracker, progress=progress, resume=resume,
+                        eval_data=eval_data, device=device)
+
+
+def _print_token(result: dict) -> None:
+    """Token mode's training metrics and its held-out evaluation, as lines."""
+    console = Console()
+    console.print(f"[green]Step 2 (token) done[/]: model in {result['model_dir']}")
+    m = result["metrics"]
+    for key in ("steps", "first_reward_rolling", "reward_rolling", "kl", "mix_weight_mean", "frac_thought",
+                "thought_diversity", "sec_per_step"):
+        value = m.get(key)
+        console.print(f"  {key:24s} {value:.4g}" if isinstance(value, (int, float)) else f"  {key:24s} -")
+    h = result.get("held_out")
+    if not h:
+        return
+    console.print(f"held-out {result['eval_data']} (n={h['n']}, thinking on):")
+    for label, key in (("before", "before"), ("after", "after"), ("after, thoughts off", "after_no_thoughts")):
+        r = h[key]
+        console.print(f"  {label:20s} {100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]"
+                      f"  silent thoughts {r['thought_positions']}, {r['ms_per_example']:.0f} ms/example")
+    for label, key in (("after - before", "gain_vs_before"), ("thoughts on - off", "gain_vs_no_thoughts")):
+        g = h[key]
+        console.print(f"  {label:20s} {g['points']:+.1f} points [{g['ci95_points'][0]:+.1f}, "
+                      f"{g['ci95_points'][1]:+.1f}], McNemar p={g['mcnemar_p']:.3g}")
 
 
 def _printer():

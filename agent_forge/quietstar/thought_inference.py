@@ -17,6 +17,18 @@ threshold (speculating would make every step a 2-token pass, which costs real co
 CPU); a step thinks for the whole batch when any row needs it (rows that did not need it
 keep their base prediction). With a zero-initialised mixing head w = 0 and the output is plain
 greedy decoding, token for token.
+
+Visible text: the silent thoughts' start and end tokens are the thinking block's own
+[thinking] / [/endthinking]. When the visible reply is a written thinking block (inference
+mode "on", as the token-level model was trained on rendered records), the block's strategy
+markers and its closing token may be written visibly; only the opening token stays banned.
+Otherwise (block forced empty, or a direct answer) every thinking token is banned.
+
+Which positions think (`resolve_thought_positions`): a model directory holding a mixing head
+decodes with thoughts at "difficult" positions unless told otherwise: that is the spec's
+difficulty-based thought injection, and it thinks only at steps whose next-token entropy is
+above the 85th percentile of the prompts' own, where "all" adds about thought_len - 2 forward
+passes to every visible token.
 """
 
 from __future__ import annotations
@@ -33,6 +45,9 @@ from agent_forge.quietstar.mixing import MixingHead, load_head
 from agent_forge.quietstar.thoughts import backbone, lm_logits, text_positions
 
 MODES = ("all", "difficult")
+POSITIONS = (*MODES, "none")  # what the commands' --thought-positions takes
+DEFAULT_POSITIONS = "difficult"
+HEAD_FILE = "mixing_head.safetensors"
 
 
 @dataclass
@@ -67,13 +82,15 @@ class ThoughtDecoder:
     mode: "all" (think before every token) or "difficult" (only when the base next-token
     entropy exceeds `entropy_threshold` nats; None = the (1 - difficult_fraction) quantile of
     the entropies over the prompts' own positions). thought_len counts start and end.
-    thought_temperature 0 = greedy thoughts.
+    thought_temperature 0 = greedy thoughts. visible_end lets the end token be written
+    visibly (it closes a written thinking block); the start token never is.
     """
 
     def __init__(self, model, head: MixingHead | None, start_id: int, end_id: int, *,
                  mode: str = "difficult", thought_len: int = 8, entropy_threshold: float | None = None,
                  difficult_fraction: float = 0.15, thought_temperature: float = 0.0,
-                 banned_visible: Sequence[int] = (), generator: torch.Generator | None = None):
+                 banned_visible: Sequence[int] = (), generator: torch.Generator | None = None,
+                 visible_end: bool = False):
         if mode not in MODES:
             raise ValueError(f"thought mode must be one of {MODES}, not {mode!r}")
         if thought_len < 2:
@@ -83,7 +100,8 @@ class ThoughtDecoder:
         self.mode, self.L = mode, thought_len
         self.threshold, self.fraction = entropy_threshold, difficult_fraction
         self.temperature, self.generator = thought_temperature, generator
-        self.banned = sorted(set(banned_visible) | {start_id, end_id})
+        never = {start_id} if visible_end else {start_id, end_id}  # visible_end: a written block may close
+        self.banned = sorted(set(banned_visible) | never)
         self.stats = DecodeStats()
         self.speculative = mode == "all"
 
@@ -232,12 +250,37 @@ def _zero_head(model) -> MixingHead:
     return MixingHead(model.config.hidden_size).to(device=w.device, dtype=w.dtype)
 
 
+def has_mixing_head(model_dir: str | Path | None) -> bool:
+    """A token-level Quiet-STaR model carries its mixing head next to its weights."""
+    return model_dir is not None and (Path(str(model_dir)) / HEAD_FILE).is_file()
+
+
+def resolve_thought_positions(model_dir: str | Path | None, positions: str | None = None) -> str | None:
+    """The thought mode to decode `model_dir` with: "all" | "difficult", or None (plain decoding).
+
+    positions None: DEFAULT_POSITIONS when the directory holds a mixing head, else None;
+    "none": None; "all" / "difficult" need a mixing head (without one every thought is
+    multiplied by zero: slower plain decoding, which would only mislead)."""
+    if positions is not None and positions not in POSITIONS:
+        raise ValueError(f"thought positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    if positions == "none":
+        return None
+    if not has_mixing_head(model_dir):
+        if positions is None:
+            return None
+        raise ValueError(f"thought positions {positions!r} need a token-level Quiet-STaR model (a directory "
+                         f"holding {HEAD_FILE}); {model_dir} has none")
+    return positions or DEFAULT_POSITIONS
+
+
 def load_decoder(model, tokenizer, model_dir: str | Path | None = None, mode: str = "difficult",
-                 **kwargs) -> ThoughtDecoder:
+                 visible_block: bool = False, **kwargs) -> ThoughtDecoder:
     """A ThoughtDecoder for a token-level Quiet-STaR model: the mixing head and thought length
-    come from `model_dir` (mixing_head.safetensors, forge_meta config) when present; every
-    thinking token is banned from the visible text. For inference.generate_answers:
-    `ThoughtDecoder.generate` takes the keywords it passes to model.generate."""
+    come from `model_dir` (mixing_head.safetensors, forge_meta config) when present. Thinking
+    tokens are banned from the visible text, except, with `visible_block` (the reply is a
+    written thinking block, inference mode "on"), the strategy markers and the closing token.
+    For inference.generate_answers: `ThoughtDecoder.generate` takes the keywords it passes
+    to model.generate."""
     from agent_forge.models import read_meta
     from agent_forge.vocab import get_vocab, thinking_token_ids
 
@@ -245,10 +288,11 @@ def load_decoder(model, tokenizer, model_dir: str | Path | None = None, mode: st
     ids = thinking_token_ids(tokenizer, vocab)
     head, cfg = None, {}
     if model_dir is not None:
-        path = Path(model_dir) / "mixing_head.safetensors"
+        path = Path(model_dir) / HEAD_FILE
         w = model.get_input_embeddings().weight
         head = load_head(path, device=w.device) if path.is_file() else None
         cfg = read_meta(model_dir).get("config", {}) or {}
     kwargs.setdefault("thought_len", cfg.get("thought_len") or 8)
+    banned = [ids[vocab.open]] if visible_block else sorted(ids.values())
     return ThoughtDecoder(model, head, ids[vocab.open], ids[vocab.close], mode=mode,
-                          banned_visible=sorted(ids.values()), **kwargs)
+                          banned_visible=banned, visible_end=visible_block, **kwargs)

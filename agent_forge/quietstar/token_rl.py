@@ -55,11 +55,10 @@ from torch import nn
 from agent_forge.quietstar.injector import select_positions, selected_fraction
 from agent_forge.quietstar.kl import sequence_kl
 from agent_forge.quietstar.mixing import MixingHead, load_head, mixed_logits, save_head
+from agent_forge.quietstar.thought_inference import HEAD_FILE, MODES
 from agent_forge.quietstar.thoughts import ThoughtBatch, generate_thoughts, token_loglik
 from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from agent_forge.vocab import add_thinking_tokens, get_vocab
-
-HEAD_FILE = "mixing_head.safetensors"
 
 
 @dataclass
@@ -83,6 +82,8 @@ class TokenRLConfig:
         as far per step (the reference trains them ~100x faster; gentler here).
     kl_top_k: top-k of the KL (None = exact). head_inner: mixing-head width (None = H).
     rolling_window: steps in the rolling reward.
+    eval_samples / eval_max_new_tokens / eval_thought_positions: the held-out evaluation
+        before and after training (run_token_rl with eval_data); thoughts "all" | "difficult".
     """
 
     n_thoughts: int | None = None
@@ -112,6 +113,9 @@ class TokenRLConfig:
     head_inner: int | None = None
     rolling_window: int = 20
     mixed_precision: str = "no"
+    eval_samples: int = 100
+    eval_max_new_tokens: int = 96
+    eval_thought_positions: str = "difficult"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -476,33 +480,80 @@ class TokenRLTrainer:
 
 
 def run_token_rl(model_spec_or_dir, out: str | Path, data_path_or_records, overrides: dict | None = None,
-                 tracker=None, progress: Callable | None = None, resume: bool = False) -> dict:
-    """Token-level Step 2 end to end: load, train, save out/model (+ mixing_head.safetensors,
-    forge_meta phase 3 / step 2 / mode "token") and out/step2.json; returns step2.json's dict.
+                 tracker=None, progress: Callable | None = None, resume: bool = False,
+                 eval_data: str | None = None, device: str | None = None) -> dict:
+    """Token-level Step 2 end to end: load, evaluate, train, save out/model (+ mixing_head.safetensors,
+    forge_meta phase 3 / step 2 / mode "token"), evaluate again, write out/step2.json; returns
+    step2.json's dict.
 
     `model_spec_or_dir` is anything models.load_model takes, or a (model, tokenizer) pair; a
-    directory holding mixing_head.safetensors continues with that head.
+    directory holding mixing_head.safetensors continues with that head. With `eval_data` (an
+    evalsets name) the first cfg.eval_samples questions are answered (thinking on) before
+    training and after it, with and without the silent thoughts (see held_out_eval).
     """
     from agent_forge.models import load_model, save_model
 
     cfg = TokenRLConfig.from_overrides(overrides)
+    if cfg.eval_thought_positions not in MODES:
+        raise ValueError(f"eval_thought_positions must be one of {MODES}, not {cfg.eval_thought_positions!r}")
     if isinstance(model_spec_or_dir, tuple):
         (model, tokenizer), parent, head = model_spec_or_dir, "in-memory model", None
     else:
-        model, tokenizer = load_model(str(model_spec_or_dir))
+        model, tokenizer = load_model(str(model_spec_or_dir), device=device)
         parent = str(model_spec_or_dir)
         head_path = Path(parent) / HEAD_FILE
         head = load_head(head_path) if head_path.is_file() else None
     out = Path(out)
     trainer = TokenRLTrainer(model, tokenizer, cfg, out, tracker, head)
+    items = _eval_items(eval_data, cfg.eval_samples)
+    before = _eval_pass(trainer.model, tokenizer, items, cfg, parent if head is not None else None)
     ids, mask = encode_crops(load_texts(data_path_or_records), tokenizer, trainer.cfg.seq_len)
     summary = trainer.run(ids, mask, resume=resume, progress=progress)
     meta = {"phase": 3, "step": 2, "mode": "token", "parent": parent,
             "thinking_tokens": trainer.token_ids, "vocab": get_vocab().to_dict(),
             "config": trainer.cfg.to_dict(), "metrics": summary, "mixing_head": HEAD_FILE}
-    save_model(trainer.model, tokenizer, out / "model", meta)
-    save_head(trainer.head, out / "model" / HEAD_FILE)
-    result = {"mode": "token", "model_dir": str(out / "model"), "crops": len(ids),
-              "config": trainer.cfg.to_dict(), "metrics": summary, "history": trainer.history}
+    model_dir = out / "model"
+    save_model(trainer.model, tokenizer, model_dir, meta)
+    save_head(trainer.head, model_dir / HEAD_FILE)
+    held_out = held_out_eval(trainer.model, tokenizer, items, cfg, model_dir, before) if items else None
+    result = {"mode": "token", "model_dir": str(model_dir), "crops": len(ids),
+              "config": trainer.cfg.to_dict(), "metrics": summary, "eval_data": eval_data,
+              "held_out": held_out, "history": trainer.history}
     (out / "step2.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _eval_items(eval_data: str | None, limit: int) -> list:
+    if not eval_data:
+        return []
+    from agent_forge.data.evalsets import load_eval_set
+
+    return load_eval_set(eval_data, limit=limit)
+
+
+def _eval_pass(model, tokenizer, items: list, cfg: TokenRLConfig, model_dir) -> dict | None:
+    """Thinking-on accuracy on `items`; with the silent thoughts of the head in `model_dir` if given."""
+    if not items:
+        return None
+    from agent_forge.evaluation.runner import evaluate
+
+    mode = cfg.eval_thought_positions if model_dir is not None else None
+    res = evaluate(model, tokenizer, items, thinking="on", max_new_tokens=cfg.eval_max_new_tokens,
+                   loglik=False, progress=False, thought_mode=mode, model_dir=str(model_dir) if mode else None)
+    return {"accuracy": res.accuracy, "ci95": res.ci95, "n": res.n, "ms_per_example": res.ms_per_example,
+            "thought_positions": mode or "none", "correct": [bool(r["correct"]) for r in res.per_example]}
+
+
+def held_out_eval(model, tokenizer, items: list, cfg: TokenRLConfig, model_dir: Path, before: dict) -> dict:
+    """The trained model with its silent thoughts against itself without them (what the thoughts
+    add) and against the model before training (what Step 2 changed), paired on the same items.
+    `before` used the input model's head if it had one, else plain decoding (a fresh head's
+    zero mixing weight makes thoughts change nothing)."""
+    from agent_forge.validation.stats import paired_gain
+
+    after = _eval_pass(model, tokenizer, items, cfg, model_dir)
+    plain = _eval_pass(model, tokenizer, items, cfg, None)
+    ok = {k: v.pop("correct") for k, v in (("before", before), ("after", after), ("plain", plain))}
+    return {"n": len(items), "before": before, "after": after, "after_no_thoughts": plain,
+            "gain_vs_before": paired_gain(ok["before"], ok["after"]),
+            "gain_vs_no_thoughts": paired_gain(ok["plain"], ok["after"])}
