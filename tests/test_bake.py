@@ -198,6 +198,19 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, optimizer):
     assert logged == expected
 
 
+def test_mugrokfast_bake_logs_qk_clip_figures_each_step(tmp_path):
+    """What QK-clip did reaches the step log (and the tracker); AdamW steps log none of it."""
+    runs = {}
+    for optimizer in ("mugrokfast", "adamw"):
+        tok = make_tiny_tokenizer()
+        cfg = BakeConfig(steps=2, batch_size=4, save_every=0, max_len=512, optimizer=optimizer)
+        runs[optimizer] = [h for h in Baker(make_tiny_model("llama", len(tok)), tok, cfg, tmp_path / optimizer)
+                           .run(RECORDS[:16], RECORDS[16:20]).history if "loss" in h]
+    assert [h["qk_clip_steps"] for h in runs["mugrokfast"]] == [1, 2]
+    assert all(h["qk_clip_max_logit"] > 0 and h["qk_clip_heads_clipped"] >= 0 for h in runs["mugrokfast"])
+    assert not any(k.startswith("qk_clip") for h in runs["adamw"] for k in h)
+
+
 def _tiny_setup(tmp_path: Path) -> tuple[Path, Path]:
     from agent_forge.models import save_model
 
@@ -332,3 +345,22 @@ def test_preflight_refuses_when_memory_is_short(tmp_path):
     with pytest.raises(PreflightError, match="not enough disk"):
         check(tmp_path, Needs(disk_bytes=10**18, memory_bytes=0), free_memory_bytes=10**9)
     assert check(tmp_path, Needs(disk_bytes=1000, memory_bytes=1000), free_memory_bytes=10**9)["disk_free_gb"] > 0
+
+
+def test_a_nan_step_is_never_saved_as_a_checkpoint(tmp_path, monkeypatch):
+    """Step 2's loss is NaN and step 2 is a save step: the run stops with step 1 as the newest
+    checkpoint (saving before the check kept the NaN step as the "last good" one)."""
+    from agent_forge.training.checkpoint import latest_checkpoint
+
+    tok = make_tiny_tokenizer()
+    baker = Baker(make_tiny_model("llama", len(tok)), tok,
+                  BakeConfig(steps=4, batch_size=4, save_every=1, max_len=512), tmp_path)
+    real_step = baker._step
+
+    def step(i, examples, teachers):
+        row = real_step(i, examples, teachers)
+        return {**row, "loss": float("nan")} if i == 1 else row
+    monkeypatch.setattr(baker, "_step", step)
+    with pytest.raises(FloatingPointError):
+        baker.run(RECORDS[:16], RECORDS[16:20])
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000001"

@@ -4,8 +4,10 @@ Two objectives share one loop:
 - `sft`: supervised baking on rendered records, loss on the trace and the answer only;
 - `kl`: true prompt baking (Bhargava et al. 2024). A frozen teacher sees a strategy prompt,
   the student does not; the student minimises KL(teacher || student) on response tokens.
-  Several prompts bake sequentially (the teacher becomes the freshly baked model plus the
-  next prompt); `kl_target` stops early for half-baking.
+  The responses are sampled from the prompted teacher (`kl_source="sampled"`, as the paper
+  does) or are the records' own traces (`"dataset"`). The first prompt's teacher is the input
+  model, also on --resume. Several prompts bake sequentially (the teacher becomes the
+  freshly baked model plus the next prompt); `kl_target` stops early for half-baking.
 
 One loop for CPU, one GPU and many (HF Accelerate; launch with torchrun for several
 processes). Batches are a pure function of (seed, step), so a resumed run sees exactly the
@@ -24,10 +26,15 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from agent_forge.quietstar.bake_data import (ANSWER, IGNORE, collate, encode_records, shifted)
+from agent_forge.inference import GENERATION_BATCH
+from agent_forge.optim.mugrokfast import qk_clip_log
+from agent_forge.quietstar.bake_data import (ANSWER, IGNORE, collate, encode_pairs, encode_records, sample_pairs,
+                                             shifted)
 from agent_forge.quietstar.kl import sequence_kl
-from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from agent_forge.training.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state,
+                                             truncate_log)
 from agent_forge.training.guards import check_loss
 from agent_forge.vocab import STRATEGIES, add_thinking_tokens
 
@@ -65,6 +72,14 @@ class BakeConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     kl_prompts: tuple[str, ...] = (DEFAULT_BAKE_PROMPT,)  # baked one after another in kl mode
+    # kl mode's responses. "sampled" (Bhargava et al.): before each prompt's span, kl_samples
+    # continuations per training question are sampled from the prompted teacher (seeded, no
+    # grad, batched; every process samples all of them), each cut at max_len. "dataset": the
+    # records' own traces (planted slips stay out of the KL, as out of the SFT loss).
+    kl_source: str = "sampled"
+    kl_samples: int = 1  # "sampled": continuations per question
+    kl_max_new_tokens: int = 128  # "sampled": longest continuation
+    kl_temperature: float = 1.0  # "sampled": 1.0 samples the teacher's own distribution
     kl_top_k: int | None = 64  # top-k KL (bounded memory); None = exact, chunked
     kl_target: float | None = None  # half-baking: stop a prompt once the KL falls below
     converge_overall: float = 0.85  # convergence: held-out token accuracy overall ...
@@ -145,19 +160,25 @@ def kl_loss(student, teacher, student_batch, teacher_batch, top_k) -> torch.Tens
     with torch.no_grad():
         t_logits = teacher(input_ids=teacher_batch["input_ids"], attention_mask=teacher_batch["attention_mask"]).logits
     s_resp, mask = _response_logits(s_logits, student_batch)
-    t_resp, _ = _response_logits(t_logits, teacher_batch)
+    t_resp, t_mask = _response_logits(t_logits, teacher_batch)
+    if not torch.equal(mask, t_mask):
+        raise ValueError("teacher and student batches hold different responses")
     return sequence_kl(t_resp, s_resp, mask, top_k)
 
 
 def _response_logits(logits, batch):
-    labels, _ = shifted(batch)
-    is_resp = labels != IGNORE
-    lengths = is_resp.sum(1)
-    width = int(lengths.max())
-    starts = is_resp.float().argmax(1)
-    idx = starts[:, None] + torch.arange(width, device=logits.device)[None]
-    mask = torch.arange(width, device=logits.device)[None] < lengths[:, None]
-    idx = idx.clamp(max=logits.shape[1] - 2)
+    """(logits predicting response token i at [:, i], mask of the labelled ones), shape (B, R).
+
+    The response runs from the first labelled token (the opener; the prompt never is) to the
+    sequence's end. Labels inside it can be IGNORE (a planted slip), so the mask is read from
+    the labels: the closing tag, answer and EOS after a slip stay in the window and the KL.
+    """
+    labels, _ = shifted(batch)  # labels[:, t] is the token logits[:, t] predicts
+    starts = (labels != IGNORE).float().argmax(1)
+    lengths = batch["attention_mask"].sum(1) - 1 - starts
+    offsets = torch.arange(int(lengths.max()), device=logits.device)[None]
+    idx = (starts[:, None] + offsets).clamp(max=labels.shape[1] - 1)
+    mask = (offsets < lengths[:, None]) & (labels.gather(1, idx) != IGNORE)
     picked = logits[:, :-1].gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
     return picked, mask
 
@@ -225,6 +246,7 @@ class Baker:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.model = _maybe_lora(model, tokenizer, cfg)
         self.teacher = None
+        self.kl_data: dict = {}  # kl mode: where the last prompt's responses came from, how many, how long
         self.history: list[dict] = []
 
     # -- setup --------------------------------------------------------------------------
@@ -275,28 +297,45 @@ class Baker:
         self.optimizer.zero_grad(set_to_none=True)
         loss_t = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
         return {"loss": loss_t, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-                "examples": used}
+                **qk_clip_log(self.optimizer), "examples": used}
 
     # -- run ------------------------------------------------------------------------------
     def run(self, train_records, eval_records, resume: bool = False, progress=None) -> BakeResult:
+        """Train (sft: on the records' traces; kl: bake each prompt in turn) and measure."""
         cfg = self.cfg
-        examples, dropped = encode_records(train_records, self.tokenizer, max_len=cfg.max_len)
         held, _ = encode_records(eval_records, self.tokenizer, max_len=cfg.max_len)
-        if not examples:
-            raise ValueError("no training example fits in max_len; raise max_len or check the data")
-        self.lengths = tuple(len(e.input_ids) for e in examples)  # the length-grouping key, once per run
-        start = self._setup(resume)
-        prompts = list(cfg.kl_prompts) if cfg.mode == "kl" else [""]
-        per_prompt = math.ceil(cfg.steps / len(prompts))
-        step = start
-        for p_i, prompt in enumerate(prompts):
+        if cfg.mode == "kl":
+            step, dropped = self._run_kl(train_records, resume, held, progress)
+        else:
+            examples, dropped = encode_records(train_records, self.tokenizer, max_len=cfg.max_len)
+            if not examples:
+                raise ValueError("no training example fits in max_len; raise max_len or check the data")
+            self.lengths = tuple(len(e.input_ids) for e in examples)  # the length-grouping key, once per run
+            step = self._train_span(self._setup(resume), cfg.steps, examples, None, held, progress)
+        metrics = self.final_metrics(held, dropped, step)
+        return BakeResult(step, metrics, metrics["convergence"]["converged"], self.history)
+
+    def _run_kl(self, records, resume: bool, held, progress) -> tuple[int, int]:
+        """Bake cfg.kl_prompts one after another; returns (steps done, pairs dropped for length)."""
+        cfg = self.cfg
+        if cfg.kl_source not in ("sampled", "dataset"):
+            raise ValueError(f"kl_source must be 'sampled' or 'dataset', not {cfg.kl_source!r}")
+        # Copied before _setup: on --resume a checkpoint overwrites self.model, and the first
+        # prompt's teacher is the input model, never the partly baked one.
+        original = copy.deepcopy(self.model).eval().requires_grad_(False)
+        step = self._setup(resume)
+        per_prompt = math.ceil(cfg.steps / len(cfg.kl_prompts))
+        dropped = 0
+        for p_i, prompt in enumerate(cfg.kl_prompts):
             end = min(cfg.steps, (p_i + 1) * per_prompt)
             if step >= end:
                 continue
-            teacher_examples = self._prepare_teacher(prompt, train_records) if cfg.mode == "kl" else None
-            step = self._train_span(step, end, examples, teacher_examples, held, progress)
-        metrics = self.final_metrics(held, dropped, step)
-        return BakeResult(step, metrics, metrics["convergence"]["converged"], self.history)
+            self.teacher = original if p_i == 0 else self._sequential_teacher(p_i, step > p_i * per_prompt)
+            original = None
+            students, teachers, dropped = self._kl_pairs(prompt, records, p_i)
+            self.lengths = tuple(len(e.input_ids) for e in students)
+            step = self._train_span(step, end, students, teachers, held, progress)
+        return step, dropped
 
     def _train_span(self, step, end, examples, teacher_examples, held, progress) -> int:
         cfg, started = self.cfg, time.time()
@@ -306,24 +345,52 @@ class Baker:
             self._log_step(step, row, started)
             if progress is not None:
                 progress(step, cfg.steps, row)
+            first = next((h["loss"] for h in self.history if "loss" in h), None)
+            check_loss(row["loss"], first, step, self.ckpt_dir, cfg.explode_factor)  # before saving it
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 self.save_checkpoint(step)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 self._log_eval(step, held)
-            first = next((h["loss"] for h in self.history if "loss" in h), None)
-            check_loss(row["loss"], first, step, self.ckpt_dir, cfg.explode_factor)
             if cfg.mode == "kl" and cfg.kl_target is not None and row["loss"] < cfg.kl_target:
                 return end  # half-baked: this prompt is done
         return step
 
-    def _prepare_teacher(self, prompt: str, records):
-        """Freeze the current model as the teacher; encode responses behind the prompt."""
-        self.teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
-        examples, _ = encode_records(records, self.tokenizer, max_len=self.cfg.max_len * 2, prefix=prompt)
-        student, _ = encode_records(records, self.tokenizer, max_len=self.cfg.max_len)
-        if len(examples) != len(student):
-            raise ValueError("prompt too long: some teacher examples exceed max_len * 2")
-        return examples
+    def _sequential_teacher(self, p_i: int, resumed: bool):
+        """Prompt p_i's teacher: the model as the prompts before it baked it. Saved as the
+        prompt starts, since a run resumed inside the prompt's span has moved on from it."""
+        teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
+        path = self.ckpt_dir / f"teacher-{p_i}.safetensors"
+        if resumed:
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: prompt {p_i}'s teacher was not saved; bake again without --resume")
+            teacher.load_state_dict(load_file(path), strict=False)  # tied weights are stored once
+            if hasattr(teacher, "tie_weights"):
+                teacher.tie_weights()
+            return teacher
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(teacher), path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        self.accelerator.wait_for_everyone()
+        return teacher
+
+    def _kl_pairs(self, prompt: str, records, p_i: int):
+        """(student, teacher, dropped) examples for one prompt, from the source cfg.kl_source names."""
+        cfg, context = self.cfg, _context_length(self.teacher)
+        if cfg.kl_source == "dataset":
+            students, teachers, dropped = encode_pairs(records, self.tokenizer, prompt, cfg.max_len, context)
+        else:
+            students, teachers, dropped = sample_pairs(
+                self.teacher, self.tokenizer, [r.question for r in records], prompt, n=cfg.kl_samples,
+                max_new_tokens=cfg.kl_max_new_tokens, max_len=cfg.max_len, temperature=cfg.kl_temperature,
+                seed=cfg.seed * 1000 + p_i, context=context, batch_size=GENERATION_BATCH)
+        if not students:
+            raise ValueError("no training example fits in max_len; raise max_len or check the data")
+        responses = [len(e.input_ids) - e.prompt_len for e in students]
+        self.kl_data = {"kl_source": cfg.kl_source, "kl_pairs": len(students),
+                        "kl_mean_response_tokens": sum(responses) / len(responses)}
+        return students, teachers, dropped
 
     def _log_step(self, step: int, row: dict, started: float) -> None:
         if self.accelerator.is_main_process:
@@ -361,7 +428,7 @@ class Baker:
         model = self.accelerator.unwrap_model(self.model)
         acc = token_accuracy(model, held, self.pad_id)
         losses = [h["loss"] for h in self.history if "loss" in h]
-        return {"steps": step, "dropped_for_length": dropped, **acc,
+        return {"steps": step, "dropped_for_length": dropped, **acc, **self.kl_data,
                 "final_loss": losses[-1] if losses else None,
                 "first_loss": losses[0] if losses else None,
                 "sec_per_step": next((h["sec_per_step"] for h in reversed(self.history) if "loss" in h), None),
@@ -376,7 +443,7 @@ class Baker:
 def build_step1_optimizer(model, cfg: BakeConfig):
     """(optimizer, qk_clip_stats_source): AdamW, or MuGrokfast's baking preset.
 
-    MuGrokfast applies QK-clip itself after each step (its `last_qk_clip_stats` say what it did).
+    MuGrokfast applies QK-clip itself after each step; `qk_clip_log` puts what it did in the step log.
     """
     from dataclasses import replace
 
@@ -384,6 +451,12 @@ def build_step1_optimizer(model, cfg: BakeConfig):
 
     preset = replace(get_config("baking"), weight_decay=cfg.weight_decay)
     return build_optimizer(model, cfg.optimizer, preset, lr=cfg.lr), None
+
+
+def _context_length(model) -> int | None:
+    """The longest sequence the model's positions cover, if its config says."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def _precision(name: str) -> str:

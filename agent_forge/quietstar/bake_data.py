@@ -4,15 +4,21 @@ Each record is encoded piece by piece (prompt, opener, one piece per segment, cl
 answer, EOS). Every piece boundary is a special token, so this equals tokenising the
 rendered string whole, and it tells us which strategy each label token belongs to, which
 the per-strategy accuracy needs.
+
+Prompt baking (KL mode) needs (student, teacher) pairs: one response behind the plain
+prompt and behind the bake prompt. `encode_pairs` takes the response from the records'
+traces, `sample_pairs` samples it from the prompted teacher (Bhargava et al.).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from agent_forge.data.schema import Record, render_prompt
+from agent_forge.inference import GENERATION_BATCH, eos_ids
 from agent_forge.vocab import STRATEGIES, ThinkingVocab, get_vocab
 
 IGNORE = -100
@@ -94,3 +100,91 @@ def shifted(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     labels = batch["labels"][:, 1:]
     group = batch["group"][:, 1:]
     return labels, group
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt baking's (student, teacher) pairs
+
+
+def encode_pairs(records, tokenizer, prefix: str, max_len: int, context: int | None = None,
+                 vocab="default") -> tuple[list[Example], list[Example], int]:
+    """Each record's trace behind the plain prompt (student) and behind `prefix` (teacher).
+
+    One limit decides for both sides: `max_len` bounds the record itself, as in SFT, and a
+    record over it is dropped as a pair (counted), so the two lists stay index-aligned. The
+    teacher's extra prompt tokens only have to fit the model's `context`; a record that does
+    not is named, with the overshoot. Returns (students, teachers, n_dropped_for_length).
+    """
+    students, teachers, dropped = [], [], 0
+    for r in records:
+        student = encode_record(r, tokenizer, vocab, max_len)
+        if student is None:
+            dropped += 1
+            continue
+        teacher = encode_record(r, tokenizer, vocab, sys.maxsize, prefix)
+        _check_context(len(teacher.input_ids), context, f"record {r.id!r}")
+        students.append(student)
+        teachers.append(teacher)
+    return students, teachers, dropped
+
+
+def _check_context(length: int, context: int | None, what: str) -> None:
+    """A teacher sequence longer than the model's context cannot be scored: say which and by how much."""
+    if context is not None and length > context:
+        raise ValueError(f"{what}: {length} tokens behind the bake prompt, {length - context} over the "
+                         f"model's context of {context}; shorten the prompt or lower max_len")
+
+
+@torch.no_grad()
+def sample_pairs(teacher, tokenizer, questions: list[str], prefix: str, *, n: int = 1, max_new_tokens: int = 128,
+                 max_len: int = 192, temperature: float = 1.0, seed: int = 0, context: int | None = None,
+                 batch_size: int = GENERATION_BATCH) -> tuple[list[Example], list[Example], int]:
+    """Prompt Baking's data: n continuations per question sampled from the teacher behind
+    `prefix`, as (student, teacher) examples sharing each sampled response (every token of it
+    labelled, EOS included). Seeded, with the caller's RNG left as it was, so a resumed run
+    samples the same. A response is cut to fit `max_len` on the student side and `context` on
+    the teacher side; one cut to nothing is dropped (counted)."""
+    text_ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    plain = [text_ids(render_prompt(q)) for q in questions for _ in range(n)]
+    prompted = [text_ids(prefix + render_prompt(q)) for q in questions for _ in range(n)]
+    for i, p in enumerate(prompted):
+        _check_context(len(p) + 1, context, f"question {i // n} ({questions[i // n][:40]!r})")
+    device = next(teacher.parameters()).device
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        responses = [r for i in range(0, len(prompted), batch_size)
+                     for r in _sample_batch(teacher, tokenizer, prompted[i:i + batch_size], max_new_tokens,
+                                            temperature)]
+    students, teachers, dropped = [], [], 0
+    for s_prompt, t_prompt, response in zip(plain, prompted, responses):
+        room = min(max_len - len(s_prompt), (context or sys.maxsize) - len(t_prompt))
+        if room <= 0:
+            dropped += 1
+            continue
+        students.append(_response_example(s_prompt, response[:room]))
+        teachers.append(_response_example(t_prompt, response[:room]))
+    return students, teachers, dropped
+
+
+def _sample_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                  temperature: float) -> list[list[int]]:
+    """One left-padded sampling pass from the full distribution (no top-k/top-p); each row's
+    new tokens up to and including its first EOS."""
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    width, device = max(map(len, prompts)), next(model.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                         temperature=temperature, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def _response_example(prompt: list[int], response: list[int]) -> Example:
+    """A sampled response behind a prompt: every response token is a target."""
+    return Example(prompt + response, [IGNORE] * len(prompt) + response,
+                   [OTHER] * (len(prompt) + len(response)), len(prompt))
