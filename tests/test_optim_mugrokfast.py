@@ -140,3 +140,18 @@ def test_build_optimizer_variants():
     mu.qk_clip.remove()
     with pytest.raises(ValueError):
         build_optimizer(model, "sgd")
+
+
+def test_qk_clip_log_reads_through_an_accelerate_wrapper():
+    """Trainers hold accelerate's wrapper, whose `.optimizer` is the MuGrokfast."""
+    from accelerate import Accelerator
+
+    from agent_forge.optim.mugrokfast import qk_clip_log
+
+    model = tiny_llama()
+    opt = MuGrokfast.from_model(model, MuGrokfastConfig(qk_clip_tau=1e-3))
+    train_step(model, opt, batch())
+    logged = qk_clip_log(Accelerator(cpu=True).prepare_optimizer(opt))
+    assert logged == opt.qk_clip_stats and logged["qk_clip_heads_clipped"] == 2 * 4
+    assert qk_clip_log(build_optimizer(model, "adamw")) == {}
+    assert MuGrokfast.from_model(model, MuGrokfastConfig(qk_clip_enabled=False)).qk_clip_stats == {}

@@ -259,3 +259,152 @@ def test_lora_wrapped_projections_are_clipped_including_adapter_rows():
     with torch.no_grad():
         lora(input_ids=ids, attention_mask=mask)
     assert float(clip.max_logits[name][0]) == pytest.approx(tau, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Review fixes: ranks agree, q/k-norm models, padded query rows, firing stats
+
+
+def _rank_worker(rank, init_file, out_dir):
+    """One rank of a 2-process gloo group: each rank saw a spike the other did not."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = tiny("llama", kv_heads=4)
+        clip = QKClip(model, tau=10.0)
+        spike = [1.0, 2.0, 50.0, 4.0] if rank == 1 else [1.0, 2.0, 3.0, 4.0]
+        clip.max_logits = {"model.layers.0.self_attn": torch.tensor(spike)}
+        if rank == 0:  # only rank 0 recorded layer 1 at all
+            clip.max_logits["model.layers.1.self_attn"] = torch.tensor([20.0, 0.0, 0.0, 0.0])
+        stats = clip.apply()
+        torch.save({"heads_clipped": stats["heads_clipped"], "max_logit": stats["max_logit"],
+                    "weights": {n: p.detach() for n, p in model.named_parameters()}},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_clip_the_same_heads_after_all_reduce(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["heads_clipped"] == r1["heads_clipped"] == 2
+    assert r0["max_logit"] == r1["max_logit"] == pytest.approx(50.0)
+    for name, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][name]), name
+    q0 = r0["weights"]["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(q0, tiny("llama", kv_heads=4).model.layers[0].self_attn.q_proj.weight)
+
+
+def tiny_qwen3(kv_heads=2):
+    """One layer, so clipping it cannot move a later layer's logits."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=8,
+                      attn_implementation="sdpa")
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # large q/k norm weights: large logits whatever W_q, W_k do
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.mul_(6.0)
+            layer.self_attn.k_norm.weight.mul_(6.0)
+    return model
+
+
+def _record(model, clip, ids, mask):
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    return max(float(v.max()) for v in clip.max_logits.values())
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_qk_norm_model_is_clipped_through_its_norm_weights(kv_heads):
+    """Qwen3 normalises q and k per head: scaling W_q rows is undone by q_norm, so the old
+    clip fired every step and shrank W_q forever. The clip must land on the norm weights."""
+    model = tiny_qwen3(kv_heads)
+    ids, mask = inputs(4)
+    clip = QKClip(model, tau=1.0)
+    peak = _record(model, clip, ids, mask)
+    clip.tau = tau = peak / 4
+    before = weights(model)
+    assert clip.apply()["heads_clipped"] > 0
+    assert _record(model, clip, ids, mask) <= tau * (1 + 1e-4)
+    assert clip.apply()["heads_clipped"] == 0  # fired once, not every step
+    for n, p in model.named_parameters():
+        if n.endswith(("q_proj.weight", "k_proj.weight")):
+            assert torch.equal(p.detach(), before[n]), n  # projections untouched
+
+
+def test_norm_whose_weight_does_not_scale_the_output_is_refused():
+    """Gemma3's norm multiplies by (1 + w): neither W_q rows nor w can carry the clip."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8, attn_implementation="sdpa")
+    model = Gemma3ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="q_norm"):
+        QKClip(model, tau=10.0)
+    assert MuGrokfast.from_model(model, MuGrokfastConfig()).qk_clip is None
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_padded_query_rows_do_not_count():
+    """Right padding: pad query rows still attend to real keys. Give the pad token a q that
+    only it produces, large enough to dominate; the max must ignore it."""
+    model = tiny("llama", kv_heads=2)
+    pad, hd = 63, 8
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, -1] = 0.0
+        emb[pad, -1] = 50.0  # only the pad token has the last hidden coordinate
+        q = model.model.layers[0].self_attn.q_proj.weight
+        q[hd:2 * hd, -1] = 40.0  # ... and head 1 reads it
+    ids, mask = inputs(5, padded=False)
+    ids = ids.clamp(max=pad - 1)
+    ids[1, 5:], mask[1, 5:] = pad, 0  # right padding on the second row
+    expected = manual_max_logits(model, ids, mask)
+    clip = QKClip(model, tau=10.0)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for name, values in expected.items():
+        torch.testing.assert_close(clip.max_logits[name], values, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_query_rows_do_not_count_in_the_kernel():
+    """The same rule on max_logits_per_head with an SDPA-style causal + key-padding mask."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 2, 6, 4, generator=gen), torch.randn(2, 2, 6, 4, generator=gen)
+    real = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril() & real[:, None, None, :]
+    q[1, :, 3:] *= 100.0  # pad query rows with huge q
+    want = torch.full((2,), -math.inf)
+    for b in range(2):
+        for h in range(2):
+            for i in range(6):
+                for j in range(i + 1):
+                    if real[b, i] and real[b, j]:
+                        want[h] = max(want[h], float(q[b, h, i] @ k[b, h, j]) * 0.5)
+    torch.testing.assert_close(max_logits_per_head(q, k, allowed, 0.5, True, chunk=4), want)
+
+
+def test_firing_is_counted_and_exposed_on_the_optimizer():
+    """Per step: heads clipped and the max logit; over the run: how many steps fired."""
+    model = tiny("llama")
+    ids, mask = inputs()
+    opt = MuGrokfast.from_model(model, MuGrokfastConfig(qk_clip_tau=1e-3))
+    seen = []
+    for tau in (1e-3, 1e9):  # every head exceeds the first tau, none the second
+        opt.qk_clip.tau = tau
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append(dict(opt.qk_clip_stats))
+    assert seen[0]["qk_clip_heads_clipped"] == 2 * 4 and seen[0]["qk_clip_max_logit"] > 1e-3
+    assert seen[1]["qk_clip_heads_clipped"] == 0
+    assert [s["qk_clip_steps_fired"] for s in seen] == [1, 1]
+    assert [s["qk_clip_steps"] for s in seen] == [1, 2]

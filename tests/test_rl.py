@@ -412,3 +412,42 @@ def test_policy_coefficient_scales_only_the_policy_gradient(tmp_path):
     pol, kl_only, both = grads(1.0, 0.0), grads(0.0, 0.1), grads(2.0, 0.1)
     assert pol.abs().sum() > 0 and kl_only.abs().sum() > 0
     torch.testing.assert_close(both, 2 * pol + kl_only, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and QK-clip logging
+
+
+def test_a_nan_step_never_becomes_the_saved_checkpoint(tmp_path):
+    """Step 2's rewards are NaN, so its loss is: the run must stop with step 1 as the newest
+    checkpoint (saving first would keep the NaN step as the "last good" one)."""
+    from safetensors.torch import load_file
+
+    from agent_forge.training.checkpoint import latest_checkpoint
+
+    tok, model = make_policy()
+    cfg = tiny_cfg(steps=3, save_every=1, coherence=False, reward="correct")
+    calls = []
+
+    def reward(s, batch):
+        calls.append(1)
+        return [math.nan if len(calls) == 2 else float(i % 2) for i in range(len(s.new_ids))]
+
+    trainer = RLTrainer(model, tok, cfg, tmp_path, reward_fn=reward)
+    with pytest.raises(FloatingPointError, match="step 2"):
+        trainer.run(records())
+    last = latest_checkpoint(tmp_path / "checkpoints")
+    assert last is not None and last.name == "step-0000001"
+    weights = load_file(last / "model.safetensors")
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_mugrokfast_rl_steps_log_qk_clip_firing(tmp_path):
+    """The RL trainer's per-step row carries QK-clip's figures when MuGrokfast runs it."""
+    tok, model = make_policy()
+    cfg = tiny_cfg(steps=1, optimizer="mugrokfast", coherence=False, reward="correct")
+    trainer = RLTrainer(model, tok, cfg, tmp_path)
+    trainer.run(records())
+    row = next(h for h in trainer.history if "reward_mean" in h)
+    assert row["qk_clip_steps"] == 1 and row["qk_clip_heads_clipped"] >= 0
+    assert row["qk_clip_max_logit"] is not None and row["qk_clip_max_logit"] > 0

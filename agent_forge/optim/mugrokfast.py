@@ -9,7 +9,8 @@ One step, in order:
    hidden weight matrices;
 3. `torch.optim.AdamW` updates embeddings, the LM head (and weights tied to it), norms,
    biases and every non-2-D parameter; biases and norms get no weight decay;
-4. QK-clip (when attached) rescales attention heads whose logits exceeded tau.
+4. QK-clip (when attached) rescales attention heads whose logits exceeded tau; what it did
+   is in `qk_clip_stats` (and `qk_clip_log(optimizer)`, which trainers add to each step's log).
 
 `MuGrokfast` is a `torch.optim.Optimizer`: its `param_groups` are the very dicts of the two
 inner optimizers (Muon groups first), so LR schedulers and manual `group["lr"]` edits reach
@@ -197,6 +198,18 @@ class MuGrokfast(torch.optim.Optimizer):
                 log.warning("QK-clip disabled: %s", exc)
         return cls(model.named_parameters(), cfg, embedding_and_head_ids(model), clip)
 
+    @property
+    def qk_clip_stats(self) -> dict:
+        """The last step's QK-clip figures as flat log keys ({} without QK-clip): heads
+        clipped and the max logit this step, and steps (fired / all) over the run."""
+        if self.qk_clip is None:
+            return {}
+        last = self.last_qk_clip_stats
+        return {"qk_clip_heads_clipped": last.get("heads_clipped", 0),
+                "qk_clip_max_logit": last.get("max_logit"),
+                "qk_clip_steps_fired": self.qk_clip.steps_fired,
+                "qk_clip_steps": self.qk_clip.steps}
+
     def _sync_groups(self) -> None:
         """Make the outer param_groups the inner optimisers' dicts, Muon first."""
         self.param_groups = ((self.muon.param_groups if self.muon else [])
@@ -237,6 +250,13 @@ class MuGrokfast(torch.optim.Optimizer):
     def groups_summary(self) -> dict[str, int]:
         """Parameter counts per route (for logs and tests)."""
         return {g["kind"]: sum(p.numel() for p in g["params"]) for g in self.param_groups}
+
+
+def qk_clip_log(optimizer) -> dict:
+    """QK-clip figures for a trainer's step log, through accelerate's optimizer wrapper
+    ({} for any optimiser without QK-clip)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner.qk_clip_stats if isinstance(inner, MuGrokfast) else {}
 
 
 def _adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:

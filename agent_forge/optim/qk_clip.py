@@ -16,6 +16,19 @@ stock SDPA implementation, so the model's outputs are unchanged. After each opti
 RoPE is linear and per head, so scaling projection rows scales post-RoPE q and k alike.
 Supported: modules with `q_proj`/`k_proj` (Llama, Qwen2, Mistral, SmolLM...), GPT-2's fused
 `c_attn` (Conv1D), and PEFT LoRA wrappers of them (base rows and lora_B rows both scaled).
+
+Models that normalise q and k after the projection (`q_norm`/`k_norm`: Qwen3, OLMo2...)
+undo any scaling of W_q rows, so there the norm weights carry the clip instead: a norm as
+wide as all heads (OLMo2) is scaled per head as above; a norm shared by all heads (Qwen3,
+head_dim wide) can only be scaled as a whole, so such a layer is clipped by its largest
+head's factor. A norm whose output does not scale with its weight (Gemma's 1 + w) cannot
+carry the clip: such models are refused.
+
+Only real positions count: a query row counts only if it may attend to its own position
+(padding rows may not), and keys only where the mask allows. Under torch.distributed the
+per-head maxima are max-reduced across ranks before deciding, so every rank clips the same
+heads. Each `apply()` counts the heads it clipped (`last_stats`, and over the run `steps`
+and `steps_fired`); the optimiser exposes them for the trainers to log.
 """
 
 from __future__ import annotations
@@ -24,7 +37,9 @@ import math
 import weakref
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.func import functional_call
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -44,19 +59,34 @@ def _allowed_positions(attention_mask, causal: bool, start: int, stop: int,
         rows = torch.arange(start, stop, device=device)[:, None]
         return rows >= torch.arange(kv_len, device=device)[None, :]
     mask = attention_mask[..., start:stop, :kv_len]
-    if mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2  # additive float mask: ~-inf means masked
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2  # additive float mask: ~-inf means masked
+    return mask & _real_query_rows(mask, start, kv_len - attention_mask.shape[-2])
+
+
+def _real_query_rows(allowed: torch.Tensor, start: int, offset: int) -> torch.Tensor:
+    """Rows that may attend to their own position (padding rows may not), as (..., rows, 1).
+
+    Query row i sits at key position i + offset (offset = cached keys before the queries).
+    """
+    rows = allowed.shape[-2]
+    own = torch.arange(start, start + rows, device=allowed.device) + offset
+    if offset < 0 or int(own[-1]) >= allowed.shape[-1]:
+        return torch.ones_like(allowed[..., :1])  # no self position to read: keep every row
+    return allowed[..., torch.arange(rows, device=allowed.device), own].unsqueeze(-1)
 
 
 @torch.no_grad()
 def max_logits_per_head(query: torch.Tensor, key: torch.Tensor, attention_mask,
                         scaling: float | None, is_causal: bool, chunk: int = 256) -> torch.Tensor:
-    """Max over batch, query and (unmasked) key positions of scale * q.k, per query head.
+    """Max over batch, real query rows and (unmasked) key positions of scale * q.k, per
+    query head.
 
     query: (B, Hq, Q, D); key: (B, Hkv, K, D). Follows SDPA's conventions exactly: a None
     mask with is_causal and Q > 1 means a causal mask aligned at the top-left (keys cropped
-    to Q, as transformers' sdpa wrapper does). Returns a float32 tensor (Hq,).
+    to Q, as transformers' sdpa wrapper does). With a mask, a query row counts only if it
+    may attend to its own position, so padding rows never count (SDPA lets a right-padded
+    row attend to the real keys before it). Returns a float32 tensor (Hq,).
     """
     n_heads, q_len, head_dim = query.shape[1], query.shape[2], query.shape[3]
     scale = head_dim ** -0.5 if scaling is None else scaling
@@ -118,32 +148,108 @@ def _scale_outputs(layer: nn.Module, start: int, stop: int, factor: float) -> No
         b.weight[start:stop].mul_(factor)
 
 
-class _Entry:
-    """How to find one attention module's per-head q and k output features."""
+class _Side:
+    """Where one side's (q or k) scale lives: projection output features or a norm's weight."""
 
-    def __init__(self, module: nn.Module):
-        self.fused = not hasattr(module, "q_proj")
-        self.head_dim = int(module.head_dim)
-        if self.fused:  # GPT-2: c_attn outputs [q | k | v], each embed_dim wide
-            self.q_layer = self.k_layer = module.c_attn
-            self.n_heads = self.n_kv = int(module.num_heads)
-            self.k_offset = self.n_heads * self.head_dim
+    def __init__(self, layer: nn.Module, offset: int = 0, per_head: bool = True,
+                 norm: bool = False):
+        self.layer, self.offset, self.per_head, self.norm = layer, offset, per_head, norm
+
+    def scale(self, head: int | None, hd: int, factor: float) -> None:
+        """Scale one head's features by factor (head None, or a shared norm: all of them)."""
+        if self.norm:
+            _scale_norm(self.layer, head if self.per_head else None, hd, factor)
         else:
-            self.q_layer, self.k_layer = module.q_proj, module.k_proj
-            self.n_heads = _out_features(module.q_proj) // self.head_dim
-            self.n_kv = _out_features(module.k_proj) // self.head_dim
-            self.k_offset = 0
+            start = self.offset + head * hd
+            _scale_outputs(self.layer, start, start + hd, factor)
+
+
+@torch.no_grad()
+def _scale_norm(norm: nn.Module, head: int | None, hd: int, factor: float) -> None:
+    """Multiply a norm's weight (and bias), or one head's slice of it, by factor."""
+    idx = slice(None) if head is None else slice(head * hd, (head + 1) * hd)
+    for p in (norm.weight, getattr(norm, "bias", None)):
+        if isinstance(p, torch.Tensor):
+            p.view(-1)[idx].mul_(factor)
+
+
+_NORM_NAMES = {"q": ("q_norm", "q_layernorm", "query_norm"),
+               "k": ("k_norm", "k_layernorm", "key_norm")}
+
+
+def _qk_norms(module: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """The norms applied to q and k after their projections: {"q"|"k": (name, module)}."""
+    found = {}
+    for side, names in _NORM_NAMES.items():
+        for name in names:
+            norm = getattr(module, name, None)
+            if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
+                found[side] = (name, norm)
+                break
+    return found
+
+
+@torch.no_grad()
+def _scales_with_weight(norm: nn.Module) -> bool:
+    """Does doubling the norm's own parameters double its output (y = w * normalised x)?"""
+    w = norm.weight
+    x = torch.randn((3, *w.shape), generator=torch.Generator().manual_seed(0))
+    x = x.to(w.device, w.dtype)
+    doubled = {n: p * 2 for n, p in norm.named_parameters(recurse=False)}
+    out = functional_call(norm, doubled, (x,))
+    return torch.allclose(out.float(), 2 * norm(x).float(), rtol=1e-2, atol=1e-3)
+
+
+def _norm_side(norm: nn.Module, n_heads: int, hd: int, where: str) -> _Side:
+    """A q/k norm as the carrier of the clip, or ValueError when it cannot carry it."""
+    w = getattr(norm, "weight", None)
+    if (not isinstance(w, torch.Tensor) or w.numel() not in (hd, n_heads * hd)
+            or not _scales_with_weight(norm)):
+        raise ValueError(f"QK-clip: {where} ({type(norm).__name__}) normalises q/k after the "
+                         f"projection, so scaling W_q/W_k rows does nothing, and its weight "
+                         f"cannot carry the clip either; not supported")
+    return _Side(norm, per_head=w.numel() == n_heads * hd, norm=True)
+
+
+class _Entry:
+    """How to find one attention module's per-head q and k scales."""
+
+    def __init__(self, module: nn.Module, name: str):
+        self.head_dim = hd = int(module.head_dim)
+        if not hasattr(module, "q_proj"):  # GPT-2: c_attn outputs [q | k | v], each embed_dim wide
+            self.n_heads = self.n_kv = int(module.num_heads)
+            q, k = _Side(module.c_attn), _Side(module.c_attn, self.n_heads * hd)
+        else:
+            self.n_heads = _out_features(module.q_proj) // hd
+            self.n_kv = _out_features(module.k_proj) // hd
+            q, k = _Side(module.q_proj), _Side(module.k_proj)
+        norms = _qk_norms(module)
+        if "q" in norms:
+            q = _norm_side(norms["q"][1], self.n_heads, hd, f"{name}.{norms['q'][0]}")
+        if "k" in norms:
+            k = _norm_side(norms["k"][1], self.n_kv, hd, f"{name}.{norms['k'][0]}")
+        self.q, self.k = q, k
+        self.per_head = q.per_head  # False: a shared q norm, clipped per layer
         self.layer_idx = getattr(module, "layer_idx", None)
 
     def clip_head(self, head: int, gamma: float) -> None:
+        """Shrink one query head's logits by gamma."""
         hd = self.head_dim
-        if self.n_kv == self.n_heads:
+        if self.n_kv == self.n_heads and self.k.per_head:
             root = math.sqrt(gamma)
-            _scale_outputs(self.q_layer, head * hd, (head + 1) * hd, root)
-            start = self.k_offset + head * hd
-            _scale_outputs(self.k_layer, start, start + hd, root)
-        else:  # GQA: shared key head stays, the query head takes the whole factor
-            _scale_outputs(self.q_layer, head * hd, (head + 1) * hd, gamma)
+            self.q.scale(head, hd, root)
+            self.k.scale(head, hd, root)
+        else:  # GQA (or a shared k norm): k stays, the query head takes the whole factor
+            self.q.scale(head, hd, gamma)
+
+    def clip_layer(self, gamma: float) -> None:
+        """Shrink every head's logits by gamma (the q norm is shared by all heads)."""
+        if not self.k.per_head:
+            root = math.sqrt(gamma)
+            self.q.scale(None, self.head_dim, root)
+            self.k.scale(None, self.head_dim, root)
+        else:
+            self.q.scale(None, self.head_dim, gamma)
 
 
 def _out_features(layer: nn.Module) -> int:
@@ -171,18 +277,17 @@ class QKClip:
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.model, self.tau, self.enabled, self.chunk = model, float(tau), enabled, int(chunk)
-        self.entries: dict[str, _Entry] = {}
-        self._names: dict[int, str] = {}
-        for name, module in model.named_modules():
-            if _is_attention(module):
-                self.entries[name] = _Entry(module)
-                self._names[id(module)] = name
-                _RECORDERS[module] = self
+        modules = {name: m for name, m in model.named_modules() if _is_attention(m)}
+        self.entries = {name: _Entry(m, name) for name, m in modules.items()}  # may refuse
+        self._names: dict[int, str] = {id(m): name for name, m in modules.items()}
+        for module in modules.values():
+            _RECORDERS[module] = self
         if not self.entries:
             raise ValueError(f"QK-clip: no q_proj/k_proj or GPT-2 c_attn attention found in "
                              f"{type(model).__name__}; not supported")
         self.max_logits: dict[str, torch.Tensor] = {}
         self.last_stats: dict = {}
+        self.steps = self.steps_fired = 0  # apply() calls, and those that clipped something
         self._previous_impl = getattr(model.config, "_attn_implementation", None)
         model.set_attn_implementation(register_attention())
 
@@ -202,25 +307,46 @@ class QKClip:
         """Clip every recorded head whose max logit > tau; return what was done.
 
         Stats: max_logit (over all layers and heads, before clipping; None if nothing was
-        recorded), heads_clipped, heads_seen, per_layer {module name: [max per head]}.
+        recorded), heads_clipped, heads_seen, per_layer {module name: [max per head]}, and
+        over the run: steps (calls) and steps_fired (calls that clipped a head).
         """
-        per_layer, clipped, overall = {}, 0, None
-        for name, logits in self.max_logits.items():
-            values = logits.tolist()
-            per_layer[name] = values
-            entry = self.entries[name]
-            for head, value in enumerate(values):
-                if math.isfinite(value) and value > self.tau:
-                    entry.clip_head(head, self.tau / value)
-                    clipped += 1
-            finite = [v for v in values if math.isfinite(v)]
-            if finite:
-                overall = max(finite) if overall is None else max(overall, max(finite))
-        self.last_stats = {"max_logit": overall, "heads_clipped": clipped,
+        per_layer, clipped = {}, 0
+        for name, logits in self._agreed_max_logits().items():
+            per_layer[name] = values = logits.tolist()
+            clipped += self._clip(self.entries[name], values)
+        finite = [v for values in per_layer.values() for v in values if math.isfinite(v)]
+        self.steps += 1
+        self.steps_fired += int(clipped > 0)
+        self.last_stats = {"max_logit": max(finite) if finite else None,
+                           "heads_clipped": clipped,
                            "heads_seen": sum(len(v) for v in per_layer.values()),
-                           "per_layer": per_layer}
+                           "per_layer": per_layer, "steps": self.steps,
+                           "steps_fired": self.steps_fired}
         self.reset()
         return self.last_stats
+
+    def _clip(self, entry: _Entry, values: list[float]) -> int:
+        """Clip one layer's heads above tau; return how many were above."""
+        over = {h: v for h, v in enumerate(values) if math.isfinite(v) and v > self.tau}
+        if over and entry.per_head:
+            for head, value in over.items():
+                entry.clip_head(head, self.tau / value)
+        elif over:
+            entry.clip_layer(self.tau / max(over.values()))
+        return len(over)
+
+    def _agreed_max_logits(self) -> dict[str, torch.Tensor]:
+        """The recorded maxima, max-reduced over ranks when torch.distributed runs, so every
+        rank clips the same heads (each rank saw only its own batch)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.max_logits
+        device = next(self.model.parameters()).device
+        flat = torch.cat([self.max_logits.get(name, torch.full((e.n_heads,), -math.inf))
+                          .to(device, torch.float32) for name, e in self.entries.items()])
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+        parts = flat.split([e.n_heads for e in self.entries.values()])
+        return {name: t for name, t in zip(self.entries, parts)
+                if name in self.max_logits or bool((t > -math.inf).any())}
 
     def remove(self) -> None:
         """Stop recording and give the model back its previous attention implementation."""

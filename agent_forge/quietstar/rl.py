@@ -21,9 +21,12 @@ One optimiser step:
      with the defaults (0.5, 2.0) the loglik part is worth at most +-1, like a right
      answer, so it breaks ties inside groups that are all right or all wrong.
    - plus `consistency_weight` * claim consistency (coherence.claim_consistency: the share
-     of the thought's checkable "a op b = c" claims that hold; 1 with none), a process
-     reward that needs no gold: of two right answers it prefers the thought without a
-     false step, of two wrong ones the thought whose slip was smaller. Off by default.
+     of the thought's checkable "a op b = c" claims that hold), a process reward that needs
+     no gold: of two right answers it prefers the thought without a false step, of two
+     wrong ones the thought whose slip was smaller. A thought with no checkable claim
+     earns 0 here (no step shown to hold), so it never outranks one with a slip, and RL
+     is not paid to stop writing checkable steps; on tasks without arithmetic every
+     sample earns 0 and the group baseline removes the term. Off by default.
 4. Advantage: reward minus the mean reward of the K samples of the same question; with
    `normalize_std` (default, GRPO) divided by (population std of the group + 1e-4).
 5. Loss = policy_coefficient * policy + kl_coefficient * KL + lm_coefficient * LM, where
@@ -51,7 +54,7 @@ Per-step metrics (tracker stage "rl"; the SPEC's list, then extras):
   (distinct-2 of the K thoughts of a question, averaged over questions), num_thoughts
   (samples this step), kl, lr, accuracy (fraction of samples answered right),
   inference_seconds (sampling wall time this step), anti_theater_divergence,
-  anti_theater_ablation, anti_theater_correlation (None here; the pipeline fills them
+  anti_theater_ablation, anti_theater_correlation, anti_theater_check_honesty (None here; the pipeline fills them
   when it runs anti-theater), loss, grad_norm;
   extras: policy_loss, lm_loss, loglik_gain, closed_rate, groups_with_signal,
   sec_per_step, and the step's time split: reward_seconds (answer check + loglik
@@ -78,6 +81,7 @@ import torch
 from agent_forge.data.schema import Record, render_prompt
 from agent_forge.evaluation.answers import answer_slot, strip_thinking_tokens
 from agent_forge.inference import AnswerSlotStop, eos_ids, left_padded
+from agent_forge.optim.mugrokfast import qk_clip_log
 from agent_forge.quietstar.bake import _precision
 from agent_forge.quietstar.coherence import claim_consistency
 from agent_forge.quietstar.kl import forward_kl
@@ -85,7 +89,8 @@ from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, 
 from agent_forge.training.guards import check_loss
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
-ANTI_THEATER_KEYS = ("anti_theater_divergence", "anti_theater_ablation", "anti_theater_correlation")
+ANTI_THEATER_KEYS = ("anti_theater_divergence", "anti_theater_ablation", "anti_theater_correlation",
+                     "anti_theater_check_honesty")
 
 
 @dataclass
@@ -182,7 +187,7 @@ def combine_rewards(correct: list[float], gains: list[float] | None, cfg: RLConf
         return base
     if consistency is None:
         raise ValueError("consistency_weight > 0 needs the samples' claim consistency")
-    return [r + cfg.consistency_weight * c for r, c in zip(base, consistency)]
+    return [r + cfg.consistency_weight * (0.0 if c is None else c) for r, c in zip(base, consistency)]
 
 
 def _base_rewards(correct: list[float], gains: list[float] | None, cfg: RLConfig) -> list[float]:
@@ -196,6 +201,11 @@ def _base_rewards(correct: list[float], gains: list[float] | None, cfg: RLConfig
         c = cfg.loglik_clip
         return [r + cfg.loglik_weight * max(-c, min(c, g)) for r, g in zip(correct, gains)]
     raise ValueError(f"reward must be 'correct', 'loglik' or 'both', not {cfg.reward!r}")
+
+
+def _mean_or_none(xs: list[float]) -> float | None:
+    """Mean, or None for no values (a rate over nothing is unknown, not 0)."""
+    return sum(xs) / len(xs) if xs else None
 
 
 def group_advantages(rewards: torch.Tensor, k: int, normalize_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -535,7 +545,7 @@ class RLTrainer:
                    for i, (a, c) in enumerate(zip(s.answers, s.closed))]
         need_gain = cfg.reward in ("loglik", "both") or self.scorer is not None
         gains = loglik_gains(policy, self.tokenizer, s, golds, k, self.vocab) if need_gain else None
-        consistency = [claim_consistency(t, self.vocab) for t in s.thoughts]  # reward part and metric
+        consistency = [claim_consistency(t, self.vocab) for t in s.thoughts]  # None: no checkable claim
         rewards = (self.reward_fn(s, batch) if self.reward_fn
                    else combine_rewards(correct, gains, cfg, consistency))
         adv = group_advantages(torch.tensor(rewards), k, cfg.normalize_std).to(s.sequences.device)
@@ -548,6 +558,7 @@ class RLTrainer:
         row = {**losses, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
                "questions": idx, "reward_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
         row.update(self._sample_metrics(s, batch, rewards, correct, gains, adv, consistency))
+        row.update(qk_clip_log(self.optimizer))  # what QK-clip did this step (MuGrokfast only)
         return row
 
     def _backward(self, s: Samples, adv, batch, lm_examples, idx) -> dict:
@@ -603,7 +614,8 @@ class RLTrainer:
                "thought_length": mean(s.thought_lengths), "closed_rate": mean([float(c) for c in s.closed]),
                "thought_diversity": mean([distinct_n(s.thoughts[q * k:(q + 1) * k]) for q in range(n // k)]),
                "inference_seconds": s.seconds, "loglik_gain": mean(gains) if gains else None,
-               "claim_consistency": mean(consistency),
+               "claim_consistency": _mean_or_none([c for c in consistency if c is not None]),
+               "claim_rate": mean([float(c is not None) for c in consistency]),
                "groups_with_signal": mean([float(adv[q * k:(q + 1) * k].abs().max() > 0) for q in range(n // k)])}
         if self.scorer is not None:
             t0 = time.perf_counter()
@@ -631,11 +643,12 @@ class RLTrainer:
             row = self.train_step(step, records, lm_examples)
             step += 1
             self._log_step(step, row, (time.time() - started) / (step - first))
+            # checked before saving, so a NaN step never becomes the "last good" checkpoint
+            check_loss(row["loss"], None, step, self.ckpt_dir)  # RL losses change sign: NaN/inf only
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 self.save_checkpoint(step)
             if progress is not None:
                 progress(step, cfg.steps, row)
-            check_loss(row["loss"], None, step, self.ckpt_dir)  # RL losses change sign: NaN/inf only
             if monitor is not None and cfg.anti_theater_every and step % cfg.anti_theater_every == 0 \
                     and step < cfg.steps and self._check(monitor, step):
                 break
@@ -645,7 +658,7 @@ class RLTrainer:
         verdict = monitor(step, self.accelerator.unwrap_model(self.model))
         self.history.append({"step": step, "anti_theater": verdict})
         if self.tracker is not None:
-            figures = {k: verdict.get(k) for k in ("divergence", "ablation", "correlation")}
+            figures = {k: verdict.get(k) for k in ("divergence", "ablation", "correlation", "check_honesty")}
             self.tracker.log(figures, step=step, stage="rl_anti_theater")
         if verdict.get("stop"):
             self.stopped_reason = verdict.get("reason", "anti-theater monitor asked to stop")
@@ -713,25 +726,28 @@ def make_config(overrides: dict | None = None, config_path: str | Path | None = 
     return cfg
 
 
-def training_records(cfg: RLConfig, data_path: str | Path | None = None) -> tuple[list[Record], list[str]]:
-    """(records with questions and gold answers, ids dropped as eval overlap): from a
-    `forge data build` JSONL, or built here with reasoning-gym (seed `data_seed`)."""
-    from agent_forge.data.overlap import filter_overlap
+def training_records(cfg: RLConfig, data_path: str | Path | None = None) -> tuple[list[Record], int]:
+    """(records with questions and gold answers, how many were left out as eval overlap):
+    from a `forge data build` JSONL, or built here with reasoning-gym (seed `data_seed`),
+    skipping questions an eval set asks so the build still reaches `n_questions`."""
+    from agent_forge.data.overlap import asked_by, filter_overlap
 
     if data_path:
         from agent_forge.data.schema import read_records
 
-        records = list(read_records(data_path))
+        records, dropped = filter_overlap(read_records(data_path))
+        n_dropped = len(dropped)
     else:
         from agent_forge.data.procedural import build_gym_records
 
+        stats: dict = {}
         records = build_gym_records(cfg.n_questions, seed=cfg.data_seed, families=tuple(cfg.families),
-                                    difficulty="easy")
-    kept, dropped = filter_overlap(records)
-    kept = [r for r in kept if str(r.gold).strip()]
+                                    difficulty="easy", stats=stats, exclude=asked_by())
+        n_dropped = stats.get("eval_overlap", 0)
+    kept = [r for r in records if str(r.gold).strip()]
     if not kept:
         raise ValueError(f"{data_path or 'built data'}: no usable training questions")
-    return kept, dropped
+    return kept, n_dropped
 
 
 TRAIN_QUESTIONS_FILE = "train_questions.jsonl"
@@ -754,7 +770,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
 
     cfg = make_config(overrides, config_path)
     out = Path(out)
-    records, dropped = training_records(cfg, data)
+    records, n_dropped = training_records(cfg, data)
     model, tokenizer = load_model(model_spec, device=device)
     items = load_eval_set(eval_data, limit=cfg.eval_samples)
     measure = dict(max_new_tokens=cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off, per_item=True)
@@ -771,7 +787,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     after_ok = after.pop("correct_on")  # per-question lists are not metrics to save
     gain = paired_gain(before.pop("correct_on"), after_ok) if before else None
     metrics = {**result.metrics, **after, "train_seconds": round(train_seconds, 1), "eval_data": eval_data,
-               "train_questions": len(records), "dropped_overlap": len(dropped), "mode": "answer",
+               "train_questions": len(records), "dropped_overlap": n_dropped, "mode": "answer",
                "before": before, "gain_vs_before": gain, "stopped_early": trainer.stopped_reason}
     parent_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
     meta = {"phase": 3, "step": 2, "parent": str(model_spec), "thinking_tokens": thinking_token_ids(tokenizer),
