@@ -25,12 +25,41 @@ def test_forge_info_default_offline():
     assert 4 <= report["adaptive_defaults"]["n_thoughts"] <= 8
 
 
-def test_forge_eval_default_on_easy_arithmetic():
-    out = _forge("eval", "--model", "default", "--data", "easy_arithmetic", "--limit", "16", "--json")
-    result = json.loads(out.strip().splitlines()[-1])
+def _eval_json(model: str, limit: int) -> dict:
+    """`forge eval --json` on the first `limit` easy_arithmetic items."""
+    out = _forge("eval", "--model", model, "--data", "easy_arithmetic", "--limit", str(limit), "--json")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _shuffled_default(out_dir):
+    """The default model with every weight tensor's entries permuted: same sizes, no knowledge."""
+    import torch
+
+    from agent_forge.models import load_model, save_model
+
+    model, tok = load_model("default", device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.flatten()[torch.randperm(p.numel(), generator=gen)].view_as(p))
+    return save_model(model, tok, out_dir)
+
+
+def test_forge_eval_default_on_easy_arithmetic(tmp_path):
+    """`forge eval` scores the real model far above the same weights shuffled (Fisher, p < 0.01)."""
+    from scipy.stats import fisher_exact
+
+    n = 150
+    real = _eval_json("default", n)
     for key in ("accuracy", "n", "ci95", "per_family", "ms_per_example"):
-        assert key in result
-    assert result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0
+        assert key in real
+    broken = _eval_json(str(_shuffled_default(tmp_path / "shuffled")), n)
+    shutil.rmtree(tmp_path / "shuffled")
+    assert real["n"] == broken["n"] == n
+    hits = [round(r["accuracy"] * n) for r in (real, broken)]
+    p = fisher_exact([[hits[0], n - hits[0]], [hits[1], n - hits[1]]], alternative="greater").pvalue
+    print(f"correct of {n}: default {hits[0]}, shuffled {hits[1]}, Fisher p={p:.2g}")
+    assert p < 0.01, (hits, p)
 
 
 def test_smoke_pipeline_on_default_model(tmp_path):
