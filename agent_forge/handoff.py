@@ -230,6 +230,12 @@ def validate_phase3_to_4(model_dir: str | Path, min_baking_accuracy: float = 0.8
             "anti-theater tests not recorded" if passed is None else
             "anti-theater tests FAILED: the thoughts do not help; roll back to the baked model")
         checks.append(Check("anti_theater_passed", ok, passed, True, message))
+    general = metrics.get("general_passed")
+    if general is not None:
+        checks.append(Check("general_no_regression", general is True, general, True,
+                            "no regression on general tasks (ARC-Easy, CommonsenseQA) vs the input model"
+                            if general else "the model answers general questions worse than the input "
+                            "model, or its thinking does not close there: see the report's general rows"))
     return result
 
 

@@ -59,10 +59,14 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         lo, hi = h["greedy_gain_ci_points"]
         rows.append(("TEST thinking model - input (greedy)",
                      f"{h['greedy_gain_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}], p={h['greedy_gain_p']:.2g}"))
-    if h["ab_diff_points"] is not None:
+    rows += fresh_rows(st.get("fresh_split") or {})
+    rounds = (st.get("ab_test") or {}).get("rounds") or 0
+    if h["ab_diff_points"] is not None and rounds > 1:  # one round is the greedy row above
         lo, hi = h["ab_diff_ci_points"] or (0, 0)
-        rows.append(("A/B: thinking model - input (greedy + sampled rounds)",
+        rows.append((f"A/B: thinking model - input ({rounds} rounds, per question)",
                      f"{h['ab_diff_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}], p={h['ab_p']:.2g}, winner: {h['ab_winner']}"))
+    elif h["ab_winner"] is not None:
+        rows.append(("A/B winner (greedy round)", str(h["ab_winner"])))
     rows += [("val: Step 1 accuracy, thinking on", _pct(s1.get("accuracy_thinking_on")) + _ci(s1.get("ci95_on"))),
              ("Step 1 held-out token accuracy (converged?)",
               f"{_pct(s1.get('baking_accuracy'))} ({s1.get('convergence', {}).get('converged')})"),
@@ -77,12 +81,80 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                      f"{_pct(tb['val_accuracy_after'])} ({verdict}; {tb.get('kept_traces')} verified traces)"))
     if at:
         rows.append(("anti-theater", f"{'passed' if at.get('passed') else 'FAILED'}: {at.get('recommendation', '')}"))
-        rows += [(f"  {t['name']} (> {t['threshold']})", f"{t['value']:.3g} {'pass' if t['passed'] else 'FAIL'}")
-                 for t in at.get("tests", [])]
+        rows += [anti_theater_row(t) for t in at.get("tests", [])]
+    rows += general_rows(st.get("general") or {})
     if ho:
         rows.append(("Phase 3 -> 4 handoff", "passed" if ho.get("ok") else "failed"))
     rows.append(("total time", f"{report.get('total_seconds', 0) / 60:.1f} min"))
+    return flag_gsm8k(rows, report)
+
+
+def _gain(g: dict) -> str:
+    lo, hi = g["ci95_points"]
+    return f"{g['points']:+.1f} points [{lo:+.1f}, {hi:+.1f}]"
+
+
+def fresh_rows(fr: dict) -> list[tuple[str, str]]:
+    """The fresh split beside the test split: thinking on, and the gain over the input model."""
+    if "accuracy_on" not in fr:
+        return []
+    return [(f"FRESH accuracy, thinking on (n={fr['n']}, {fr['eval_set']})",
+             _pct(fr["accuracy_on"]) + _ci(fr["ci95_on"])),
+            ("FRESH thinking model - input (greedy)",
+             f"{_gain(fr['gain'])}; input {_pct(fr['input_accuracy'])}")]
+
+
+def general_rows(gen: dict) -> list[tuple[str, str]]:
+    """Per general set: answers with thinking vs the input model, closed rate, log-likelihood."""
+    if "sets" not in gen:
+        return []
+    rows = [("general tasks (vs input model)", ("passed" if gen["passed"] else "REGRESSED")
+             + ("" if gen.get("gate") else " (not gating)"))]
+    for name, r in gen["sets"].items():
+        ll = r.get("loglik") or {}
+        rows.append((f"  {name} (n={r['n']}), thinking on",
+                     f"{_pct(r['accuracy_on'])} vs input {_pct(r['input_accuracy'])}: {_gain(r['gain'])}; "
+                     f"closed {_pct(r['closed_rate'])}"))
+        if ll:
+            rows.append((f"  {name} log-likelihood acc", f"{_pct(ll['acc'])} vs input {_pct(ll['input_acc'])}: "
+                         f"{_gain(ll['gain'])}"))
     return rows
+
+
+def flag_gsm8k(rows: list[tuple[str, str]], report: dict) -> list[tuple[str, str]]:
+    """Mark every test (TEST, A/B) or validation (val:) figure measured on GSM8K when the
+    training data came from GSM8K test templates, and say why in a first row."""
+    from agent_forge.data.overlap import gsm8k_contamination
+
+    cfg = report.get("config") or {}
+    families = (cfg.get("data") or {}).get("families")
+    test, val = (gsm8k_contamination(families, cfg.get(k)) for k in ("eval_dataset", "val_dataset"))
+    if not (test or val):
+        return rows
+    split = {"TEST": test, "A/B:": test, "val:": val}
+    return [("GSM8K CONTAMINATED", test or val)] + [
+        (name, value + "  CONTAMINATED" if split.get(name.split(" ")[0]) else value) for name, value in rows]
+
+
+def anti_theater_row(t: dict) -> tuple[str, str]:
+    """One anti-theater test: what it needs, its value, and what qualifies it (the ablation's
+    p-value, divergence's unclosed rate, which coherence parts the correlation used)."""
+    alpha = t.get("alpha")
+    from agent_forge.validation.anti_theater import comparison, value_text
+
+    label = f"  {t['name']} ({comparison(t)} {t['threshold']}" + (f", p < {alpha})" if alpha is not None else ")")
+    value = value_text(t, ".3g") + (f", p={t['p']:.2g}" if alpha is not None else "")
+    if t.get("correction_rate") is not None:
+        value += f" (corrected {_pct(t['correction_rate'])} of {t['n_failed_checks']} failed)"
+    if t.get("n_checks") is not None:
+        value += f" ({t['n_checks']} checks)"
+    if t.get("unclosed_rate") is not None:
+        value += f" (unclosed {_pct(t['unclosed_rate'])})"
+    parts = t.get("coherence_parts")
+    if parts:
+        value += " (parts: " + ", ".join(f"{k} {parts[k]}" for k in ("semantic", "structure", "claims")) \
+                 + f" of {parts['n']})"
+    return label, f"{value} {'pass' if t['passed'] else 'FAIL'}"
 
 
 def print_summary(console: Console, report: dict) -> None:

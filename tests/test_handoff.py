@@ -202,3 +202,13 @@ def test_cli_check_records_verdict(tmp_path, plain_dir):
     assert out.exit_code == 1 and json.loads(out.output[out.output.index("{"):])["ok"] is False
     out = runner.invoke(registry_app, ["check", str(plain_dir), "--to", "3", "--db", str(db)])
     assert out.exit_code == 0 and "WARN  metadata" in out.output
+
+
+@pytest.mark.parametrize("general, ok", [(True, True), (False, False), (None, True)])
+def test_general_regression_blocks_the_handoff_when_measured(tmp_path, general, ok):
+    metrics = {"baking_accuracy": 0.9, "anti_theater_passed": True}
+    if general is not None:
+        metrics["general_passed"] = general
+    result = validate_phase3_to_4(_phase3_dir(tmp_path, metrics))
+    assert result.ok is ok
+    assert ("general_no_regression" in [c.name for c in result.checks]) is (general is not None)

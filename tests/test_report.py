@@ -6,7 +6,7 @@ from agent_forge.report import carried_stage, carried_val_accuracy, headline, su
 def _report():
     ablation = {"name": "ablation", "value": 60.0, "threshold": 2.0, "passed": True, "n": 150, "p": 1e-20,
                 "accuracy_on": 0.64, "ci95_on": [0.56, 0.71], "accuracy_off": 0.03, "ci95_off": [0.01, 0.07]}
-    ab = {"baseline": {"per_round": [0.16, 0.20]}, "candidate": {"per_round": [0.64, 0.50]},
+    ab = {"rounds": 2, "baseline": {"per_round": [0.16, 0.20]}, "candidate": {"per_round": [0.64, 0.50]},
           "diff_points": 39.0, "diff_ci_points": [33.0, 45.0], "mcnemar": {"p": 2e-25}, "winner": "candidate",
           "per_round_diff": [{"round": 0, "points": 48.0, "ci95_points": [40.0, 56.0], "mcnemar_p": 3e-20},
                              {"round": 1, "points": 30.0, "ci95_points": [21.0, 39.0], "mcnemar_p": 1e-8}]}
@@ -25,7 +25,7 @@ def test_headline_reads_the_greedy_round_and_the_ablation():
 def test_summary_rows_show_both_ab_views_and_the_time():
     rows = dict(summary_rows(_report()))
     assert rows["TEST thinking model - input (greedy)"] == "+48.0 points [+40.0, +56.0], p=3e-20"
-    assert rows["A/B: thinking model - input (greedy + sampled rounds)"].startswith("+39.0 points [+33.0, +45.0]")
+    assert rows["A/B: thinking model - input (2 rounds, per question)"].startswith("+39.0 points [+33.0, +45.0]")
     assert rows["TEST accuracy, thinking on (n=150)"] == "64.0% [56.0, 71.0]"
     assert rows["total time"] == "20.5 min"
 

@@ -61,10 +61,16 @@ class PipelineConfig:
     eval_dataset: str = "easy_arithmetic"  # the test set for final checks: an evalsets name or a JSONL path
     val_dataset: str = "easy_arithmetic_val"  # Step 1/2 metrics and keep/roll-back decisions look here
     eval_samples: int = 200  # questions for the final evaluation, anti-theater and A/B
-    ab_test_rounds: int = 3  # A/B rounds (disjoint subsamples of the eval set)
+    ab_test_rounds: int = 3  # A/B rounds over the same eval questions (0 greedy, then sampled); tested per item
     ab_threshold_points: float = 5.0  # the candidate wins if it beats the baseline by this
+    check_honesty_threshold: float = 0.95  # anti-theater: share of checks whose verdict agrees with their arithmetic
     min_fitness_gain: float | None = None  # Phase 2 -> 3 gate (None: report, do not gate)
     min_baking_accuracy: float = 0.85  # Phase 3 -> 4 gate on held-out token accuracy
+    fresh_seed: int | None = None  # the fresh split's seed (evalsets.fresh_split_name); None: drawn at run time
+    fresh_samples: int | None = None  # fresh-split questions (None: eval_samples; 0: skip the stage)
+    general_sets: tuple[str, ...] = ("arc_easy", "commonsense_qa")  # beyond the training tasks
+    general_samples: int = 100  # questions per general set (0: skip the stage)
+    general_gate: bool = True  # the Phase 3 -> 4 handoff refuses a model that regresses on them
     max_new_tokens: int = 96
     tracking: str = "offline"  # W&B mode: offline, disabled, online
     registry: str | None = None  # SQLite path; default FORGE_HOME/registry.sqlite
@@ -76,6 +82,7 @@ class PipelineConfig:
 PRESETS: dict[str, dict] = {
     # <= 3 minutes on a 2-core CPU: proves every stage runs; numbers mean little.
     "smoke": {"data": {"n_records": 200}, "eval_samples": 16, "ab_test_rounds": 2, "max_new_tokens": 48,
+              "general_samples": 8,
               "bake": {"steps": 6, "batch_size": 4, "save_every": 3, "eval_samples": 16,
                        "eval_max_new_tokens": 48},
               "trace_bake_questions": 16, "trace_bake_steps": 3,
@@ -84,7 +91,9 @@ PRESETS: dict[str, dict] = {
                      "coherence_embedder": "policy"}},
     # `make demo`: <= 25 minutes on a 2-core CPU.
     # Thinking-off accuracy is measured once, on the test set (anti-theater), not per stage.
-    "quick": {"eval_samples": 150, "ab_test_rounds": 2, "trace_bake_questions": 32, "trace_bake_steps": 10,
+    # One A/B round: it is tested per question, so a sampled second round of the same questions
+    # adds little evidence for its ~2.5 minutes; the fresh split and general tasks use them.
+    "quick": {"eval_samples": 150, "ab_test_rounds": 1, "trace_bake_questions": 32, "trace_bake_steps": 10,
               "bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 50, "eval_samples": 100,
                        "eval_thinking_off": False},
               # configs/rl_answer_cpu.yaml's method without its LM term, cut to what fits (36 steps
@@ -196,22 +205,24 @@ def disk_plan(cfg: PipelineConfig, n_bytes: int):
 
 
 def stage_data(ctx: Context) -> dict:
-    from agent_forge.data.overlap import filter_overlap
+    from agent_forge.data.overlap import asked_by, eval_sets_for, gsm8k_contamination
     from agent_forge.data.procedural import build_gym_records
     from agent_forge.data.schema import write_records
 
     d = ctx.cfg.data
-    t0 = time.time()
-    records = build_gym_records(d.n_records, seed=d.seed, families=tuple(d.families), difficulty=d.difficulty)
-    kept, dropped = filter_overlap(records)
+    t0, stats = time.time(), {}
+    kept = build_gym_records(d.n_records, seed=d.seed, families=tuple(d.families), difficulty=d.difficulty,
+                             stats=stats, exclude=asked_by(eval_sets_for(ctx.cfg.eval_dataset, ctx.cfg.val_dataset)))
     path = ctx.out / "data" / "train.jsonl"
     write_records(path, kept)
     strategies: dict[str, int] = {}
     for r in kept:
         for s in r.strategies:
             strategies[s] = strategies.get(s, 0) + 1
-    return {"path": str(path), "records": len(kept), "dropped_overlap": len(dropped),
-            "strategy_counts": strategies, "seconds": round(time.time() - t0, 1)}
+    flags = [gsm8k_contamination(d.families, name) for name in (ctx.cfg.eval_dataset, ctx.cfg.val_dataset)]
+    return {"path": str(path), "records": len(kept), "dropped_overlap": stats.get("eval_overlap", 0),
+            "strategy_counts": strategies, "seconds": round(time.time() - t0, 1),
+            "gsm8k_contamination": next((f for f in flags if f), None)}
 
 
 def stage_step1(ctx: Context) -> dict:
@@ -261,6 +272,11 @@ def val_accuracy_so_far(ctx: Context) -> float | None:
     return carried_val_accuracy(ctx.state.data["stages"])
 
 
+def _thresholds(cfg: PipelineConfig) -> dict:
+    """The anti-theater thresholds this config sets (the others keep their defaults)."""
+    return {"check_honesty": cfg.check_honesty_threshold}
+
+
 class AntiTheaterMonitor:
     """Anti-theater on a slice of the eval set during RL; two failures in a row stop RL.
 
@@ -278,7 +294,7 @@ class AntiTheaterMonitor:
         tok = self._tokenizer()
         items = load_eval_set(self.ctx.cfg.val_dataset, limit=self.limit)
         report = run_anti_theater(model, tok, items, max_new_tokens=self.ctx.cfg.max_new_tokens,
-                                  coherence_fn=anti_theater_coherence(model, tok))
+                                  thresholds=_thresholds(self.ctx.cfg))
         model.train()
         self.failures = 0 if report.passed else self.failures + 1
         figures = {t["name"]: t["value"] for t in report.tests}
@@ -302,15 +318,19 @@ def stage_trace_baking(ctx: Context) -> dict:
     cfg = ctx.cfg
     if not cfg.trace_bake_questions or not cfg.trace_bake_steps:
         return {"status": "skipped", "note": "trace_bake_questions or trace_bake_steps is 0"}
-    from agent_forge.data.overlap import filter_overlap
+    from agent_forge.data.overlap import asked_by, eval_sets_for
     from agent_forge.data.procedural import build_gym_records
     from agent_forge.data.star import star_records
     from agent_forge.models import load_model, read_meta, save_model
 
     src = current_model_dir(ctx)
     model, tok = load_model(str(src), device=cfg.device)
-    fresh, _ = filter_overlap(build_gym_records(cfg.trace_bake_questions, seed=cfg.data.seed + 2,
-                                                families=tuple(cfg.data.families)))
+    fresh = build_gym_records(cfg.trace_bake_questions, seed=cfg.data.seed + 2, families=tuple(cfg.data.families),
+                              exclude=asked_by(eval_sets_for(cfg.eval_dataset, cfg.val_dataset)))
+    from agent_forge.data.schema import write_records
+    from agent_forge.quietstar.rl import TRAIN_QUESTIONS_FILE
+
+    write_records(ctx.out / "trace_baking" / TRAIN_QUESTIONS_FILE, fresh)  # the fresh split leaves them out
     questions = [{"id": r.id, "question": r.question, "gold": r.gold, "family": r.family} for r in fresh]
     kept, report = star_records(model, tok, questions, k=cfg.trace_bake_samples,
                                 max_new_tokens=cfg.max_new_tokens, temperature=0.8)
@@ -355,55 +375,38 @@ def _eval_items(ctx: Context):
     return load_eval_set(ctx.cfg.eval_dataset, limit=ctx.cfg.eval_samples)
 
 
-def anti_theater_coherence(model=None, tokenizer=None):
-    """Coherence for the anti-theater correlation: semantic + syntactic parts only.
-
-    The composite's predictive part IS the log-likelihood gain that the correlation test
-    uses as utility; keeping it would make the test correlate a quantity with itself.
-    """
-    from agent_forge.quietstar.coherence import CoherenceScorer
-    from agent_forge.vocab import get_vocab
-
-    try:
-        scorer = CoherenceScorer("minilm", weights=(0.4 / 0.7, 0.3 / 0.7, 0.0))
-    except Exception:  # noqa: BLE001 - the embedding package is optional for custom installs
-        scorer = CoherenceScorer("policy", weights=(0.4 / 0.7, 0.3 / 0.7, 0.0), model=model, tokenizer=tokenizer)
-    v = get_vocab("default")
-
-    def coherence(thinking: str | None, question: str) -> float:
-        if not thinking:
-            return 0.0
-        completion = f"{v.open}{thinking}{v.close} x"
-        return scorer.score([question], [thinking], [""], [completion], [0.0]).composite[0]
-    return coherence
-
-
 GREEDY_ON_FILE = "anti_theater/greedy_on.json"
 
 
 def _greedy_on_key(ctx: Context, model_dir: Path) -> dict:
     """What makes a greedy thinking-on generation pass reproducible: the A/B's first round
     replays anti-theater's pass only if all of these match."""
+    from agent_forge.quietstar.thought_inference import resolve_thought_positions
+
+    thought = resolve_thought_positions(model_dir)  # a token-level model's silent thoughts
     return {"model": str(model_dir), "mode": "on", "max_new_tokens": ctx.cfg.max_new_tokens,
-            "batch_size": GENERATION_BATCH}
+            "batch_size": GENERATION_BATCH, **({"thought_mode": thought} if thought else {})}
 
 
 def stage_anti_theater(ctx: Context) -> dict:
     from agent_forge.inference import generate_answers, save_generations
     from agent_forge.models import load_model
+    from agent_forge.quietstar.thought_inference import resolve_thought_positions
     from agent_forge.validation.anti_theater import run_anti_theater
 
     model_dir = current_model_dir(ctx)
     model, tok = load_model(str(model_dir), device=ctx.cfg.device)
 
     def generate(questions: list[str], thinking: str):
+        thought = resolve_thought_positions(model_dir) if thinking == "on" else None  # silent thoughts
         gens = generate_answers(model, tok, questions, thinking=thinking, batch_size=GENERATION_BATCH,
-                                max_new_tokens=ctx.cfg.max_new_tokens)
+                                max_new_tokens=ctx.cfg.max_new_tokens, thought_mode=thought,
+                                model_dir=str(model_dir))
         if thinking == "on":
             save_generations(ctx.out / GREEDY_ON_FILE, _greedy_on_key(ctx, model_dir), questions, gens)
         return gens
     report = run_anti_theater(model, tok, _eval_items(ctx), generate_fn=generate, batch_size=GENERATION_BATCH,
-                              coherence_fn=anti_theater_coherence(model, tok))
+                              thresholds=_thresholds(ctx.cfg))
     return report.to_dict()
 
 
@@ -415,6 +418,7 @@ def stage_ab_test(ctx: Context) -> dict:
     """
     from agent_forge.inference import load_generations
     from agent_forge.models import load_model
+    from agent_forge.quietstar.thought_inference import resolve_thought_positions
     from agent_forge.validation.ab import model_arm, replay_first_round, run_ab
 
     cfg = ctx.cfg
@@ -425,12 +429,66 @@ def stage_ab_test(ctx: Context) -> dict:
     baseline = model_arm(f"input ({cfg.model})", base_model, base_tok, thinking="auto",
                          batch_size=GENERATION_BATCH, max_new_tokens=cfg.max_new_tokens)
     candidate = model_arm("phase 3 (thinking)", cand_model, cand_tok, thinking="on",
-                          batch_size=GENERATION_BATCH, max_new_tokens=cfg.max_new_tokens)
+                          batch_size=GENERATION_BATCH, max_new_tokens=cfg.max_new_tokens,
+                          thought_mode=resolve_thought_positions(model_dir), model_dir=str(model_dir))
     questions = [it.question for it in items]
     recorded = load_generations(ctx.out / GREEDY_ON_FILE, _greedy_on_key(ctx, model_dir), questions)
     candidate = replay_first_round(candidate, recorded, questions)
     report = run_ab(baseline, candidate, items, rounds=cfg.ab_test_rounds, threshold=cfg.ab_threshold_points)
     return {**report.to_dict(), "replayed_greedy_round": recorded is not None}
+
+
+def _training_files(ctx: Context) -> list[Path]:
+    """Every file of questions this run trained on (data, Step 2, trace baking)."""
+    from agent_forge.quietstar.rl import TRAIN_QUESTIONS_FILE
+
+    files = [ctx.out / "data" / "train.jsonl", ctx.out / "step2" / TRAIN_QUESTIONS_FILE,
+             ctx.out / "trace_baking" / TRAIN_QUESTIONS_FILE]
+    return [f for f in files if f.exists()]
+
+
+def _final_and_input_models(ctx: Context):
+    from agent_forge.models import load_model
+
+    model_dir = current_model_dir(ctx)
+    return (*load_model(str(model_dir), device=ctx.cfg.device), *load_model(ctx.cfg.model, device=ctx.cfg.device))
+
+
+def stage_fresh_split(ctx: Context) -> dict:
+    """Test-split accuracy's companion: the final model, thinking on, on a fresh split of the
+    whole easy range from a seed drawn now, less the questions any training file asks."""
+    from agent_forge.data.evalsets import fresh_split_name, load_eval_set
+    from agent_forge.data.overlap import unseen_items
+    from agent_forge.validation.generalisation import compare_on
+
+    cfg = ctx.cfg
+    n = cfg.eval_samples if cfg.fresh_samples is None else cfg.fresh_samples
+    if not n:
+        return {"status": "skipped", "note": "fresh_samples is 0"}
+    name = fresh_split_name(cfg.fresh_seed)
+    files = _training_files(ctx)
+    asked = load_eval_set(name, limit=n)
+    items = unseen_items(asked, files)
+    result = compare_on(items, *_final_and_input_models(ctx), max_new_tokens=cfg.max_new_tokens,
+                        batch_size=GENERATION_BATCH)
+    return {"eval_set": name, "left_out_as_trained_on": len(asked) - len(items),
+            "training_files": [str(f) for f in files], **result}
+
+
+def stage_general(ctx: Context) -> dict:
+    """ARC-Easy and CommonsenseQA: with thinking vs the input model answering directly, the
+    thinking block's closed rate, log-likelihood accuracy; the verdict the handoff reads."""
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.validation.generalisation import compare_on, general_verdict
+
+    cfg = ctx.cfg
+    if not cfg.general_samples or not cfg.general_sets:
+        return {"status": "skipped", "note": "general_samples is 0"}
+    models = _final_and_input_models(ctx)
+    per_set = {name: compare_on(load_eval_set(name, limit=cfg.general_samples), *models,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=GENERATION_BATCH, loglik=True)
+               for name in cfg.general_sets}
+    return {"sets": per_set, **general_verdict(per_set), "gate": cfg.general_gate}
 
 
 def stage_save(ctx: Context) -> dict:
@@ -443,7 +501,8 @@ def stage_save(ctx: Context) -> dict:
     anti = ctx.state.result("anti_theater")
     meta["metrics"] = {**meta.get("metrics", {}), "baking_accuracy": step1.get("baking_accuracy"),
                        "anti_theater_passed": bool(anti.get("passed")),
-                       "ab_winner": ctx.state.result("ab_test").get("winner")}
+                       "ab_winner": ctx.state.result("ab_test").get("winner"),
+                       "general_passed": _general_passed(ctx)}
     meta["pipeline"] = {"preset": ctx.cfg.preset, "config": ctx.cfg.to_dict()}
     tmp = ctx.out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -453,6 +512,12 @@ def stage_save(ctx: Context) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     tmp.replace(dst)
     return {"model_dir": str(dst)}
+
+
+def _general_passed(ctx: Context) -> bool | None:
+    """The general-task verdict the handoff reads: None when not measured or not gating."""
+    general = ctx.state.result("general")
+    return general.get("passed") if ctx.cfg.general_gate and "passed" in general else None
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -494,7 +559,8 @@ STAGES: list[tuple[str, Callable[[Context], dict]]] = [
     ("validate_input", stage_validate_input), ("vocab", stage_vocab), ("data", stage_data),
     ("step1", stage_step1), ("step2", stage_step2), ("trace_baking", stage_trace_baking),
     ("anti_theater", stage_anti_theater),
-    ("ab_test", stage_ab_test), ("save", stage_save), ("register", stage_register),
+    ("ab_test", stage_ab_test), ("fresh_split", stage_fresh_split), ("general", stage_general),
+    ("save", stage_save), ("register", stage_register),
     ("handoff", stage_handoff),
 ]
 
