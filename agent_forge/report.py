@@ -131,7 +131,7 @@ def flag_gsm8k(rows: list[tuple[str, str]], report: dict) -> list[tuple[str, str
     test, val = (gsm8k_contamination(families, cfg.get(k)) for k in ("eval_dataset", "val_dataset"))
     if not (test or val):
         return rows
-    split = {"TEST": test, "A/B:": test, "val:": val}
+    split = {"TEST": test, "A/B:": test, "A/B": test, "val:": val}
     return [("GSM8K CONTAMINATED", test or val)] + [
         (name, value + "  CONTAMINATED" if split.get(name.split(" ")[0]) else value) for name, value in rows]
 

@@ -72,7 +72,7 @@ def _report(preset: str, eval_dataset: str, val_dataset: str = "easy_arithmetic_
     cfg = make_config(preset, eval_dataset=eval_dataset, val_dataset=val_dataset).to_dict()
     ablation = {"name": "ablation", "n": 40, "accuracy_on": 0.6, "ci95_on": [0.45, 0.74], "accuracy_off": 0.1,
                 "ci95_off": [0.04, 0.23], "p": 1e-4, "value": 50.0, "threshold": 2.0, "passed": True}
-    ab = {"baseline": {"per_round": [0.2]}, "candidate": {"per_round": [0.6]},
+    ab = {"rounds": 2, "baseline": {"per_round": [0.2, 0.3]}, "candidate": {"per_round": [0.6, 0.5]},
           "per_round_diff": [{"points": 40.0, "ci95_points": [20.0, 60.0], "mcnemar_p": 1e-3}],
           "diff_points": 38.0, "diff_ci_points": [25.0, 50.0], "mcnemar": {"p": 1e-4}, "winner": "candidate"}
     stages = {"step1": {"accuracy_thinking_on": 0.5, "ci95_on": [0.4, 0.6]},

@@ -160,6 +160,9 @@ def test_bad_input_is_rejected(server, root):
         ({"eval_dataset": "easy_arithmetic+"}, 400),
         ({"eval_dataset": "easy_arithmetic+data.jsonl", "val_dataset": "gym:chain_sum"}, 409),
         ({"val_dataset": f"{root}/models/data.jsonl"}, 409),
+        ({"general_sets": ["arc_easy", "/etc/passwd"]}, 400),
+        ({"general_sets": "arc_easy"}, 400),  # a list, or nothing
+        ({"general_sets": ["arc_easy", "data.jsonl"]}, 409),
     ]:
         body = {**ok, "model": model, "kind": "anti_theater", "out": "fresh", "overrides": overrides}
         r = c.post("/jobs", json=body, headers=AUTH)
@@ -253,7 +256,7 @@ def test_every_path_field_of_a_job_is_checked():
     import dataclasses
 
     from agent_forge.quietstar.pipeline import make_config
-    from agent_forge.server.jobs import DATASET_FIELDS, RESERVED_OVERRIDES
+    from agent_forge.server.jobs import DATASET_FIELDS, DATASET_LIST_FIELDS, RESERVED_OVERRIDES
 
     not_paths = {"data.difficulty", "data.families", "bake.mode", "bake.optimizer", "bake.mixed_precision",
                  "bake.kl_prompts", "bake.kl_source", "rl.reward", "rl.loss_norm", "rl.kl_estimator", "rl.optimizer",
@@ -267,7 +270,8 @@ def test_every_path_field_of_a_job_is_checked():
             elif "str" in str(f.type):
                 yield prefix + f.name
 
-    unclassed = set(text_fields(make_config("quick"))) - not_paths - set(DATASET_FIELDS) - set(RESERVED_OVERRIDES)
+    unclassed = (set(text_fields(make_config("quick"))) - not_paths - set(DATASET_FIELDS) - set(DATASET_LIST_FIELDS)
+                 - set(RESERVED_OVERRIDES))
     assert not unclassed, f"class these config fields in jobs.py (paths) or here (not paths): {unclassed}"
 
 

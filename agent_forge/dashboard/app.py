@@ -16,7 +16,8 @@ from agent_forge.dashboard import data
 
 STAGE_LABELS = {"validate_input": "input check", "vocab": "vocabulary", "data": "data", "step1": "Step 1 bake",
                 "step2": "Step 2 RL", "trace_baking": "trace baking", "anti_theater": "anti-theater",
-                "ab_test": "A/B test", "save": "save", "register": "register", "handoff": "handoff"}
+                "ab_test": "A/B test", "fresh_split": "fresh split", "general": "general tasks", "save": "save",
+                "register": "register", "handoff": "handoff"}
 
 
 def _pct(x) -> str:
@@ -151,8 +152,8 @@ def anti_theater_section(stages: dict) -> None:
     cols = st.columns(max(1, len(tests)))
     for col, t in zip(cols, tests):
         value, threshold = t.get("value"), t.get("threshold")
-        text = f"{t.get('name')}: {value:.3f} (needs > {threshold})" if isinstance(value, (int, float)) \
-            else f"{t.get('name')}: {value} (needs > {threshold})"
+        shown = f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+        text = f"{t.get('name')}: {shown} (needs {'>=' if t.get('at_least') else '>'} {threshold})"
         with col:
             (st.success if t.get("passed") else st.error)(("PASS  " if t.get("passed") else "FAIL  ") + text)
             if t.get("detail"):
@@ -186,7 +187,8 @@ def ab_section(stages: dict) -> None:
                   help="candidate minus baseline, accuracy points")
         if None not in ci:
             st.caption(f"95% CI [{ci[0]:+.1f}, {ci[1]:+.1f}] points")
-        st.metric("McNemar p", f"{(ab.get('mcnemar') or {}).get('p', float('nan')):.3g}")
+        st.metric("p (per question)", f"{(ab.get('mcnemar') or {}).get('p', float('nan')):.3g}",
+                  help=(ab.get("mcnemar") or {}).get("test"))
         st.metric("Winner", ab.get("winner", "-"))
     st.caption(ab.get("sentence", ""))
 
@@ -229,7 +231,20 @@ def run_view(run_dir: Path, registry: str | None) -> None:
     with c2:
         ab_section(stages)
     anti_theater_section(stages)
+    beyond_test_section(stages)
     checkpoints_and_handoff(run_dir, stages)
+
+
+def beyond_test_section(stages: dict) -> None:
+    """The fresh split beside the test split, and the general tasks, as the report prints them."""
+    from agent_forge.report import fresh_rows, general_rows
+
+    rows = fresh_rows(stages.get("fresh_split") or {}) + general_rows(stages.get("general") or {})
+    st.subheader("Beyond the test split")
+    if not rows:
+        st.caption("not run yet")
+        return
+    st.dataframe([{"measure": k.strip(), "value": v} for k, v in rows], hide_index=True, width="stretch")
 
 
 def registry_view(registry: str | None) -> None:

@@ -22,7 +22,7 @@ RUN_MARKERS = (STATE_FILE, METRICS_FILE)
 # agent_forge.quietstar.pipeline.STAGES, by name (kept here so reading a run never imports torch;
 # tests check the two agree)
 STAGE_ORDER = ("validate_input", "vocab", "data", "step1", "step2", "trace_baking", "anti_theater", "ab_test",
-               "save", "register", "handoff")
+               "fresh_split", "general", "save", "register", "handoff")
 SKIP_DIRS = {"model", "checkpoints", "data", "wandb", "step1", "step2", ".git"}
 ACTIVE_SECONDS = 120.0  # a run whose files changed this recently counts as running
 

@@ -48,6 +48,9 @@ Where we differ from lm-evaluation-harness 0.4 (tasks gsm8k, arc_*, mmlu_pro, bb
   generative tasks' filters (rules 2-3 above) with two additions: a lone lower-case letter
   and a lone upper-case letter anywhere (rule 4) count. Choice texts must match on word
   boundaries ("cat" is not found in "category"); lm-eval matches any substring.
+- Comparing numbers: we compare values (numbers_equal), lm-eval's exact_match compares
+  strings after its filters, so "18.00" or "05" against gold 18 / 5 is right here and
+  wrong there (tests/test_evaluation_lm_eval_adapter.py records the cases).
 """
 
 from __future__ import annotations

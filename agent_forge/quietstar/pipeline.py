@@ -407,7 +407,9 @@ def stage_anti_theater(ctx: Context) -> dict:
         return gens
     report = run_anti_theater(model, tok, _eval_items(ctx), generate_fn=generate, batch_size=GENERATION_BATCH,
                               thresholds=_thresholds(ctx.cfg))
-    return report.to_dict()
+    recheck = (f"forge anti-theater --model {ctx.out / 'model'} --data {ctx.cfg.eval_dataset} --limit {ctx.cfg.eval_samples} "
+               f"--max-new-tokens {ctx.cfg.max_new_tokens}")
+    return {**report.to_dict(), "recheck": recheck}
 
 
 def stage_ab_test(ctx: Context) -> dict:
@@ -471,8 +473,10 @@ def stage_fresh_split(ctx: Context) -> dict:
     items = unseen_items(asked, files)
     result = compare_on(items, *_final_and_input_models(ctx), max_new_tokens=cfg.max_new_tokens,
                         batch_size=GENERATION_BATCH)
+    recheck = (f"forge eval --model {ctx.out / 'model'} --data {name} --limit {n} --thoughts on "
+               f"--max-new-tokens {cfg.max_new_tokens} " + " ".join(f"--exclude-seen {f}" for f in files))
     return {"eval_set": name, "left_out_as_trained_on": len(asked) - len(items),
-            "training_files": [str(f) for f in files], **result}
+            "training_files": [str(f) for f in files], "recheck": recheck, **result}
 
 
 def stage_general(ctx: Context) -> dict:

@@ -34,6 +34,7 @@ KIND_PREFIX = "job:"
 ACTIVE = ("queued", "running")
 RESERVED_OVERRIDES = ("model", "out", "registry", "device", "preset")
 DATASET_FIELDS = ("eval_dataset", "val_dataset")  # overrides the worker reads files from (evalsets names or paths)
+DATASET_LIST_FIELDS = ("general_sets",)  # the same, a list of them
 WORKER_MODULE = "agent_forge.server.worker"
 SECRET_ENV = ("FORGE_API_TOKEN",)
 
@@ -178,10 +179,15 @@ class JobManager:
                     raise JobError(400, f"model {model!r} does not exist")
                 model = str(model_path)
             overrides = dict(req.get("overrides") or {})
+            roots = self.settings.model_roots + self.settings.out_roots
             for name in DATASET_FIELDS:
                 if isinstance(overrides.get(name), str):
-                    overrides[name] = confine_dataset(overrides[name], self.settings.model_roots
-                                                      + self.settings.out_roots, name)
+                    overrides[name] = confine_dataset(overrides[name], roots, name)
+            for name in DATASET_LIST_FIELDS:
+                if name in overrides:
+                    if not isinstance(overrides[name], list) or not all(isinstance(x, str) for x in overrides[name]):
+                        raise JobError(400, f"{name} must be a list of dataset names or paths")
+                    overrides[name] = [confine_dataset(x, roots, name) for x in overrides[name]]
         except PathRejected as e:
             raise JobError(400, str(e)) from None
         if out.exists() and not out.is_dir():
