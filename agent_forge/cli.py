@@ -149,7 +149,7 @@ app.add_typer(data_app, name="data", help="build and inspect reasoning data")
 from agent_forge.evaluation.commands import ab_cmd, anti_theater_cmd, eval_cmd  # noqa: E402
 
 app.command("eval", help="Accuracy (with 95% interval) of a model on a task or JSONL file.")(eval_cmd)
-app.command("anti-theater", help="Do the thoughts carry weight? Divergence, ablation, correlation.")(anti_theater_cmd)
+app.command("anti-theater", help="Do the thoughts carry weight? Divergence, ablation, correlation, check honesty.")(anti_theater_cmd)
 app.command("ab", help="Baseline vs candidate over several rounds, with paired statistics.")(ab_cmd)
 
 from agent_forge.quietstar.rl_commands import rl_cmd  # noqa: E402

@@ -71,6 +71,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
              ("Step 1 held-out token accuracy (converged?)",
               f"{_pct(s1.get('baking_accuracy'))} ({s1.get('convergence', {}).get('converged')})"),
              ("well-formed thinking (Step 1, val)", _pct((s1.get("usage") or {}).get("well_formed_rate")))]
+    if s2.get("status") == "skipped":
+        rows.append(("Step 2 (Quiet-STaR RL)", "skipped: " + s2.get("note", "")))
     if s2.get("accuracy_thinking_on") is not None:
         rows.append(("val: Step 2 accuracy, thinking on", _pct(s2.get("accuracy_thinking_on")) + _ci(s2.get("ci95_on"))
                      + ("  kept" if s2.get("kept") else "  ROLLED BACK")))
@@ -144,10 +146,10 @@ def anti_theater_row(t: dict) -> tuple[str, str]:
 
     label = f"  {t['name']} ({comparison(t)} {t['threshold']}" + (f", p < {alpha})" if alpha is not None else ")")
     value = value_text(t, ".3g") + (f", p={t['p']:.2g}" if alpha is not None else "")
-    if t.get("correction_rate") is not None:
-        value += f" (corrected {_pct(t['correction_rate'])} of {t['n_failed_checks']} failed)"
     if t.get("n_checks") is not None:
-        value += f" ({t['n_checks']} checks)"
+        value += f" of {t['n_checks']} checks"
+    if t.get("correction_rate") is not None:
+        value += f"; {_pct(t['correction_rate'])} of {t['n_failed_checks']} failed ones corrected"
     if t.get("unclosed_rate") is not None:
         value += f" (unclosed {_pct(t['unclosed_rate'])})"
     parts = t.get("coherence_parts")

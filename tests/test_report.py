@@ -41,3 +41,9 @@ def test_the_carried_model_is_the_newest_kept_one():
     assert carried_stage(stages) == "trace_baking" and carried_val_accuracy(stages) == 0.55
     skipped = {"status": "skipped"}  # no model: never carried
     assert carried_stage({"step1": step1, "step2": skipped}) == "step1"
+
+
+def test_a_skipped_step_2_says_so_and_why():
+    rows = dict(summary_rows({"stages": {"step2": {"status": "skipped", "note": "rl_enabled is false; run forge rl"}}}))
+    assert rows["Step 2 (Quiet-STaR RL)"] == "skipped: rl_enabled is false; run forge rl"
+    assert "val: Step 2 accuracy, thinking on" not in rows

@@ -96,9 +96,12 @@ PRESETS: dict[str, dict] = {
     "quick": {"eval_samples": 150, "ab_test_rounds": 1, "trace_bake_questions": 32, "trace_bake_steps": 10,
               "bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 50, "eval_samples": 100,
                        "eval_thinking_off": False},
-              # configs/rl_answer_cpu.yaml's method without its LM term, cut to what fits (36 steps
-              # with the LM term there: +4.3 points [+1.2, +7.7] on 483 unseen questions); 4 steps
-              # barely move the weights, and the validation gate keeps them only if they help.
+              # Step 2 is off here: the 4 RL steps that fitted changed nothing measurable and were
+              # rolled back (KL 9e-5; this session's run: val 48% -> 46%), 3 minutes for nothing.
+              # The RL that helps on this CPU is configs/rl_answer_cpu.yaml (36 steps with the LM
+              # term, +4.3 points [+1.2, +7.7] on 483 unseen questions), 17 minutes: `forge rl`.
+              # The settings below are what `rl_enabled: true` in a --config file would run.
+              "rl_enabled": False,
               "rl": {"steps": 4, "questions_per_step": 4, "samples_per_question": 4, "max_new_tokens": 80,
                      "reward": "correct", "consistency_weight": 0.5, "normalize_std": False,
                      "lr": 1e-5, "warmup_steps": 6, "kl_coefficient": 0.05,
@@ -238,7 +241,9 @@ def stage_step1(ctx: Context) -> dict:
 def stage_step2(ctx: Context) -> dict:
     """Answer-level Quiet-STaR RL on the Step 1 model, KL-leashed to it."""
     if not ctx.cfg.rl_enabled:
-        return {"status": "skipped", "note": "rl_enabled is false; the Step 1 model goes forward"}
+        return {"status": "skipped", "note": "rl_enabled is false in this config, so the Step 1 model goes "
+                "forward; a few CPU steps change nothing measurable: run Step 2 with `forge rl --model "
+                f"{ctx.out / 'step1' / 'model'} --config configs/rl_answer_cpu.yaml` (about 17 min on 2 cores)"}
     from agent_forge.quietstar.rl import run_step2
 
     step1_model = ctx.out / "step1" / "model"

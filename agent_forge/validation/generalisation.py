@@ -42,8 +42,8 @@ def compare_on(items, model, tokenizer, base_model, base_tokenizer, *, max_new_t
     """Thinking model (thinking on) vs input model (direct) on the same items, paired."""
     think = evaluate(model, tokenizer, items, thinking="on", max_new_tokens=max_new_tokens,
                      batch_size=batch_size, loglik=loglik, progress=False)
-    base = evaluate(base_model, base_tokenizer, items, thinking="auto", max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, loglik=loglik, progress=False)
+    base = evaluate(base_model, base_tokenizer, items, thinking="auto", batch_size=batch_size, loglik=loglik,
+                    progress=False)  # a direct answer: inference's default budget (48 tokens, lm-eval's stops)
     closed = sum(r["closed"] for r in think.per_example) / think.n
     out = {"n": think.n, "accuracy_on": think.accuracy, "ci95_on": think.ci95,
            "per_family_on": think.per_family, "closed_rate": closed,
