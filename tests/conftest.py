@@ -89,3 +89,22 @@ def forge_home(tmp_path, monkeypatch):
     home = tmp_path / "forge_home"
     monkeypatch.setenv("FORGE_HOME", str(home))
     return home
+
+
+def baked_token_setup(tmp_path) -> dict:
+    """A saved tiny thinking model, eight training records and a small token-mode RL config:
+    the `forge rl --mode token` arguments that point at them."""
+    from agent_forge.data.schema import Record, Segment, write_records
+    from agent_forge.models import save_model
+    from agent_forge.vocab import add_thinking_tokens
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    add_thinking_tokens(model, tok)
+    save_model(model, tok, tmp_path / "baked", {"phase": 3})
+    recs = [Record(str(i), f"{i} + 1 = ?", [Segment("step", f"{i} + 1 = {i + 1}")], str(i + 1), str(i + 1), "t")
+            for i in range(8)]
+    write_records(tmp_path / "d.jsonl", recs)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_thoughts: 2\nthought_len: 3\nbatch_size: 2\nseq_len: 24\nsave_every: 0\n")
+    return dict(model=str(tmp_path / "baked"), data=str(tmp_path / "d.jsonl"), config=str(cfg))

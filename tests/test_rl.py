@@ -17,7 +17,7 @@ from agent_forge.quietstar.rl import (
 )
 from agent_forge.vocab import add_thinking_tokens
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import baked_token_setup, make_tiny_model, make_tiny_tokenizer
 
 
 def make_policy(kind="llama", seed=0):
@@ -375,19 +375,7 @@ def test_token_mode_needs_data(tmp_path):
 
 
 def test_token_mode_trains_and_saves_the_mixing_head(tmp_path):
-    from agent_forge.data.schema import Record, Segment, write_records
-    from agent_forge.models import save_model
-
-    tok = make_tiny_tokenizer()
-    model = make_tiny_model("llama", len(tok))
-    add_thinking_tokens(model, tok)
-    save_model(model, tok, tmp_path / "baked", {"phase": 3})
-    recs = [Record(str(i), f"{i} + 1 = ?", [Segment("step", f"{i} + 1 = {i + 1}")], str(i + 1), str(i + 1), "t")
-            for i in range(8)]
-    write_records(tmp_path / "d.jsonl", recs)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("n_thoughts: 2\nthought_len: 3\nbatch_size: 2\nseq_len: 24\nsave_every: 0\n")
-    _rl_cli(tmp_path, model=str(tmp_path / "baked"), data=str(tmp_path / "d.jsonl"), steps=2, config=str(cfg))
+    _rl_cli(tmp_path, **baked_token_setup(tmp_path), steps=2, eval_samples=4)
     out = tmp_path / "out"
     report = json.loads((out / "step2.json").read_text())
     assert report["mode"] == "token" and report["metrics"]["steps"] == 2

@@ -14,7 +14,7 @@ import agent_forge.quietstar.token_rl as trl
 from agent_forge.quietstar.mixing import MixingHead
 from agent_forge.quietstar.thoughts import ThoughtBatch, generate_thoughts
 from agent_forge.vocab import add_thinking_tokens
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import baked_token_setup, make_tiny_model, make_tiny_tokenizer
 
 TEXTS = ["Question: what is 2+3?\nAnswer: 5. Two and three make five.",
          "Question: name a colour.\nAnswer: blue, like the sky at noon."] * 3
@@ -307,20 +307,7 @@ def _rl_cli(tmp_path, **kw):
 
 
 def _baked(tmp_path):
-    """A saved tiny thinking model, training records and a small token-mode config."""
-    from agent_forge.data.schema import Record, Segment, write_records
-    from agent_forge.models import save_model
-
-    tok = make_tiny_tokenizer()
-    model = make_tiny_model("llama", len(tok))
-    add_thinking_tokens(model, tok)
-    save_model(model, tok, tmp_path / "baked", {"phase": 3})
-    recs = [Record(str(i), f"{i} + 1 = ?", [Segment("step", f"{i} + 1 = {i + 1}")], str(i + 1), str(i + 1), "t")
-            for i in range(8)]
-    write_records(tmp_path / "d.jsonl", recs)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("n_thoughts: 2\nthought_len: 3\nbatch_size: 2\nseq_len: 24\nsave_every: 0\n")
-    return dict(model=str(tmp_path / "baked"), data=str(tmp_path / "d.jsonl"), config=str(cfg))
+    return baked_token_setup(tmp_path)
 
 
 @pytest.mark.parametrize("option", [{"samples": 4}, {"questions": 2}, {"reward": "correct"}])
