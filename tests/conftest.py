@@ -108,3 +108,14 @@ def baked_token_setup(tmp_path) -> dict:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("n_thoughts: 2\nthought_len: 3\nbatch_size: 2\nseq_len: 24\nsave_every: 0\n")
     return dict(model=str(tmp_path / "baked"), data=str(tmp_path / "d.jsonl"), config=str(cfg))
+
+
+def rl_cli(tmp_path, json_out: bool = True, **kw):
+    """`forge rl` called as the CLI would, token mode and one step unless `kw` says otherwise."""
+    from agent_forge.quietstar.rl_commands import rl_cmd
+
+    args = dict(model="x", data=None, out=str(tmp_path / "out"), mode="token", steps=1, samples=None,
+                questions=None, reward=None, lr=None, optimizer=None, kl=None, config=None,
+                eval_data="easy_arithmetic", eval_samples=None, device=None, tracking="disabled",
+                resume=False, json_out=json_out)
+    return rl_cmd(**{**args, **kw})

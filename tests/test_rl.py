@@ -17,7 +17,7 @@ from agent_forge.quietstar.rl import (
 )
 from agent_forge.vocab import add_thinking_tokens
 
-from conftest import baked_token_setup, make_tiny_model, make_tiny_tokenizer
+from conftest import baked_token_setup, make_tiny_model, make_tiny_tokenizer, rl_cli
 
 
 def make_policy(kind="llama", seed=0):
@@ -358,13 +358,7 @@ def test_run_step2_writes_model_and_report(tmp_path):
 
 
 def _rl_cli(tmp_path, **kw):
-    from agent_forge.quietstar.rl_commands import rl_cmd
-
-    args = dict(model="x", data=None, out=str(tmp_path / "out"), mode="token", steps=1, samples=None,
-                questions=None, reward=None, lr=None, optimizer=None, kl=None, config=None,
-                eval_data="easy_arithmetic", eval_samples=None, device=None, tracking="disabled",
-                resume=False, json_out=True)
-    return rl_cmd(**{**args, **kw})
+    return rl_cli(tmp_path, **{"json_out": True, **kw})
 
 
 def test_token_mode_needs_data(tmp_path):

@@ -14,7 +14,7 @@ import agent_forge.quietstar.token_rl as trl
 from agent_forge.quietstar.mixing import MixingHead
 from agent_forge.quietstar.thoughts import ThoughtBatch, generate_thoughts
 from agent_forge.vocab import add_thinking_tokens
-from conftest import baked_token_setup, make_tiny_model, make_tiny_tokenizer
+from conftest import baked_token_setup, make_tiny_model, make_tiny_tokenizer, rl_cli
 
 TEXTS = ["Question: what is 2+3?\nAnswer: 5. Two and three make five.",
          "Question: name a colour.\nAnswer: blue, like the sky at noon."] * 3
@@ -297,13 +297,7 @@ def test_held_out_eval_before_and_after_with_and_without_thoughts(tmp_path):
 
 
 def _rl_cli(tmp_path, **kw):
-    from agent_forge.quietstar.rl_commands import rl_cmd
-
-    args = dict(model="x", data=None, out=str(tmp_path / "out"), mode="token", steps=1, samples=None,
-                questions=None, reward=None, lr=None, optimizer=None, kl=None, config=None,
-                eval_data="easy_arithmetic", eval_samples=None, device=None, tracking="disabled",
-                resume=False, json_out=False)
-    return rl_cmd(**{**args, **kw})
+    return rl_cli(tmp_path, **{"json_out": False, **kw})
 
 
 def _baked(tmp_path):

@@ -58,17 +58,6 @@ DIFFICULTY: dict[str, dict[str, dict]] = {
         "simple_equations": dict(min_terms=2, max_terms=4, min_value=1, max_value=50),
         "gsm_symbolic": {},
     },
-    # The whole easy range, wider than "easy": 2-5 terms, coefficient 1 and negative
-    # coefficients, larger constants. The fresh evaluation split uses it (see evalsets).
-    "easy_wide": {
-        "chain_sum": dict(min_terms=2, max_terms=5, min_digits=1, max_digits=2),
-        "basic_arithmetic": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2,
-                                 operators=("+", "-", "*"), allow_parentheses=False,
-                                 allow_negation=False, format_style="natural", max_number=99),
-        "simple_equations": dict(min_terms=2, max_terms=3, min_value=1, max_value=20,
-                                 operators_weights=[0.45, 0.45, 0.1]),
-        "gsm_symbolic": {},
-    },
     "hard": {
         "chain_sum": dict(min_terms=4, max_terms=6, min_digits=2, max_digits=4),
         "basic_arithmetic": dict(min_terms=4, max_terms=6, min_digits=1, max_digits=3,
@@ -77,6 +66,16 @@ DIFFICULTY: dict[str, dict[str, dict]] = {
                                  operators_weights=[0.35, 0.35, 0.3]),
         "gsm_symbolic": {},
     },
+}
+# The whole easy range, wider than "easy" and named by what it changes: 2-5-term chains,
+# 2-4-term expressions, equations with constants up to 20 and some products (coefficient 1
+# and negative coefficients come with them). The fresh evaluation split uses it (evalsets).
+DIFFICULTY["easy_wide"] = {
+    **DIFFICULTY["easy"],
+    "chain_sum": {**DIFFICULTY["easy"]["chain_sum"], "max_terms": 5},
+    "basic_arithmetic": {**DIFFICULTY["easy"]["basic_arithmetic"], "max_terms": 4},
+    "simple_equations": {**DIFFICULTY["easy"]["simple_equations"], "max_value": 20,
+                         "operators_weights": [0.45, 0.45, 0.1]},
 }
 
 

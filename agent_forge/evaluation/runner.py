@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from agent_forge.evaluation.answers import (
-    answer_slot, choice_letters, cut_at_until, extract_choice, extract_number, gsm8k_flexible, gsm8k_gold,
+    choice_letters, cut_at_until, extract_choice, extract_number, gsm8k_flexible, gsm8k_gold,
     is_numeric, numbers_equal,
 )
 from agent_forge.evaluation.metrics import accuracy_summary

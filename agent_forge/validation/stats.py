@@ -3,9 +3,9 @@
 Paired designs throughout: the same items (or rounds) are answered by both arms, so we
 test differences, not two independent samples. The sign test is exact (a binomial test on
 the pairs that differ) because our sets are small; on right/wrong pairs it is the exact
-McNemar test. A p-value with no discordant pairs is 1 with `defined: False`; a t-test
-whose differences do not vary has no t or p at all (`None`, `defined: False`), never NaN
-or a made-up 0, so reports stay valid JSON and say what they do not know.
+McNemar test. A p-value with no discordant pairs is 1 with `defined: False`, never NaN,
+so reports stay valid JSON and say what they do not know. (The per-round paired t-test and
+Cohen's d over rounds are gone: rounds are not the unit, see validation/ab.py.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from scipy import stats as _st
 
 from agent_forge.evaluation.metrics import bootstrap_ci, wilson_interval
 
-__all__ = ["paired_ttest", "sign_test", "mcnemar_exact", "pearson", "cohens_d_paired", "bootstrap_mean_diff",
+__all__ = ["sign_test", "mcnemar_exact", "pearson", "bootstrap_mean_diff",
            "wilson_interval"]
 
 
@@ -26,19 +26,6 @@ def _pair(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarra
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"paired samples must be 1-D and equally long, got {x.shape} and {y.shape}")
     return x, y
-
-
-def paired_ttest(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Two-sided paired t-test of mean(b - a) == 0; t and p are None when the differences
-    do not vary (the statistic is 0/0 or x/0: no p-value, not p = 0 or 1)."""
-    x, y = _pair(a, b)
-    d = y - x
-    if d.size < 2 or np.all(d == d[0]):
-        return {"t": None, "p": None, "df": max(0, d.size - 1),
-                "mean_diff": float(d.mean()) if d.size else 0.0, "defined": False}
-    res = _st.ttest_rel(y, x)
-    return {"t": float(res.statistic), "p": float(res.pvalue), "df": int(d.size - 1),
-            "mean_diff": float(d.mean()), "defined": True}
 
 
 def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:
@@ -66,16 +53,6 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> dict:
         return {"r": 0.0, "p": 1.0, "n": int(u.size), "defined": False}
     res = _st.pearsonr(u, v)
     return {"r": float(res.statistic), "p": float(res.pvalue), "n": int(u.size), "defined": True}
-
-
-def cohens_d_paired(a: Sequence[float], b: Sequence[float]) -> float:
-    """d_z = mean(b - a) / sd(b - a) (sample sd); 0 when the differences do not vary."""
-    x, y = _pair(a, b)
-    d = y - x
-    if d.size < 2:
-        return 0.0
-    sd = d.std(ddof=1)
-    return 0.0 if sd == 0 else float(d.mean() / sd)
 
 
 def bootstrap_mean_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
