@@ -77,6 +77,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("val: Step 2 accuracy, thinking on", _pct(s2.get("accuracy_thinking_on")) + _ci(s2.get("ci95_on"))
                      + ("  kept" if s2.get("kept") else "  ROLLED BACK")))
     tb = st.get("trace_baking", {})
+    if tb.get("status") == "skipped":
+        rows.append(("trace baking", "skipped: " + tb.get("note", "")))
     if tb.get("val_accuracy_after") is not None:
         verdict = "kept" if tb.get("kept") else "ROLLED BACK"
         rows.append(("val: after trace baking, thinking on",

@@ -310,6 +310,25 @@ def test_planted_slip_is_input_but_never_a_target():
     assert ex.labels[fix:] == ex.input_ids[fix:]  # the repair is learned
 
 
+def test_slip_caught_by_a_check_is_masked_but_the_check_is_learned():
+    """The other planted-slip shape: a wrong step, the <doubt> that catches it, the repair."""
+    tok, _ = tok_with_vocab()
+    rec = Record("s", "12 + 7 = ?", [Segment("step", "12 + 7 = 18"), Segment("doubt", "18 - 7 = 11, not 12"),
+                                     Segment("correct", "12 + 7 = 19, not 18")], "19", "19", "test")
+    ex = encode_record(rec, tok, max_len=512)
+    slip = tok(" 12 + 7 = 18", add_special_tokens=False)["input_ids"]
+    start = ex.input_ids.index(tok.convert_tokens_to_ids("<step>")) + 1
+    assert ex.input_ids[start:start + len(slip)] == slip
+    assert all(lbl == IGNORE for lbl in ex.labels[start:start + len(slip)])
+    check = ex.input_ids.index(tok.convert_tokens_to_ids("<doubt>"))
+    assert ex.labels[check:] == ex.input_ids[check:]  # the catching check and the repair are targets
+    # a step that a check follows without any repair is the model's own work: a target
+    plain = Record("s", "12 + 7 = ?", [Segment("step", "12 + 7 = 19"), Segment("doubt", "19 - 7 = 12, yes")],
+                   "19", "19", "test")
+    ex = encode_record(plain, tok, max_len=512)
+    assert IGNORE not in ex.labels[ex.prompt_len:]
+
+
 def test_bad_loss_stops_and_names_the_last_checkpoint(tmp_path):
     from agent_forge.training.guards import check_loss
 

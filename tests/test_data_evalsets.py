@@ -155,7 +155,7 @@ def test_fresh_split_is_seeded_wider_than_training_and_asks_nothing_test_or_val_
              for k in question_keys(it.question)}
     assert not any(taken.intersection(question_keys(it.question)) for it in items)
     chains = [it for it in items if it.family == "chain_sum"]
-    assert max(len(re.findall(r"\d+", it.question)) for it in chains) >= 4  # training's easy stops at 3
+    assert max(len(re.findall(r"\d+", it.question)) for it in chains) >= 4  # the "easy" test split stops at 3
     assert fresh_split_name().startswith("easy_arithmetic_fresh:")
     with pytest.raises(ValueError, match="seed"):
         load_eval_set("easy_arithmetic_fresh:x1")

@@ -10,6 +10,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
+from agent_forge.data.overlap import asked_by
+from agent_forge.data.schema import read_records
 from agent_forge.models import save_model
 from agent_forge.quietstar.pipeline import STAGES, make_config, run_pipeline
 from agent_forge.registry import Registry
@@ -67,6 +69,14 @@ def test_smoke_pipeline_runs_every_stage(tmp_path, tiny_dir, forge_home):
     src = [d for d in stage_models if d.exists() and os.path.samefile(out / "model" / "model.safetensors", d / "model.safetensors")]
     assert len(src) == 1
     assert "pipeline" not in json.loads((src[0] / "forge_meta.json").read_text())  # its meta untouched
+    # The training data mixes short-thinking general questions in (issue 19, item 6), spread
+    # through the file, none of them asked by the general sets the run evaluates on.
+    data = report["stages"]["data"]
+    records = list(read_records(data["path"]))
+    general = [i for i, r in enumerate(records) if r.source == "general"]
+    assert data["general_records"] == len(general) == round(cfg.data.n_records * cfg.data.general_share) > 0
+    assert general[0] < len(records) / 2 and general[-1] >= len(records) * 0.8
+    assert not any(asked_by(tuple(cfg.general_sets))(records[i].question) for i in general)
 
 
 def test_keep_checkpoints_keeps_them(tmp_path, tiny_dir, forge_home):

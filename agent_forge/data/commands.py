@@ -56,7 +56,7 @@ def data_build(
     n: int = typer.Option(2000, help="records (gym) or questions (api, star)"),
     out: Path = typer.Option(Path("data/train.jsonl"), help="output JSONL (api: appended, resumable)"),
     seed: int = typer.Option(0, help="training seed; evaluation seeds never overlap it"),
-    difficulty: str = typer.Option("easy", help="easy, medium or hard"),
+    difficulty: str = typer.Option("easy_wide", help="easy, easy_wide (the whole easy range: the pipeline's default), medium or hard"),
     families: Optional[str] = typer.Option(None, help=f"comma list; default {','.join(DEFAULT_FAMILIES)}"),
     questions: Optional[Path] = typer.Option(None, help="api/star: JSONL of {question, answer}"),
     base_url: str = typer.Option("https://openrouter.ai/api/v1", help="OpenAI-compatible endpoint"),

@@ -143,10 +143,18 @@ def _multiple_choice(name: str) -> list[EvalItem]:
         letters = [_letter(lab, k) for k, lab in enumerate(labels)]
         key = row["answerKey"].strip()
         answer = letters[labels.index(key)] if key in labels else _letter(key, 0)
-        lines = "\n".join(f"{l}. {t}" for l, t in zip(letters, texts))
-        items.append(EvalItem(f"{name}-{row['id']}", f"{row['question']}\n{lines}", answer, name,
+        question, _ = mc_question(row["question"], texts, letters)
+        items.append(EvalItem(f"{name}-{row['id']}", question, answer, name,
                               choices=list(texts), meta={"labels": letters}))
     return items
+
+
+def mc_question(stem: str, texts: list[str], letters: list[str] | None = None) -> tuple[str, list[str]]:
+    """The one multiple-choice layout (evaluation and training share it): the stem, then a
+    line per choice, "A. text"; returns (question, letters)."""
+    letters = list(letters or "ABCDEFGH"[:len(texts)])
+    lines = "\n".join(f"{l}. {t}" for l, t in zip(letters, texts))
+    return f"{stem}\n{lines}", letters
 
 
 def _letter(label: str, k: int) -> str:
@@ -155,8 +163,9 @@ def _letter(label: str, k: int) -> str:
 
 
 def fresh_split_name(seed: int | None = None) -> str:
-    """A fresh split's name: the whole easy range ("easy_wide" settings, wider than training's)
-    from a seed range nothing was chosen on, drawn now unless `seed` is given (to re-measure)."""
+    """A fresh split's name: the whole easy range ("easy_wide" settings, wider than the test
+    split's; training draws from them too, with other seeds) from a seed range nothing was
+    chosen on, drawn now unless `seed` is given (to re-measure)."""
     import secrets
 
     seed = secrets.randbelow(FRESH_SEEDS) if seed is None else seed

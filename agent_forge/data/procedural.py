@@ -1,8 +1,11 @@
 """Procedural reasoning records from reasoning-gym, with traces computed from the problem.
 
 Each problem's expression (or equation, or worked solution) is turned into short
-`<step>` lines computed exactly, plus one or two other strategies where they make sense:
-an inverse-operation `<doubt>`, a planted slip repaired by `<correct>`, `<uncertain>` on
+`<step>` lines computed exactly, plus one or two other strategies where they make sense
+(fewer on long problems, so the trace fits the thinking budget): an inverse-operation
+`<doubt>`, a planted slip in SLIP_RATE of traces that a check catches by computing (a
+`<doubt>` run backwards, or a `<falsify>` substituting the wrong solution: "..., not 25")
+before a `<correct>` repairs it (the slip is never a training target), `<uncertain>` on
 a carry or a sign, `<expert>` naming the rule, `<mece>` splitting signed terms, a
 `<bayesian>` magnitude estimate, `<orthogonal>` recomputation in another order,
 `<falsify>` rejecting a nearby wrong answer or plugging a solution back, `<multidomain>`
@@ -26,7 +29,7 @@ from fractions import Fraction
 from agent_forge.data.parse import answers_match, eval_steps, evaluate, false_equalities, to_number
 from agent_forge.data.parse import format_number as fmt
 from agent_forge.data.parse import parse_expression
-from agent_forge.data.schema import Record, Segment
+from agent_forge.data.schema import Record, Segment, planted_slip
 from agent_forge.vocab import STRATEGIES
 
 DEFAULT_FAMILIES = ("chain_sum", "basic_arithmetic", "simple_equations", "gsm_symbolic")
@@ -37,6 +40,9 @@ GSM8K_TEST_TEMPLATE_FAMILIES = frozenset({"gsm_symbolic"})
 TRAIN_SEED_STRIDE = 10_000_000
 MAX_TRAIN_SEED = 100_000
 EVAL_SEED_BASE = 1 << 40
+# Share of traces with a planted slip that a check catches (it computes, and misses) before
+# a <correct> repairs it: common enough that the model sees checks fail, not only approve.
+SLIP_RATE = 0.3
 _CHUNK = 1000
 
 # reasoning-gym settings per difficulty; `max_number` is our own cap on any constant.
@@ -197,6 +203,97 @@ def _slip(r: Fraction, rng: random.Random) -> Fraction:
     return r + rng.choice([1, -1, 10, -10] if abs(r) >= 20 else [1, -1, 2, -2])
 
 
+def _whole(*xs) -> bool:
+    return all(x >= 0 and x.denominator == 1 for x in xs)
+
+
+def _worked(a, op, b, r) -> str:
+    """A step on two-digit numbers shown in parts, so the model adds tens and ones instead of
+    recalling a two-digit sum whole: "98 + 67 = 90 + 60 + 8 + 7 = 150 + 15 = 165",
+    "58 * 7 = 50 * 7 + 8 * 7 = 350 + 56 = 406". Other steps stay "a op b = r"."""
+    if not _whole(a, b) or op not in "+-*":
+        return _step(a, op, b, r)
+    if op in "+-" and a >= 10 and b >= 10 and a % 10 and b % 10:
+        ta, tb, oa, ob = a - a % 10, b - b % 10, a % 10, b % 10
+        tens, ones = (ta + tb, oa + ob) if op == "+" else (ta - tb, oa - ob)
+        return (f"{fmt(a)} {op} {fmt(b)} = {fmt(ta)} {op} {fmt(tb)} + {fmt(oa)} {op} {fmt(ob)} = "
+                f"{_plus(tens, ones)} = {fmt(r)}")
+    if op == "*" and max(a, b) >= 10 and min(a, b) >= 2:
+        if b >= 10:  # split the second factor: 58 * 47 = 58 * 40 + 58 * 7; 7 * 58 = 7 * 50 + 7 * 8
+            x, y = (a, b - b % 10), (a, b % 10)
+        else:
+            x, y = (a - a % 10, b), (a % 10, b)
+        return (f"{fmt(a)} * {fmt(b)} = {fmt(x[0])} * {fmt(x[1])} + {fmt(y[0])} * {fmt(y[1])} = "
+                f"{fmt(x[0] * x[1])} + {fmt(y[0] * y[1])} = {fmt(r)}")
+    return _step(a, op, b, r)
+
+
+def _recompute(a, op, b) -> str | None:
+    """The step done again another way, in parts a small model gets right: counting on by
+    tens then ones ("counting on: 98 + 60 = 158, 158 + 7 = 165": not the route `_worked`
+    took), by place value ("by place value: 60 + 20 = 80, 0 + 3 = 3, 80 + 3 = 83"), or a
+    product in parts. Nothing in it can be copied from the step it checks, so a check that
+    ends "not 69" has computed its way there. None for signed or fractional operands."""
+    if not _whole(a, b) or op not in "+-*":
+        return None
+    if op in "+-" and b >= 10 and b % 10:
+        tb = b - b % 10
+        mid = a + tb if op == "+" else a - tb
+        end = mid + b % 10 if op == "+" else mid - b % 10
+        return f"counting on: {fmt(a)} {op} {fmt(tb)} = {fmt(mid)}, {fmt(mid)} {op} {fmt(b % 10)} = {fmt(end)}"
+    if op == "*" and max(a, b) < 10:
+        return f"{fmt(b)} * {fmt(a)} = {fmt(a * b)}"
+    if op == "*":
+        big, small = (a, b) if b < 10 else (b, a) if a < 10 else (a, b)
+        hi, lo = small - small % 10, small % 10
+        if small >= 10:  # two-digit by two-digit: split the second factor
+            parts = [(big, hi), (big, lo)]
+        else:
+            parts = [(big - big % 10, small), (big % 10, small)]
+        (x1, y1), (x2, y2) = parts
+        return (f"by parts: {fmt(x1)} * {fmt(y1)} = {fmt(x1 * y1)}, {fmt(x2)} * {fmt(y2)} = {fmt(x2 * y2)}, "
+                f"{fmt(x1 * y1)} + {fmt(x2 * y2)} = {fmt(a * b)}")
+    if max(a, b) < 10:
+        return None
+    ta, tb, oa, ob = a - a % 10, b - b % 10, a % 10, b % 10
+    tens, ones = (ta + tb, oa + ob) if op == "+" else (ta - tb, oa - ob)
+    return (f"by place value: {fmt(ta)} {op} {fmt(tb)} = {fmt(tens)}, {fmt(oa)} {op} {fmt(ob)} = {fmt(ones)}, "
+            f"{_plus(tens, ones)} = {fmt(tens + ones)}")
+
+
+def _check(a, op, b, r) -> str:
+    """The `<doubt>` after a right step: recomputed another way when that is possible, else
+    run backwards."""
+    return f"{_recompute(a, op, b) or _inverse(a, op, b, r)}, yes"
+
+
+def _caught(a, op, b, wrong) -> str:
+    """A check that catches the slip "a op b = wrong" by computing, never by copying: the step
+    recomputed another way (`_recompute`) arrives elsewhere, or, for signed operands, the step
+    run backwards from the wrong result misses `a`; a product is recomputed the other way."""
+    again = _recompute(a, op, b)
+    if again:
+        return f"{again}, not {fmt(wrong)}"
+    if op == "+":
+        return f"{fmt(wrong)} - {fmt(b)} = {fmt(wrong - b)}, not {fmt(a)}"
+    if op == "-":
+        return f"{fmt(wrong)} + {fmt(b)} = {fmt(wrong + b)}, not {fmt(a)}"
+    if op == "/":
+        return f"{fmt(wrong)} * {fmt(b)} = {fmt(wrong * b)}, not {fmt(a)}"
+    return f"{fmt(b)} * {fmt(a)} = {fmt(a * b)}, not {fmt(wrong)}"
+
+
+def _slipped(a, op, b, r, rng: random.Random, text: Callable[[Fraction], str],
+             check: Callable[[Fraction], Segment] | None = None) -> list[Segment]:
+    """A planted slip: the step with a wrong result, the check that catches it, the repair.
+    `text(value)` prints the step with a given result; `check(wrong)` is the catching check
+    (default: a `<doubt>` running the step backwards)."""
+    wrong = _slip(r, rng)
+    caught = check(wrong) if check else Segment("doubt", _caught(a, op, b, wrong))
+    return [Segment("step", text(wrong)), caught,
+            Segment("correct", f"{_step(a, op, b, r)}, not {fmt(wrong)}")]
+
+
 def _pick(rng: random.Random, weights: dict[str, float], ks=(0, 1, 1, 1, 2, 2)) -> set[str]:
     """Choose k distinct strategies, weighted, from those applicable (weight > 0)."""
     pool = {s: w for s, w in weights.items() if w > 0}
@@ -323,28 +420,28 @@ def arithmetic_trace(expr: str, rng: random.Random) -> tuple[list[Segment], str]
     last = steps[-1] if steps else None
     tricky = [i for i, s in enumerate(steps) if _is_tricky(*s)]
     weights = {
-        "doubt": 3.0 * bool(steps), "correct": 1.5 * bool(steps), "expert": 1.5,
+        "doubt": 3.0 * bool(steps), "expert": 1.5,
         "uncertain": 2.0 * bool(tricky), "orthogonal": 2.5 * bool(last and _swap(*last)),
         "mece": 4.0 * bool(_mece_text(terms)),
         "bayesian": 1.5, "falsify": 1.5 * bool(last and _falsify_near(*last, random.Random(0))),
     }
-    chosen = _pick(rng, weights)
+    # Long problems get fewer extra strategies: the steps are the work, and a trace must fit
+    # the thinking budget (a 5-term chain with worked steps and two extras runs past 160 tokens).
+    chosen = _pick(rng, weights, (0, 1, 1, 1, 2, 2) if len(steps) <= 1 else (0, 1, 1) if len(steps) == 2 else (0, 0, 1))
     segs: list[Segment] = []
     if "expert" in chosen:
         segs.append(Segment("expert", _arith_rule(expr, steps)))
     check_at = rng.choice(tricky) if "uncertain" in chosen else rng.randrange(max(len(steps), 1))
-    slip_at = rng.randrange(len(steps)) if "correct" in chosen else -1
+    slip_at = rng.randrange(len(steps)) if steps and rng.random() < SLIP_RATE else -1
     for i, (a, op, b, r) in enumerate(steps):
         if i == slip_at:
-            wrong = _slip(r, rng)
-            segs.append(Segment("step", _step(a, op, b, wrong)))
-            segs.append(Segment("correct", f"{_step(a, op, b, r)}, not {fmt(wrong)}"))
+            segs += _slipped(a, op, b, r, rng, lambda w, s=(a, op, b): _step(*s, w))
         else:
-            segs.append(Segment("step", _step(a, op, b, r)))
+            segs.append(Segment("step", _worked(a, op, b, r)))
         if i == check_at and "uncertain" in chosen:
             segs.append(Segment("uncertain", f"{fmt(a)} {op} {fmt(b)} has a carry or a sign; check it"))
-        if i == check_at and chosen & {"uncertain", "doubt"}:
-            segs.append(Segment("doubt", f"{_inverse(a, op, b, r)}, yes"))
+        if i == check_at and chosen & {"uncertain", "doubt"} and i != slip_at:  # a caught slip was checked
+            segs.append(Segment("doubt", _check(a, op, b, r)))
     if "mece" in chosen:
         segs.append(Segment("mece", _mece_text(terms)))
     if "orthogonal" in chosen:
@@ -386,7 +483,7 @@ def equation_trace(equation: str, var: str, rng: random.Random) -> tuple[list[Se
     rest, sol = c - b, (c - b) / a
     lhs = equation.split("=")[0].strip()
     weights = {"falsify": 3.0, "expert": 2.0, "doubt": 2.0 * bool(a != 1 or b != 0),
-               "correct": 1.5 * bool(a != 1 or b != 0), "uncertain": 1.5 * bool(a < 0 or rest < 0),
+               "uncertain": 1.5 * bool(a < 0 or rest < 0),
                "bayesian": 1.0 * bool(abs(a) > 1 and sol > 0 and sol.denominator == 1)}
     chosen = _pick(rng, weights, ks=(1, 1, 2, 2))
     segs: list[Segment] = []
@@ -394,21 +491,23 @@ def equation_trace(equation: str, var: str, rng: random.Random) -> tuple[list[Se
         undo = f"subtract {fmt(b)}" if b > 0 else f"add {fmt(-b)}" if b < 0 else "nothing to move"
         divide = f", then divide by {fmt(a)}" if a != 1 else ""
         segs.append(Segment("expert", f"undo in reverse: {undo} on both sides{divide}"))
+    # Each move: (the operation it computes, its text given a result); coefficient 1 has no
+    # division and a zero constant no move, so the trace has exactly the problem's steps.
     moves = []
     if b != 0:
-        moves.append(("move", f"{_times(a, var)} = {_plus(c, -b)} = {fmt(rest)}", _plus(c, -b), rest))
+        moves.append(((c, "-", b, rest) if b > 0 else (c, "+", -b, rest),
+                      lambda v: f"{_times(a, var)} = {_plus(c, -b)} = {fmt(v)}"))
     if a != 1:
-        moves.append(("divide", f"{var} = {fmt(rest)} / {fmt(a)} = {fmt(sol)}", f"{fmt(rest)} / {fmt(a)}", sol))
+        moves.append(((rest, "/", a, sol), lambda v: f"{var} = {fmt(rest)} / {fmt(a)} = {fmt(v)}"))
+    slip_at = rng.randrange(len(moves)) if moves and rng.random() < SLIP_RATE else -1
+    plug = (lambda w: Segment("falsify", f"plug in {var} = {fmt(w)}: {_plugged(lhs, var, w)}, not {fmt(c)}")
+            ) if rng.random() < 0.5 else None  # a wrong solution is caught by substituting it
+    for i, (operation, text) in enumerate(moves):
+        last = i == len(moves) - 1
+        segs += (_slipped(*operation, rng, text, plug if last else None) if i == slip_at
+                 else [Segment("step", text(operation[3]))])
     if not moves:
-        moves.append(("read", f"{var} = {fmt(sol)}", None, sol))
-    slip_at = rng.randrange(len(moves)) if "correct" in chosen and moves[0][2] else -1
-    for i, (kind, text, left, value) in enumerate(moves):
-        if i == slip_at and left is not None:
-            wrong = value + rng.choice([1, -1])
-            segs.append(Segment("step", text.rsplit("=", 1)[0] + f"= {fmt(wrong)}"))
-            segs.append(Segment("correct", f"{left} = {fmt(value)}, not {fmt(wrong)}"))
-        else:
-            segs.append(Segment("step", text))
+        segs.append(Segment("step", f"{var} = {fmt(sol)}"))
     if "uncertain" in chosen:
         segs.append(Segment("uncertain", "negative numbers here; the sign is easy to lose"))
     if chosen & {"uncertain", "doubt"}:
@@ -420,9 +519,16 @@ def equation_trace(equation: str, var: str, rng: random.Random) -> tuple[list[Se
                             f"{fmt(abs(a))} * {fmt(lo + 10)} = {fmt(abs(a) * (lo + 10))}, "
                             f"so {var} lies between {fmt(lo)} and {fmt(lo + 10)}"))
     if "falsify" in chosen:
-        plugged = re.sub(rf"\b{var}\b", fmt(sol) if sol >= 0 else f"({fmt(sol)})", lhs)
-        segs.append(Segment("falsify", f"plug in {var} = {fmt(sol)}: {plugged} = {fmt(c)}, it holds"))
+        segs.append(Segment("falsify", f"plug in {var} = {fmt(sol)}: {_plugged(lhs, var, sol)}, it holds"))
     return segs, fmt(sol)
+
+
+def _plugged(lhs: str, var: str, value: Fraction) -> str:
+    """The left side with `value` substituted, worked step by step so the value it comes to is
+    computed, not copied from the equation: "8 * 3 = 24, 24 + 5 = 29"."""
+    expr = re.sub(rf"\b{var}\b", fmt(value) if value >= 0 else f"({fmt(value)})", lhs)
+    value, steps = eval_steps(expr)
+    return ", ".join(_step(*s) for s in steps) if steps else f"{expr} = {fmt(value)}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -513,8 +619,8 @@ def to_int(text: str) -> int | None:
 def verify_record(record: Record) -> list[str]:
     """Problems with a record's trace; empty when it is sound.
 
-    Every claimed equality must hold, except a planted slip that the very next segment,
-    a <correct>, repairs; the answer must equal gold and appear in the trace.
+    Every claimed equality must hold, except a planted slip (schema.planted_slip) that its
+    <correct> repairs; the answer must equal gold and appear in the trace.
     """
     problems = []
     if not answers_match(record.answer, record.gold):
@@ -528,10 +634,9 @@ def verify_record(record: Record) -> list[str]:
         wrong = false_equalities(seg.text)
         if not wrong:
             continue
-        nxt = segs[i + 1] if i + 1 < len(segs) else None
-        repaired = (seg.strategy == "step" and len(wrong) == 1 and nxt is not None
-                    and nxt.strategy == "correct" and not false_equalities(nxt.text)
-                    and wrong[0][0].replace(" ", "") in nxt.text.replace(" ", ""))
+        fix = segs[i + 1 if segs[i + 1].strategy == "correct" else i + 2] if planted_slip(segs, i) else None
+        repaired = (len(wrong) == 1 and fix is not None and not false_equalities(fix.text)
+                    and wrong[0][0].replace(" ", "") in fix.text.replace(" ", ""))
         if not repaired:
             problems.append(f"false claim in <{seg.strategy}>: {wrong[0][0]} = {wrong[0][1]}")
     trace = re.sub(r"(?<=\d),(?=\d{3})", "", " ".join(s.text for s in segs))

@@ -73,6 +73,19 @@ class Record:
         return [s.strategy for s in self.thinking]
 
 
+CHECKS = ("doubt", "falsify")
+
+
+def planted_slip(segments: list[Segment], i: int) -> bool:
+    """Segment i is a planted slip: a `<step>` that the next segment repairs (`<correct>`),
+    or that a check catches (`<doubt>`/`<falsify>`) just before a `<correct>` repairs it."""
+    if segments[i].strategy != "step" or i + 1 >= len(segments):
+        return False
+    nxt = segments[i + 1].strategy
+    return nxt == "correct" or (nxt in CHECKS and i + 2 < len(segments)
+                                and segments[i + 2].strategy == "correct")
+
+
 class RecordError(ValueError):
     """A record that does not follow the schema."""
 

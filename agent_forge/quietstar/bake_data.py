@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from agent_forge.data.schema import Record, render_prompt
+from agent_forge.data.schema import Record, planted_slip, render_prompt
 from agent_forge.inference import GENERATION_BATCH, eos_ids
 from agent_forge.vocab import STRATEGIES, ThinkingVocab, get_vocab
 
@@ -60,11 +60,11 @@ def encode_record(record: Record, tokenizer, vocab: ThinkingVocab | str = "defau
 
 
 def _slip_masked(piece: list[int], segments, i: int) -> list[int]:
-    """Labels for segment i: a planted slip (a segment that the next `<correct>` repairs)
-    stays in the input, so the model learns to notice and repair it, but is not a target:
-    training on it would teach the model to make the slip."""
-    repaired = i + 1 < len(segments) and segments[i + 1].strategy == "correct"
-    if not repaired:
+    """Labels for segment i: a planted slip (schema.planted_slip: a step that a `<correct>`
+    repairs, or that a check catches before the repair) stays in the input, so the model
+    learns to catch and repair it, but is not a target: training on it would teach the model
+    to make the slip (masking the mistake, as Ye et al. 2024 "Physics of LMs 2.2" do)."""
+    if not planted_slip(segments, i):
         return list(piece)
     return [piece[0]] + [IGNORE] * (len(piece) - 1)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent_forge.config import load_yaml, update_dataclass
-from agent_forge.inference import GENERATION_BATCH
+from agent_forge.inference import DEFAULT_MAX_NEW, GENERATION_BATCH
 from agent_forge.quietstar.bake import Baker, BakeConfig
 from agent_forge.quietstar.rl import RLConfig
 
@@ -38,8 +38,14 @@ class DataConfig:
 
     n_records: int = 3000  # records built (a few percent are held out for token accuracy)
     families: tuple[str, ...] = ("chain_sum", "basic_arithmetic", "simple_equations")
-    difficulty: str = "easy"
+    # The whole easy range (2-5-term chains, 2-4-term expressions, equations with coefficient
+    # 1, negatives and larger constants): "easy" alone taught a template that fits 2-3 terms.
+    difficulty: str = "easy_wide"
     seed: int = 1
+    # Share of the records that are general multiple-choice questions with one short step
+    # (data/general.py): thinking that closes, and answers, outside arithmetic. 0 = none.
+    general_share: float = 0.15
+    general_train_sets: tuple[str, ...] = ("openbookqa", "sciq", "social_i_qa")
 
 
 @dataclass
@@ -71,7 +77,7 @@ class PipelineConfig:
     general_sets: tuple[str, ...] = ("arc_easy", "commonsense_qa")  # beyond the training tasks
     general_samples: int = 100  # questions per general set (0: skip the stage)
     general_gate: bool = True  # the Phase 3 -> 4 handoff refuses a model that regresses on them
-    max_new_tokens: int = 96
+    max_new_tokens: int = 160  # thinking budget in every evaluation (97% of easy_wide training traces fit)
     tracking: str = "offline"  # W&B mode: offline, disabled, online
     registry: str | None = None  # SQLite path; default FORGE_HOME/registry.sqlite
 
@@ -93,9 +99,11 @@ PRESETS: dict[str, dict] = {
     # Thinking-off accuracy is measured once, on the test set (anti-theater), not per stage.
     # One A/B round: it is tested per question, so a sampled second round of the same questions
     # adds little evidence for its ~2.5 minutes; the fresh split and general tasks use them.
-    "quick": {"eval_samples": 150, "ab_test_rounds": 1, "trace_bake_questions": 32, "trace_bake_steps": 10,
+    # Trace baking is off here: 10 steps on ~20 kept traces lowered validation accuracy and
+    # were rolled back in each of the last three demo runs (48->43%, 46->41%), 2-3 minutes each.
+    "quick": {"eval_samples": 150, "ab_test_rounds": 1, "trace_bake_questions": 0, "trace_bake_steps": 10,
               "bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 50, "eval_samples": 100,
-                       "eval_thinking_off": False},
+                       "eval_thinking_off": False, "eval_max_new_tokens": 160},
               # Step 2 is off here: the 4 RL steps that fitted changed nothing measurable and were
               # rolled back (KL 9e-5; this session's run: val 48% -> 46%), 3 minutes for nothing.
               # The RL that helps on this CPU is configs/rl_answer_cpu.yaml (36 steps with the LM
@@ -208,14 +216,21 @@ def disk_plan(cfg: PipelineConfig, n_bytes: int):
 
 
 def stage_data(ctx: Context) -> dict:
+    from agent_forge.data.general import build_general_records, mix
     from agent_forge.data.overlap import asked_by, eval_sets_for, gsm8k_contamination
     from agent_forge.data.procedural import build_gym_records
     from agent_forge.data.schema import write_records
 
     d = ctx.cfg.data
     t0, stats = time.time(), {}
-    kept = build_gym_records(d.n_records, seed=d.seed, families=tuple(d.families), difficulty=d.difficulty,
-                             stats=stats, exclude=asked_by(eval_sets_for(ctx.cfg.eval_dataset, ctx.cfg.val_dataset)))
+    n_general = round(d.n_records * d.general_share)
+    kept = build_gym_records(d.n_records - n_general, seed=d.seed, families=tuple(d.families),
+                             difficulty=d.difficulty, stats=stats,
+                             exclude=asked_by(eval_sets_for(ctx.cfg.eval_dataset, ctx.cfg.val_dataset)))
+    if n_general:
+        general = build_general_records(n_general, seed=d.seed, sets=tuple(d.general_train_sets), stats=stats,
+                                        exclude=asked_by(tuple(ctx.cfg.general_sets)))
+        kept = mix(kept, general)
     path = ctx.out / "data" / "train.jsonl"
     write_records(path, kept)
     strategies: dict[str, int] = {}
@@ -223,7 +238,8 @@ def stage_data(ctx: Context) -> dict:
         for s in r.strategies:
             strategies[s] = strategies.get(s, 0) + 1
     flags = [gsm8k_contamination(d.families, name) for name in (ctx.cfg.eval_dataset, ctx.cfg.val_dataset)]
-    return {"path": str(path), "records": len(kept), "dropped_overlap": stats.get("eval_overlap", 0),
+    return {"path": str(path), "records": len(kept), "general_records": n_general,
+            "dropped_overlap": stats.get("eval_overlap", 0),
             "strategy_counts": strategies, "seconds": round(time.time() - t0, 1),
             "gsm8k_contamination": next((f for f in flags if f), None)}
 
@@ -322,7 +338,10 @@ def stage_trace_baking(ctx: Context) -> dict:
     """
     cfg = ctx.cfg
     if not cfg.trace_bake_questions or not cfg.trace_bake_steps:
-        return {"status": "skipped", "note": "trace_bake_questions or trace_bake_steps is 0"}
+        return {"status": "skipped", "note": "trace_bake_questions or trace_bake_steps is 0 in this config (the "
+                "quick preset turns it off: its few steps were rolled back in each recent demo run)"}
+    import torch
+
     from agent_forge.data.overlap import asked_by, eval_sets_for
     from agent_forge.data.procedural import build_gym_records
     from agent_forge.data.star import star_records
@@ -331,14 +350,17 @@ def stage_trace_baking(ctx: Context) -> dict:
     src = current_model_dir(ctx)
     model, tok = load_model(str(src), device=cfg.device)
     fresh = build_gym_records(cfg.trace_bake_questions, seed=cfg.data.seed + 2, families=tuple(cfg.data.families),
+                              difficulty=cfg.data.difficulty,
                               exclude=asked_by(eval_sets_for(cfg.eval_dataset, cfg.val_dataset)))
     from agent_forge.data.schema import write_records
     from agent_forge.quietstar.rl import TRAIN_QUESTIONS_FILE
 
     write_records(ctx.out / "trace_baking" / TRAIN_QUESTIONS_FILE, fresh)  # the fresh split leaves them out
     questions = [{"id": r.id, "question": r.question, "gold": r.gold, "family": r.family} for r in fresh]
-    kept, report = star_records(model, tok, questions, k=cfg.trace_bake_samples,
-                                max_new_tokens=cfg.max_new_tokens, temperature=0.8)
+    with torch.random.fork_rng():  # seeded sampling: the same run keeps the same traces
+        torch.manual_seed(cfg.data.seed)
+        kept, report = star_records(model, tok, questions, k=cfg.trace_bake_samples,
+                                    max_new_tokens=cfg.max_new_tokens, temperature=0.8)
     result = {"questions": len(questions), "samples": report.samples, "kept_traces": len(kept),
               "yield": report.yield_rate}
     if len(kept) < 8:
@@ -433,8 +455,10 @@ def stage_ab_test(ctx: Context) -> dict:
     model_dir = current_model_dir(ctx)
     base_model, base_tok = load_model(cfg.model, device=cfg.device)
     cand_model, cand_tok = load_model(str(model_dir), device=cfg.device)
+    # The input model answers directly with inference's direct budget, as in the fresh-split
+    # and general-task comparisons: one reading of "the input model" across the report.
     baseline = model_arm(f"input ({cfg.model})", base_model, base_tok, thinking="auto",
-                         batch_size=GENERATION_BATCH, max_new_tokens=cfg.max_new_tokens)
+                         batch_size=GENERATION_BATCH, max_new_tokens=DEFAULT_MAX_NEW["direct"])
     candidate = model_arm("phase 3 (thinking)", cand_model, cand_tok, thinking="on",
                           batch_size=GENERATION_BATCH, max_new_tokens=cfg.max_new_tokens,
                           thought_mode=resolve_thought_positions(model_dir), model_dir=str(model_dir))
