@@ -35,7 +35,8 @@ import torch
 from _common import save_result, thought_step_parser  # bench/ is on sys.path when run as a script
 
 from agent_forge.quietstar.mixing import MixingHead, mixed_logits
-from agent_forge.quietstar.thoughts import generate_thoughts, reference_thoughts, token_loglik
+from agent_forge.quietstar.thoughts import generate_thoughts, reference_thoughts
+from agent_forge.training.logprobs import token_logprobs
 
 RESULTS = Path(__file__).parent / "results" / "thought_step.json"
 VARIANTS = ("plain", "parallel", "reference")
@@ -76,7 +77,7 @@ def quietstar_loss(model, head, tb) -> torch.Tensor:
     n = valid.sum().clamp_min(1)
     h_base = tb.base_true_hidden[:, :, None].expand_as(tb.thought_hidden)
     targets = tb.true_tokens[:, :, None].expand_as(tb.ll_with)
-    ll_mixed = token_loglik(mixed_logits(model, head, h_base, tb.thought_hidden), targets)
+    ll_mixed = token_logprobs(mixed_logits(model, head, h_base, tb.thought_hidden), targets)
     reward = ((tb.ll_with - tb.ll_without[:, :, None]) * valid).sum(-1).detach()   # (B, T, K)
     advantage = reward - reward.mean(-1, keepdim=True)
     rows = tb.selected.sum().clamp_min(1) * reward.shape[-1]

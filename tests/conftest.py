@@ -110,6 +110,18 @@ def baked_token_setup(tmp_path) -> dict:
     return dict(model=str(tmp_path / "baked"), data=str(tmp_path / "d.jsonl"), config=str(cfg))
 
 
+class Crash(Exception):
+    """What crash_at's progress callback raises: the process "died" after that step."""
+
+
+def crash_at(step: int):
+    """A progress callback that raises Crash once `step` is done (logged, checkpointed if due)."""
+    def progress(done, total, row):
+        if done == step:
+            raise Crash(step)
+    return progress
+
+
 def rl_cli(tmp_path, json_out: bool = True, **kw):
     """`forge rl` called as the CLI would, token mode and one step unless `kw` says otherwise."""
     from agent_forge.quietstar.rl_commands import rl_cmd

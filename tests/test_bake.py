@@ -16,10 +16,10 @@ from agent_forge.data.schema import Record, Segment, render, render_prompt, writ
 from agent_forge.quietstar.bake import (Baker, BakeConfig, batch_indices, kl_loss, sft_loss,
                                         token_accuracy)
 from agent_forge.quietstar.bake_data import ANSWER, IGNORE, OTHER, collate, encode_record
-from agent_forge.quietstar.kl import forward_kl, sequence_kl, topk_forward_kl
+from agent_forge.training.kl import forward_kl, kl_ref_to_policy, topk_forward_kl
 from agent_forge.vocab import STRATEGIES, add_thinking_tokens
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import Crash, crash_at, make_tiny_model, make_tiny_tokenizer
 
 
 def arith_record(i: int) -> Record:
@@ -116,12 +116,12 @@ def test_forward_kl_matches_definition():
     assert torch.allclose(forward_kl(t, t), torch.zeros(5), atol=1e-6)
 
 
-def test_sequence_kl_uses_only_masked_positions():
+def test_kl_ref_to_policy_uses_only_masked_positions():
     torch.manual_seed(1)
     t, s = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0]])
     expected = forward_kl(t[mask.bool()], s[mask.bool()]).mean()
-    assert torch.allclose(sequence_kl(t, s, mask), expected)
+    assert torch.allclose(kl_ref_to_policy(t, s, mask), expected)
 
 
 def test_kl_loss_zero_for_identical_teacher_without_prompt():
@@ -177,16 +177,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, optimizer):
 
     full = Baker(*fresh(), cfg, tmp_path / "full")
     full.run(RECORDS[:40], RECORDS[40:44])
-    # An interrupted run: three steps, a checkpoint at step 3, then the process is gone.
-    part = Baker(*fresh(), cfg, tmp_path / "part")
-    part._setup(resume=False)
-    examples = [encode_record(r, part.tokenizer, max_len=512) for r in RECORDS[:40]]
-    part.lengths = tuple(len(e.input_ids) for e in examples)  # what run() sets before its first step
-    for step in range(3):
-        row = part._step(step, examples, None)
-        part._log_step(step + 1, row, time.time())
-    part.save_checkpoint(3)
-    part._log_step(4, part._step(3, examples, None), time.time())  # a step lost in the crash
+    # An interrupted run: a checkpoint at step 3, step 4 trained and logged, then the process is gone.
+    with pytest.raises(Crash):
+        Baker(*fresh(), cfg, tmp_path / "part").run(RECORDS[:40], RECORDS[40:44], progress=crash_at(4))
     resumed = Baker(*fresh(seed=99), cfg, tmp_path / "part")  # other init: must be overwritten
     result = resumed.run(RECORDS[:40], RECORDS[40:44], resume=True)
     assert result.steps_done == 6
@@ -374,12 +367,12 @@ def test_a_nan_step_is_never_saved_as_a_checkpoint(tmp_path, monkeypatch):
     tok = make_tiny_tokenizer()
     baker = Baker(make_tiny_model("llama", len(tok)), tok,
                   BakeConfig(steps=4, batch_size=4, save_every=1, max_len=512), tmp_path)
-    real_step = baker._step
+    real_row = baker.step_row
 
-    def step(i, examples, teachers):
-        row = real_step(i, examples, teachers)
+    def step_row(i, sums):
+        row = real_row(i, sums)
         return {**row, "loss": float("nan")} if i == 1 else row
-    monkeypatch.setattr(baker, "_step", step)
+    monkeypatch.setattr(baker, "step_row", step_row)
     with pytest.raises(FloatingPointError):
         baker.run(RECORDS[:16], RECORDS[16:20])
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000001"

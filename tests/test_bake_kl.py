@@ -10,7 +10,7 @@ import torch
 from agent_forge.data.schema import Record, Segment, render_prompt
 from agent_forge.quietstar.bake import Baker, BakeConfig, _response_logits, kl_loss
 from agent_forge.quietstar.bake_data import IGNORE, collate, encode_pairs, encode_record, sample_pairs
-from agent_forge.quietstar.kl import forward_kl
+from agent_forge.training.kl import forward_kl
 
 from conftest import make_tiny_model, make_tiny_tokenizer
 from test_bake import RECORDS, arith_record, tok_with_vocab

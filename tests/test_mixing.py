@@ -7,6 +7,7 @@ import torch
 
 import agent_forge.quietstar.thoughts as th
 from agent_forge.quietstar.mixing import MixingHead, load_head, mixed_logits, save_head
+from agent_forge.training.logprobs import token_logprobs
 from conftest import make_tiny_model
 
 V = 40
@@ -43,7 +44,7 @@ def test_init_mix_on_thought_batch_equals_base_predictions():
         mixed = mixed_logits(model, head, h_base, tb.thought_hidden)       # (B, T, K, n, V)
         plain = th.lm_logits(model, h_base)
     assert torch.equal(mixed, plain)
-    ll = th.token_loglik(mixed, tb.true_tokens[:, :, None].expand(-1, -1, 2, -1))
+    ll = token_logprobs(mixed, tb.true_tokens[:, :, None].expand(-1, -1, 2, -1))
     want = tb.ll_without[:, :, None].expand_as(ll)
     assert torch.equal(ll * tb.true_valid[:, :, None], want)
 

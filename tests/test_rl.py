@@ -10,14 +10,18 @@ import pytest
 import torch
 
 from agent_forge.data.schema import Record, Segment, write_records
-from agent_forge.quietstar.rl import (
-    RLConfig, RLTrainer, Samples, combine_rewards, distinct_n, group_advantages, k3_kl,
-    kl_penalty, loglik_gains, policy_loss, sample, sample_logits, step_questions,
-    token_logprobs, valid_lengths,
-)
+from agent_forge.quietstar.rl import RLConfig, RLTrainer
+from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, loglik_gains, sample, sample_logits,
+                                               valid_lengths)
+from agent_forge.training.batching import step_indices
+from agent_forge.training.kl import kl_policy_to_ref as kl_penalty
+from agent_forge.training.kl import kl_policy_to_ref_k3 as k3_kl
+from agent_forge.training.logprobs import token_logprobs
+from agent_forge.training.policy_gradient import distinct_n, group_advantages
+from agent_forge.training.policy_gradient import reinforce_per_token as policy_loss
 from agent_forge.vocab import add_thinking_tokens
 
-from conftest import baked_token_setup, make_tiny_model, make_tiny_tokenizer, rl_cli
+from conftest import Crash, baked_token_setup, crash_at, make_tiny_model, make_tiny_tokenizer, rl_cli
 
 
 def make_policy(kind="llama", seed=0):
@@ -78,16 +82,15 @@ def test_combine_rewards_modes():
 
 
 def test_step_questions_pure_function_of_seed_and_step():
-    cfg = RLConfig(questions_per_step=4, seed=3)
-    a = [step_questions(s, cfg, 10) for s in range(5)]
-    assert a == [step_questions(s, cfg, 10) for s in range(5)]
+    a = [step_indices(s, 4, 10, 3, offset=7) for s in range(5)]
+    assert a == [step_indices(s, 4, 10, 3, offset=7) for s in range(5)]
     assert sorted(a[0] + a[1] + a[2][:2]) == list(range(10))  # one epoch covers every question once
-    assert a != [step_questions(s, RLConfig(questions_per_step=4, seed=4), 10) for s in range(5)]
+    assert a != [step_indices(s, 4, 10, 4, offset=7) for s in range(5)]
 
 
 def test_distinct_n():
-    assert distinct_n(["a b c", "a b d"]) == pytest.approx(3 / 4)
-    assert distinct_n(["x"]) == 0.0
+    assert distinct_n([t.split() for t in ["a b c", "a b d"]]) == pytest.approx(3 / 4)
+    assert distinct_n([["x"]]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient(tmp_path, norm, est
         tr = RLTrainer(model, tok, cfg, tmp_path / str(rows),
                        reference=make_tiny_model("llama", model.config.vocab_size, seed=5))
         model.zero_grad()
-        row = tr._backward(s, adv, None, None, None)
+        row = tr.loop.accumulate(tr, tr.policy_micros(s, adv))
         results.append((row, [p.grad.clone() for p in model.parameters()]))
     (full, g_full), (micro, g_micro) = results
     assert micro["policy_loss"] == pytest.approx(full["policy_loss"], rel=1e-4, abs=1e-6)
@@ -311,16 +314,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, optimizer):
     full.run(records())
     want = _weights(full.trained_model())
 
-    class Stop(Exception):
-        pass
-
-    def kill_at_3(step, total, row):
-        if step == 3:
-            raise Stop
-
     tok, model = make_policy()
-    with pytest.raises(Stop):
-        RLTrainer(model, tok, cfg, tmp_path / "b").run(records(), progress=kill_at_3)
+    with pytest.raises(Crash):
+        RLTrainer(model, tok, cfg, tmp_path / "b").run(records(), progress=crash_at(3))
     tok, model = make_policy()
     resumed = RLTrainer(model, tok, cfg, tmp_path / "b")
     resumed.run(records(), resume=True)
@@ -387,7 +383,8 @@ def test_policy_coefficient_scales_only_the_policy_gradient(tmp_path):
     def grads(policy, kl):
         cfg = tiny_cfg(policy_coefficient=policy, kl_coefficient=kl, coherence=False)
         model.zero_grad()
-        RLTrainer(model, tok, cfg, tmp_path / f"{policy}-{kl}", reference=ref)._backward(s, adv, None, None, None)
+        tr = RLTrainer(model, tok, cfg, tmp_path / f"{policy}-{kl}", reference=ref)
+        tr.loop.accumulate(tr, tr.policy_micros(s, adv))
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                           for p in model.parameters()])
 

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 import agent_forge.quietstar.token_rl as trl
 from agent_forge.quietstar.mixing import MixingHead
 from agent_forge.quietstar.thoughts import ThoughtBatch, generate_thoughts
+from agent_forge.training.batching import step_indices
+from agent_forge.training.policy_gradient import reinforce_per_thought
 from agent_forge.vocab import add_thinking_tokens
-from conftest import baked_token_setup, make_tiny_model, make_tiny_tokenizer, rl_cli
+from conftest import Crash, baked_token_setup, crash_at, make_tiny_model, make_tiny_tokenizer, rl_cli
 
 TEXTS = ["Question: what is 2+3?\nAnswer: 5. Two and three make five.",
          "Question: name a colour.\nAnswer: blue, like the sky at noon."] * 3
@@ -45,7 +47,7 @@ def test_rewards_baseline_and_clamping():
 def test_policy_loss_sign_and_gradient():
     adv = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     lp = torch.tensor([[-3.0, -1.0], [-2.0, -5.0]], requires_grad=True)
-    loss = trl.policy_loss(adv, lp)
+    loss = reinforce_per_thought(adv, lp)
     assert loss.item() == pytest.approx(-(2 * -3.0 + 1 * -5.0) / 4)
     loss.backward()
     # gradient descent raises the log-prob of positive-advantage thoughts, ignores the others
@@ -54,7 +56,8 @@ def test_policy_loss_sign_and_gradient():
 
 def test_distinct2_by_hand():
     toks = torch.tensor([[[9, 1, 2, 1, 2, 9], [9, 1, 2, 3, 4, 9]]])  # bigrams 12 21 12 | 12 23 34
-    assert trl.distinct2(toks).tolist() == pytest.approx([4 / 6])
+    assert trl.thought_diversity(toks) == pytest.approx(4 / 6)
+    assert trl.thought_diversity(toks[..., :3]) == 1.0  # no bigram inside a thought: nothing repeats
 
 
 def fake_batch(model, seed=0, B=1, T=5, K=2, n=2, L=4):
@@ -215,15 +218,8 @@ def test_run_and_exact_resume(tmp_path, optimizer):
 
     full = trl.run_token_rl(fresh(), tmp_path / "a", TEXTS, overrides)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_2(step, total, row):
-        if step == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        trl.run_token_rl(fresh(), tmp_path / "b", TEXTS, overrides, progress=kill_at_2)
+    with pytest.raises(Crash):
+        trl.run_token_rl(fresh(), tmp_path / "b", TEXTS, overrides, progress=crash_at(2))
     resumed = trl.run_token_rl(fresh(), tmp_path / "b", TEXTS, overrides, resume=True)
     assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
     for name in ("model.safetensors", trl.HEAD_FILE):
@@ -246,8 +242,8 @@ def test_crops_and_batches_are_deterministic():
     assert ids.shape[1] == 16 and mask.all()
     short_ids, short_mask = trl.encode_crops(["hi"], tok, 16)
     assert short_mask.sum() == 3  # "h", "i", EOS
-    assert trl.batch_indices(3, 4, 10, 0) == trl.batch_indices(3, 4, 10, 0)
-    seen = sum((trl.batch_indices(s, 5, 10, 0) for s in range(2)), [])
+    assert step_indices(3, 4, 10, 0) == step_indices(3, 4, 10, 0)
+    seen = sum((step_indices(s, 5, 10, 0) for s in range(2)), [])
     assert sorted(seen) == list(range(10))  # one epoch visits every crop once
 
 

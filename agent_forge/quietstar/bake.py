@@ -9,17 +9,16 @@ Two objectives share one loop:
   model, also on --resume. Several prompts bake sequentially (the teacher becomes the
   freshly baked model plus the next prompt); `kl_target` stops early for half-baking.
 
-One loop for CPU, one GPU and many (HF Accelerate; launch with torchrun for several
-processes). Batches are a pure function of (seed, step), so a resumed run sees exactly the
-batches an uninterrupted run would, and each rank takes its slice of the global batch.
+Training runs on the shared loop (training/loop.py: Accelerate for CPU, one GPU and many
+via torchrun, schedule, guard, checkpoints); Baker supplies the micro-batches and the loss.
+Batches are a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted run would, and each rank takes its slice of the global batch.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,13 +28,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from agent_forge.inference import GENERATION_BATCH
-from agent_forge.optim.mugrokfast import qk_clip_log
 from agent_forge.quietstar.bake_data import (ANSWER, IGNORE, collate, encode_pairs, encode_records, sample_pairs,
                                              shifted)
-from agent_forge.quietstar.kl import sequence_kl
-from agent_forge.training.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state,
-                                             truncate_log)
-from agent_forge.training.guards import check_loss
+from agent_forge.training.batching import epoch_permutation, read_positions
+from agent_forge.training.checkpoint import trainable_state
+from agent_forge.training.kl import kl_ref_to_policy
+from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop
 from agent_forge.vocab import STRATEGIES, add_thinking_tokens
 
 DEFAULT_BAKE_PROMPT = (
@@ -109,10 +107,7 @@ def batch_indices(step: int, micro: int, cfg: BakeConfig, n: int, rank: int = 0,
     per_micro = max(1, cfg.batch_size // cfg.grad_accum)
     start = (step * cfg.grad_accum + micro) * per_micro
     grouped = tuple(lengths) if (lengths is not None and cfg.group_by_length) else None
-    out = []
-    for pos in range(start, start + per_micro):
-        epoch, offset = divmod(pos, n)
-        out.append(_epoch_order(cfg.seed, epoch, n, per_micro, grouped)[offset])
+    out = read_positions(start, per_micro, n, lambda epoch: _epoch_order(cfg.seed, epoch, n, per_micro, grouped))
     return out[rank::world]
 
 
@@ -128,14 +123,14 @@ def _epoch_order(seed: int, epoch: int, n: int, per_micro: int, lengths: tuple |
     key = (seed, epoch, n, per_micro, lengths)
     if key not in _ORDER_CACHE:
         _ORDER_CACHE.clear()
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        perm = list(epoch_permutation(seed, epoch, n))
         if lengths is not None:
             window = per_micro * LENGTH_GROUP_MICROS
             perm = [i for w in range(0, n, window) for i in sorted(perm[w:w + window], key=lambda i: -lengths[i])]
             full = n // per_micro * per_micro  # a short last block stays last: blocks stay aligned
             blocks = [perm[b:b + per_micro] for b in range(0, full, per_micro)]
-            shuffle = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1000 + epoch + 1))
-            perm = [i for b in shuffle.tolist() for i in blocks[b]] + perm[full:]
+            shuffle = epoch_permutation(seed, epoch, len(blocks), offset=1)
+            perm = [i for b in shuffle for i in blocks[b]] + perm[full:]
         _ORDER_CACHE[key] = perm
     return _ORDER_CACHE[key]
 
@@ -163,7 +158,7 @@ def kl_loss(student, teacher, student_batch, teacher_batch, top_k) -> torch.Tens
     t_resp, t_mask = _response_logits(t_logits, teacher_batch)
     if not torch.equal(mask, t_mask):
         raise ValueError("teacher and student batches hold different responses")
-    return sequence_kl(t_resp, s_resp, mask, top_k)
+    return kl_ref_to_policy(t_resp, s_resp, mask, top_k)
 
 
 def _response_logits(logits, batch):
@@ -226,96 +221,80 @@ def convergence(acc: dict, cfg: BakeConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# The loop
+# The trainer: a Stage of training/loop.py
 
 
-class Baker:
+class Baker(LoopTrainer):
     """Runs Step 1 on (model, tokenizer); resumable from `out_dir/checkpoints`."""
 
     def __init__(self, model, tokenizer, cfg: BakeConfig, out_dir: str | Path, tracker=None):
-        from accelerate import Accelerator
-
         self.cfg, self.tokenizer, self.tracker = cfg, tokenizer, tracker
         self.out_dir = Path(out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        # cpu=True is what makes torchrun on CPU real DDP (gloo); without it every rank trains alone.
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        self.accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), cpu=on_cpu)
         add_thinking_tokens(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.model = _maybe_lora(model, tokenizer, cfg)
+        self.loop = TrainingLoop(_maybe_lora(model, tokenizer, cfg), LoopConfig(
+            steps=cfg.steps, stage="bake", warmup_steps=cfg.warmup_steps, decay=True, grad_accum=cfg.grad_accum,
+            max_grad_norm=cfg.max_grad_norm, save_every=cfg.save_every, explode_factor=cfg.explode_factor,
+            mixed_precision=cfg.mixed_precision, seed=cfg.seed, batch_log="examples"), out_dir, tracker)
         self.teacher = None
         self.kl_data: dict = {}  # kl mode: where the last prompt's responses came from, how many, how long
-        self.history: list[dict] = []
+        self.examples, self.teacher_examples, self.held = [], None, []
 
-    # -- setup --------------------------------------------------------------------------
     def _setup(self, resume: bool) -> int:
-        torch.manual_seed(self.cfg.seed)
-        self.optimizer, self.qk_clip = build_step1_optimizer(self.model, self.cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
-        start = 0
-        ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
-        if ckpt is not None:
-            start = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)["step"]
-            self._truncate_batch_log(start)
-        elif self.accelerator.is_main_process:
-            (self.out_dir / "batches.jsonl").unlink(missing_ok=True)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        return start
+        return self.loop.setup(lambda m: build_step1_optimizer(m, self.cfg)[0], self, resume)
 
-    def _lr_lambda(self, step: int) -> float:
-        warm = max(1, self.cfg.warmup_steps)
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (self.cfg.steps - step) / max(1, self.cfg.steps - warm))
-
-    # -- one step -------------------------------------------------------------------------
-    def _step(self, step: int, examples, teacher_examples) -> dict:
-        acc, cfg = self.accelerator, self.cfg
+    # -- the Stage: one step's micro-batches, their loss, the step's row, evaluation ---------
+    def micro_batches(self, step: int):
+        """The step's grad_accum micro-batches (this process's slice of each), collated."""
+        acc, cfg, n = self.accelerator, self.cfg, len(self.examples)
         self.model.train()
-        total, used = 0.0, []
+        self.used = []
         for micro in range(cfg.grad_accum):
-            n = len(examples)
             idx = batch_indices(step, micro, cfg, n, acc.process_index, acc.num_processes, self.lengths)
-            used += batch_indices(step, micro, cfg, n, lengths=self.lengths)  # the global batch, for the log
-            batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], self.pad_id).items()}
-            with acc.autocast():
-                if cfg.mode == "kl":
-                    tb = {k: v.to(acc.device) for k, v in
-                          collate([teacher_examples[i] for i in idx], self.pad_id).items()}
-                    loss = kl_loss(self.model, self.teacher, batch, tb, cfg.kl_top_k)
-                else:
-                    loss = sft_loss(self.model, batch)
-            acc.backward(loss / cfg.grad_accum)
-            total += loss.item() / cfg.grad_accum
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        if self.qk_clip is not None:
-            self.qk_clip.apply()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_t = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
-        return {"loss": loss_t, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-                **qk_clip_log(self.optimizer), "examples": used}
+            self.used += batch_indices(step, micro, cfg, n, lengths=self.lengths)  # the global batch, for the log
+            batch = self._collate([self.examples[i] for i in idx])
+            teacher = self._collate([self.teacher_examples[i] for i in idx]) if cfg.mode == "kl" else None
+            yield batch, teacher
+
+    def _collate(self, examples) -> dict:
+        return {k: v.to(self.accelerator.device) for k, v in collate(examples, self.pad_id).items()}
+
+    def loss(self, micro) -> tuple[torch.Tensor, dict]:
+        batch, teacher_batch = micro
+        if self.cfg.mode == "kl":
+            return kl_loss(self.model, self.teacher, batch, teacher_batch, self.cfg.kl_top_k), {}
+        return sft_loss(self.model, batch), {}
+
+    def step_row(self, step: int, sums: dict) -> dict:
+        return {"examples": self.used}
+
+    def on_step_end(self, step: int, row: dict) -> bool:
+        """Held-out token accuracy every eval_every steps; True (this prompt is done) once a
+        half-baking kl_target is reached."""
+        cfg = self.cfg
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            self._log_eval(step, self.held)
+        return cfg.mode == "kl" and cfg.kl_target is not None and row["loss"] < cfg.kl_target
+
+    def state(self) -> dict:
+        return {"mode": self.cfg.mode}
 
     # -- run ------------------------------------------------------------------------------
     def run(self, train_records, eval_records, resume: bool = False, progress=None) -> BakeResult:
         """Train (sft: on the records' traces; kl: bake each prompt in turn) and measure."""
         cfg = self.cfg
-        held, _ = encode_records(eval_records, self.tokenizer, max_len=cfg.max_len)
+        self.held, _ = encode_records(eval_records, self.tokenizer, max_len=cfg.max_len)
         if cfg.mode == "kl":
-            step, dropped = self._run_kl(train_records, resume, held, progress)
+            step, dropped = self._run_kl(train_records, resume, progress)
         else:
             examples, dropped = encode_records(train_records, self.tokenizer, max_len=cfg.max_len)
             if not examples:
                 raise ValueError("no training example fits in max_len; raise max_len or check the data")
-            self.lengths = tuple(len(e.input_ids) for e in examples)  # the length-grouping key, once per run
-            step = self._train_span(self._setup(resume), cfg.steps, examples, None, held, progress)
-        metrics = self.final_metrics(held, dropped, step)
+            step = self._train_span(self._setup(resume), cfg.steps, examples, None, progress)
+        metrics = self.final_metrics(self.held, dropped, step)
         return BakeResult(step, metrics, metrics["convergence"]["converged"], self.history)
 
-    def _run_kl(self, records, resume: bool, held, progress) -> tuple[int, int]:
+    def _run_kl(self, records, resume: bool, progress) -> tuple[int, int]:
         """Bake cfg.kl_prompts one after another; returns (steps done, pairs dropped for length)."""
         cfg = self.cfg
         if cfg.kl_source not in ("sampled", "dataset"):
@@ -333,32 +312,20 @@ class Baker:
             self.teacher = original if p_i == 0 else self._sequential_teacher(p_i, step > p_i * per_prompt)
             original = None
             students, teachers, dropped = self._kl_pairs(prompt, records, p_i)
-            self.lengths = tuple(len(e.input_ids) for e in students)
-            step = self._train_span(step, end, students, teachers, held, progress)
+            step = self._train_span(step, end, students, teachers, progress)
         return step, dropped
 
-    def _train_span(self, step, end, examples, teacher_examples, held, progress) -> int:
-        cfg, started = self.cfg, time.time()
-        while step < end:
-            row = self._step(step, examples, teacher_examples)
-            step += 1
-            self._log_step(step, row, started)
-            if progress is not None:
-                progress(step, cfg.steps, row)
-            first = next((h["loss"] for h in self.history if "loss" in h), None)
-            check_loss(row["loss"], first, step, self.ckpt_dir, cfg.explode_factor)  # before saving it
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                self.save_checkpoint(step)
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                self._log_eval(step, held)
-            if cfg.mode == "kl" and cfg.kl_target is not None and row["loss"] < cfg.kl_target:
-                return end  # half-baked: this prompt is done
-        return step
+    def _train_span(self, step, end, examples, teacher_examples, progress) -> int:
+        """Train on `examples` from `step` to `end`; a stop (kl_target reached) ends the span."""
+        self.examples, self.teacher_examples = examples, teacher_examples
+        self.lengths = tuple(len(e.input_ids) for e in examples)  # the length-grouping key, once per span
+        reached = self.loop.run(self, step, end, progress)
+        return end if reached < end else reached
 
     def _sequential_teacher(self, p_i: int, resumed: bool):
         """Prompt p_i's teacher: the model as the prompts before it baked it. Saved as the
         prompt starts, since a run resumed inside the prompt's span has moved on from it."""
-        teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
+        teacher = copy.deepcopy(self.loop.unwrapped()).eval().requires_grad_(False)
         path = self.ckpt_dir / f"teacher-{p_i}.safetensors"
         if resumed:
             if not path.exists():
@@ -392,19 +359,8 @@ class Baker:
                         "kl_mean_response_tokens": sum(responses) / len(responses)}
         return students, teachers, dropped
 
-    def _log_step(self, step: int, row: dict, started: float) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.out_dir / "batches.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "examples": row["examples"]}) + "\n")
-        entry = {k: v for k, v in row.items() if k != "examples"}
-        entry["step"] = step
-        entry["sec_per_step"] = (time.time() - started) / max(1, step)
-        self.history.append(entry)
-        if self.tracker is not None:
-            self.tracker.log({k: v for k, v in entry.items() if k != "step"}, step=step, stage="bake")
-
     def _log_eval(self, step: int, held) -> None:
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.loop.unwrapped()
         acc = token_accuracy(model, held, self.pad_id)
         self.history.append({"step": step, **acc})
         if self.tracker is not None:
@@ -412,20 +368,8 @@ class Baker:
                     **{f"acc_{s}": v for s, v in acc["per_strategy"].items()}}
             self.tracker.log(flat, step=step, stage="bake_eval")
 
-    def _truncate_batch_log(self, step: int) -> None:
-        if self.accelerator.is_main_process:
-            truncate_log(self.out_dir / "batches.jsonl", step)
-
-    def save_checkpoint(self, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.ckpt_dir, step, self.accelerator.unwrap_model(self.model),
-                            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
-                            self.scheduler, {"mode": self.cfg.mode})
-        self.accelerator.wait_for_everyone()
-
     def final_metrics(self, held, dropped: int, step: int) -> dict:
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.loop.unwrapped()
         acc = token_accuracy(model, held, self.pad_id)
         losses = [h["loss"] for h in self.history if "loss" in h]
         return {"steps": step, "dropped_for_length": dropped, **acc, **self.kl_data,
@@ -436,7 +380,7 @@ class Baker:
 
     def merged_model(self):
         """The trained model as a plain transformers model (LoRA merged in)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.loop.unwrapped()
         return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
@@ -457,14 +401,6 @@ def _context_length(model) -> int | None:
     """The longest sequence the model's positions cover, if its config says."""
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def _precision(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
 
 
 def _maybe_lora(model, tokenizer, cfg: BakeConfig):

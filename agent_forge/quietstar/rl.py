@@ -40,7 +40,7 @@ One optimiser step:
    - KL to the FROZEN Step 1 model on the sampled tokens, mean over tokens: "k3"
      (default; Schulman's estimator exp(r) - r - 1 with r = log p_ref - log p_policy,
      an unbiased estimate of KL(policy || ref) for tokens sampled from the policy, which
-     ours are) or "full" (exact per-token KL(policy || ref) over the vocabulary, kl.py);
+     ours are) or "full" (exact per-token KL(policy || ref) over the vocabulary, training/kl.py);
      kl_coefficient 0 skips the reference forward (kl is then logged as None);
    - LM = cross-entropy on the gold traces of the step's records (off by default).
    Then gradient clipping (max_grad_norm) and AdamW (default, lr 1e-5, constant after
@@ -61,8 +61,10 @@ Per-step metrics (tracker stage "rl"; the SPEC's list, then extras):
   forward), update_seconds (policy/reference forwards, backward, optimiser),
   coherence_seconds.
 
-Resume: checkpoints (training/checkpoint.py) hold weights, optimizer (incl. Grokfast
-state), scheduler, RNG and step; the reference model is always the model the run started
+Training runs on the shared loop (training/loop.py: Accelerate, schedule, clipping, NaN
+guard, checkpoints); RLTrainer supplies the sampling, the rewards and the loss. Sampling and
+rewards: rl_rollouts.py. Resume: checkpoints (training/checkpoint.py) hold weights,
+optimizer (incl. Grokfast state), scheduler, RNG, step and the rolling rewards; the reference model is always the model the run started
 from, and sampling draws from the restored RNG, so a resumed run reproduces the
 uninterrupted one.
 """
@@ -78,15 +80,16 @@ from typing import Callable
 
 import torch
 
-from agent_forge.data.schema import Record, render_prompt
-from agent_forge.evaluation.answers import answer_slot, strip_thinking_tokens
-from agent_forge.inference import AnswerSlotStop, eos_ids, left_padded
-from agent_forge.optim.mugrokfast import qk_clip_log
-from agent_forge.quietstar.bake import _precision
+from agent_forge.data.schema import Record
 from agent_forge.quietstar.coherence import claim_consistency
-from agent_forge.quietstar.kl import forward_kl
-from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
-from agent_forge.training.guards import check_loss
+from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, continuation_logprob,  # noqa: F401
+                                               is_correct, loglik_gains, mean_or_none, sample, sample_logits,
+                                               valid_lengths)
+from agent_forge.training.batching import step_indices
+from agent_forge.training.kl import kl_policy_to_ref
+from agent_forge.training.logprobs import token_logprobs
+from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop
+from agent_forge.training.policy_gradient import distinct_n, group_advantages, reinforce_per_token
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
 ANTI_THEATER_KEYS = ("anti_theater_divergence", "anti_theater_ablation", "anti_theater_correlation",
@@ -149,144 +152,10 @@ class RLResult:
 
 
 # ---------------------------------------------------------------------------------------
-# Questions
+# Recomputed log-probabilities in micro-batches
 
 
-def step_questions(step: int, cfg: RLConfig, n: int) -> list[int]:
-    """Indices of the questions of `step`: epoch permutations seeded by (seed, epoch)."""
-    out = []
-    for pos in range(step * cfg.questions_per_step, (step + 1) * cfg.questions_per_step):
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + 7 + epoch))
-        out.append(int(perm[offset]))
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# Rewards and advantages
-
-
-def is_correct(answer_text: str | None, gold: str) -> bool:
-    """The evaluation's rule (runner.score): first number of the slot vs gold, exactly."""
-    from agent_forge.evaluation.runner import score
-
-    return score(_GoldItem(gold), answer_text)[0]
-
-
-@dataclass
-class _GoldItem:
-    answer: str
-    choices: list | None = None
-
-
-def combine_rewards(correct: list[float], gains: list[float] | None, cfg: RLConfig,
-                    consistency: list[float] | None = None) -> list[float]:
-    """The `reward` of each sample, plus consistency_weight * consistency when given."""
-    base = _base_rewards(correct, gains, cfg)
-    if not cfg.consistency_weight:
-        return base
-    if consistency is None:
-        raise ValueError("consistency_weight > 0 needs the samples' claim consistency")
-    return [r + cfg.consistency_weight * (0.0 if c is None else c) for r, c in zip(base, consistency)]
-
-
-def _base_rewards(correct: list[float], gains: list[float] | None, cfg: RLConfig) -> list[float]:
-    if cfg.reward == "correct":
-        return list(correct)
-    if gains is None:
-        raise ValueError(f"reward {cfg.reward!r} needs the loglik gains")
-    if cfg.reward == "loglik":
-        return list(gains)
-    if cfg.reward == "both":
-        c = cfg.loglik_clip
-        return [r + cfg.loglik_weight * max(-c, min(c, g)) for r, g in zip(correct, gains)]
-    raise ValueError(f"reward must be 'correct', 'loglik' or 'both', not {cfg.reward!r}")
-
-
-def _mean_or_none(xs: list[float]) -> float | None:
-    """Mean, or None for no values (a rate over nothing is unknown, not 0)."""
-    return sum(xs) / len(xs) if xs else None
-
-
-def group_advantages(rewards: torch.Tensor, k: int, normalize_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """Rows are question-major groups of k; advantage = r - group mean (/ (std + eps))."""
-    g = rewards.float().view(-1, k)
-    adv = g - g.mean(1, keepdim=True)
-    if normalize_std:
-        adv = adv / (g.std(1, unbiased=False, keepdim=True) + eps)
-    return adv.view(-1)
-
-
-# ---------------------------------------------------------------------------------------
-# Log-probabilities, policy loss, KL
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions as generate() computes them for left-padded rows."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def sample_logits(model, sequences: torch.Tensor, mask: torch.Tensor, n_new: int) -> torch.Tensor:
-    """Logits predicting the last `n_new` tokens of `sequences`: (B, n_new, V)."""
-    kwargs = dict(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask))
-    try:
-        logits = model(**kwargs, logits_to_keep=n_new + 1).logits
-    except TypeError:  # a model without logits_to_keep
-        logits = model(**kwargs).logits
-    return logits[:, -(n_new + 1):-1]
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position, computed without a full log-softmax copy."""
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-
-
-def policy_loss(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, norm: str = "token",
-                total: float | None = None) -> torch.Tensor:
-    """REINFORCE: -A * log p of the sampled tokens; logp/mask (B, T), adv (B,).
-
-    `total` is the normaliser when the batch is split into micro-batches: the number of
-    sampled tokens ("token") or of samples ("sequence") in the whole batch; default: this one's.
-    """
-    m = mask.float()
-    weighted = torch.where(mask.bool(), logp, torch.zeros_like(logp)) * adv[:, None]
-    if norm == "token":
-        return -weighted.sum() / (m.sum().clamp(min=1.0) if total is None else max(total, 1.0))
-    if norm == "sequence":
-        per_seq = weighted.sum(1) / m.sum(1).clamp(min=1.0)
-        return -per_seq.sum() / (per_seq.shape[0] if total is None else max(total, 1.0))
-    raise ValueError(f"loss_norm must be 'token' or 'sequence', not {norm!r}")
-
-
-def k3_kl(logp_policy: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(policy || ref) for tokens sampled from the policy."""
-    r = logp_ref - logp_policy
-    return torch.exp(r) - r - 1.0
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, total: float | None = None) -> torch.Tensor:
-    """Sum of x where mask, divided by the mask's count (or by `total`, for micro-batches)."""
-    m = mask.bool()
-    denom = m.sum().clamp(min=1) if total is None else max(total, 1.0)
-    return torch.where(m, x, torch.zeros_like(x)).sum() / denom
-
-
-def kl_penalty(policy_logits, ref_logits, logp_policy, logp_ref, mask, estimator: str,
-               total: float | None = None) -> torch.Tensor:
-    """Mean over sampled tokens of the chosen KL(policy || ref) estimate (`total`: as masked_mean)."""
-    if estimator == "k3":
-        return masked_mean(k3_kl(logp_policy, logp_ref), mask, total)
-    if estimator == "full":
-        sel = mask.bool()
-        if not sel.any():
-            return policy_logits.sum() * 0.0
-        kl = forward_kl(policy_logits[sel], ref_logits[sel])
-        return kl.sum() / (kl.numel() if total is None else max(total, 1.0))
-    raise ValueError(f"kl_estimator must be 'k3' or 'full', not {estimator!r}")
-
-
-def micro_batches(s: "Samples", rows: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+def length_sorted_chunks(s: "Samples", rows: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Split samples into chunks of similar length, each trimmed of columns that are padding
     in every one of its rows: [(row indices, sequences, mask, new_mask)]."""
     n_prompt = s.sequences.shape[1] - s.n_new
@@ -305,177 +174,14 @@ def micro_batches(s: "Samples", rows: int) -> list[tuple[list[int], torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------
-# Sampling
-
-
-@dataclass
-class Samples:
-    """K samples per question, question-major. Tensors are on the model's device.
-
-    sequences: (N, P + T) left-padded prompt then generated tokens; mask: its attention
-    mask (prompt padding and everything after a row stopped are 0); new_mask (N, T) the
-    sampled tokens; prompt_ids: each row's unpadded prompt ids; scores: generate's
-    per-step scores (only when asked for, for tests).
-    """
-
-    sequences: torch.Tensor
-    mask: torch.Tensor
-    new_mask: torch.Tensor
-    prompt_ids: list[list[int]]
-    new_ids: list[list[int]]  # the valid sampled ids of each row
-    completions: list[str]
-    thoughts: list[str]
-    answers: list[str]
-    closed: list[bool]
-    thought_lengths: list[int]
-    seconds: float
-    scores: tuple | None = None
-
-    @property
-    def n_new(self) -> int:
-        return self.new_mask.shape[1]
-
-
-def valid_lengths(tokenizer, new: torch.Tensor, eos: set[int], close_id: int) -> list[int]:
-    """How many generated tokens of each row were really sampled: replay generate's stop
-    rules (EOS, or AnswerSlotStop) column by column; the stopping token counts."""
-    n, width = new.shape
-    stop = AnswerSlotStop(tokenizer, n, True, close_id)
-    lengths = [width] * n
-    ended = [False] * n
-    for t in range(width):
-        done = stop(new[:, t:t + 1]).tolist()
-        for row in range(n):
-            if not ended[row] and (int(new[row, t]) in eos or done[row]):
-                lengths[row], ended[row] = t + 1, True
-    return lengths
-
-
-@torch.no_grad()
-def sample(model, tokenizer, questions: list[str], k: int, cfg: RLConfig, vocab="default",
-           return_scores: bool = False) -> Samples:
-    """K sampled thought+answer completions per question (see the module docstring)."""
-    from transformers import GenerationConfig
-
-    vocab = get_vocab(vocab)
-    prompts = [render_prompt(q) + vocab.open for q in questions for _ in range(k)]
-    device = next(model.parameters()).device
-    ids, pmask = left_padded(tokenizer, prompts, True, device)
-    eos = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    close_id = tokenizer.convert_tokens_to_ids(vocab.close)
-    gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                               max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                               use_cache=True, output_scores=return_scores, return_dict_in_generate=True)
-    # generate() fills unset fields from model.generation_config (a hub model may carry
-    # top_k, repetition_penalty, min_p ...); a blank one keeps the samples the policy's own.
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    t0 = time.perf_counter()
-    try:
-        out = model.generate(input_ids=ids, attention_mask=pmask, generation_config=gen_cfg,
-                             stopping_criteria=[AnswerSlotStop(tokenizer, len(prompts), True, close_id)])
-    finally:
-        model.generation_config = saved
-    seconds = time.perf_counter() - t0
-    new = out.sequences[:, ids.shape[1]:]
-    lengths = valid_lengths(tokenizer, new.cpu(), set(eos), close_id)
-    new_mask = torch.arange(new.shape[1], device=device)[None] < torch.tensor(lengths, device=device)[:, None]
-    prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), pmask.cpu())]
-    new_ids = [row[:n].tolist() for row, n in zip(new.cpu(), lengths)]
-    parsed = [_parse(tokenizer, r, set(eos), close_id, vocab) for r in new_ids]
-    return Samples(out.sequences, torch.cat([pmask, new_mask.long()], 1), new_mask, prompt_ids, new_ids,
-                   [p[0] for p in parsed], [p[1] for p in parsed], [p[2] for p in parsed],
-                   [p[3] for p in parsed], [p[4] for p in parsed], seconds,
-                   out.scores if return_scores else None)
-
-
-def _parse(tokenizer, ids: list[int], eos: set[int], close_id: int, vocab):
-    """(completion, thinking text, answer text, closed, thought length in tokens)."""
-    body = ids[:-1] if ids and ids[-1] in eos else ids
-    completion = vocab.open + tokenizer.decode(body, skip_special_tokens=False)
-    closed = close_id in body
-    n_thought = body.index(close_id) if closed else len(body)
-    thinking = completion[len(vocab.open):].split(vocab.close, 1)[0]
-    slot = answer_slot(completion, vocab) if closed else None
-    answer = strip_thinking_tokens(slot or "", vocab).strip()
-    return completion, thinking, answer, closed, n_thought
-
-
-# ---------------------------------------------------------------------------------------
-# The log-likelihood reward
-
-
-@torch.no_grad()
-def continuation_logprob(model, contexts: list[list[int]], continuations: list[list[int]],
-                         pad_id: int, batch_size: int = 32) -> list[float]:
-    """sum_t log p(continuation_t | context, continuation_<t) for each pair (token ids).
-
-    Rows are LEFT-padded so every continuation ends in the last column; then only the
-    last (longest continuation + 1) positions need logits (the LM head is skipped elsewhere).
-    """
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(contexts), batch_size):
-        conts = continuations[i:i + batch_size]
-        seqs = [c + a for c, a in zip(contexts[i:i + batch_size], conts)]
-        width, n_cont = max(len(s) for s in seqs), max(len(a) for a in conts)
-        ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        logits = sample_logits(model, ids, mask, n_cont)
-        logp = token_logprobs(logits, ids[:, -n_cont:])
-        out += [float(logp[row, n_cont - len(a):].sum()) for row, a in enumerate(conts)]
-    return out
-
-
-def loglik_gains(model, tokenizer, samples: Samples, golds: list[str], k: int, vocab="default") -> list[float]:
-    """Per sample: log p(" gold" EOS | prompt, thought) - log p(same | prompt, empty thinking)."""
-    vocab = get_vocab(vocab)
-    close_id = tokenizer.convert_tokens_to_ids(vocab.close)
-    eos = set(eos_ids(model, tokenizer))
-    answers = [tokenizer(" " + str(g).strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-               for g in golds]
-    contexts, conts = [], []
-    for i, (prompt, new) in enumerate(zip(samples.prompt_ids, samples.new_ids)):
-        thought = _thought_ids(new, close_id, eos)
-        contexts.append(prompt + thought)
-        conts.append(answers[i // k])
-    for q in range(len(golds)):  # the empty-thinking baseline, once per question
-        contexts.append(samples.prompt_ids[q * k] + [close_id])
-        conts.append(answers[q])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lp = continuation_logprob(model, contexts, conts, pad)
-    n = len(samples.new_ids)
-    return [lp[i] - lp[n + i // k] for i in range(n)]
-
-
-def _thought_ids(new: list[int], close_id: int, eos: set[int]) -> list[int]:
-    """The sampled thought up to and including the closer; an unclosed one gets a closer."""
-    if close_id in new:
-        return new[:new.index(close_id) + 1]
-    return [t for t in new if t not in eos] + [close_id]
-
-
-# ---------------------------------------------------------------------------------------
-# Diversity
-
-
-def distinct_n(texts: list[str], n: int = 2) -> float:
-    """Distinct word n-grams / all word n-grams over the texts; 0 when there are none."""
-    grams = []
-    for t in texts:
-        w = t.split()
-        grams += [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-# ---------------------------------------------------------------------------------------
 # The trainer
 
 RewardFn = Callable[["Samples", list[Record]], list[float]]
 
 
-class RLTrainer:
+class RLTrainer(LoopTrainer):
     """Runs Step 2 (answer mode) on (model, tokenizer); resumable from `out_dir/checkpoints`.
+    A Stage of training/loop.py: it samples, rewards and supplies the loss; the loop does the rest.
 
     `reference` is the frozen model of the KL leash (default: a copy of `model` as given,
     i.e. the Step 1 model); `reward_fn(samples, records)` replaces the configured reward
@@ -484,17 +190,14 @@ class RLTrainer:
 
     def __init__(self, model, tokenizer, cfg: RLConfig, out_dir: str | Path, tracker=None,
                  reference=None, reward_fn: RewardFn | None = None, vocab="default"):
-        from accelerate import Accelerator
-
         self.cfg, self.tokenizer, self.tracker, self.reward_fn = cfg, tokenizer, tracker, reward_fn
         self.vocab = get_vocab(vocab)
         self.out_dir = Path(out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        self.accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), cpu=on_cpu)
         add_thinking_tokens(model, tokenizer, self.vocab)
-        self.model = model.eval()
+        self.loop = TrainingLoop(model.eval(), LoopConfig(
+            steps=cfg.steps, stage="rl", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+            save_every=cfg.save_every, mixed_precision=cfg.mixed_precision, seed=cfg.seed,
+            batch_log="questions"), out_dir, tracker)  # RL losses change sign: the guard checks NaN/inf only
         self.reference = (reference or copy.deepcopy(model)).eval().requires_grad_(False)
         self.scorer = None
         if cfg.coherence:
@@ -502,39 +205,27 @@ class RLTrainer:
 
             self.scorer = CoherenceScorer(cfg.coherence_embedder, cfg.coherence_weights, model, tokenizer,
                                           self.vocab)
-        self.history: list[dict] = []
         self.recent_rewards: list[float] = []
         self.last_samples: Samples | None = None
+        self.records, self.lm_examples, self.monitor, self.stopped_reason = [], None, None, None
 
-    # -- setup --------------------------------------------------------------------------
     def _setup(self, resume: bool) -> int:
         from dataclasses import replace
 
         from agent_forge.optim.mugrokfast import build_optimizer, get_config
 
-        torch.manual_seed(self.cfg.seed)
         preset = replace(get_config("rl"), weight_decay=self.cfg.weight_decay)
-        self.optimizer = build_optimizer(self.model, self.cfg.optimizer, preset, lr=self.cfg.lr)
-        warm = max(1, self.cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
-        start = 0
-        ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
-            start, self.recent_rewards = state["step"], list(state.get("recent_rewards", []))
-            self._truncate_log(start)
-        elif self.accelerator.is_main_process:
-            (self.out_dir / "batches.jsonl").unlink(missing_ok=True)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        return start
+        return self.loop.setup(lambda m: build_optimizer(m, self.cfg.optimizer, preset, lr=self.cfg.lr),
+                               self, resume)
 
-    # -- one step -------------------------------------------------------------------------
-    def train_step(self, step: int, records: list[Record], lm_examples=None) -> dict:
+    # -- the Stage: sample and reward, then the micro-batches' loss -------------------------
+    def micro_batches(self, step: int) -> list:
+        """Sample K completions per question of the step, reward them, and return the
+        micro-batches of the update (policy + KL; then the LM loss when it is on)."""
         cfg, acc = self.cfg, self.accelerator
-        idx = step_questions(step, cfg, len(records))
-        mine = idx[acc.process_index::acc.num_processes]
-        batch = [records[i] for i in mine]
-        policy = acc.unwrap_model(self.model)
+        idx = step_indices(step, cfg.questions_per_step, len(self.records), cfg.seed, offset=7)
+        batch = [self.records[i] for i in idx[acc.process_index::acc.num_processes]]
+        policy = self.loop.unwrapped()
         policy.eval()
         k = cfg.samples_per_question
         s = sample(policy, self.tokenizer, [r.question for r in batch], k, cfg, self.vocab)
@@ -549,53 +240,46 @@ class RLTrainer:
         rewards = (self.reward_fn(s, batch) if self.reward_fn
                    else combine_rewards(correct, gains, cfg, consistency))
         adv = group_advantages(torch.tensor(rewards), k, cfg.normalize_std).to(s.sequences.device)
-        t1 = time.perf_counter()
-        losses = self._backward(s, adv, batch, lm_examples, mine)
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        row = {**losses, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-               "questions": idx, "reward_seconds": t1 - t0, "update_seconds": time.perf_counter() - t1}
-        row.update(self._sample_metrics(s, batch, rewards, correct, gains, adv, consistency))
-        row.update(qk_clip_log(self.optimizer))  # what QK-clip did this step (MuGrokfast only)
-        return row
+        self.current = dict(idx=idx, batch=batch, s=s, rewards=rewards, correct=correct, gains=gains,
+                            adv=adv, consistency=consistency, t1=time.perf_counter(), t0=t0)
+        micros = self.policy_micros(s, adv)
+        if cfg.lm_coefficient > 0 and self.lm_examples:
+            idx_mine = idx[acc.process_index::acc.num_processes]
+            micros.append(("lm", [self.lm_examples[i] for i in idx_mine if self.lm_examples[i] is not None]))
+        return micros
 
-    def _backward(self, s: Samples, adv, batch, lm_examples, idx) -> dict:
-        """Policy + KL loss over length-sorted micro-batches (gradients accumulate), then LM."""
-        cfg, acc = self.cfg, self.accelerator
+    def policy_micros(self, s: Samples, adv: torch.Tensor) -> list:
+        """Length-sorted, padding-trimmed micro-batches of the samples, with the whole
+        batch's normalisers (so accumulating them gives the full batch's loss and gradient)."""
         n_tok, n_seq = float(s.new_mask.sum()), float(s.new_mask.shape[0])
-        total = {"token": n_tok, "sequence": n_seq}.get(cfg.loss_norm, n_tok)
-        pol_sum, kl_sum = 0.0, None
-        for rows, seq, mask, new_mask in micro_batches(s, cfg.micro_batch_rows):
-            n_new, targets = new_mask.shape[1], seq[:, -new_mask.shape[1]:]
-            with acc.autocast():
-                logits = sample_logits(self.model, seq, mask, n_new)
-            logp = token_logprobs(logits, targets)
-            pol = policy_loss(logp, new_mask, adv[rows], cfg.loss_norm, total)
-            kl = self._kl(seq, mask, new_mask, logits, logp, targets, n_tok)
-            weighted = cfg.policy_coefficient * pol
-            acc.backward(weighted + cfg.kl_coefficient * kl if kl is not None else weighted)
-            pol_sum += float(pol.detach())
-            kl_sum = None if kl is None else (kl_sum or 0.0) + float(kl.detach())
-        lm = None
-        if cfg.lm_coefficient > 0 and lm_examples:
-            lm = self._lm_loss([lm_examples[i] for i in idx if lm_examples[i] is not None])
-            acc.backward(cfg.lm_coefficient * lm)
-            lm = float(lm.detach())
-        loss = (cfg.policy_coefficient * pol_sum + cfg.kl_coefficient * (kl_sum or 0.0)
-                + (cfg.lm_coefficient * lm if lm is not None else 0.0))
-        return {"loss": loss, "policy_loss": pol_sum, "kl": kl_sum, "lm_loss": lm}
+        total = {"token": n_tok, "sequence": n_seq}.get(self.cfg.loss_norm, n_tok)
+        return [("policy", seq, mask, new_mask, adv[rows], total, n_tok)
+                for rows, seq, mask, new_mask in length_sorted_chunks(s, self.cfg.micro_batch_rows)]
+
+    def loss(self, micro) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        if micro[0] == "lm":
+            lm = self._lm_loss(micro[1])
+            return cfg.lm_coefficient * lm, {"lm_loss": float(lm.detach())}
+        _, seq, mask, new_mask, adv, total, n_tok = micro
+        n_new, targets = new_mask.shape[1], seq[:, -new_mask.shape[1]:]
+        logits = sample_logits(self.model, seq, mask, n_new)
+        logp = token_logprobs(logits, targets)
+        pol = reinforce_per_token(logp, new_mask, adv, cfg.loss_norm, total)
+        kl = self._kl(seq, mask, new_mask, logits, logp, targets, n_tok)
+        weighted = cfg.policy_coefficient * pol
+        return (weighted + cfg.kl_coefficient * kl if kl is not None else weighted,
+                {"policy_loss": float(pol.detach()), "kl": None if kl is None else float(kl.detach())})
 
     def _kl(self, seq, mask, new_mask, logits, logp, targets, n_tok):
         """The KL term of one micro-batch; None (not computed: a whole forward saved) when
         kl_coefficient is 0."""
         if self.cfg.kl_coefficient == 0:
             return None
-        with self.accelerator.autocast(), torch.no_grad():
+        with torch.no_grad():
             ref_logits = sample_logits(self.reference, seq, mask, new_mask.shape[1])
         ref_logp = token_logprobs(ref_logits, targets)
-        return kl_penalty(logits, ref_logits, logp, ref_logp, new_mask, self.cfg.kl_estimator, n_tok)
+        return kl_policy_to_ref(logits, ref_logits, logp, ref_logp, new_mask, self.cfg.kl_estimator, n_tok)
 
     def _lm_loss(self, examples) -> torch.Tensor:
         from agent_forge.quietstar.bake import sft_loss
@@ -607,14 +291,29 @@ class RLTrainer:
         b = {k: v.to(self.accelerator.device) for k, v in collate(examples, pad).items()}
         return sft_loss(self.model, b)
 
+    def step_row(self, step: int, sums: dict) -> dict:
+        """The step's metrics (the SPEC's list; the module docstring)."""
+        cfg, c = self.cfg, self.current
+        pol, kl, lm = sums.get("policy_loss", 0.0), sums.get("kl"), sums.get("lm_loss")
+        loss = (cfg.policy_coefficient * pol + cfg.kl_coefficient * (kl or 0.0)
+                + (cfg.lm_coefficient * lm if lm is not None else 0.0))
+        row = {"loss": loss, "policy_loss": pol, "kl": kl, "lm_loss": lm, "questions": c["idx"],
+               "reward_seconds": c["t1"] - c["t0"], "update_seconds": time.perf_counter() - c["t1"]}
+        row.update(self._sample_metrics(c["s"], c["batch"], c["rewards"], c["correct"], c["gains"], c["adv"],
+                                        c["consistency"]))
+        self.recent_rewards = (self.recent_rewards + [row["reward_mean"]])[-cfg.rolling_window:]
+        row["reward_rolling"] = sum(self.recent_rewards) / len(self.recent_rewards)
+        return row
+
     def _sample_metrics(self, s: Samples, batch, rewards, correct, gains, adv, consistency) -> dict:
         k, n = self.cfg.samples_per_question, len(rewards)
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        groups = [[t.split() for t in s.thoughts[q * k:(q + 1) * k]] for q in range(n // k)]
         out = {"reward_mean": mean(rewards), "accuracy": mean(correct), "num_thoughts": n,
                "thought_length": mean(s.thought_lengths), "closed_rate": mean([float(c) for c in s.closed]),
-               "thought_diversity": mean([distinct_n(s.thoughts[q * k:(q + 1) * k]) for q in range(n // k)]),
+               "thought_diversity": mean([distinct_n(g) for g in groups]),
                "inference_seconds": s.seconds, "loglik_gain": mean(gains) if gains else None,
-               "claim_consistency": _mean_or_none([c for c in consistency if c is not None]),
+               "claim_consistency": mean_or_none([c for c in consistency if c is not None]),
                "claim_rate": mean([float(c is not None) for c in consistency]),
                "groups_with_signal": mean([float(adv[q * k:(q + 1) * k].abs().max() > 0) for q in range(n // k)])}
         if self.scorer is not None:
@@ -628,34 +327,33 @@ class RLTrainer:
         out.update({key: None for key in ANTI_THEATER_KEYS})
         return out
 
+    def on_step_end(self, step: int, row: dict) -> bool:
+        """The anti-theater monitor every anti_theater_every steps; True stops the run."""
+        cfg = self.cfg
+        if self.monitor is None or not cfg.anti_theater_every or step % cfg.anti_theater_every or step >= cfg.steps:
+            return False
+        return self._check(self.monitor, step)
+
+    def state(self) -> dict:
+        return {"stage": "rl", "recent_rewards": self.recent_rewards}
+
+    def load_state(self, state: dict) -> None:
+        self.recent_rewards = list(state.get("recent_rewards", []))
+
     # -- run ------------------------------------------------------------------------------
     def run(self, records: list[Record], resume: bool = False, progress=None, monitor=None) -> RLResult:
         """Train to cfg.steps. `monitor(step, model) -> dict` runs every anti_theater_every
         steps; a result with "stop": True ends training early, its "reason" recorded."""
-        cfg = self.cfg
         self.stopped_reason = None
         if not records:
             raise ValueError("no training questions")
-        lm_examples = self._encode_lm(records) if cfg.lm_coefficient > 0 else None
-        step = self._setup(resume)
-        started, first = time.time(), step
-        while step < cfg.steps:
-            row = self.train_step(step, records, lm_examples)
-            step += 1
-            self._log_step(step, row, (time.time() - started) / (step - first))
-            # checked before saving, so a NaN step never becomes the "last good" checkpoint
-            check_loss(row["loss"], None, step, self.ckpt_dir)  # RL losses change sign: NaN/inf only
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                self.save_checkpoint(step)
-            if progress is not None:
-                progress(step, cfg.steps, row)
-            if monitor is not None and cfg.anti_theater_every and step % cfg.anti_theater_every == 0 \
-                    and step < cfg.steps and self._check(monitor, step):
-                break
+        self.records, self.monitor = records, monitor
+        self.lm_examples = self._encode_lm(records) if self.cfg.lm_coefficient > 0 else None
+        step = self.loop.run(self, self._setup(resume), progress=progress)
         return RLResult(step, self.summary(), self.history)
 
     def _check(self, monitor, step: int) -> bool:
-        verdict = monitor(step, self.accelerator.unwrap_model(self.model))
+        verdict = monitor(step, self.loop.unwrapped())
         self.history.append({"step": step, "anti_theater": verdict})
         if self.tracker is not None:
             figures = {k: verdict.get(k) for k in ("divergence", "ablation", "correlation", "check_honesty")}
@@ -668,30 +366,6 @@ class RLTrainer:
         from agent_forge.quietstar.bake_data import encode_record
 
         return [encode_record(r, self.tokenizer, self.vocab, max_len=256) if r.thinking else None for r in records]
-
-    def _log_step(self, step: int, row: dict, sec_per_step: float) -> None:
-        self.recent_rewards = (self.recent_rewards + [row["reward_mean"]])[-self.cfg.rolling_window:]
-        entry = {k: v for k, v in row.items() if k != "questions"}
-        entry["reward_rolling"] = sum(self.recent_rewards) / len(self.recent_rewards)
-        entry["sec_per_step"] = sec_per_step
-        if self.accelerator.is_main_process:
-            with open(self.out_dir / "batches.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "questions": row["questions"]}) + "\n")
-        self.history.append({"step": step, **entry})
-        if self.tracker is not None:
-            self.tracker.log(entry, step=step, stage="rl")
-
-    def _truncate_log(self, step: int) -> None:
-        if self.accelerator.is_main_process:
-            truncate_log(self.out_dir / "batches.jsonl", step)
-
-    def save_checkpoint(self, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-            save_checkpoint(self.ckpt_dir, step, self.accelerator.unwrap_model(self.model), opt,
-                            self.scheduler, {"stage": "rl", "recent_rewards": self.recent_rewards})
-        self.accelerator.wait_for_everyone()
 
     def summary(self) -> dict:
         """Means over the run and over its last 5 steps (a resumed run: steps since resume)."""
@@ -709,7 +383,7 @@ class RLTrainer:
                 "reward_first5": avg("reward_mean", h[:5]), "accuracy_first5": avg("accuracy", h[:5])}
 
     def trained_model(self):
-        return self.accelerator.unwrap_model(self.model)
+        return self.loop.unwrapped()
 
 
 # ---------------------------------------------------------------------------------------

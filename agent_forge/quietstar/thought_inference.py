@@ -42,7 +42,8 @@ from transformers import DynamicCache
 
 from agent_forge.quietstar.injector import next_token_entropy
 from agent_forge.quietstar.mixing import MixingHead, load_head
-from agent_forge.quietstar.thoughts import backbone, lm_logits, text_positions
+from agent_forge.quietstar.thoughts import backbone, lm_logits
+from agent_forge.training.logprobs import position_ids
 
 MODES = ("all", "difficult")
 POSITIONS = (*MODES, "none")  # what the commands' --thought-positions takes
@@ -157,7 +158,7 @@ class ThoughtDecoder:
         """The prompt (plus the speculative start token in mode "all") in one forward; the
         prompt's hidden states come back for the entropy threshold."""
         B = input_ids.shape[0]
-        pos = text_positions(mask)
+        pos = position_ids(mask)
         extra = 1 if self.speculative else 0
         start = torch.full((B, extra), self.start_id, dtype=torch.long, device=input_ids.device)
         full_mask = torch.cat([mask, mask.new_ones(B, extra)], 1)

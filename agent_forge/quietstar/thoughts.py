@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from agent_forge.quietstar.thought_attention import split_attention
+from agent_forge.training.logprobs import position_ids, token_logprobs
 
 NOT_SELECTED = -1  # token id written where a position had no thought
 
@@ -161,18 +162,7 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def token_loglik(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) under softmax(logits), computed in fp32."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
 # ---------------------------------------------------------------- text-side helpers
-
-def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position id of each text token; left padding does not shift the real tokens."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
 
 def thought_positions(attention_mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Position id of the first thought token after each slot j: pos(j) + 1 (B, S).
@@ -180,7 +170,7 @@ def thought_positions(attention_mask: torch.Tensor, slots: torch.Tensor) -> torc
     A thought continues its own prefix, so pass p at slot j sits at pos(j) + 1 + p, not after
     the end of the whole text.
     """
-    return text_positions(attention_mask).gather(1, slots) + 1
+    return position_ids(attention_mask).gather(1, slots) + 1
 
 
 def true_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -212,7 +202,7 @@ def base_forward(model, input_ids, attention_mask, kind):
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # pads see self
     dtype = model.get_input_embeddings().weight.dtype
     out = backbone(model)(input_ids=input_ids, attention_mask=to_model_mask(allowed[:, None], kind, dtype),
-                          position_ids=text_positions(attention_mask), past_key_values=DynamicCache(),
+                          position_ids=position_ids(attention_mask), past_key_values=DynamicCache(),
                           use_cache=True)
     return out.last_hidden_state, out.past_key_values
 
@@ -274,7 +264,7 @@ def _empty_batch(model, input_ids, attention_mask, selected, hidden, K, L, n_tru
     valid = valid & selected[:, :, None]
     src = (torch.arange(T, device=input_ids.device)[:, None] + torch.arange(n_true, device=input_ids.device))
     src = src.clamp_max(T - 1)                                             # (T, n_true): j + t
-    ll_without = token_loglik(logits[:, src], tokens) * valid
+    ll_without = token_logprobs(logits[:, src], tokens) * valid
     base_true_hidden = hidden[:, src] * valid[..., None]
     return ThoughtBatch(
         thought_tokens=torch.full((B, T, K, L), NOT_SELECTED, dtype=torch.long, device=input_ids.device),
@@ -352,7 +342,7 @@ def _one_pass(model, cache, text_mask, embeds, positions, p, c: _ChunkInputs, ta
         lp = torch.zeros(tok_shape, device=embeds.device)
     else:
         t = p - (L - 1)
-        out["ll"].append(token_loglik(logits, targets[:, :, t]))
+        out["ll"].append(token_logprobs(logits, targets[:, :, t]))
         out["hidden"].append(h)
         return targets[:, :, t]
     out["tokens"].append(nxt)
@@ -435,7 +425,7 @@ def _reference_base(model, input_ids, attention_mask, selected, K, L, n_true) ->
         selected=selected, true_tokens=tokens, true_valid=valid, base_hidden=hidden,
         base_logits=logits, base_true_hidden=hidden[:, src] * valid[..., None],
         thought_hidden=hidden.new_zeros((B, T, K, n_true, H)),
-        ll_without=token_loglik(logits[:, src], tokens) * valid,
+        ll_without=token_logprobs(logits[:, src], tokens) * valid,
         ll_with=hidden.new_zeros((B, T, K, n_true), dtype=torch.float32))
 
 
@@ -454,6 +444,6 @@ def _reference_one(model, prefix, targets, tvalid, u, start_id, end_id, L, tempe
     res = model(full[None], output_hidden_states=True)
     first = len(prefix) + L - 1                       # the end token: its output predicts x[j+1]
     n_true = targets.shape[0]
-    ll = token_loglik(res.logits[0, first:first + n_true], targets) * tvalid
+    ll = token_logprobs(res.logits[0, first:first + n_true], targets) * tvalid
     hid = res.hidden_states[-1][0, first:first + n_true] * tvalid[:, None]
     return seq[len(prefix):], torch.stack(lps), ll, hid

@@ -27,22 +27,22 @@ One optimiser step on a batch of text crops (B, seq_len):
    selected positions and thoughts; base NLL is the ordinary next-token loss over every
    real token; mixed NLL the mean -ll_mixed over valid (position, thought, true token);
    KL = mean over real tokens of top-k KL(reference || policy) of the base next-token
-   distributions (kl.py).
+   distributions (training/kl.py: kl_ref_to_policy).
 6. Gradient clipping, then AdamW or MuGrokfast's RL preset; the start/end-of-thought
    embedding rows then move `meta_token_lr_multiplier` times as far as the optimiser moved
    them (see MetaTokenBoost).
 
 Dropout stays off (eval mode) so log-probs are those the thoughts were sampled with. Batches
 and sampling noise are pure functions of (seed, step), so `resume` reproduces an
-uninterrupted run exactly. Single process (Accelerate with cpu=on_cpu); the thought
-generator calls the backbone directly, so multi-process DDP is not supported yet.
+uninterrupted run exactly. Training runs on the shared loop (training/loop.py); single
+process for now: the thought generator calls the backbone directly, so multi-process DDP
+is not supported yet.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -53,11 +53,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from agent_forge.quietstar.injector import select_positions, selected_fraction
-from agent_forge.quietstar.kl import sequence_kl
 from agent_forge.quietstar.mixing import MixingHead, load_head, mixed_logits, save_head
 from agent_forge.quietstar.thought_inference import HEAD_FILE, MODES
-from agent_forge.quietstar.thoughts import ThoughtBatch, generate_thoughts, token_loglik
-from agent_forge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from agent_forge.quietstar.thoughts import ThoughtBatch, generate_thoughts
+from agent_forge.quietstar.token_data import encode_crops, load_texts  # noqa: F401  (callers' names)
+from agent_forge.training.batching import step_indices
+from agent_forge.training.kl import kl_ref_to_policy
+from agent_forge.training.logprobs import token_logprobs
+from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop
+from agent_forge.training.policy_gradient import distinct_n, group_advantages, reinforce_per_thought
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
 
@@ -142,56 +146,6 @@ def resolve_adaptive(cfg: TokenRLConfig, model) -> TokenRLConfig:
                    thought_len=cfg.thought_len or ad["thought_length"])
 
 
-# ---------------------------------------------------------------------------------------
-# Data: text crops
-
-
-def load_texts(data, tokenizer=None) -> list[str]:
-    """Texts from a records JSONL, a plain-text file (blank-line separated), or a list of
-    Records / strings. Records are rendered in the fixed format (data/schema.render)."""
-    from agent_forge.data.schema import Record, read_records, render
-
-    if isinstance(data, (str, Path)):
-        path = Path(data)
-        if path.suffix == ".jsonl":
-            return [render(r) for r in read_records(path)]
-        return [p for p in path.read_text().split("\n\n") if p.strip()]
-    return [render(x) if isinstance(x, Record) else str(x) for x in data]
-
-
-def encode_crops(texts: list[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise, join with EOS, cut into seq_len crops; (ids, attention mask), (N, seq_len).
-
-    The last partial crop is kept, right-padded (mask 0), only when there is no full crop.
-    """
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for t in texts:
-        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-    if len(stream) < 2:
-        raise ValueError("token-level RL needs at least two tokens of text")
-    n_full = len(stream) // seq_len
-    if n_full:
-        ids = torch.tensor(stream[: n_full * seq_len]).view(n_full, seq_len)
-        return ids, torch.ones_like(ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    ids = torch.full((1, seq_len), pad, dtype=torch.long)
-    ids[0, : len(stream)] = torch.tensor(stream)
-    mask = torch.zeros_like(ids)
-    mask[0, : len(stream)] = 1
-    return ids, mask
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Crops of step `step`: read in order through per-epoch permutations seeded by (seed, epoch)."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        out.append(int(perm[offset]))
-    return out
-
-
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The sampling RNG of one step: a pure function of (seed, step), so resume is exact."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
@@ -228,16 +182,10 @@ def rewards(ll_after: torch.Tensor, ll_without: torch.Tensor, valid: torch.Tenso
 
 
 def advantages(r: torch.Tensor, clamp_negative: bool = True) -> torch.Tensor:
-    """r minus the mean over the K thoughts of the same position; optionally clamped at 0."""
-    adv = r - r.mean(-1, keepdim=True)
+    """r (S, K) minus the mean over the K thoughts of the same position (the group baseline,
+    no std scaling); optionally clamped at 0."""
+    adv = group_advantages(r.flatten(), r.shape[-1], normalize_std=False).view_as(r)
     return adv.clamp_min(0.0) if clamp_negative else adv
-
-
-def policy_loss(adv: torch.Tensor, logprob_sum: torch.Tensor) -> torch.Tensor:
-    """REINFORCE: -(A * log p(thought)) averaged over positions and thoughts; A is constant."""
-    if adv.numel() == 0:
-        return logprob_sum.sum() * 0.0
-    return -(adv.detach() * logprob_sum).mean()
 
 
 def base_nll(base_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -257,17 +205,17 @@ def token_rl_loss(model, head: MixingHead, tb: ThoughtBatch, input_ids: torch.Te
     K = sel.ll_with.shape[1]
     h_base = sel.h_base[:, None].expand_as(sel.h_thought)
     targets = sel.targets[:, None].expand(-1, K, -1)
-    ll_mixed = token_loglik(mixed_logits(model, head, h_base, sel.h_thought), targets)
+    ll_mixed = token_logprobs(mixed_logits(model, head, h_base, sel.h_thought), targets)
     valid = sel.valid[:, None].expand_as(ll_mixed)
     after = ll_mixed if cfg.reward_source == "mixed" else sel.ll_with
     if cfg.reward_source not in ("mixed", "thought"):
         raise ValueError(f"reward_source must be 'mixed' or 'thought', not {cfg.reward_source!r}")
     r = rewards(after.detach(), sel.ll_without.detach(), sel.valid)
     adv = advantages(r, cfg.clamp_negative_advantage)
-    parts = {"policy": policy_loss(adv, sel.logprob_sum),
+    parts = {"policy": reinforce_per_thought(adv, sel.logprob_sum),
              "base_nll": base_nll(tb.base_logits, input_ids, attention_mask),
              "mixed_nll": -(ll_mixed * valid).sum() / valid.sum().clamp_min(1)}
-    parts["kl"] = (sequence_kl(ref_logits, tb.base_logits, attention_mask, cfg.kl_top_k)
+    parts["kl"] = (kl_ref_to_policy(ref_logits, tb.base_logits, attention_mask, cfg.kl_top_k)
                    if ref_logits is not None and cfg.kl_coefficient else tb.base_logits.sum() * 0.0)
     parts["loss"] = (cfg.policy_weight * parts["policy"] + cfg.base_nll_weight * parts["base_nll"]
                      + cfg.mixed_nll_weight * parts["mixed_nll"] + cfg.kl_coefficient * parts["kl"])
@@ -276,16 +224,13 @@ def token_rl_loss(model, head: MixingHead, tb: ThoughtBatch, input_ids: torch.Te
     return {**parts, "reward": r, "advantage": adv, "mix_weight": w, "selected": sel}
 
 
-def distinct2(tokens: torch.Tensor) -> torch.Tensor:
-    """Distinct-2 of each position's K thoughts: unique bigrams / all bigrams over the sampled
-    tokens (start/end excluded). tokens (S, K, L) -> (S,); 1 = no bigram repeats."""
-    body = tokens[..., 1:-1]
-    if body.shape[-1] < 2 or tokens.shape[0] == 0:
-        return tokens.new_ones(tokens.shape[0], dtype=torch.float32)
-    big = (body[..., :-1] * (int(tokens.max()) + 1) + body[..., 1:]).flatten(1)   # (S, K*(L-3))
-    srt = big.sort(-1).values
-    unique = 1 + (srt[:, 1:] != srt[:, :-1]).sum(-1)
-    return unique.float() / big.shape[-1]
+def thought_diversity(tokens: torch.Tensor) -> float:
+    """Mean over positions of distinct-2 of the position's K thoughts (token bigrams inside each
+    thought, start/end excluded; 1 when too short to hold one). tokens (S, K, L); 0 for S = 0."""
+    if tokens.shape[0] == 0:
+        return 0.0
+    per = [distinct_n([t[1:-1] for t in pos.tolist()], 2, empty=1.0) for pos in tokens]
+    return sum(per) / len(per)
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,18 +315,13 @@ def _build_optimizer(policy: TokenPolicy, cfg: TokenRLConfig):
     return build_optimizer(policy, cfg.optimizer, "rl", lr=cfg.lr)
 
 
-class TokenRLTrainer:
-    """Runs token-level Step 2 on (model, tokenizer); resumable from out_dir/checkpoints."""
+class TokenRLTrainer(LoopTrainer):
+    """Runs token-level Step 2 on (model, tokenizer); resumable from out_dir/checkpoints.
+    A Stage of training/loop.py: it supplies a step's batch and loss, the loop does the rest."""
 
     def __init__(self, model, tokenizer, cfg: TokenRLConfig, out_dir: str | Path, tracker=None,
                  head: MixingHead | None = None):
-        from accelerate import Accelerator
-
         self.out_dir, self.tracker = Path(out_dir), tracker
-        self.ckpt_dir = self.out_dir / "checkpoints"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu)
         self.token_ids = add_thinking_tokens(model, tokenizer)
         vocab = get_vocab()
         self.start_id, self.end_id = self.token_ids[vocab.open], self.token_ids[vocab.close]
@@ -391,47 +331,52 @@ class TokenRLTrainer:
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)  # the Step 1 model, frozen
         w = model.get_input_embeddings().weight
         head = head or MixingHead(model.config.hidden_size, cfg.head_inner)
-        self.policy = TokenPolicy(model, head.to(device=w.device, dtype=w.dtype))
+        policy = TokenPolicy(model, head.to(device=w.device, dtype=w.dtype))
         self.boost = MetaTokenBoost(model, [self.start_id, self.end_id], cfg.meta_token_lr_multiplier)
-        self.history: list[dict] = []
+        self.loop = TrainingLoop(policy, LoopConfig(
+            steps=cfg.steps, stage="token_rl", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+            save_every=cfg.save_every, mixed_precision=cfg.mixed_precision), out_dir, tracker)
+        self.ids = self.mask = None
 
     @property
     def model(self):
-        return self.accelerator.unwrap_model(self.policy).model
+        return self.loop.unwrapped().model
 
     @property
     def head(self) -> MixingHead:
-        return self.accelerator.unwrap_model(self.policy).head
+        return self.loop.unwrapped().head
 
-    def _setup(self, resume: bool) -> int:
-        self.optimizer = _build_optimizer(self.policy, self.cfg)
-        warm = max(1, self.cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
-        start, ckpt = 0, latest_checkpoint(self.ckpt_dir) if resume else None
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, self.policy, self.optimizer, self.scheduler)
-            start, self.history = state["step"], state.get("history", [])
-        self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
-        return start
+    # -- the Stage ------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list:
+        """One micro-batch: the step's crops and its sampling RNG (both functions of (seed, step))."""
+        cfg, device = self.cfg, self.accelerator.device
+        self.t0 = time.perf_counter()
+        idx = step_indices(step, cfg.batch_size, len(self.ids), cfg.seed)
+        return [(self.ids[idx].to(device), self.mask[idx].to(device), step_generator(cfg.seed, step))]
 
-    def _step(self, step: int, all_ids: torch.Tensor, all_mask: torch.Tensor) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        t0 = time.perf_counter()
-        idx = batch_indices(step, cfg.batch_size, len(all_ids), cfg.seed)
-        ids, mask = all_ids[idx].to(acc.device), all_mask[idx].to(acc.device)
-        with acc.autocast():
-            parts, tb = step_loss(self.model, self.ref, self.head, ids, mask, cfg, self.start_id,
-                                  self.end_id, step_generator(cfg.seed, step))
-        acc.backward(parts["loss"])
-        grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+    def loss(self, micro) -> tuple[torch.Tensor, dict]:
+        ids, mask, generator = micro
+        self.parts, self.tb = step_loss(self.model, self.ref, self.head, ids, mask, self.cfg, self.start_id,
+                                        self.end_id, generator)
+        self.batch_mask = mask
+        return self.parts["loss"], {}
+
+    def before_update(self) -> None:
         self.boost.before_step()
-        self.optimizer.step()
-        self.boost.after_step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._metrics(parts, tb, mask, float(grad_norm), time.perf_counter() - t0)
 
-    def _metrics(self, parts: dict, tb: ThoughtBatch, mask, grad_norm: float, seconds: float) -> dict:
+    def after_update(self) -> None:
+        self.boost.after_step()
+
+    def step_row(self, step: int, sums: dict) -> dict:
+        return self._metrics(self.parts, self.tb, self.batch_mask, time.perf_counter() - self.t0)
+
+    def state(self) -> dict:
+        return {"mode": "token", "history": self.history}
+
+    def load_state(self, state: dict) -> None:
+        self.loop.history = state.get("history", [])
+
+    def _metrics(self, parts: dict, tb: ThoughtBatch, mask, seconds: float) -> dict:
         r, sel = parts["reward"], parts["selected"]
         f = lambda t: float(t.detach())  # noqa: E731
         reward_mean = float(r.mean()) if r.numel() else 0.0
@@ -439,37 +384,20 @@ class TokenRLTrainer:
         return {"reward_mean": reward_mean, "reward_rolling": sum(recent) / len(recent),
                 "advantage_mean": float(parts["advantage"].mean()) if r.numel() else 0.0,
                 "thought_length": self.cfg.thought_len,
-                "thought_diversity": float(distinct2(sel.tokens).mean()) if r.numel() else 0.0,
+                "thought_diversity": thought_diversity(sel.tokens) if r.numel() else 0.0,
                 "n_thoughts": self.cfg.n_thoughts, "num_thoughts": int(r.numel()),
                 "frac_thought": selected_fraction(tb.selected, mask),
-                "kl": f(parts["kl"]), "lr": self.scheduler.get_last_lr()[0],
-                "loss": f(parts["loss"]), "policy_loss": f(parts["policy"]),
+                "kl": f(parts["kl"]), "loss": f(parts["loss"]), "policy_loss": f(parts["policy"]),
                 "base_nll": f(parts["base_nll"]), "mixed_nll": f(parts["mixed_nll"]),
-                "mix_weight_mean": float(parts["mix_weight"].mean()), "grad_norm": grad_norm,
-                "sec_per_step": seconds}
+                "mix_weight_mean": float(parts["mix_weight"].mean()), "step_seconds": seconds}
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor, resume: bool = False,
             progress: Callable | None = None) -> dict:
         """Train from the start (or the last checkpoint) to cfg.steps; returns the summary."""
-        cfg = self.cfg
-        start = self._setup(resume)
-        for step in range(start, cfg.steps):
-            row = self._step(step, ids, mask)
-            self.history.append({"step": step + 1, **row})
-            if self.tracker is not None:
-                self.tracker.log(row, step=step + 1, stage="token_rl")
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"loss became {row['loss']} at step {step + 1}; last good checkpoint kept")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                self.save_checkpoint(step + 1)
-            if progress is not None:
-                progress(step + 1, cfg.steps, row)
+        self.ids, self.mask = ids, mask
+        start = self.loop.setup(lambda policy: _build_optimizer(policy, self.cfg), self, resume)
+        self.loop.run(self, start, progress=progress)
         return self.summary()
-
-    def save_checkpoint(self, step: int) -> None:
-        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        save_checkpoint(self.ckpt_dir, step, self.accelerator.unwrap_model(self.policy), opt,
-                        self.scheduler, {"mode": "token", "history": self.history})
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
