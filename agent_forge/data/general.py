@@ -81,6 +81,23 @@ def build_general_records(n: int, seed: int = 0, sets=GENERAL_SETS,
     return [pool[i] for i in range(max(map(len, pools), default=0)) for pool in pools if i < len(pool)]
 
 
+def build_mixture(d, exclude=None, exclude_general=None, stats: dict | None = None) -> tuple[list[Record], int]:
+    """Phase 3's training records from a data config `d` (n_records, seed, families,
+    difficulty, general_share, general_train_sets): procedural traces with general records
+    spread through them. Returns (records, number of general ones)."""
+    from agent_forge.data.procedural import build_gym_records
+
+    stats = stats if stats is not None else {}
+    n_general = round(d.n_records * d.general_share)
+    records = build_gym_records(d.n_records - n_general, seed=d.seed, families=tuple(d.families),
+                                difficulty=d.difficulty, stats=stats, exclude=exclude)
+    if n_general:
+        general = build_general_records(n_general, seed=d.seed, sets=tuple(d.general_train_sets), stats=stats,
+                                        exclude=exclude_general)
+        records = mix(records, general)
+    return records, n_general
+
+
 def mix(main: list, extra: list) -> list:
     """`extra` spread evenly through `main`, order kept within each (so the file's held-out
     tail, and every stretch of training, holds both kinds)."""

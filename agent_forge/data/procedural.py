@@ -203,77 +203,9 @@ def _slip(r: Fraction, rng: random.Random) -> Fraction:
     return r + rng.choice([1, -1, 10, -10] if abs(r) >= 20 else [1, -1, 2, -2])
 
 
-def _whole(*xs) -> bool:
-    return all(x >= 0 and x.denominator == 1 for x in xs)
-
-
-def _worked(a, op, b, r) -> str:
-    """A step on two-digit numbers shown in parts, so the model adds tens and ones instead of
-    recalling a two-digit sum whole: "98 + 67 = 90 + 60 + 8 + 7 = 150 + 15 = 165",
-    "58 * 7 = 50 * 7 + 8 * 7 = 350 + 56 = 406". Other steps stay "a op b = r"."""
-    if not _whole(a, b) or op not in "+-*":
-        return _step(a, op, b, r)
-    if op in "+-" and a >= 10 and b >= 10 and a % 10 and b % 10:
-        ta, tb, oa, ob = a - a % 10, b - b % 10, a % 10, b % 10
-        tens, ones = (ta + tb, oa + ob) if op == "+" else (ta - tb, oa - ob)
-        return (f"{fmt(a)} {op} {fmt(b)} = {fmt(ta)} {op} {fmt(tb)} + {fmt(oa)} {op} {fmt(ob)} = "
-                f"{_plus(tens, ones)} = {fmt(r)}")
-    if op == "*" and max(a, b) >= 10 and min(a, b) >= 2:
-        if b >= 10:  # split the second factor: 58 * 47 = 58 * 40 + 58 * 7; 7 * 58 = 7 * 50 + 7 * 8
-            x, y = (a, b - b % 10), (a, b % 10)
-        else:
-            x, y = (a - a % 10, b), (a % 10, b)
-        return (f"{fmt(a)} * {fmt(b)} = {fmt(x[0])} * {fmt(x[1])} + {fmt(y[0])} * {fmt(y[1])} = "
-                f"{fmt(x[0] * x[1])} + {fmt(y[0] * y[1])} = {fmt(r)}")
-    return _step(a, op, b, r)
-
-
-def _recompute(a, op, b) -> str | None:
-    """The step done again another way, in parts a small model gets right: counting on by
-    tens then ones ("counting on: 98 + 60 = 158, 158 + 7 = 165": not the route `_worked`
-    took), by place value ("by place value: 60 + 20 = 80, 0 + 3 = 3, 80 + 3 = 83"), or a
-    product in parts. Nothing in it can be copied from the step it checks, so a check that
-    ends "not 69" has computed its way there. None for signed or fractional operands."""
-    if not _whole(a, b) or op not in "+-*":
-        return None
-    if op in "+-" and b >= 10 and b % 10:
-        tb = b - b % 10
-        mid = a + tb if op == "+" else a - tb
-        end = mid + b % 10 if op == "+" else mid - b % 10
-        return f"counting on: {fmt(a)} {op} {fmt(tb)} = {fmt(mid)}, {fmt(mid)} {op} {fmt(b % 10)} = {fmt(end)}"
-    if op == "*" and max(a, b) < 10:
-        return f"{fmt(b)} * {fmt(a)} = {fmt(a * b)}"
-    if op == "*":
-        big, small = (a, b) if b < 10 else (b, a) if a < 10 else (a, b)
-        hi, lo = small - small % 10, small % 10
-        if small >= 10:  # two-digit by two-digit: split the second factor
-            parts = [(big, hi), (big, lo)]
-        else:
-            parts = [(big - big % 10, small), (big % 10, small)]
-        (x1, y1), (x2, y2) = parts
-        return (f"by parts: {fmt(x1)} * {fmt(y1)} = {fmt(x1 * y1)}, {fmt(x2)} * {fmt(y2)} = {fmt(x2 * y2)}, "
-                f"{fmt(x1 * y1)} + {fmt(x2 * y2)} = {fmt(a * b)}")
-    if max(a, b) < 10:
-        return None
-    ta, tb, oa, ob = a - a % 10, b - b % 10, a % 10, b % 10
-    tens, ones = (ta + tb, oa + ob) if op == "+" else (ta - tb, oa - ob)
-    return (f"by place value: {fmt(ta)} {op} {fmt(tb)} = {fmt(tens)}, {fmt(oa)} {op} {fmt(ob)} = {fmt(ones)}, "
-            f"{_plus(tens, ones)} = {fmt(tens + ones)}")
-
-
-def _check(a, op, b, r) -> str:
-    """The `<doubt>` after a right step: recomputed another way when that is possible, else
-    run backwards."""
-    return f"{_recompute(a, op, b) or _inverse(a, op, b, r)}, yes"
-
-
 def _caught(a, op, b, wrong) -> str:
     """A check that catches the slip "a op b = wrong" by computing, never by copying: the step
-    recomputed another way (`_recompute`) arrives elsewhere, or, for signed operands, the step
     run backwards from the wrong result misses `a`; a product is recomputed the other way."""
-    again = _recompute(a, op, b)
-    if again:
-        return f"{again}, not {fmt(wrong)}"
     if op == "+":
         return f"{fmt(wrong)} - {fmt(b)} = {fmt(wrong - b)}, not {fmt(a)}"
     if op == "-":
@@ -426,8 +358,8 @@ def arithmetic_trace(expr: str, rng: random.Random) -> tuple[list[Segment], str]
         "bayesian": 1.5, "falsify": 1.5 * bool(last and _falsify_near(*last, random.Random(0))),
     }
     # Long problems get fewer extra strategies: the steps are the work, and a trace must fit
-    # the thinking budget (a 5-term chain with worked steps and two extras runs past 160 tokens).
-    chosen = _pick(rng, weights, (0, 1, 1, 1, 2, 2) if len(steps) <= 1 else (0, 1, 1) if len(steps) == 2 else (0, 0, 1))
+    # the thinking budget (a 5-term chain with two extras runs past 128 tokens).
+    chosen = _pick(rng, weights, (0, 1, 1, 1, 2, 2) if len(steps) <= 2 else (0, 1, 1) if len(steps) == 3 else (0, 0, 1))
     segs: list[Segment] = []
     if "expert" in chosen:
         segs.append(Segment("expert", _arith_rule(expr, steps)))
@@ -437,11 +369,11 @@ def arithmetic_trace(expr: str, rng: random.Random) -> tuple[list[Segment], str]
         if i == slip_at:
             segs += _slipped(a, op, b, r, rng, lambda w, s=(a, op, b): _step(*s, w))
         else:
-            segs.append(Segment("step", _worked(a, op, b, r)))
+            segs.append(Segment("step", _step(a, op, b, r)))
         if i == check_at and "uncertain" in chosen:
             segs.append(Segment("uncertain", f"{fmt(a)} {op} {fmt(b)} has a carry or a sign; check it"))
-        if i == check_at and chosen & {"uncertain", "doubt"} and i != slip_at:  # a caught slip was checked
-            segs.append(Segment("doubt", _check(a, op, b, r)))
+        if i == check_at and chosen & {"uncertain", "doubt"}:
+            segs.append(Segment("doubt", f"{_inverse(a, op, b, r)}, yes"))
     if "mece" in chosen:
         segs.append(Segment("mece", _mece_text(terms)))
     if "orthogonal" in chosen:
@@ -524,11 +456,9 @@ def equation_trace(equation: str, var: str, rng: random.Random) -> tuple[list[Se
 
 
 def _plugged(lhs: str, var: str, value: Fraction) -> str:
-    """The left side with `value` substituted, worked step by step so the value it comes to is
-    computed, not copied from the equation: "8 * 3 = 24, 24 + 5 = 29"."""
+    """The left side with `value` substituted, and what it comes to: "8*3 + 5 = 29"."""
     expr = re.sub(rf"\b{var}\b", fmt(value) if value >= 0 else f"({fmt(value)})", lhs)
-    value, steps = eval_steps(expr)
-    return ", ".join(_step(*s) for s in steps) if steps else f"{expr} = {fmt(value)}"
+    return f"{expr} = {fmt(evaluate(expr))}"
 
 
 # ---------------------------------------------------------------------------------------

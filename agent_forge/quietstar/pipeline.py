@@ -77,7 +77,7 @@ class PipelineConfig:
     general_sets: tuple[str, ...] = ("arc_easy", "commonsense_qa")  # beyond the training tasks
     general_samples: int = 100  # questions per general set (0: skip the stage)
     general_gate: bool = True  # the Phase 3 -> 4 handoff refuses a model that regresses on them
-    max_new_tokens: int = 160  # thinking budget in every evaluation (97% of easy_wide training traces fit)
+    max_new_tokens: int = 128  # thinking budget in every evaluation (98% of easy_wide training traces fit)
     tracking: str = "offline"  # W&B mode: offline, disabled, online
     registry: str | None = None  # SQLite path; default FORGE_HOME/registry.sqlite
 
@@ -103,7 +103,7 @@ PRESETS: dict[str, dict] = {
     # were rolled back in each of the last three demo runs (48->43%, 46->41%), 2-3 minutes each.
     "quick": {"eval_samples": 150, "ab_test_rounds": 1, "trace_bake_questions": 0, "trace_bake_steps": 10,
               "bake": {"steps": 150, "batch_size": 8, "lr": 2e-4, "save_every": 50, "eval_samples": 100,
-                       "eval_thinking_off": False, "eval_max_new_tokens": 160},
+                       "eval_thinking_off": False, "eval_max_new_tokens": 128},
               # Step 2 is off here: the 4 RL steps that fitted changed nothing measurable and were
               # rolled back (KL 9e-5; this session's run: val 48% -> 46%), 3 minutes for nothing.
               # The RL that helps on this CPU is configs/rl_answer_cpu.yaml (36 steps with the LM
@@ -216,21 +216,14 @@ def disk_plan(cfg: PipelineConfig, n_bytes: int):
 
 
 def stage_data(ctx: Context) -> dict:
-    from agent_forge.data.general import build_general_records, mix
+    from agent_forge.data.general import build_mixture
     from agent_forge.data.overlap import asked_by, eval_sets_for, gsm8k_contamination
-    from agent_forge.data.procedural import build_gym_records
     from agent_forge.data.schema import write_records
 
     d = ctx.cfg.data
     t0, stats = time.time(), {}
-    n_general = round(d.n_records * d.general_share)
-    kept = build_gym_records(d.n_records - n_general, seed=d.seed, families=tuple(d.families),
-                             difficulty=d.difficulty, stats=stats,
-                             exclude=asked_by(eval_sets_for(ctx.cfg.eval_dataset, ctx.cfg.val_dataset)))
-    if n_general:
-        general = build_general_records(n_general, seed=d.seed, sets=tuple(d.general_train_sets), stats=stats,
-                                        exclude=asked_by(tuple(ctx.cfg.general_sets)))
-        kept = mix(kept, general)
+    kept, n_general = build_mixture(d, exclude=asked_by(eval_sets_for(ctx.cfg.eval_dataset, ctx.cfg.val_dataset)),
+                                    exclude_general=asked_by(tuple(ctx.cfg.general_sets)), stats=stats)
     path = ctx.out / "data" / "train.jsonl"
     write_records(path, kept)
     strategies: dict[str, int] = {}
