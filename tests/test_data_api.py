@@ -80,7 +80,7 @@ class FakeTeacher:
         if tag == "bad" and n == 1:
             return 200, {"Content-Type": "application/json"}, "this is not json{", 0
         if tag == "slow" and n == 1:
-            return 200, {}, "{}", 1.0
+            return 200, {}, "{}", 4.0  # far past timeout_s, which leaves room for a loaded machine
         steps = f"<step> {expr} = {value}"
         if tag == "wrong":
             value += 1
@@ -114,7 +114,7 @@ def teacher():
 
 def _cfg(url, **kw):
     base = dict(base_url=url, api_key_env="FAKE_TEACHER_KEY", models=("m1",), strategies=("step", "doubt"),
-                budget_usd=10.0, concurrency=4, max_retries=3, timeout_s=0.3, backoff_base_s=0.01)
+                budget_usd=10.0, concurrency=4, max_retries=3, timeout_s=1.5, backoff_base_s=0.01)
     base.update(kw)
     return api.TeacherConfig(**base)
 

@@ -260,7 +260,8 @@ def test_every_path_field_of_a_job_is_checked():
 
     not_paths = {"data.difficulty", "data.families", "bake.mode", "bake.optimizer", "bake.mixed_precision",
                  "bake.kl_prompts", "bake.kl_source", "rl.reward", "rl.loss_norm", "rl.kl_estimator", "rl.optimizer",
-                 "rl.coherence_embedder", "rl.mixed_precision", "rl.families", "tracking"}
+                 "rl.coherence_embedder", "rl.mixed_precision", "rl.families", "tracking",
+                 "data.general_train_sets"}  # names of offline sets (data.general), checked there
 
     def text_fields(obj, prefix=""):
         for f in dataclasses.fields(obj):

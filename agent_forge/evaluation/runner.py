@@ -26,6 +26,7 @@ from agent_forge.evaluation.answers import (
 )
 from agent_forge.evaluation.metrics import accuracy_summary
 from agent_forge.inference import GENERATION_BATCH, Generation, generate_answers
+from agent_forge.training.logprobs import continuation_logprob
 from agent_forge.vocab import analyze_usage, get_vocab, has_thinking_tokens
 
 
@@ -141,43 +142,27 @@ def loglik_context(tokenizer, item, vocab="default") -> str:
 
 def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
                           progress: bool = False) -> list[float]:
-    """Sum of log p(continuation tokens | context) for each (context, continuation) pair."""
-    encoded = []
+    """Sum of log p(continuation tokens | context) for each (context, continuation) pair
+    (training.logprobs.continuation_logprob on the token ids)."""
+    contexts, conts = [], []
     for ctx, cont in pairs:
         ctx_ids = tokenizer(ctx)["input_ids"]
         whole = tokenizer(ctx + cont)["input_ids"]
         if whole[:len(ctx_ids)] != ctx_ids:  # a merge across the boundary: encode apart
             whole = ctx_ids + tokenizer(cont, add_special_tokens=False)["input_ids"]
-        encoded.append((whole, len(ctx_ids)))
-    device = next(model.parameters()).device
+        contexts.append(ctx_ids)
+        conts.append(whole[len(ctx_ids):])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[float] = []
-    starts = range(0, len(encoded), batch_size)
+    starts = range(0, len(pairs), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="log-likelihood", unit="batch")
-    for s in starts:
-        out.extend(_batch_logprobs(model, encoded[s:s + batch_size], pad, device))
+    out: list[float] = []
+    with torch.inference_mode():
+        for s in starts:
+            out += continuation_logprob(model, contexts[s:s + batch_size], conts[s:s + batch_size], pad, batch_size)
     return out
-
-
-@torch.inference_mode()
-def _batch_logprobs(model, batch, pad: int, device) -> list[float]:
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (seq, _) in enumerate(batch):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, :len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits, dim=-1).cpu()
-    sums = []
-    for i, (seq, n_ctx) in enumerate(batch):
-        targets = torch.tensor(seq[n_ctx:])
-        rows = logp[i, n_ctx - 1:len(seq) - 1]
-        sums.append(float(rows.gather(1, targets[:, None]).sum()))
-    return sums
 
 
 def choice_loglik_accuracy(model, tokenizer, items, batch_size: int = 16, vocab="default",

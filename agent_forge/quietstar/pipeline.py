@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.data.general import GENERAL_SETS
 from agent_forge.inference import DEFAULT_MAX_NEW, GENERATION_BATCH
 from agent_forge.quietstar.bake import Baker, BakeConfig
 from agent_forge.quietstar.rl import RLConfig
@@ -45,7 +46,7 @@ class DataConfig:
     # Share of the records that are general multiple-choice questions with one short step
     # (data/general.py): thinking that closes, and answers, outside arithmetic. 0 = none.
     general_share: float = 0.15
-    general_train_sets: tuple[str, ...] = ("openbookqa", "sciq", "social_i_qa")
+    general_train_sets: tuple[str, ...] = GENERAL_SETS
 
 
 @dataclass
@@ -99,8 +100,9 @@ PRESETS: dict[str, dict] = {
     # Thinking-off accuracy is measured once, on the test set (anti-theater), not per stage.
     # One A/B round: it is tested per question, so a sampled second round of the same questions
     # adds little evidence for its ~2.5 minutes; the fresh split and general tasks use them.
-    # Trace baking is off here: 10 steps on ~20 kept traces lowered validation accuracy and
-    # were rolled back in each of the last three demo runs (48->43%, 46->41%), 2-3 minutes each.
+    # Trace baking is off here: its 10 steps on ~20 kept traces lowered validation accuracy
+    # and were rolled back in two of the last three demo runs (48->43%, 46->41%; the third
+    # kept it), 2-3 minutes each.
     # 80 general questions per set and 80 validation questions (nothing is decided on them
     # here): the first run of this preset with 100 of each took 25.6 minutes.
     "quick": {"eval_samples": 150, "ab_test_rounds": 1, "trace_bake_questions": 0, "trace_bake_steps": 10,
@@ -335,7 +337,7 @@ def stage_trace_baking(ctx: Context) -> dict:
     cfg = ctx.cfg
     if not cfg.trace_bake_questions or not cfg.trace_bake_steps:
         return {"status": "skipped", "note": "trace_bake_questions or trace_bake_steps is 0 in this config (the "
-                "quick preset turns it off: its few steps were rolled back in each recent demo run)"}
+                "quick preset turns it off: its few steps were rolled back in two of the last three demo runs)"}
     import torch
 
     from agent_forge.data.overlap import asked_by, eval_sets_for

@@ -15,18 +15,8 @@ import torch
 from agent_forge.data.schema import render_prompt
 from agent_forge.evaluation.answers import answer_slot, strip_thinking_tokens
 from agent_forge.inference import AnswerSlotStop, eos_ids, left_padded
-from agent_forge.training.logprobs import position_ids, token_logprobs
+from agent_forge.training.logprobs import continuation_logprob, position_ids, sample_logits, token_logprobs  # noqa: F401
 from agent_forge.vocab import get_vocab
-
-
-def sample_logits(model, sequences: torch.Tensor, mask: torch.Tensor, n_new: int) -> torch.Tensor:
-    """Logits predicting the last `n_new` tokens of `sequences`: (B, n_new, V)."""
-    kwargs = dict(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask))
-    try:
-        logits = model(**kwargs, logits_to_keep=n_new + 1).logits
-    except TypeError:  # a model without logits_to_keep
-        logits = model(**kwargs).logits
-    return logits[:, -(n_new + 1):-1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,27 +121,6 @@ def _parse(tokenizer, ids: list[int], eos: set[int], close_id: int, vocab):
 
 
 @torch.no_grad()
-def continuation_logprob(model, contexts: list[list[int]], continuations: list[list[int]],
-                         pad_id: int, batch_size: int = 32) -> list[float]:
-    """sum_t log p(continuation_t | context, continuation_<t) for each pair (token ids).
-
-    Rows are LEFT-padded so every continuation ends in the last column; then only the
-    last (longest continuation + 1) positions need logits (the LM head is skipped elsewhere).
-    """
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(contexts), batch_size):
-        conts = continuations[i:i + batch_size]
-        seqs = [c + a for c, a in zip(contexts[i:i + batch_size], conts)]
-        width, n_cont = max(len(s) for s in seqs), max(len(a) for a in conts)
-        ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        logits = sample_logits(model, ids, mask, n_cont)
-        logp = token_logprobs(logits, ids[:, -n_cont:])
-        out += [float(logp[row, n_cont - len(a):].sum()) for row, a in enumerate(conts)]
-    return out
-
-
 def loglik_gains(model, tokenizer, samples: Samples, golds: list[str], k: int, vocab="default") -> list[float]:
     """Per sample: log p(" gold" EOS | prompt, thought) - log p(same | prompt, empty thinking)."""
     vocab = get_vocab(vocab)
