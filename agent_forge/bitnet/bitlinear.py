@@ -1,0 +1,185 @@
+"""BitLinear: the training-time BitNet layer, a drop-in for nn.Linear / GPT-2 Conv1D.
+
+It keeps a full-precision weight and fake-quantises weight (ternary) and input (int8) on
+the fly, blended by `strength` so a trainer can ramp quantisation in. An optional RMSNorm
+(`rms_norm`) before the activation quantiser matches transformers' BitLinear, so a trained
+layer exports to it key for key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent_forge.bitnet.quantize import act_int8, fake_quant_act, fake_quant_weight, ternary
+
+
+class ActNorm(nn.Module):
+    """RMSNorm computed exactly as transformers' LlamaRMSNorm, so `rms_norm.weight` loads there."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class BitLinear(nn.Module):
+    """A linear layer trained toward ternary weights and int8 inputs (BitNet b1.58).
+
+    `strength` (0..1, set by the trainer, not saved) blends from the original linear (0)
+    to the fully quantised layer (1)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, act_norm: bool = True,
+                 eps: float = 1e-6, *, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.rms_norm = ActNorm(in_features, eps, device=device, dtype=dtype) if act_norm else None
+        self.strength = 1.0
+
+    @classmethod
+    def from_module(cls, module: nn.Module, act_norm: bool = True, eps: float = 1e-6) -> "BitLinear":
+        """A BitLinear with the weights of an nn.Linear or a GPT-2 Conv1D (whose weight is (in, out))."""
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(module, nn.Linear):
+            weight = module.weight
+        elif isinstance(module, Conv1D):
+            weight = module.weight.t()
+        else:
+            raise TypeError(f"BitLinear.from_module: cannot convert {type(module).__name__}")
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, module.bias is not None, act_norm, eps,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        layer.requires_grad_(module.weight.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        strength = float(self.strength)
+        if self.rms_norm is not None:
+            x = torch.lerp(x, self.rms_norm(x), strength)
+        if strength == 1.0:
+            return _TernaryLinear.apply(x, self.weight, self.bias)
+        x = fake_quant_act(x, strength)
+        return F.linear(x, fake_quant_weight(self.weight, strength), self.bias)
+
+    def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8, gamma) of the current weight: what export stores."""
+        return ternary(self.weight.detach())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, strength={self.strength}")
+
+
+class _TernaryLinear(torch.autograd.Function):
+    """Strength 1: F.linear(fake_quant_act(x), fake_quant_weight(w), b) with the value computed
+    in transformers' BitLinear order: integer matmul, then / (weight_scale * input_scale),
+    weight_scale = 1 / gamma as exported. The plain order rounds differently in the last bit,
+    and activations that sit exactly on a .5 (common: they are ratios of integer sums) then
+    round to another int8 value downstream; this order makes the export reproduce the model.
+    Backward is the straight-through one of the plain formula."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        q_x, input_scale = act_int8(x)
+        q_w, gamma = ternary(weight)
+        weight_scale = (1.0 / gamma).to(weight.dtype).float()
+        y = (F.linear(q_x, q_w.float()) / (weight_scale * input_scale)).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward((q_x / input_scale).to(x.dtype), (q_w.float() * gamma).to(weight.dtype))
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_fq, w_fq = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(w_fq.to(grad.dtype))
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = flat.t().matmul(x_fq.reshape(-1, x_fq.shape[-1]).to(grad.dtype)).to(w_fq.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The token mask that matches x's leading dims; all tokens when the shapes differ."""
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+        return mask.to(device=x.device, dtype=torch.bool)
+    return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+
+
+@torch.no_grad()
+def calibrate_act_norms(model: nn.Module, batches: Iterable[dict]) -> int:
+    """Set each BitLinear's rms_norm.weight to the mean input RMS it sees on `batches`.
+
+    The RMSNorm rescales every token to RMS 1; with this weight the normalised input keeps
+    the magnitude the next layers were trained on. Inputs are measured in the full-precision
+    model (all strengths 0 while measuring, then restored), over non-padding tokens only.
+    Returns the number of layers calibrated."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BitLinear) and m.rms_norm is not None]
+    totals = {name: [0.0, 0] for name, _ in layers}
+    current = {"mask": None}
+    strengths = {name: m.strength for name, m in layers}
+    was_training = model.training
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0]
+            keep = _mask_for(x, current["mask"])
+            rms = x.float().pow(2).mean(-1).sqrt()
+            totals[name][0] += float(rms[keep].sum())
+            totals[name][1] += int(keep.sum())
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers]
+    try:
+        model.eval()
+        for _, m in layers:
+            m.strength = 0.0
+        device = next(model.parameters()).device
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            current["mask"] = mask
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, m in layers:
+            m.strength = strengths[name]
+        model.train(was_training)
+    calibrated = 0
+    for name, m in layers:
+        total, count = totals[name]
+        if count:
+            m.rms_norm.weight.fill_(total / count)
+            calibrated += 1
+    return calibrated

@@ -1,0 +1,113 @@
+"""Turn a causal LM's linear layers into BitLinear layers, and inspect a converted model.
+
+Embeddings and norms are never converted (they are not linear layers); the LM head is kept
+in high precision by default, and a head tied to the input embedding is never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from agent_forge.bitnet.bitlinear import BitLinear
+
+DEFAULT_KEEP = ("lm_head",)
+
+
+class BitNetError(ValueError):
+    """A model or argument BitNet cannot work with; the message is one line, fit for a CLI."""
+
+
+def _linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def _quant_method(config) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method)).lower()
+
+
+def is_ternary(model: nn.Module) -> bool:
+    """True when the model already holds BitLinear layers or was loaded as a BitNet checkpoint."""
+    if any(isinstance(m, BitLinear) for m in model.modules()):
+        return True
+    return _quant_method(getattr(model, "config", None)) == "bitnet"
+
+
+def _check_causal_lm(model: nn.Module) -> None:
+    """Refuse anything that is not a decoder-only transformers model with an LM head."""
+    from transformers import PreTrainedModel
+
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        raise BitNetError(f"{name} is not a transformers model; BitNet needs a causal language model")
+    causal = (model.can_generate() and model.get_output_embeddings() is not None
+              and not getattr(model.config, "is_encoder_decoder", False))
+    if not causal:
+        raise BitNetError(f"{name} is not a causal language model (no LM head to generate with)")
+
+
+def _input_embedding_weight(model: nn.Module) -> torch.Tensor | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(emb, "weight", None)
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and (a is b or a.data_ptr() == b.data_ptr())
+
+
+def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_norm: bool = True,
+                      eps: float = 1e-6) -> list[str]:
+    """Replace every nn.Linear / Conv1D whose name contains no `keep` pattern by a BitLinear.
+
+    Returns the converted names. A linear sharing its weight with the input embedding
+    (a tied head) is left alone whatever `keep` says."""
+    _check_causal_lm(model)
+    if is_ternary(model):
+        raise BitNetError(f"{type(model).__name__} is already ternary (BitNet); convert a full-precision model")
+    keep = tuple(keep)
+    embedding = _input_embedding_weight(model)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, _linear_types()) and not any(p in name for p in keep)
+               and not _shares_storage(module.weight, embedding)]
+    if not targets:
+        raise BitNetError(f"{type(model).__name__}: no linear layers to convert (keep={list(keep)})")
+    for name, module in targets:
+        model.set_submodule(name, BitLinear.from_module(module, act_norm=act_norm, eps=eps))
+    return [name for name, _ in targets]
+
+
+def bitlinears(model: nn.Module) -> list[tuple[str, BitLinear]]:
+    """Every BitLinear in the model with its qualified name, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BitLinear)]
+
+
+def set_strength(model: nn.Module, s: float) -> None:
+    """Set the quantisation strength lambda of every BitLinear (0 = original, 1 = ternary)."""
+    s = float(s)
+    if not 0.0 <= s <= 1.0:
+        raise BitNetError(f"quantisation strength must be in [0, 1], got {s}")
+    for _, layer in bitlinears(model):
+        layer.strength = s
+
+
+@torch.no_grad()
+def sparsity(model: nn.Module) -> dict:
+    """Fraction of ternary weights that are zero, per BitLinear and overall (weighted by size)."""
+    layers = bitlinears(model)
+    if not layers:
+        raise BitNetError(f"{type(model).__name__} has no BitLinear layers; convert it first")
+    per_layer, zeros, total = {}, 0, 0
+    for name, layer in layers:
+        q, _ = layer.ternary()
+        n_zero = int((q == 0).sum())
+        per_layer[name] = n_zero / q.numel()
+        zeros, total = zeros + n_zero, total + q.numel()
+    return {"per_layer": per_layer, "overall": zeros / total}

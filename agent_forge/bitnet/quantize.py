@@ -1,0 +1,90 @@
+"""The BitNet b1.58 quantisers (Ma et al. 2024), written out as the paper states them.
+
+Weights: absmean scale gamma = mean|W|, W_q = clamp(round(W / gamma), -1, 1).
+Activations: per-token absmax to int8, x_q = clamp(round(x * 127 / max|x|), -128, 127).
+Training uses straight-through fake quantisation blended by a strength lambda in [0, 1];
+export packs the ternary weights four to a byte in transformers' layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-5
+VALUES_PER_BYTE = 4
+
+
+def absmean(w: torch.Tensor) -> torch.Tensor:
+    """gamma: the mean absolute weight (float32, 0-d), kept away from zero for all-zero weights."""
+    return w.float().abs().mean().clamp(min=EPS)
+
+
+def ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, gamma): q = clamp(round(w / gamma), -1, 1) as int8, so that w ~ q * gamma."""
+    gamma = absmean(w)
+    q = (w.float() / gamma).round().clamp(-1, 1).to(torch.int8)
+    return q, gamma
+
+
+def act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) per token (last dim): scale = 127 / max|x|, q = clamp(round(x * scale), -128, 127).
+
+    q is a float32 tensor holding integers; x ~ q / scale."""
+    xf = x.float()
+    scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    q = (xf * scale).round().clamp(-128, 127)
+    return q, scale
+
+
+def _straight_through(x: torch.Tensor, target: torch.Tensor, strength: float) -> torch.Tensor:
+    """x + strength * (target - x), with the gradient w.r.t. x the identity.
+
+    The value is taken from lerp, which is exactly x at strength 0 and exactly target at
+    strength 1; `xf - xf.detach()` adds zero to the value and the identity to the gradient."""
+    xf = x.float()
+    with torch.no_grad():
+        mixed = torch.lerp(xf, target, float(strength))
+    return (mixed + (xf - xf.detach())).to(x.dtype)
+
+
+def fake_quant_weight(w: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The weight as the forward pass should see it: blended toward q * gamma, gradient passed straight."""
+    with torch.no_grad():
+        q, gamma = ternary(w)
+        target = q.float() * gamma
+    return _straight_through(w, target, strength)
+
+
+def fake_quant_act(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Activations blended toward their int8 round trip q / scale, gradient passed straight."""
+    with torch.no_grad():
+        q, scale = act_int8(x)
+        target = q / scale
+    return _straight_through(x, target, strength)
+
+
+def pack_ternary(q: torch.Tensor) -> torch.Tensor:
+    """Pack ternary values four to a byte along dim 0, as transformers' `pack_weights` does.
+
+    Value v is stored as v + 1 in two bits; packed row j holds rows j, j+R, j+2R, j+3R
+    (bits 0-1, 2-3, 4-5, 6-7) with R = ceil(rows / 4). Missing tail rows stay 0 bits."""
+    if q.numel() and (q.min() < -1 or q.max() > 1):
+        raise ValueError("pack_ternary: values must be in {-1, 0, 1}")
+    rows = q.shape[0]
+    packed_rows = -(-rows // VALUES_PER_BYTE)
+    shifted = torch.zeros((VALUES_PER_BYTE * packed_rows, *q.shape[1:]), dtype=torch.uint8, device=q.device)
+    shifted[:rows] = (q.to(torch.int16) + 1).to(torch.uint8)
+    parts = shifted.view(VALUES_PER_BYTE, packed_rows, *q.shape[1:])
+    packed = parts[0].clone()
+    for i in range(1, VALUES_PER_BYTE):
+        packed |= parts[i] << (2 * i)
+    return packed
+
+
+def unpack_ternary(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """The int8 ternary tensor of `rows` rows that `pack_ternary` packed into `packed`."""
+    packed_rows = packed.shape[0]
+    if not VALUES_PER_BYTE * (packed_rows - 1) < rows <= VALUES_PER_BYTE * packed_rows:
+        raise ValueError(f"unpack_ternary: {packed_rows} packed rows cannot hold {rows} rows")
+    parts = [(packed >> (2 * i)) & 3 for i in range(VALUES_PER_BYTE)]
+    return (torch.cat(parts, dim=0)[:rows].to(torch.int8) - 1)
