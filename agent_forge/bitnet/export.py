@@ -225,3 +225,20 @@ def compression(sizes: dict, n_params_original: int) -> dict:
         raise BitNetError("compression needs a positive parameter count and stored size")
     fp32, bf16 = 4 * n_params_original, 2 * n_params_original
     return {"fp32_bytes": fp32, "bf16_bytes": bf16, "ratio_vs_fp32": fp32 / total, "ratio_vs_bf16": bf16 / total}
+
+
+def eager():
+    """A context in which transformers' BitLinear runs uncompiled. Its unpacking and
+    activation quantisation are torch.compile'd: on a CPU the first call compiles for tens of
+    seconds (and again for each new shape), and the compiled decode measured slower than the
+    eager one on a toy model. Same Python code, same logits."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def load_plain(model_dir: str | Path):
+    """The saved directory through plain `AutoModelForCausalLM.from_pretrained`, as any user
+    loads it (transformers' own BitNet quantizer unpacks the weights); eval mode, CPU."""
+    from transformers import AutoModelForCausalLM
+
+    with eager():
+        return AutoModelForCausalLM.from_pretrained(model_dir).eval()

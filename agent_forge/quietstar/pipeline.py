@@ -27,6 +27,7 @@ from agent_forge.data.general import GENERAL_SETS
 from agent_forge.inference import DEFAULT_MAX_NEW, GENERATION_BATCH
 from agent_forge.quietstar.bake import Baker, BakeConfig
 from agent_forge.quietstar.rl import RLConfig
+from agent_forge.stages import StageState, run_stages, timings
 
 STATE_FILE = "pipeline_state.json"
 REPORT_FILE = "forge_report.json"
@@ -141,24 +142,7 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
 # State that survives a kill
 
 
-class PipelineState:
-    """Completed stages and their results, rewritten atomically after each stage."""
-
-    def __init__(self, out: Path, resume: bool):
-        self.path = out / STATE_FILE
-        self.data = json.loads(self.path.read_text()) if resume and self.path.exists() else {"stages": {}}
-
-    def done(self, stage: str) -> bool:
-        return stage in self.data["stages"]
-
-    def result(self, stage: str) -> dict:
-        return self.data["stages"].get(stage, {})
-
-    def record(self, stage: str, result: dict) -> None:
-        self.data["stages"][stage] = result
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
+PipelineState = StageState  # the name the job API and the dashboard use
 
 
 @dataclass
@@ -615,19 +599,13 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable |
     state = PipelineState(out, resume)
     tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
     ctx = Context(cfg, out, state, tracker, progress, resume)
+
+    def drop_checkpoints(name: str) -> None:
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(out / name / "checkpoints", ignore_errors=True)  # resume is per stage now
+
     try:
-        for name, fn in STAGES:
-            if state.done(name):
-                _notify(on_stage, name, "skipped (done)", state.result(name))
-                continue
-            _notify(on_stage, name, "start", None)
-            t0 = time.time()
-            result = _run_stage(name, fn, ctx)
-            result["stage_seconds"] = round(time.time() - t0, 1)
-            state.record(name, result)
-            if not cfg.keep_checkpoints:
-                shutil.rmtree(out / name / "checkpoints", ignore_errors=True)  # resume is per stage now
-            _notify(on_stage, name, "done", result)
+        run_stages(STAGES, ctx, state, on_stage, run_one=_run_stage, after=drop_checkpoints)
     finally:
         tracker.finish()
     report = build_report(cfg, state)
@@ -648,16 +626,11 @@ def _run_stage(name: str, fn, ctx: Context) -> dict:
         raise PipelineError(f"pre-flight check failed: {e}") from e
 
 
-def _notify(cb, name, event, result):
-    if cb is not None:
-        cb(name, event, result)
-
-
 def build_report(cfg: PipelineConfig, state: PipelineState) -> dict:
     from agent_forge.report import headline
 
     stages = state.data["stages"]
+    per_stage, total = timings(state)
     return {"model": cfg.model, "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
             "headline": headline({"stages": stages}), "stages": stages,
-            "timings": {k: v.get("stage_seconds") for k, v in stages.items()},
-            "total_seconds": round(sum(v.get("stage_seconds") or 0 for v in stages.values()), 1)}
+            "timings": per_stage, "total_seconds": total}

@@ -1,0 +1,100 @@
+"""`forge bitnet`: the Phase 4 command, and the summary it prints from the run's report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def bitnet_cmd(model: str = typer.Option(..., help="Phase 3 output dir (or any HF causal LM: hub id, dir, default)"),
+               out: Path = typer.Option(..., help="output directory (model/, bitnet_report.json, ...)"),
+               preset: str = typer.Option("quick", help="smoke (seconds), quick (<= 10 min CPU), standard (GPU)"),
+               config: Optional[Path] = typer.Option(None, help="YAML overriding BitNetConfig fields"),
+               eval_samples: Optional[int] = typer.Option(None, help="test questions (before/after, anti-theater)"),
+               device: Optional[str] = typer.Option(None),
+               tracking: Optional[str] = typer.Option(None, help="W&B mode: offline, disabled, online"),
+               force: bool = typer.Option(False, help="compress even if the Phase 3 -> 4 handoff fails"),
+               resume: bool = typer.Option(False, help="continue a killed run in --out")):
+    """Phase 4: ternary (1.58-bit) weights by quantisation-aware distillation, measured."""
+    from agent_forge.bitnet.phase import BitNetPhaseError, make_config, run_bitnet
+    from agent_forge.cli import console, fail
+    from agent_forge.progress import StageDisplay
+
+    try:
+        cfg = make_config(preset, config, model=model, out=str(out), eval_samples=eval_samples, device=device,
+                          tracking=tracking, force=force or None)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    with StageDisplay(console) as display:
+        try:
+            report = run_bitnet(cfg, resume=resume, on_stage=display.on_stage, progress=display.on_step)
+        except BitNetPhaseError as e:
+            fail(str(e), code=1)
+    print_summary(console, report)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _mb(n) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    """(what, measured) rows for the terminal and the README; every target says met or MISSED."""
+    st = report["stages"]
+    inp, before, after, save, speed = (st.get(k, {}) for k in ("validate_input", "before", "after", "save", "speed"))
+    rows = [("input", f"{report['model']}" + (" (FORCED past a failed 3->4 handoff)" if inp.get("forced") else ""))]
+    if after:
+        ch = after["change"]
+        rows += [("test accuracy, thinking on: before", _pct(before["accuracy_on"]) + _ci(before["ci95_on"])
+                  + f" (n={before['n']})"),
+                 ("test accuracy, thinking on: ternary", _pct(after["accuracy_on"]) + _ci(after["ci95_on"])),
+                 ("change (paired)", f"{ch['points']:+.1f} points [{ch['ci95_points'][0]:+.1f}, "
+                                     f"{ch['ci95_points'][1]:+.1f}], McNemar p={ch['mcnemar_p']:.2g}"),
+                 ("relative drop (target < 10%)", (_pct(after["relative_drop"]) if after["relative_drop"] is not None
+                                                   else "n/a") + f": {_met(after['drop_target_met'])}"),
+                 ("ternary, thinking off", _pct(after["accuracy_off"]) + _ci(after["ci95_off"])),
+                 ("ternary thinking closes", _pct(after["closed_rate"])),
+                 ("anti-theater on the ternary model", after["anti_theater"]["sentence"])]
+    if save:
+        s = save["sizes"]
+        rows += [("size on disk", f"{_mb(s['total'])} (packed linears {_mb(s['packed_linears'])}, embeddings "
+                                  f"{_mb(s['embeddings'])}, head {_mb(s['head'])}, norms {_mb(s['norms'])})"),
+                 (f"compression vs fp32 (target {save['ratio_target_vs_fp32']:.0f}x, {save['size_category']})",
+                  f"{save['ratio_vs_fp32']:.2f}x: {_met(save['ratio_vs_fp32'] >= save['ratio_target_vs_fp32'])}"),
+                 ("compression vs bf16", f"{save['ratio_vs_bf16']:.2f}x"),
+                 ("sparsity (target > 30%)", f"{_pct(save['sparsity']['overall'])}: {_met(save['sparsity_target_met'])}"),
+                 ("reload with plain transformers", f"max |logit diff| {save['reload']['max_abs_logit_diff']:.2e}, "
+                                                    f"thinking closed: {save['reload']['closed_thinking']}")]
+    for r in speed.get("rows", []):
+        rows.append((f"decode tok/s: {r['name']}", f"{r['tokens_per_s']:.1f} ({r['ratio']:.2f}x fp32)"))
+    if speed:
+        rows.append(("ternary >= 2x fp32 PyTorch", f"best {speed['best_ternary_ratio']:.2f}x: "
+                                                  f"{_met(speed['speed_target_met'])}; {speed['not_measured']}"))
+    hand = st.get("handoff")
+    if hand:
+        rows.append(("Phase 4 handoff", "passed" if hand["ok"] else "FAILED: " + ", ".join(
+            c["name"] for c in hand["checks"] if not c["ok"] and c["severity"] == "error")))
+    rows.append(("time", f"{report['total_seconds']:.0f} s"))
+    return rows
+
+
+def print_summary(console: Console, report: dict) -> None:
+    table = Table(title=f"forge bitnet: {report['out']}", show_header=False)
+    for what, value in summary_rows(report):
+        table.add_row(what, value)
+    console.print(table)

@@ -1,0 +1,465 @@
+"""`forge bitnet`: Phase 4 end to end, from a Phase 3 model to a measured ternary model.
+
+    validate_input -> data -> before -> qat -> after -> save -> speed -> register -> handoff
+
+Each stage's result goes to `out/bitnet_state.json` when it finishes, so `--resume` after a
+kill continues from the first unfinished stage (QAT from its last checkpoint). Every figure
+in the report is measured in this run: accuracy of the input model and of the ternary model
+on the same test questions (paired, with an interval), anti-theater on the ternary model,
+size on disk per component, sparsity, decode speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from agent_forge.bitnet.convert import DEFAULT_KEEP, BitNetError
+from agent_forge.bitnet.qat import QATConfig, QATTrainer
+from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.inference import GENERATION_BATCH
+from agent_forge.quietstar.pipeline import DataConfig
+from agent_forge.stages import StageState, run_stages, timings
+
+STATE_FILE = "bitnet_state.json"
+REPORT_FILE = "bitnet_report.json"
+STUDENT_FILE = "student.safetensors"
+# Design targets for the compression ratio against fp32, by model size (seeds/ design notes).
+RATIO_TARGETS = {"tiny": 6.0, "small": 8.0, "medium": 10.0, "large": 12.0}
+
+
+@dataclass
+class BitNetConfig:
+    """Everything `forge bitnet` does; presets below, YAML overrides any field."""
+
+    model: str = "runs/demo/model"  # a Phase 3 output (or any HF causal LM: hub id, dir, default)
+    out: str = "runs/bitnet"
+    preset: str = "quick"
+    device: str | None = None
+    force: bool = False  # go on when the model's Phase 3 -> 4 handoff fails (recorded in the report)
+    data_path: str | None = None  # reasoning JSONL (`forge data build`); None: Phase 3's procedural traces
+    data: DataConfig = field(default_factory=lambda: DataConfig(n_records=1200, seed=7))
+    qat: QATConfig = field(default_factory=QATConfig)
+    keep: tuple[str, ...] = DEFAULT_KEEP  # linear layers (name patterns) kept in full precision
+    act_norm: bool = True  # the paper's RMSNorm before activation quantisation
+    calibrate_batches: int = 4  # batches that set each act-norm's initial scale
+    eval_dataset: str | None = None  # test set; None: the one the Phase 3 run used (else easy_arithmetic)
+    eval_samples: int = 150
+    max_new_tokens: int = 128  # thinking budget in every evaluation
+    check_honesty_threshold: float = 0.95
+    max_relative_drop: float = 0.10  # target: accuracy (thinking on) drops by less than this fraction
+    min_sparsity: float = 0.30  # target: fraction of zero ternary weights
+    min_speedup: float = 2.0  # target: ternary decode >= this x fp32 PyTorch
+    speed_prompts: int = 2  # prompts timed per engine
+    speed_tokens: int = 32  # new tokens per timed prompt
+    min_baking_accuracy: float = 0.85  # the Phase 3 -> 4 gate, as Phase 3 applies it
+    tracking: str = "offline"
+    registry: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # seconds on a tiny model; proves every stage runs.
+    "smoke": {"data": {"n_records": 40}, "eval_samples": 8, "max_new_tokens": 32, "calibrate_batches": 1,
+              "speed_prompts": 1, "speed_tokens": 8,
+              "qat": {"steps": 4, "batch_size": 2, "save_every": 2, "strength_warmup": 2, "warmup_steps": 1}},
+    # `make demo` after Phase 3: <= 10 minutes on a 2-core CPU for the default model.
+    "quick": {"eval_samples": 100,
+              "qat": {"steps": 40, "batch_size": 8, "save_every": 10, "strength_warmup": 20, "warmup_steps": 4}},
+    # a GPU's hours.
+    "standard": {"data": {"n_records": 20000}, "eval_samples": 1000,
+                 "qat": {"steps": 4000, "batch_size": 32, "strength_warmup": 1000, "warmup_steps": 100,
+                         "save_every": 250, "eval_every": 500, "eval_samples": 200}},
+}
+
+
+def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **overrides) -> BitNetConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = update_dataclass(BitNetConfig(preset=preset), PRESETS[preset], "bitnet config")
+    if yaml_path:
+        cfg = update_dataclass(cfg, load_yaml(yaml_path), "bitnet config")
+    return update_dataclass(cfg, {k: v for k, v in overrides.items() if v is not None}, "bitnet config")
+
+
+@dataclass
+class Context:
+    cfg: BitNetConfig
+    out: Path
+    state: StageState
+    tracker: object
+    progress: Callable | None = None
+    resume: bool = False
+    models: dict = field(default_factory=dict)  # loaded once per process: teacher, student, tokenizer
+
+
+class BitNetPhaseError(RuntimeError):
+    """A stage found a problem the user must fix; the message says what."""
+
+
+# ---------------------------------------------------------------------------------------
+# Models, loaded once per process
+
+
+def teacher(ctx: Context):
+    """(the input model, frozen, its tokenizer)."""
+    if "teacher" not in ctx.models:
+        from agent_forge.models import load_model
+
+        model, tok = load_model(ctx.cfg.model, device=ctx.cfg.device)
+        ctx.models["teacher"], ctx.models["tokenizer"] = model.eval().requires_grad_(False), tok
+    return ctx.models["teacher"], ctx.models["tokenizer"]
+
+
+def fresh_student(ctx: Context):
+    """A copy of the input model with its linear layers converted to BitLinear."""
+    import copy
+
+    from agent_forge.bitnet.convert import convert_to_bitnet
+
+    model, _ = teacher(ctx)
+    student = copy.deepcopy(model).requires_grad_(True)
+    convert_to_bitnet(student, keep=tuple(ctx.cfg.keep), act_norm=ctx.cfg.act_norm)
+    return student
+
+
+def trained_student(ctx: Context):
+    """The student QAT finished with (rebuilt from its saved state after a resume), lambda = 1."""
+    if "student" not in ctx.models:
+        from safetensors.torch import load_file
+
+        from agent_forge.bitnet.convert import set_strength
+
+        student = fresh_student(ctx)
+        student.load_state_dict(load_file(ctx.out / "qat" / STUDENT_FILE), strict=False)
+        if hasattr(student, "tie_weights"):
+            student.tie_weights()
+        set_strength(student, 1.0)
+        ctx.models["student"] = student.eval()
+    return ctx.models["student"]
+
+
+def thinking_mode(tokenizer) -> str:
+    from agent_forge.vocab import has_thinking_tokens
+
+    return "on" if has_thinking_tokens(tokenizer) else "auto"
+
+
+def eval_items(ctx: Context):
+    from agent_forge.data.evalsets import load_eval_set
+
+    return load_eval_set(ctx.state.result("validate_input")["eval_dataset"], limit=ctx.cfg.eval_samples)
+
+
+# ---------------------------------------------------------------------------------------
+# The stages
+
+
+def stage_validate_input(ctx: Context) -> dict:
+    """The input must be a causal LM that is not already ternary; a Phase 3 output must pass
+    its 3 -> 4 handoff (unless --force, which the report records)."""
+    from agent_forge.bitnet.convert import is_ternary
+    from agent_forge.handoff import format_result, validate_phase3_to_4
+    from agent_forge.models import read_meta
+
+    cfg = ctx.cfg
+    meta = read_meta(cfg.model) if Path(cfg.model).is_dir() else {}
+    out = {"input_phase": meta.get("phase"), "forced": False,
+           "eval_dataset": cfg.eval_dataset or _phase3_eval_set(meta)}
+    if meta.get("phase") not in (None, 3):
+        raise BitNetPhaseError(f"{cfg.model} is a phase {meta['phase']} output; BitNet takes a Phase 3 model "
+                               "(or a plain HF causal LM with no forge_meta.json)")
+    if meta.get("phase") == 3:
+        result = validate_phase3_to_4(cfg.model, cfg.min_baking_accuracy)
+        out["handoff_3_4"] = result.to_dict()
+        if not result.ok and not cfg.force:
+            raise BitNetPhaseError(f"{format_result(result)}\nThis model's Phase 3 -> 4 handoff fails; "
+                                   "fix Phase 3, or pass --force to compress it anyway (the report says so)")
+        out["forced"] = not result.ok
+    model, _ = teacher(ctx)
+    if is_ternary(model):
+        raise BitNetPhaseError(f"{cfg.model} is already ternary (BitLinear layers or a bitnet quantization_config)")
+    return out
+
+
+def _phase3_eval_set(meta: dict) -> str:
+    return ((meta.get("pipeline") or {}).get("config") or {}).get("eval_dataset") or "easy_arithmetic"
+
+
+def stage_data(ctx: Context) -> dict:
+    """Reasoning traces to fine-tune on: the JSONL given, else Phase 3's procedural mixture,
+    built fresh (its own seed) with the test and validation questions kept out."""
+    from agent_forge.data.general import build_mixture
+    from agent_forge.data.overlap import asked_by, eval_sets_for, filter_overlap
+    from agent_forge.data.schema import read_records, write_records
+
+    cfg, path = ctx.cfg, ctx.out / "data" / "train.jsonl"
+    test = ctx.state.result("validate_input")["eval_dataset"]
+    if cfg.data_path:
+        records = list(read_records(cfg.data_path))
+    else:
+        records, _ = build_mixture(cfg.data, exclude=asked_by(eval_sets_for(test, "easy_arithmetic_val")),
+                                   exclude_general=asked_by(("arc_easy", "commonsense_qa")))
+    records, leaked = filter_overlap(records)
+    if not records:
+        raise BitNetPhaseError(f"no usable training records ({cfg.data_path or 'procedural'})")
+    write_records(path, records)
+    return {"path": str(path), "records": len(records), "dropped_overlap": len(leaked),
+            "source": cfg.data_path or f"procedural {cfg.data.difficulty} (seed {cfg.data.seed})"}
+
+
+def stage_before(ctx: Context) -> dict:
+    """The input model on the test questions, thinking on: the paired 'before'."""
+    from agent_forge.evaluation.runner import evaluate
+
+    model, tok = teacher(ctx)
+    r = evaluate(model, tok, eval_items(ctx), thinking=thinking_mode(tok), max_new_tokens=ctx.cfg.max_new_tokens,
+                 batch_size=GENERATION_BATCH, loglik=False)
+    return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n, "ms_per_example": r.ms_per_example,
+            "correct_on": [bool(x["correct"]) for x in r.per_example]}
+
+
+def stage_qat(ctx: Context) -> dict:
+    """Convert, calibrate the activation norms, fine-tune; the student's weights are saved."""
+    from safetensors.torch import save_file
+
+    from agent_forge.bitnet.bitlinear import calibrate_act_norms
+    from agent_forge.bitnet.convert import bitlinears, set_strength
+    from agent_forge.data.schema import read_records
+    from agent_forge.quietstar.bake_data import collate, encode_records
+    from agent_forge.training.checkpoint import trainable_state
+
+    cfg, (model, tok) = ctx.cfg, teacher(ctx)
+    examples, dropped = encode_records(list(read_records(ctx.state.result("data")["path"])), tok,
+                                       max_len=cfg.qat.max_len)
+    student = fresh_student(ctx)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    per = max(1, cfg.qat.batch_size)
+    calib = [collate(examples[i * per:(i + 1) * per], pad) for i in range(cfg.calibrate_batches)
+             if examples[i * per:(i + 1) * per]] if cfg.act_norm else []
+    set_strength(student, 0.0)  # calibrate on the input model's own activations
+    calibrated = calibrate_act_norms(student, calib) if calib else 0
+    trainer = QATTrainer(student, model, tok, cfg.qat, ctx.out / "qat", tracker=ctx.tracker,
+                         evaluate=_curve_point(ctx) if cfg.qat.eval_every else None)
+    result = trainer.run(examples, resume=ctx.resume, progress=ctx.progress)
+    trained = trainer.loop.unwrapped()
+    save_file(trainable_state(trained), ctx.out / "qat" / STUDENT_FILE)
+    ctx.models["student"] = trained.eval()
+    return {**result, "dropped_for_length": dropped, "calibrated_norms": calibrated,
+            "converted_layers": len(bitlinears(trained)), "config": cfg.qat.to_dict()}
+
+
+def _curve_point(ctx: Context):
+    """Validation accuracy (thinking on) of the student as QAT goes: the tokens-vs-accuracy curve."""
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.evaluation.runner import evaluate
+
+    items = load_eval_set("easy_arithmetic_val", limit=ctx.cfg.qat.eval_samples)
+
+    def point(step: int, model) -> dict:
+        tok = ctx.models["tokenizer"]
+        r = evaluate(model, tok, items, thinking=thinking_mode(tok), max_new_tokens=ctx.cfg.max_new_tokens,
+                     batch_size=GENERATION_BATCH, loglik=False, progress=False)
+        model.train()
+        return {"val_accuracy_on": r.accuracy, "val_ci95_on": r.ci95, "val_n": r.n}
+    return point
+
+
+def stage_after(ctx: Context) -> dict:
+    """Anti-theater on the ternary model (thinking on and off, the same test questions); its
+    thinking-on pass is the paired 'after' of the accuracy comparison."""
+    from agent_forge.evaluation.metrics import accuracy_summary
+    from agent_forge.validation.anti_theater import run_anti_theater
+    from agent_forge.validation.stats import paired_gain
+
+    student, tok = trained_student(ctx), ctx.models["tokenizer"]
+    report = run_anti_theater(student, tok, eval_items(ctx), batch_size=GENERATION_BATCH,
+                              max_new_tokens=ctx.cfg.max_new_tokens,
+                              thresholds={"check_honesty": ctx.cfg.check_honesty_threshold})
+    on = [bool(r["correct_on"]) for r in report.per_example]
+    off = [bool(r["correct_off"]) for r in report.per_example]
+    before = ctx.state.result("before")
+    gain = paired_gain(before["correct_on"], on)
+    drop = (before["accuracy_on"] - gain["after"]) / before["accuracy_on"] if before["accuracy_on"] else None
+    on_sum, off_sum = accuracy_summary(on), accuracy_summary(off)
+    return {"accuracy_on": on_sum["accuracy"], "ci95_on": on_sum["ci95"], "accuracy_off": off_sum["accuracy"],
+            "ci95_off": off_sum["ci95"], "n": len(on), "change": gain, "relative_drop": drop,
+            "drop_target_met": drop is not None and drop < ctx.cfg.max_relative_drop,
+            "closed_rate": sum(r["closed_on"] for r in report.per_example) / max(len(on), 1),
+            "anti_theater": report.to_dict()}
+
+
+def stage_save(ctx: Context) -> dict:
+    """The ternary model in transformers' BitNet format; sizes and sparsity from what was
+    written; the saved directory reloaded with plain transformers must give our logits."""
+    from agent_forge.bitnet.convert import sparsity
+    from agent_forge.bitnet.export import compression, disk_sizes, save_hf_bitnet
+    from agent_forge.models import measure_model, read_meta
+
+    cfg, student = ctx.cfg, trained_student(ctx)
+    (model, tok), dst = teacher(ctx), ctx.out / "model"
+    size = measure_model(model)
+    meta = {"phase": 4, "parent": cfg.model, "parent_meta": read_meta(cfg.model) if Path(cfg.model).is_dir() else {},
+            "thinking_tokens": (read_meta(cfg.model) if Path(cfg.model).is_dir() else {}).get("thinking_tokens"),
+            "bitnet": {"original_params": size.n_params, "keep": list(cfg.keep), "act_norm": cfg.act_norm,
+                       "size_category": size.category},
+            "metrics": _metrics_for_meta(ctx)}
+    save_hf_bitnet(student, tok, dst, meta)
+    sizes = disk_sizes(dst)
+    ratios = compression(sizes, size.n_params)
+    sparse = sparsity(student)
+    out = {"model_dir": str(dst), "sizes": sizes, **ratios, "size_category": size.category,
+           "ratio_target_vs_fp32": RATIO_TARGETS[size.category], "sparsity": sparse,
+           "sparsity_target_met": sparse["overall"] > cfg.min_sparsity,
+           "reload": _reload_check(dst, student, tok, cfg.max_new_tokens)}
+    meta["metrics"].update({"ratio_vs_fp32": ratios["ratio_vs_fp32"], "ratio_vs_bf16": ratios["ratio_vs_bf16"],
+                            "total_bytes": sizes["total"], "sparsity": sparse["overall"]})
+    _rewrite_meta(dst, meta)
+    return out
+
+
+def _metrics_for_meta(ctx: Context) -> dict:
+    before, after = ctx.state.result("before"), ctx.state.result("after")
+    return {"accuracy_before_on": before["accuracy_on"], "accuracy_on": after["accuracy_on"],
+            "accuracy_off": after["accuracy_off"], "change_points": after["change"]["points"],
+            "change_ci95_points": after["change"]["ci95_points"], "relative_drop": after["relative_drop"],
+            "anti_theater_passed": after["anti_theater"]["passed"],
+            "forced_past_handoff": ctx.state.result("validate_input").get("forced", False)}
+
+
+def _rewrite_meta(model_dir: Path, meta: dict) -> None:
+    from agent_forge.models import META_FILE
+
+    path = Path(model_dir) / META_FILE
+    full = {**json.loads(path.read_text()), **meta}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(full, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int) -> dict:
+    """Plain `AutoModelForCausalLM.from_pretrained(dir)`: the largest logit difference from
+    our in-memory ternary model on a probe, and whether it writes a closed thinking block."""
+    from agent_forge.bitnet.export import eager, load_plain
+    from agent_forge.inference import generate_answers
+
+    plain = load_plain(model_dir)
+    ids = tokenizer(["Question: What is 12 + 7?", "Question: Solve x + 3 = 10."], return_tensors="pt",
+                    padding=True)
+    with torch.no_grad(), eager():
+        a = plain(**ids).logits
+        b = student(**ids).logits
+        gen = generate_answers(plain, tokenizer, ["What is 12 + 7?"], thinking=thinking_mode(tokenizer),
+                               max_new_tokens=max_new_tokens, batch_size=1, progress=False)[0]
+    mask = ids["attention_mask"].bool()
+    diff = float((a - b).abs()[mask].max())
+    return {"max_abs_logit_diff": diff, "logits_match": diff < 1e-3, "closed_thinking": gen.closed,
+            "sample": gen.completion[:300], "loaded_class": type(plain).__name__}
+
+
+def stage_speed(ctx: Context) -> dict:
+    """Decode tokens/s, same prompts and lengths: fp32 PyTorch (the input model), our
+    BitLinear model in PyTorch, and transformers' packed BitNet model; ratios to fp32."""
+    from agent_forge.bitnet.export import eager, load_plain
+    from agent_forge.bitnet.speed import decode_speed, speed_table
+
+    cfg, (model, tok) = ctx.cfg, teacher(ctx)
+    prompts = [it.question for it in eval_items(ctx)[:cfg.speed_prompts]]
+    rows = {"fp32 PyTorch (input model)": decode_speed(model, tok, prompts, cfg.speed_tokens),
+            "BitLinear PyTorch (our training form)": decode_speed(trained_student(ctx), tok, prompts,
+                                                                  cfg.speed_tokens)}
+    with eager():
+        rows["transformers BitNet (packed; unpacks per call)"] = decode_speed(
+            load_plain(ctx.out / "model"), tok, prompts, cfg.speed_tokens)
+    table = speed_table(rows, baseline="fp32 PyTorch (input model)")
+    best = max(r["ratio"] for r in table[1:])
+    return {"rows": table, "threads": torch.get_num_threads(), "best_ternary_ratio": best,
+            "speed_target_met": best >= cfg.min_speedup,
+            "not_measured": "llama.cpp F16/Q8_0/TQ2_0 rows: the GGUF export and llama-cpp-python engine "
+                            "are not built yet (issue 14 item 4)"}
+
+
+def stage_register(ctx: Context) -> dict:
+    from agent_forge.registry import Registry
+
+    reg = Registry(ctx.cfg.registry)
+    parent = next((m.id for m in reversed(reg.list_models(phase=3))
+                   if Path(m.path).resolve() == Path(ctx.cfg.model).resolve()), None)
+    metrics = {**_metrics_for_meta(ctx), "ratio_vs_fp32": ctx.state.result("save")["ratio_vs_fp32"],
+               "ratio_vs_bf16": ctx.state.result("save")["ratio_vs_bf16"],
+               "sparsity": ctx.state.result("save")["sparsity"]["overall"],
+               "speedup_vs_fp32": ctx.state.result("speed")["best_ternary_ratio"]}
+    model_id = reg.register_model(f"bitnet:{ctx.out.name}", 4, ctx.out / "model", parent_id=parent, metrics=metrics)
+    return {"model_id": model_id, "parent_id": parent, "registry": str(reg.path)}
+
+
+def stage_handoff(ctx: Context) -> dict:
+    from agent_forge.handoff import validate_phase4
+    from agent_forge.registry import Registry
+
+    save = ctx.state.result("save")
+    result = validate_phase4(ctx.out / "model", {"ratio_vs_fp32": save["ratio_vs_fp32"],
+                                                 "ratio_vs_bf16": save["ratio_vs_bf16"],
+                                                 "total_bytes": save["sizes"]["total"]})
+    Registry(ctx.cfg.registry).update_handoff(ctx.state.result("register")["model_id"],
+                                              "passed" if result.ok else "failed", result.to_dict())
+    return result.to_dict()
+
+
+STAGES = [("validate_input", stage_validate_input), ("data", stage_data), ("before", stage_before),
+          ("qat", stage_qat), ("after", stage_after), ("save", stage_save), ("speed", stage_speed),
+          ("register", stage_register), ("handoff", stage_handoff)]
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+def run_bitnet(cfg: BitNetConfig, resume: bool = False, on_stage: Callable | None = None,
+               progress: Callable | None = None) -> dict:
+    """Run (or resume) every stage; returns the report also written to out/bitnet_report.json."""
+    from agent_forge.tracking import Tracker
+
+    out = Path(cfg.out)
+    if (out / STATE_FILE).exists() and not resume:
+        raise BitNetPhaseError(f"{out} already holds a BitNet run; pass --resume to continue it or choose another --out")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    state = StageState(out, resume, STATE_FILE)
+    tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
+    ctx = Context(cfg, out, state, tracker, progress, resume)
+    try:
+        run_stages(STAGES, ctx, state, on_stage, run_one=_run_stage)
+    except BitNetPhaseError:
+        if created and not state.data["stages"]:  # refused at the door: leave nothing behind
+            tracker.finish()
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        tracker.finish()
+    per_stage, total = timings(state)
+    report = {"model": cfg.model, "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
+              "stages": state.data["stages"], "timings": per_stage, "total_seconds": total}
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _run_stage(name: str, fn, ctx: Context) -> dict:
+    """Run one stage; turn the problems a user can act on into one clear BitNetPhaseError."""
+    from agent_forge.models import ModelLoadError
+
+    try:
+        return fn(ctx)
+    except (BitNetError, ModelLoadError) as e:
+        raise BitNetPhaseError(str(e)) from e
+    except FloatingPointError as e:
+        raise BitNetPhaseError(f"stage {name} stopped: {e}. Rerun with --resume after lowering qat.lr in "
+                               "--config; training restarts from the last checkpoint.") from e

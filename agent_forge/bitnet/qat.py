@@ -1,0 +1,166 @@
+"""Quantisation-aware fine-tuning: the ternary student learns from its full-precision self.
+
+Converting a trained model to ternary weights in one step destroys it (Hugging Face's 1.58-bit
+fine-tuning saw the loss jump to ~13). So the quantisation strength lambda rises linearly
+from 0 to 1 over `strength_warmup` steps (each BitLinear blends full-precision and quantised
+weights and activations; 0 is the original model exactly), and the student trains on
+reasoning traces with two terms:
+
+- distillation: KL(teacher || student) over the vocabulary at every trace and answer token,
+  the teacher being the frozen Phase 3 model; this is what keeps the *thinking*, not only
+  the answers (`training.kl.kl_ref_to_policy`);
+- the plain next-token loss on the same tokens.
+
+It is a Stage of the project's one training loop (checkpoints, --resume, NaN guard,
+progress, W&B offline), so nothing here re-implements a loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from agent_forge.bitnet.convert import set_strength
+from agent_forge.quietstar.bake import batch_indices
+from agent_forge.quietstar.bake_data import IGNORE, collate, shifted
+from agent_forge.training.kl import kl_ref_to_policy
+from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop
+
+
+@dataclass
+class QATConfig:
+    """Quantisation-aware fine-tuning settings (sizes by preset in bitnet/phase.py)."""
+
+    steps: int = 200  # optimiser steps
+    batch_size: int = 8  # sequences per step (split into grad_accum micro-batches)
+    grad_accum: int = 1
+    lr: float = 2e-4  # peak learning rate; linear warm-up, then linear decay to 0
+    warmup_steps: int = 10  # learning-rate warm-up
+    strength_warmup: int = 50  # lambda = min(step / strength_warmup, 1); 0 = fully ternary from step 0
+    kd_weight: float = 1.0  # weight of KL(teacher || student) on trace and answer tokens
+    lm_weight: float = 0.5  # weight of the next-token loss on the same tokens
+    kl_top_k: int | None = 64  # top-k KL bound (bounded memory); None = exact over the vocabulary
+    optimizer: str = "adamw"  # adamw or mugrokfast
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_len: int = 256  # longest training sequence in tokens (longer records are dropped)
+    group_by_length: bool = True  # micro-batches of similar length (less padding)
+    save_every: int = 25  # steps between resume checkpoints
+    explode_factor: float | None = 20.0  # stop when the loss exceeds this x the first loss
+    mixed_precision: str = "auto"
+    seed: int = 0
+    eval_every: int = 0  # steps between validation accuracy measurements (0 = never): the curve
+    eval_samples: int = 40  # validation questions per measurement
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def strength_at(step: int, warmup: int) -> float:
+    """lambda for optimiser step `step` (0-based): min(step / warmup, 1); 1 when warmup is 0."""
+    return 1.0 if warmup <= 0 else min(step / warmup, 1.0)
+
+
+def distill_loss(student_logits, teacher_logits, labels, kd_weight: float, lm_weight: float,
+                 top_k: int | None) -> tuple[torch.Tensor, dict]:
+    """kd_weight * KL(teacher || student) + lm_weight * cross-entropy, both over the labelled
+    (trace and answer) positions. Logits are already aligned with `labels` (B, T)."""
+    mask = labels != IGNORE
+    kd = kl_ref_to_policy(teacher_logits, student_logits, mask, top_k)
+    lm = F.cross_entropy(student_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    return kd_weight * kd + lm_weight * lm, {"kd": float(kd.detach()), "lm": float(lm.detach())}
+
+
+class QATTrainer(LoopTrainer):
+    """Fine-tunes a converted (BitLinear) student against a frozen teacher; resumable."""
+
+    def __init__(self, student, teacher, tokenizer, cfg: QATConfig, out_dir: str | Path, tracker=None,
+                 evaluate=None):
+        self.cfg, self.tokenizer, self.teacher = cfg, tokenizer, teacher.eval().requires_grad_(False)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.evaluate = evaluate  # (step, model) -> dict, every cfg.eval_every steps
+        self.curve: list[dict] = []
+        self.tokens_seen = 0
+        self.loop = TrainingLoop(student, LoopConfig(
+            steps=cfg.steps, stage="bitnet_qat", warmup_steps=cfg.warmup_steps, decay=True,
+            grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, save_every=cfg.save_every,
+            explode_factor=cfg.explode_factor, mixed_precision=cfg.mixed_precision, seed=cfg.seed),
+            out_dir, tracker)
+
+    # -- the Stage ------------------------------------------------------------------------
+    def micro_batches(self, step: int):
+        """Set lambda for this step, then yield its micro-batches (this process's share)."""
+        acc, cfg, n = self.accelerator, self.cfg, len(self.examples)
+        self.strength = strength_at(step, cfg.strength_warmup)
+        set_strength(self.loop.unwrapped(), self.strength)
+        self.model.train()
+        self.step_tokens = 0
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(step, micro, cfg, n, acc.process_index, acc.num_processes, self.lengths)
+            batch = collate([self.examples[i] for i in idx], self.pad_id)
+            self.step_tokens += int(batch["attention_mask"].sum())
+            yield {k: v.to(acc.device) for k, v in batch.items()}
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        student = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        with torch.no_grad():
+            teacher = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        labels, _ = shifted(batch)
+        return distill_loss(student, teacher, labels, self.cfg.kd_weight, self.cfg.lm_weight, self.cfg.kl_top_k)
+
+    def step_row(self, step: int, sums: dict) -> dict:
+        self.tokens_seen += self.step_tokens
+        k = self.cfg.grad_accum
+        return {"kd": sums["kd"] / k, "lm": sums["lm"] / k, "strength": self.strength, "tokens": self.tokens_seen}
+
+    def on_step_end(self, step: int, row: dict) -> bool:
+        if self.evaluate is not None and self.cfg.eval_every and step % self.cfg.eval_every == 0:
+            point = {"step": step, "tokens": self.tokens_seen, "strength": self.strength,
+                     **self.evaluate(step, self.loop.unwrapped())}
+            self.curve.append(point)
+            if self.tracker_ok():
+                self.loop.tracker.log(point, step=step, stage="bitnet_curve")
+        return False
+
+    def tracker_ok(self) -> bool:
+        return self.loop.tracker is not None
+
+    def state(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "curve": self.curve}
+
+    def load_state(self, state: dict) -> None:
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.curve = list(state.get("curve", []))
+
+    # -- run ------------------------------------------------------------------------------
+    def run(self, examples, resume: bool = False, progress=None) -> dict:
+        """Train for cfg.steps on the encoded examples; returns the run's figures."""
+        from agent_forge.quietstar.bake import build_step1_optimizer
+
+        if not examples:
+            raise ValueError("no training example fits in max_len; raise max_len or check the data")
+        self.examples = examples
+        self.lengths = tuple(len(e.input_ids) for e in examples) if self.cfg.group_by_length else None
+        start = self.loop.setup(lambda m: _optimizer(m, self.cfg), self, resume)
+        reached = self.loop.run(self, start, progress=progress)
+        set_strength(self.loop.unwrapped(), 1.0)  # the saved and evaluated model is fully ternary
+        losses = [h for h in self.history if "loss" in h]
+        return {"steps": reached, "examples": len(examples), "tokens_seen": self.tokens_seen,
+                "first": _figures(losses[0]) if losses else None, "last": _figures(losses[-1]) if losses else None,
+                "sec_per_step": losses[-1]["sec_per_step"] if losses else None, "curve": self.curve}
+
+
+def _optimizer(model, cfg: QATConfig):
+    from agent_forge.optim.mugrokfast import build_optimizer, get_config
+
+    preset = dataclasses.replace(get_config("baking"), weight_decay=cfg.weight_decay)
+    return build_optimizer(model, cfg.optimizer, preset, lr=cfg.lr)
+
+
+def _figures(row: dict) -> dict:
+    return {k: row.get(k) for k in ("step", "loss", "kd", "lm", "strength", "tokens")}

@@ -1,0 +1,66 @@
+"""Resumable stages: how every phase command (`forge bake-quietstar`, `forge bitnet`) runs.
+
+A phase is a list of named stages. Each stage's result is written to `out/<state file>`
+the moment it finishes, so `--resume` after a kill skips what is done and continues from
+the first unfinished stage (and a training stage from its own last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+Stage = tuple[str, Callable[[Any], dict]]
+
+
+class StageState:
+    """Completed stages and their results, rewritten atomically after each stage."""
+
+    def __init__(self, out: Path, resume: bool, file: str = "pipeline_state.json"):
+        self.path = Path(out) / file
+        self.data = json.loads(self.path.read_text()) if resume and self.path.exists() else {"stages": {}}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def result(self, stage: str) -> dict:
+        return self.data["stages"].get(stage, {})
+
+    def record(self, stage: str, result: dict) -> None:
+        self.data["stages"][stage] = result
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+def run_stages(stages: list[Stage], ctx, state: StageState, on_stage: Callable | None = None,
+               run_one: Callable | None = None, after: Callable[[str], None] | None = None) -> None:
+    """Run each stage not yet done, in order, recording its result and its seconds.
+    `run_one(name, fn, ctx)` wraps a stage (turning errors into the phase's own);
+    `after(name)` runs once a stage is recorded (e.g. deleting its resume checkpoints)."""
+    for name, fn in stages:
+        if state.done(name):
+            notify(on_stage, name, "skipped (done)", state.result(name))
+            continue
+        notify(on_stage, name, "start", None)
+        t0 = time.time()
+        result = run_one(name, fn, ctx) if run_one is not None else fn(ctx)
+        result["stage_seconds"] = round(time.time() - t0, 1)
+        state.record(name, result)
+        if after is not None:
+            after(name)
+        notify(on_stage, name, "done", result)
+
+
+def notify(cb, name: str, event: str, result) -> None:
+    if cb is not None:
+        cb(name, event, result)
+
+
+def timings(state: StageState) -> tuple[dict, float]:
+    """(seconds per stage, total seconds) of the recorded stages."""
+    stages = state.data["stages"]
+    per = {k: v.get("stage_seconds") for k, v in stages.items()}
+    return per, round(sum(v or 0 for v in per.values()), 1)

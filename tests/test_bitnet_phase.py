@@ -1,0 +1,176 @@
+"""`forge bitnet`: the QAT loss and schedule against plain formulas, exact resume, the phase
+end to end on a tiny model, and the refusals (failed handoff, already ternary, wrong phase)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from agent_forge.bitnet.phase import STAGES, STATE_FILE, BitNetPhaseError, make_config, run_bitnet
+from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss, strength_at
+from agent_forge.models import save_model
+from agent_forge.registry import Registry
+from agent_forge.vocab import add_thinking_tokens, thinking_token_ids
+
+from conftest import Crash, crash_at, make_tiny_model, make_tiny_tokenizer
+
+
+def test_strength_schedule_is_min_step_over_n():
+    assert [strength_at(s, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert strength_at(0, 0) == 1.0  # no warm-in: ternary from the first step
+
+
+def test_distill_loss_matches_plain_formulas():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, 3, 4, -100, 1], [2, -100, -100, 7, 0]])
+    loss, parts = distill_loss(s, t, labels, kd_weight=0.7, lm_weight=0.3, top_k=None)
+    kls, ces = [], []
+    for b in range(2):
+        for i in range(5):
+            if labels[b, i] == -100:
+                continue
+            p, logq = t[b, i].softmax(-1), s[b, i].log_softmax(-1)
+            kls.append(float((p * (p.log() - logq)).sum()))
+            ces.append(float(-logq[labels[b, i]]))
+    kd, lm = sum(kls) / len(kls), sum(ces) / len(ces)
+    assert parts["kd"] == pytest.approx(kd, rel=1e-5) and parts["lm"] == pytest.approx(lm, rel=1e-5)
+    assert float(loss) == pytest.approx(0.7 * kd + 0.3 * lm, rel=1e-5)
+
+
+def _examples(tok, n=12):
+    from agent_forge.data.schema import Record, Segment
+    from agent_forge.quietstar.bake_data import encode_records
+
+    recs = [Record(str(i), f"{i} + 2 = ?", [Segment("step", f"{i} + 2 = {i + 2}")], str(i + 2), str(i + 2), "t")
+            for i in range(n)]
+    return encode_records(recs, tok, max_len=64)[0]
+
+
+def _student_teacher(seed=0):
+    from agent_forge.bitnet.convert import convert_to_bitnet
+
+    tok = make_tiny_tokenizer()
+    teacher = make_tiny_model("llama", len(tok), seed=seed)
+    add_thinking_tokens(teacher, tok)
+    student = make_tiny_model("llama", len(tok), seed=seed)
+    add_thinking_tokens(student, tok)
+    student.load_state_dict(teacher.state_dict())
+    convert_to_bitnet(student)
+    return student, teacher, tok
+
+
+def _qat(tmp_path, steps=4, **over):
+    args = dict(steps=steps, batch_size=2, lr=1e-3, warmup_steps=1, strength_warmup=2, save_every=2,
+                mixed_precision="no")
+    return QATConfig(**{**args, **over})
+
+
+def test_qat_lowers_the_distillation_loss_and_ends_fully_ternary(tmp_path):
+    student, teacher, tok = _student_teacher()
+    trainer = QATTrainer(student, teacher, tok, _qat(tmp_path, steps=12, strength_warmup=0), tmp_path / "q")
+    result = trainer.run(_examples(tok))
+    assert result["steps"] == 12 and result["tokens_seen"] > 0
+    rows = [h for h in trainer.history if "loss" in h]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    from agent_forge.bitnet.convert import bitlinears
+    assert all(m.strength == 1.0 for _, m in bitlinears(trainer.loop.unwrapped()))
+
+
+def test_qat_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
+    student, teacher, tok = _student_teacher()
+    full = QATTrainer(student, teacher, tok, _qat(tmp_path), tmp_path / "full")
+    full.run(_examples(tok))
+    student2, teacher2, _ = _student_teacher()
+    crashed = QATTrainer(student2, teacher2, tok, _qat(tmp_path), tmp_path / "crash")
+    with pytest.raises(Crash):
+        crashed.run(_examples(tok), progress=crash_at(3))  # checkpoint at step 2, dies after step 3
+    student3, teacher3, _ = _student_teacher()
+    resumed = QATTrainer(student3, teacher3, tok, _qat(tmp_path), tmp_path / "crash")
+    result = resumed.run(_examples(tok), resume=True)
+    assert result["steps"] == 4
+    a, b = full.loop.unwrapped().state_dict(), resumed.loop.unwrapped().state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert resumed.tokens_seen == full.tokens_seen
+
+
+# ---------------------------------------------------------------------------------------
+# The phase end to end
+
+
+def _phase3_dir(tmp_path, passed=True, phase=3):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    add_thinking_tokens(model, tok)
+    meta = {"phase": phase, "thinking_tokens": thinking_token_ids(tok),
+            "metrics": {"baking_accuracy": 0.9, "anti_theater_passed": passed}}
+    return save_model(model, tok, tmp_path / f"p3-{passed}-{phase}", meta)
+
+
+def _config(tmp_path, model, out="bn", **over):
+    return make_config("smoke", model=str(model), out=str(tmp_path / out), tracking="disabled",
+                       registry=str(tmp_path / "reg.sqlite"), **over)
+
+
+def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
+    report = run_bitnet(_config(tmp_path, _phase3_dir(tmp_path)))
+    st = report["stages"]
+    assert list(st) == [name for name, _ in STAGES]
+    out = tmp_path / "bn"
+    meta = json.loads((out / "model" / "forge_meta.json").read_text())
+    assert meta["phase"] == 4 and meta["metrics"]["ratio_vs_fp32"] == st["save"]["ratio_vs_fp32"]
+    json.loads((out / "model" / "config.json").read_text())["quantization_config"]["quant_method"] == "bitnet"
+    # paired before/after on the same questions; the interval brackets the change
+    ch = st["after"]["change"]
+    assert ch["n"] == st["before"]["n"] == st["after"]["n"] == 8
+    assert ch["ci95_points"][0] <= ch["points"] <= ch["ci95_points"][1]
+    assert st["save"]["reload"]["logits_match"], st["save"]["reload"]
+    assert 0 <= st["save"]["sparsity"]["overall"] <= 1 and st["save"]["ratio_vs_fp32"] > 1
+    assert all(r["tokens_per_s"] > 0 for r in st["speed"]["rows"])
+    reg = Registry(tmp_path / "reg.sqlite")
+    entry = reg.get_model(st["register"]["model_id"])
+    assert entry.phase == 4 and st["handoff"]["ok"], st["handoff"]
+    assert not st["validate_input"]["forced"]
+
+
+def test_refuses_a_failed_phase3_handoff_unless_forced(tmp_path, forge_home):
+    model = _phase3_dir(tmp_path, passed=False)
+    with pytest.raises(BitNetPhaseError, match="anti_theater_passed|--force"):
+        run_bitnet(_config(tmp_path, model))
+    assert not (tmp_path / "bn").exists()  # refused at the door: nothing written
+    cfg = _config(tmp_path, model, out="forced", force=True)
+    cfg.qat.steps = 1
+    import dataclasses
+    cfg = dataclasses.replace(cfg, eval_samples=4)
+    report = run_bitnet(cfg)
+    assert report["stages"]["validate_input"]["forced"] is True
+
+
+def test_refuses_other_phases_and_ternary_models(tmp_path, forge_home):
+    with pytest.raises(BitNetPhaseError, match="phase 2 output"):
+        run_bitnet(_config(tmp_path, _phase3_dir(tmp_path, phase=2)))
+    assert not (tmp_path / "bn").exists()
+
+
+def test_resume_after_kill_continues_from_the_first_unfinished_stage(tmp_path, forge_home):
+    cfg = _config(tmp_path, _phase3_dir(tmp_path))
+    with pytest.raises(Crash):
+        run_bitnet(cfg, progress=crash_at(3))  # inside QAT, after its step-2 checkpoint
+    state = json.loads((tmp_path / "bn" / STATE_FILE).read_text())
+    assert list(state["stages"]) == ["validate_input", "data", "before"]
+    with pytest.raises(BitNetPhaseError, match="--resume"):
+        run_bitnet(cfg)
+    report = run_bitnet(cfg, resume=True)
+    assert report["stages"]["qat"]["steps"] == cfg.qat.steps
+
+
+def test_cli_bad_input_is_one_clear_error(tmp_path, forge_home):
+    from agent_forge.cli import app
+
+    result = CliRunner().invoke(app, ["bitnet", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                                      "--preset", "smoke", "--tracking", "disabled"])
+    assert result.exit_code != 0 and "error" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
