@@ -122,7 +122,7 @@ def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
     out = tmp_path / "bn"
     meta = json.loads((out / "model" / "forge_meta.json").read_text())
     assert meta["phase"] == 4 and meta["metrics"]["ratio_vs_fp32"] == st["save"]["ratio_vs_fp32"]
-    json.loads((out / "model" / "config.json").read_text())["quantization_config"]["quant_method"] == "bitnet"
+    assert json.loads((out / "model" / "config.json").read_text())["quantization_config"]["quant_method"] == "bitnet"
     # paired before/after on the same questions; the interval brackets the change
     ch = st["after"]["change"]
     assert ch["n"] == st["before"]["n"] == st["after"]["n"] == 8
@@ -149,7 +149,7 @@ def test_refuses_a_failed_phase3_handoff_unless_forced(tmp_path, forge_home):
     assert report["stages"]["validate_input"]["forced"] is True
 
 
-def test_refuses_other_phases_and_ternary_models(tmp_path, forge_home):
+def test_refuses_another_phases_output(tmp_path, forge_home):
     with pytest.raises(BitNetPhaseError, match="phase 2 output"):
         run_bitnet(_config(tmp_path, _phase3_dir(tmp_path, phase=2)))
     assert not (tmp_path / "bn").exists()

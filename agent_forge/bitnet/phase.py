@@ -232,7 +232,7 @@ def stage_qat(ctx: Context) -> dict:
     from safetensors.torch import save_file
 
     from agent_forge.bitnet.bitlinear import calibrate_act_norms
-    from agent_forge.bitnet.convert import bitlinears, set_strength
+    from agent_forge.bitnet.convert import bitlinears
     from agent_forge.data.schema import read_records
     from agent_forge.quietstar.bake_data import collate, encode_records
     from agent_forge.training.checkpoint import trainable_state
@@ -245,7 +245,6 @@ def stage_qat(ctx: Context) -> dict:
     per = max(1, cfg.qat.batch_size)
     calib = [collate(examples[i * per:(i + 1) * per], pad) for i in range(cfg.calibrate_batches)
              if examples[i * per:(i + 1) * per]] if cfg.act_norm else []
-    set_strength(student, 0.0)  # calibrate on the input model's own activations
     calibrated = calibrate_act_norms(student, calib) if calib else 0
     trainer = QATTrainer(student, model, tok, cfg.qat, ctx.out / "qat", tracker=ctx.tracker,
                          evaluate=_curve_point(ctx) if cfg.qat.eval_every else None)
@@ -307,8 +306,9 @@ def stage_save(ctx: Context) -> dict:
     cfg, student = ctx.cfg, trained_student(ctx)
     (model, tok), dst = teacher(ctx), ctx.out / "model"
     size = measure_model(model)
-    meta = {"phase": 4, "parent": cfg.model, "parent_meta": read_meta(cfg.model) if Path(cfg.model).is_dir() else {},
-            "thinking_tokens": (read_meta(cfg.model) if Path(cfg.model).is_dir() else {}).get("thinking_tokens"),
+    parent_meta = read_meta(cfg.model) if Path(cfg.model).is_dir() else {}
+    meta = {"phase": 4, "parent": cfg.model, "parent_meta": parent_meta,
+            "thinking_tokens": parent_meta.get("thinking_tokens"),
             "bitnet": {"original_params": size.n_params, "keep": list(cfg.keep), "act_norm": cfg.act_norm,
                        "size_category": size.category},
             "metrics": _metrics_for_meta(ctx)}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from agent_forge.bitnet.convert import set_strength
-from agent_forge.quietstar.bake import batch_indices
+from agent_forge.quietstar.bake import batch_indices, build_step1_optimizer  # AdamW or MuGrokfast, as Step 1
 from agent_forge.quietstar.bake_data import IGNORE, collate, shifted
 from agent_forge.training.kl import kl_ref_to_policy
 from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop
@@ -123,12 +123,9 @@ class QATTrainer(LoopTrainer):
             point = {"step": step, "tokens": self.tokens_seen, "strength": self.strength,
                      **self.evaluate(step, self.loop.unwrapped())}
             self.curve.append(point)
-            if self.tracker_ok():
+            if self.loop.tracker is not None:
                 self.loop.tracker.log(point, step=step, stage="bitnet_curve")
         return False
-
-    def tracker_ok(self) -> bool:
-        return self.loop.tracker is not None
 
     def state(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "curve": self.curve}
@@ -140,26 +137,17 @@ class QATTrainer(LoopTrainer):
     # -- run ------------------------------------------------------------------------------
     def run(self, examples, resume: bool = False, progress=None) -> dict:
         """Train for cfg.steps on the encoded examples; returns the run's figures."""
-        from agent_forge.quietstar.bake import build_step1_optimizer
-
         if not examples:
             raise ValueError("no training example fits in max_len; raise max_len or check the data")
         self.examples = examples
         self.lengths = tuple(len(e.input_ids) for e in examples) if self.cfg.group_by_length else None
-        start = self.loop.setup(lambda m: _optimizer(m, self.cfg), self, resume)
+        start = self.loop.setup(lambda m: build_step1_optimizer(m, self.cfg)[0], self, resume)
         reached = self.loop.run(self, start, progress=progress)
         set_strength(self.loop.unwrapped(), 1.0)  # the saved and evaluated model is fully ternary
         losses = [h for h in self.history if "loss" in h]
         return {"steps": reached, "examples": len(examples), "tokens_seen": self.tokens_seen,
                 "first": _figures(losses[0]) if losses else None, "last": _figures(losses[-1]) if losses else None,
                 "sec_per_step": losses[-1]["sec_per_step"] if losses else None, "curve": self.curve}
-
-
-def _optimizer(model, cfg: QATConfig):
-    from agent_forge.optim.mugrokfast import build_optimizer, get_config
-
-    preset = dataclasses.replace(get_config("baking"), weight_decay=cfg.weight_decay)
-    return build_optimizer(model, cfg.optimizer, preset, lr=cfg.lr)
 
 
 def _figures(row: dict) -> dict:
