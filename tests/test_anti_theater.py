@@ -165,7 +165,7 @@ def _filler_model():
 
     tok = make_tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok) + 12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok) + 12, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
@@ -174,10 +174,14 @@ def _filler_model():
     records = [Record(f"f{i}", f"What is {a} + {b}?", filler, str(a + b), str(a + b), "filler")
                for i, (a, b) in enumerate(FILLER_QUESTIONS)]
     batch = collate([encode_record(r, tok) for r in records], tok.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # Train until memorised rather than for a fixed count: a fixed 300 steps at lr 1e-2
+    # left the premise (right answers) to the library build's float order.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(300):
+    for _ in range(1500):
         loss = sft_loss(model, batch)
+        if loss.item() < 0.005:
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()

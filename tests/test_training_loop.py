@@ -128,8 +128,12 @@ RUNS = {"sft": run_sft, "kl": run_kl, "answer_rl": run_answer_rl, "step2": run_s
 REFERENCE = json.loads((Path(__file__).parent / "training_reference.json").read_text())
 
 
-def _close(got, want, tol: float = 1e-6) -> bool:
-    """Equal, floats to `tol` (relative above 1): the same run up to float32 summation order."""
+def _close(got, want, tol: float = 1e-4) -> bool:
+    """Equal, floats to `tol` (relative above 1): the same run up to float32 summation order.
+
+    1e-4, not 1e-6: the CPU's kernels change the summation order, and the answer-RL run's
+    advantage normalisation amplifies that (same code and libraries, another machine: loss
+    1.48e-5 apart, log-likelihood gains 2e-6). A change of method moves these by 1e-2 or more."""
     if isinstance(want, dict):
         return got.keys() == want.keys() and all(_close(got[k], want[k], tol) for k in want)
     if isinstance(want, list):
