@@ -1,0 +1,1 @@
+"""Phase 2, EvoMerge: evolve merges of several models into a champion."""
