@@ -59,6 +59,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX runs_kind ON runs(kind);
     """,
+    # 1 -> 2: lineage with several parents (a Phase 2 merge has N); parent_id stays the first
+    """
+    CREATE TABLE model_parents (
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        parent_id INTEGER NOT NULL REFERENCES models(id),
+        position INTEGER NOT NULL,
+        PRIMARY KEY (model_id, parent_id)
+    );
+    """,
 ]
 
 
@@ -232,6 +241,26 @@ class Registry:
                 (name, int(phase), parent_id, str(path), _dumps(metrics), handoff_status, _now()),
             )
             return int(cur.lastrowid)
+
+    def add_parents(self, model_id: int, parent_ids: list[int]) -> None:
+        """Record every parent of a model made from several (a merge), in order; the first
+        is also the model's `parent_id`."""
+        with self._write() as conn:
+            for position, parent in enumerate(parent_ids):
+                conn.execute("INSERT OR REPLACE INTO model_parents (model_id, parent_id, position) VALUES (?, ?, ?)",
+                             (model_id, parent, position))
+            if parent_ids:
+                conn.execute("UPDATE models SET parent_id = ? WHERE id = ?", (parent_ids[0], model_id))
+
+    def parents(self, model_id: int) -> list[int]:
+        """All parents of a model: the recorded list, else its single `parent_id`."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT parent_id FROM model_parents WHERE model_id = ? ORDER BY position",
+                                (model_id,)).fetchall()
+            if rows:
+                return [int(r[0]) for r in rows]
+            row = conn.execute("SELECT parent_id FROM models WHERE id = ?", (model_id,)).fetchone()
+        return [int(row[0])] if row and row[0] is not None else []
 
     def get_model(self, model_id: int) -> ModelEntry:
         with self._read() as conn:

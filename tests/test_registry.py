@@ -204,3 +204,32 @@ def test_cli_list_and_show(tmp_path, monkeypatch):
     r.start_run("bake", {"preset": "quick"})
     out = runner.invoke(registry_app, ["runs", "--json"])
     assert json.loads(out.output)[0]["config"] == {"preset": "quick"}
+
+
+def test_several_parents_recorded_in_order(tmp_path):
+    """A merge has N parents: all kept, in order; the first is also parent_id; a model with
+    one parent answers from parent_id."""
+    r = reg.Registry(tmp_path / "r.db")
+    a, b, c = (r.register_model(n, 2, tmp_path / n) for n in ("a", "b", "c"))
+    merged = r.register_model("champion", 2, tmp_path / "m")
+    r.add_parents(merged, [c, a, b])
+    assert r.parents(merged) == [c, a, b]
+    assert r.get_model(merged).parent_id == c
+    child = r.register_model("baked", 3, tmp_path / "x", parent_id=merged)
+    assert r.parents(child) == [merged] and r.parents(a) == []
+
+
+def test_version_1_registry_migrates_to_lineage(tmp_path):
+    """A registry written before the lineage table keeps its rows and gains the table."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(reg.MIGRATIONS[0])
+    conn.execute("INSERT INTO models (name, phase, path, created) VALUES ('old', 3, '/x', 'then')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    r = reg.Registry(path)
+    assert r.schema_version == len(reg.MIGRATIONS) == 2
+    assert r.list_models()[0].name == "old" and r.parents(1) == []
