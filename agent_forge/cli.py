@@ -162,3 +162,7 @@ app.command("serve", help="Job API: start/pause/resume Step 1, Step 2, anti-thea
 from agent_forge.bitnet.commands import bitnet_cmd  # noqa: E402
 
 app.command("bitnet", help="Phase 4: compress a Phase 3 model to ternary (1.58-bit) weights, measured.")(bitnet_cmd)
+
+from agent_forge.evomerge.commands import evomerge_cmd  # noqa: E402
+
+app.command("evomerge", help="Phase 2: evolve merges of several models into a champion, measured.")(evomerge_cmd)

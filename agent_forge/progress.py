@@ -39,7 +39,7 @@ class StageDisplay:
     def on_step(self, step: int, total: int, row: dict) -> None:
         if self.task is None:
             self.task = self.progress.add_task(self.stage, total=total, info="")
-        info = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k in ("loss", "reward", "kl") and v is not None)
+        info = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k in ("loss", "reward", "kl", "best", "diversity") and v is not None)
         self.progress.update(self.task, completed=step, total=total, info=info)
 
     def _close_task(self) -> None:

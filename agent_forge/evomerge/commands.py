@@ -1,0 +1,103 @@
+"""`forge evomerge`: the Phase 2 command, and the summary it prints from the run's report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def evomerge_cmd(models: Optional[str] = typer.Option(None, help="comma-separated parent models "
+                                                      "(HF dirs or hub ids) of one architecture and tokenizer"),
+                 out: Path = typer.Option(..., help="output directory (model/, evomerge_report.json, fitness.png)"),
+                 make_parents: bool = typer.Option(False, "--make-parents",
+                                                   help="first fine-tune --base into one specialist per family"),
+                 base: Optional[str] = typer.Option(None, help="the parents' common ancestor (TIES/DARE base); "
+                                                    "with --make-parents the model they are trained from"),
+                 control: bool = typer.Option(False, help="with --make-parents: also train one model on all "
+                                              "families and compare the champion with it"),
+                 preset: str = typer.Option("quick", help="smoke (seconds), quick (<= 15 min CPU), standard (GPU)"),
+                 config: Optional[Path] = typer.Option(None, help="YAML overriding EvoMergeConfig fields"),
+                 strategy: Optional[str] = typer.Option(None, help="search: ga (the design's) or cma (CMA-ES)"),
+                 generations: Optional[int] = typer.Option(None),
+                 tracking: Optional[str] = typer.Option(None, help="W&B mode: offline, disabled, online"),
+                 resume: bool = typer.Option(False, help="continue a killed run in --out")):
+    """Phase 2: evolve merges of several models into a champion, measured on held-out data."""
+    from agent_forge.cli import console, fail
+    from agent_forge.evomerge.phase import EvoMergePhaseError, make_config, run_evomerge
+    from agent_forge.progress import StageDisplay
+
+    parents = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
+    if not parents and not make_parents:
+        fail("give --models A,B[,C...] or --make-parents (with --base, default: the built-in model)")
+    search = {k: v for k, v in (("strategy", strategy), ("generations", generations)) if v is not None}
+    try:
+        cfg = make_config(preset, config, models=parents, out=str(out), base=base, tracking=tracking,
+                          make_parents=make_parents or None, control=control or None)
+        if search:
+            from agent_forge.config import update_dataclass
+
+            cfg = update_dataclass(cfg, {"search": search}, "evomerge config")
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    with StageDisplay(console) as display:
+        try:
+            report = run_evomerge(cfg, resume=resume, on_stage=display.on_stage, progress=display.on_step)
+        except EvoMergePhaseError as e:
+            fail(str(e), code=1)
+    print_summary(console, report)
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _fit(f: dict) -> str:
+    return f"{_pct(f['value'])} [{_pct(f['low'])}, {_pct(f['high'])}] (n={f['n']})"
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    """(what, measured) rows for the terminal and the README; the target says met or MISSED."""
+    st = report["stages"]
+    rows = []
+    for i, p in enumerate(st.get("baseline", {}).get("parents", [])):
+        rows.append((f"parent {i + 1} (validation)", f"{p['path']}: {_fit(p)}"))
+    search = st.get("search")
+    if search:
+        for h in search["history"]:
+            rows.append((f"generation {h['generation']} (validation)",
+                         f"best {_pct(h['best'])}, mean {_pct(h['mean'])}, diversity {h['diversity']:.2f}, "
+                         f"{h.get('evaluated', 0)} evaluated"))
+        rows.append(("champion recipe", search["best"].get("label", "") + " " + _combo(search["best"])))
+    test = st.get("test")
+    if test:
+        g = test["gain"]
+        rows += [("best parent (test)", _fit(test["best_parent"])), ("champion (test)", _fit(test["champion"])),
+                 ("gain (paired, test)", f"{g['points']:+.1f} points [{g['ci95_points'][0]:+.1f}, "
+                                         f"{g['ci95_points'][1]:+.1f}], McNemar p={g['mcnemar_p']:.2g}"),
+                 (f"relative gain (target >= {100 * g['target_relative']:.0f}%)",
+                  f"{100 * g['relative_gain']:+.1f}%: {'met' if g['target_met'] else 'MISSED'}")]
+        if "control" in test:
+            c = test["gain_vs_control"]
+            rows += [("control: one model on all families (test)", _fit(test["control"])),
+                     ("champion vs control (paired)", f"{c['points']:+.1f} points [{c['ci95_points'][0]:+.1f}, "
+                                                      f"{c['ci95_points'][1]:+.1f}]")]
+    hand = st.get("handoff")
+    if hand:
+        rows.append(("Phase 2 -> 3 handoff", "passed" if hand["ok"] else "FAILED"))
+    rows.append(("time", f"{report['total_seconds']:.0f} s"))
+    return rows
+
+
+def _combo(genome: dict) -> str:
+    return f"{genome['interp']}+{genome['taskvec']}+{genome['layers']}"
+
+
+def print_summary(console: Console, report: dict) -> None:
+    table = Table(title=f"forge evomerge: {report['out']}", show_header=False)
+    for what, value in summary_rows(report):
+        table.add_row(what, value)
+    console.print(table)

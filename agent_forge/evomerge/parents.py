@@ -1,0 +1,86 @@
+"""Parents for a merge when only one model ships offline: specialists of one base model.
+
+Merging pays when the parents share a trunk (fine-tuned from one model, so their neurons
+line up) and are good at different things. `make_parents` fine-tunes the base model with
+Step 1's baker (supervised on verified thinking traces) once per task family, each on
+that family only, so each parent is strong on its family and weaker on the others.
+`make_control` trains the fair alternative to merging: one model on all the families with
+the parents' summed step budget.
+
+A parent whose directory already holds a model made with the same settings is reused
+(`cached: true` in the summary): the first build pays, later searches do not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class ParentsConfig:
+    families: tuple[str, ...] = ("chain_sum", "basic_arithmetic", "simple_equations")
+    """One parent per family; defaults to the families of the evaluation sets."""
+    records: int = 400
+    """Training records per parent (verified traces of its family)."""
+    steps: int = 60
+    """Optimiser steps per parent."""
+    batch_size: int = 8
+    lr: float = 2e-4
+    seed: int = 0
+    eval_sets: tuple[str, ...] = ("easy_arithmetic", "easy_arithmetic_val")
+    """Questions no parent may train on: the fitness's validation and test splits."""
+
+
+def _bake_overrides(cfg: ParentsConfig, steps: int) -> dict:
+    return {"steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+            "save_every": 0, "eval_samples": 16, "eval_thinking_off": False, "eval_max_new_tokens": 96}
+
+
+def _train(base: str, families: tuple[str, ...], n_records: int, steps: int, cfg: ParentsConfig,
+           out: Path, progress=None) -> dict:
+    """One Step 1 bake of `base` on `families`; reuses `out/model` when its settings match."""
+    from agent_forge.data.overlap import asked_by
+    from agent_forge.data.procedural import build_gym_records
+    from agent_forge.data.schema import write_records
+    from agent_forge.models import read_meta
+    from agent_forge.quietstar.step1 import run_step1
+
+    settings = {"base": str(base), "families": list(families), "records": n_records, "steps": steps,
+                **{k: v for k, v in asdict(cfg).items() if k not in ("families", "records", "steps")}}
+    model_dir = out / "model"
+    if model_dir.exists() and read_meta(model_dir).get("evomerge_parent") == settings:
+        return {"path": str(model_dir), "cached": True, **settings}
+    records = build_gym_records(n_records, seed=cfg.seed, families=families, exclude=asked_by(cfg.eval_sets))
+    write_records(out / "train.jsonl", records)
+    metrics = run_step1(str(base), out / "train.jsonl", out, _bake_overrides(cfg, steps),
+                        eval_data=cfg.eval_sets[-1], progress=progress)
+    _stamp(model_dir, settings)
+    return {"path": str(model_dir), "cached": False, "token_accuracy": metrics.get("token_accuracy"), **settings}
+
+
+def _stamp(model_dir: Path, settings: dict) -> None:
+    """Record the settings in forge_meta.json: phase 2 input, and the cache's identity."""
+    meta_path = model_dir / "forge_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta.update({"phase": 2, "role": "parent", "evomerge_parent": settings})
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    tmp.replace(meta_path)
+
+
+def make_parents(base: str, out: str | Path, cfg: ParentsConfig | None = None, progress=None) -> list[dict]:
+    """One specialist per family under `out/<family>/model`; returns a summary per parent."""
+    cfg = cfg or ParentsConfig()
+    if len(cfg.families) < 2:
+        raise ValueError("a merge needs at least two parents: give two or more families")
+    out = Path(out)
+    return [_train(base, (fam,), cfg.records, cfg.steps, cfg, out / fam, progress) for fam in cfg.families]
+
+
+def make_control(base: str, out: str | Path, cfg: ParentsConfig | None = None, progress=None) -> dict:
+    """The control: one model trained on every family with all the parents' data and steps."""
+    cfg = cfg or ParentsConfig()
+    n = len(cfg.families)
+    return _train(base, tuple(cfg.families), cfg.records * n, cfg.steps * n, cfg, Path(out) / "control", progress)

@@ -1,0 +1,326 @@
+"""`forge evomerge`: Phase 2 end to end, from several parents to a measured champion.
+
+    parents -> baseline -> search -> test -> save -> plot -> register -> handoff
+
+Each stage's result goes to `out/evomerge_state.json` when it finishes; the search itself
+writes its state after every generation, so `--resume` after a kill continues from the
+last finished generation, and no recipe is evaluated twice (the fitness cache). The search
+selects on the validation split; the champion and the best parent (best on validation)
+are then measured on the test split, question by question, and the gain is paired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.evomerge.fitness import Fitness, FitnessConfig
+from agent_forge.evomerge.parents import ParentsConfig
+from agent_forge.evomerge.search import SearchConfig
+from agent_forge.stages import StageState, run_stages, timings
+
+STATE_FILE = "evomerge_state.json"
+REPORT_FILE = "evomerge_report.json"
+SEARCH_FILE = "search_state.json"
+
+
+@dataclass
+class EvoMergeConfig:
+    """Everything `forge evomerge` does; presets below, YAML overrides any field."""
+
+    models: tuple[str, ...] = ()
+    """Parent models (HF dirs or hub ids) of one architecture and tokenizer; empty with
+    make_parents = True: specialists of `base` are trained first."""
+    base: str | None = None
+    """Common ancestor of the parents (TIES/DARE task vectors are taken against it); with
+    make_parents it is the model the specialists are fine-tuned from."""
+    make_parents: bool = False
+    out: str = "runs/evomerge"
+    preset: str = "quick"
+    device: str | None = None
+    parents: ParentsConfig = field(default_factory=ParentsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
+    control: bool = False
+    """Also train one model on all the parents' families with their summed budget, and
+    measure it on the test split beside the champion: is merging better than that?"""
+    target_relative_gain: float = 0.20
+    """The design's bar: the champion beats the best parent by this fraction on the test split."""
+    tracking: str = "offline"
+    registry: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # seconds on tiny models: proves every stage runs.
+    "smoke": {"search": {"generations": 2, "population": 8},
+              "fitness": {"samples": 8, "test_samples": 12, "max_new_tokens": 16},
+              "parents": {"records": 24, "steps": 2, "batch_size": 2}},
+    # <= 15 minutes on a 2-core CPU from the default model once the parents are cached.
+    "quick": {"search": {"generations": 3, "population": 8},
+              "fitness": {"samples": 48, "test_samples": 300, "max_new_tokens": 96}},
+    # a GPU's hours: the design's 50 generations.
+    "standard": {"search": {"generations": 50, "population": 16},
+                 "fitness": {"samples": 200, "test_samples": 1000},
+                 "parents": {"records": 4000, "steps": 600}},
+}
+
+
+def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **overrides) -> EvoMergeConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = update_dataclass(EvoMergeConfig(preset=preset), PRESETS[preset], "evomerge config")
+    if yaml_path:
+        cfg = update_dataclass(cfg, load_yaml(yaml_path), "evomerge config")
+    return update_dataclass(cfg, {k: v for k, v in overrides.items() if v is not None}, "evomerge config")
+
+
+class EvoMergePhaseError(RuntimeError):
+    """A stage found a problem the user must fix; the message says what."""
+
+
+@dataclass
+class Context:
+    cfg: EvoMergeConfig
+    out: Path
+    state: StageState
+    tracker: object
+    progress: Callable | None = None
+    resume: bool = False
+    cache: dict = field(default_factory=dict)  # per process: parent set, tokenizer, eval items
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces, built once per process
+
+
+def parent_set(ctx: Context):
+    if "parents" not in ctx.cache:
+        from agent_forge.evomerge.merge import check_parents
+
+        rec = ctx.state.result("parents")
+        ctx.cache["parents"] = check_parents(rec["paths"], base=rec.get("base"))
+    return ctx.cache["parents"]
+
+
+def items(ctx: Context, split: str):
+    from agent_forge.evomerge.fitness import load_items
+
+    if split not in ctx.cache:
+        f = ctx.cfg.fitness
+        ctx.cache[split] = load_items(f.val_set, f.samples) if split == "val" else load_items(f.test_set,
+                                                                                             f.test_samples)
+    return ctx.cache[split]
+
+
+def _load(path: str):
+    from agent_forge.models import load_model
+
+    model, tok = load_model(path)
+    return model.eval(), tok
+
+
+def measure_path(ctx: Context, path: str, split: str) -> Fitness:
+    from agent_forge.evomerge.fitness import measure
+
+    model, tok = _load(path)
+    return measure(model, tok, items(ctx, split), ctx.cfg.fitness)
+
+
+# ---------------------------------------------------------------------------------------
+# The stages
+
+
+def stage_parents(ctx: Context) -> dict:
+    """The parents: given, or specialists of `base` trained here (cached by their settings);
+    then the one check that they can merge (architecture, tokenizer)."""
+    from agent_forge.evomerge.parents import make_control, make_parents
+
+    cfg, out = ctx.cfg, {}
+    if cfg.make_parents:
+        base = cfg.base or "default"
+        made = make_parents(base, ctx.out / "parents", cfg.parents, progress=ctx.progress)
+        out = {"paths": [m["path"] for m in made], "made": made, "base": _resolved(base)}
+        if cfg.control:
+            out["control"] = make_control(base, ctx.out / "parents", cfg.parents, progress=ctx.progress)
+    else:
+        if len(cfg.models) < 2:
+            raise EvoMergePhaseError("a merge needs at least two --models (or --make-parents)")
+        out = {"paths": list(cfg.models), "base": cfg.base}
+    ctx.state.data["stages"]["parents"] = out  # parent_set reads it before the stage is recorded
+    ps = parent_set(ctx)
+    return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture}
+
+
+def _resolved(spec: str) -> str:
+    """The default model's local directory (the merge reads weights from disk)."""
+    from agent_forge.models import default_model_dir
+
+    return str(default_model_dir()) if spec == "default" else spec
+
+
+def stage_baseline(ctx: Context) -> dict:
+    """Every parent on the validation split: the bar a merge has to clear."""
+    rows = [{"path": p, **measure_path(ctx, p, "val").to_dict()} for p in ctx.state.result("parents")["paths"]]
+    best = max(range(len(rows)), key=lambda i: rows[i]["value"])
+    return {"parents": rows, "best_index": best, "best_value": rows[best]["value"]}
+
+
+def stage_search(ctx: Context) -> dict:
+    """The evolutionary search over recipes, fitness on the validation split."""
+    from agent_forge.evomerge.fitness import measure
+    from agent_forge.evomerge.merge import merge_to_model
+    from agent_forge.evomerge.search import run_search
+
+    ps = parent_set(ctx)
+    scfg = dataclasses.replace(ctx.cfg.search, n_parents=len(ps.paths), n_layers=ps.n_layers)
+
+    def fitness(genome) -> Fitness:
+        model = merge_to_model(genome, ps)
+        return measure(model, ps.tokenizer, items(ctx, "val"), ctx.cfg.fitness)
+
+    def on_generation(row: dict) -> None:
+        ctx.tracker.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, row["generation"], "search")
+        if ctx.progress is not None:
+            ctx.progress(row["generation"] + 1, scfg.generations, row)
+
+    result = run_search(scfg, fitness, ctx.out / SEARCH_FILE, on_generation=on_generation)
+    return {"best": result.best.to_dict(), "best_fitness": result.best_fitness.to_dict(),
+            "history": result.history, "evaluated": len(result.evaluated), "config": dataclasses.asdict(scfg)}
+
+
+def stage_test(ctx: Context) -> dict:
+    """Champion and best parent (chosen on validation) on the test split, paired; the
+    control (one model on all families) beside them when it was trained."""
+    from agent_forge.evomerge.fitness import measure, paired_report
+    from agent_forge.evomerge.genome import Genome
+    from agent_forge.evomerge.merge import merge_to_model
+
+    parents, baseline = ctx.state.result("parents"), ctx.state.result("baseline")
+    best_parent = measure_path(ctx, parents["paths"][baseline["best_index"]], "test")
+    ps = parent_set(ctx)
+    champion = measure(merge_to_model(Genome.from_dict(ctx.state.result("search")["best"]), ps), ps.tokenizer,
+                       items(ctx, "test"), ctx.cfg.fitness)
+    out = {"best_parent": best_parent.to_dict(), "champion": champion.to_dict(),
+           "gain": paired_report(best_parent, champion, ctx.cfg.target_relative_gain)}
+    if parents.get("control"):
+        control = measure_path(ctx, parents["control"]["path"], "test")
+        out["control"] = control.to_dict()
+        out["gain_vs_control"] = paired_report(control, champion, 0.0)
+    return out
+
+
+def stage_save(ctx: Context) -> dict:
+    """The champion as a plain HF directory; forge_meta.json carries what Phase 3 reads."""
+    from agent_forge.evomerge.genome import Genome
+    from agent_forge.evomerge.merge import merge_to_model, save_merged
+
+    ps, test = parent_set(ctx), ctx.state.result("test")
+    genome = Genome.from_dict(ctx.state.result("search")["best"])
+    gain = test["gain"]
+    meta = {"phase": 2, "parents": list(ps.paths), "base": ctx.state.result("parents").get("base"),
+            "genome": genome.to_dict(), "combination": genome.combination,
+            "metrics": {"fitness": test["champion"]["value"], "fitness_ci95": [test["champion"]["low"],
+                                                                              test["champion"]["high"]],
+                        "best_parent_fitness": test["best_parent"]["value"],
+                        "fitness_gain": gain["relative_gain"], "gain_points": gain["points"],
+                        "gain_ci95_points": gain["ci95_points"], "target_met": gain["target_met"],
+                        "test_set": ctx.cfg.fitness.test_set, "n": test["champion"]["n"]}}
+    dst = ctx.out / "model"
+    save_merged(merge_to_model(genome, ps), ps, dst, meta)
+    return {"model_dir": str(dst), "meta": meta}
+
+
+def stage_plot(ctx: Context) -> dict:
+    """fitness.png: best, mean and worst validation fitness per generation, diversity beside."""
+    from agent_forge.evomerge.report import plot_history
+
+    path = ctx.out / "fitness.png"
+    plot_history(ctx.state.result("search")["history"], ctx.state.result("baseline")["best_value"], path)
+    return {"path": str(path)}
+
+
+def stage_register(ctx: Context) -> dict:
+    """A row per parent (reused when the registry has it) and the champion, with lineage."""
+    from agent_forge.registry import Registry
+
+    reg = Registry(ctx.cfg.registry)
+    known = {str(Path(m.path).resolve()): m.id for m in reg.list_models()}
+    rows = ctx.state.result("baseline")["parents"]
+    parent_ids = []
+    for row in rows:
+        key = str(Path(row["path"]).resolve())
+        parent_ids.append(known.get(key) or reg.register_model(
+            f"evomerge-parent:{Path(row['path']).parent.name}", 2, row["path"],
+            metrics={"val_fitness": row["value"], "role": "parent"}))
+    champion = reg.register_model(f"evomerge:{ctx.out.name}", 2, ctx.out / "model",
+                                  metrics=ctx.state.result("save")["meta"]["metrics"])
+    reg.add_parents(champion, parent_ids)
+    return {"model_id": champion, "parent_ids": parent_ids, "registry": str(reg.path)}
+
+
+def stage_handoff(ctx: Context) -> dict:
+    from agent_forge.handoff import validate_phase2_to_3
+    from agent_forge.registry import Registry
+
+    result = validate_phase2_to_3(ctx.out / "model")
+    Registry(ctx.cfg.registry).update_handoff(ctx.state.result("register")["model_id"],
+                                              "passed" if result.ok else "failed", result.to_dict())
+    return result.to_dict()
+
+
+STAGES = [("parents", stage_parents), ("baseline", stage_baseline), ("search", stage_search),
+          ("test", stage_test), ("save", stage_save), ("plot", stage_plot), ("register", stage_register),
+          ("handoff", stage_handoff)]
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+def run_evomerge(cfg: EvoMergeConfig, resume: bool = False, on_stage: Callable | None = None,
+                 progress: Callable | None = None) -> dict:
+    """Run (or resume) every stage; returns the report also written to out/evomerge_report.json."""
+    from agent_forge.tracking import Tracker
+
+    out = Path(cfg.out)
+    if (out / STATE_FILE).exists() and not resume:
+        raise EvoMergePhaseError(f"{out} already holds an EvoMerge run; pass --resume to continue it "
+                                 "or choose another --out")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    state = StageState(out, resume, STATE_FILE)
+    tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
+    ctx = Context(cfg, out, state, tracker, progress, resume)
+    try:
+        run_stages(STAGES, ctx, state, on_stage, run_one=_run_stage)
+    except EvoMergePhaseError:
+        if created and not state.data["stages"].get("baseline"):  # refused at the door: leave nothing
+            tracker.finish()
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        tracker.finish()
+    per_stage, total = timings(state)
+    report = {"models": list(cfg.models), "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
+              "stages": state.data["stages"], "timings": per_stage, "total_seconds": total}
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _run_stage(name: str, fn, ctx: Context) -> dict:
+    """Run one stage; turn the problems a user can act on into one clear EvoMergePhaseError."""
+    from agent_forge.evomerge.merge import MergeError
+    from agent_forge.models import ModelLoadError
+
+    try:
+        return fn(ctx)
+    except (MergeError, ModelLoadError) as e:
+        raise EvoMergePhaseError(str(e)) from e
