@@ -70,7 +70,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         for h in search["history"]:
             rows.append((f"generation {h['generation']} (validation)",
                          f"best {_pct(h['best'])}, mean {_pct(h['mean'])}, diversity {h['diversity']:.2f}, "
-                         f"{h.get('evaluated', 0)} evaluated"))
+                         f"{h.get('n_evaluated', 0)} newly evaluated, {h.get('cache_hits', 0)} cached"))
         rows.append(("champion recipe", search["best"].get("label", "") + " " + _combo(search["best"])))
     test = st.get("test")
     if test:

@@ -13,7 +13,9 @@ value = (1 - w) * accuracy + w * exp(mean log-prob per answer token).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+
+from agent_forge.evomerge.search import Fitness  # noqa: F401  (the one Fitness; re-exported)
 
 
 @dataclass
@@ -32,24 +34,6 @@ class FitnessConfig:
     batch_size: int = 16
     loglik_weight: float = 0.0
     """0 = accuracy only; 1 = the log-likelihood proxy only."""
-
-
-@dataclass
-class Fitness:
-    """What the search compares (`value`) and the evidence behind it."""
-
-    value: float
-    low: float
-    high: float
-    n: int
-    details: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Fitness":
-        return cls(**d)
 
 
 def load_items(name: str, limit: int):

@@ -58,6 +58,14 @@ class ParentSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.config.model_type)
+
     def states(self) -> list[dict[str, torch.Tensor]]:
         if self._states is None:
             self._states = [load_state(p) for p in self.paths]

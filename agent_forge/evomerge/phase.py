@@ -220,21 +220,19 @@ def stage_test(ctx: Context) -> dict:
 def stage_save(ctx: Context) -> dict:
     """The champion as a plain HF directory; forge_meta.json carries what Phase 3 reads."""
     from agent_forge.evomerge.genome import Genome
-    from agent_forge.evomerge.merge import merge_to_model, save_merged
+    from agent_forge.evomerge.merge import merge_state_dicts, save_merged
 
     ps, test = parent_set(ctx), ctx.state.result("test")
     genome = Genome.from_dict(ctx.state.result("search")["best"])
     gain = test["gain"]
-    meta = {"phase": 2, "parents": list(ps.paths), "base": ctx.state.result("parents").get("base"),
-            "genome": genome.to_dict(), "combination": genome.combination,
-            "metrics": {"fitness": test["champion"]["value"], "fitness_ci95": [test["champion"]["low"],
+    meta = {"metrics": {"fitness": test["champion"]["value"], "fitness_ci95": [test["champion"]["low"],
                                                                               test["champion"]["high"]],
                         "best_parent_fitness": test["best_parent"]["value"],
                         "fitness_gain": gain["relative_gain"], "gain_points": gain["points"],
                         "gain_ci95_points": gain["ci95_points"], "target_met": gain["target_met"],
                         "test_set": ctx.cfg.fitness.test_set, "n": test["champion"]["n"]}}
     dst = ctx.out / "model"
-    save_merged(merge_to_model(genome, ps), ps, dst, meta)
+    save_merged(merge_state_dicts(genome, ps.states(), ps.base_state()), ps, dst, genome, meta)
     return {"model_dir": str(dst), "meta": meta}
 
 

@@ -1,0 +1,130 @@
+"""`forge evomerge` end to end on tiny models: every stage, the champion as a plain HF model
+that Phase 3 accepts, lineage in the registry, the paired test report against a plain
+computation, resume, and the refusals (one parent, parents that cannot merge)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from agent_forge.evomerge.fitness import paired_report
+from agent_forge.evomerge.phase import STAGES, STATE_FILE, EvoMergePhaseError, make_config, run_evomerge
+from agent_forge.evomerge.search import Fitness
+from agent_forge.models import read_meta, save_model
+from agent_forge.registry import Registry
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+
+def _family(tmp_path, n_children=2):
+    """A base and children fine-tuned from it (here: different tensors nudged), as on disk."""
+    tok = make_tiny_tokenizer()
+    base = make_tiny_model("llama", len(tok), seed=0)
+    save_model(base, tok, tmp_path / "base")
+    paths = []
+    for k in range(n_children):
+        child = make_tiny_model("llama", len(tok), seed=0)
+        g = torch.Generator().manual_seed(k + 1)
+        with torch.no_grad():
+            for name, p in child.named_parameters():
+                if f"layers.{k % 2}." in name:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        save_model(child, tok, tmp_path / f"child{k}")
+        paths.append(str(tmp_path / f"child{k}"))
+    return str(tmp_path / "base"), paths
+
+
+def _cfg(tmp_path, models, base, **kw):
+    return make_config("smoke", models=tuple(models), base=base, out=str(tmp_path / "out"), tracking="disabled",
+                       registry=str(tmp_path / "reg.db"), **kw)
+
+
+def test_smoke_run_makes_a_champion_phase3_accepts(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from agent_forge.handoff import validate_phase2_to_3
+
+    base, parents = _family(tmp_path)
+    report = run_evomerge(_cfg(tmp_path, parents, base))
+    st = report["stages"]
+    assert list(st) == [name for name, _ in STAGES]
+    assert [h["generation"] for h in st["search"]["history"]] == [0, 1]
+    assert st["search"]["history"][0]["n_evaluated"] == 8  # the 8 combinations
+    best = st["search"]["history"][-1]["best"]
+    assert best == max(st["search"]["history"][i]["best"] for i in range(2))  # elitism
+    model_dir = tmp_path / "out" / "model"
+    plain = AutoModelForCausalLM.from_pretrained(model_dir)  # plain transformers loads it
+    assert plain.config.num_hidden_layers >= 1
+    meta = read_meta(model_dir)
+    assert meta["phase"] == 2 and meta["parents"] == parents
+    assert meta["metrics"]["fitness"] == st["test"]["champion"]["value"]
+    assert validate_phase2_to_3(model_dir).ok
+    reg = Registry(tmp_path / "reg.db")
+    champion = st["register"]["model_id"]
+    assert [reg.get_model(i).path for i in reg.parents(champion)] == parents
+    assert reg.get_model(champion).handoff_status == "passed"
+    assert (tmp_path / "out" / "fitness.png").stat().st_size > 1000
+
+
+def test_resume_after_the_run_repeats_nothing(tmp_path):
+    base, parents = _family(tmp_path)
+    cfg = _cfg(tmp_path, parents, base)
+    run_evomerge(cfg)
+    first = json.loads((tmp_path / "out" / "evomerge_report.json").read_text())
+    with pytest.raises(EvoMergePhaseError, match="--resume"):
+        run_evomerge(cfg)
+    again = run_evomerge(cfg, resume=True)
+    assert json.loads(json.dumps(again["stages"])) == first["stages"]
+
+
+def test_paired_report_matches_a_plain_computation():
+    before = Fitness(0.5, 0.3, 0.7, 8, {"correct": [1, 1, 0, 0, 1, 0, 1, 0]})
+    after = Fitness(0.75, 0.4, 0.9, 8, {"correct": [1, 1, 1, 0, 1, 1, 1, 0]})
+    r = paired_report(before, after, target_relative=0.2)
+    assert r["points"] == pytest.approx(25.0)
+    assert r["relative_gain"] == pytest.approx((0.75 - 0.5) / 0.5)
+    assert r["ci95_points"][0] <= 25.0 <= r["ci95_points"][1]
+    # McNemar: 2 discordant pairs, both for `after`: exact two-sided p = 2 * 0.5^2
+    assert r["mcnemar_p"] == pytest.approx(0.5)
+    assert not r["target_met"]  # +50% relative, but the interval reaches 0 on 8 items
+    with pytest.raises(ValueError, match="same test items"):
+        paired_report(before, Fitness(0.5, 0, 1, 2, {"correct": [1, 0]}))
+
+
+def test_one_parent_is_refused_and_leaves_nothing(tmp_path):
+    base, parents = _family(tmp_path, n_children=1)
+    with pytest.raises(EvoMergePhaseError, match="at least two"):
+        run_evomerge(_cfg(tmp_path, parents, base))
+    assert not (tmp_path / "out").exists()
+
+
+def test_parents_of_different_architectures_are_refused(tmp_path):
+    tok = make_tiny_tokenizer()
+    save_model(make_tiny_model("llama", len(tok)), tok, tmp_path / "a")
+    save_model(make_tiny_model("qwen2", len(tok)), tok, tmp_path / "b")
+    with pytest.raises(EvoMergePhaseError) as err:
+        run_evomerge(_cfg(tmp_path, [str(tmp_path / "a"), str(tmp_path / "b")], None))
+    assert "llama" in str(err.value) and "qwen2" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_prints_the_table(tmp_path, monkeypatch):
+    from agent_forge.cli import app
+
+    base, parents = _family(tmp_path)
+    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
+    res = CliRunner().invoke(app, ["evomerge", "--models", ",".join(parents), "--base", base,
+                                   "--out", str(tmp_path / "cli"), "--preset", "smoke", "--tracking", "disabled"])
+    assert res.exit_code == 0, res.output
+    assert "champion (test)" in res.output and "relative gain" in res.output
+    report = json.loads((tmp_path / "cli" / "evomerge_report.json").read_text())
+    assert report["stages"]["handoff"]["ok"]
+    assert (tmp_path / "cli" / STATE_FILE).exists()
+
+
+def test_command_without_parents_says_what_to_give(tmp_path):
+    from agent_forge.cli import app
+
+    res = CliRunner().invoke(app, ["evomerge", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--models" in res.output
