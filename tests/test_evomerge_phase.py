@@ -117,7 +117,7 @@ def test_command_prints_the_table(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["evomerge", "--models", ",".join(parents), "--base", base,
                                    "--out", str(tmp_path / "cli"), "--preset", "smoke", "--tracking", "disabled"])
     assert res.exit_code == 0, res.output
-    assert "champion (test)" in res.output and "relative gain" in res.output
+    assert "champion (test accuracy)" in res.output and "relative gain" in res.output
     report = json.loads((tmp_path / "cli" / "evomerge_report.json").read_text())
     assert report["stages"]["handoff"]["ok"]
     assert (tmp_path / "cli" / STATE_FILE).exists()

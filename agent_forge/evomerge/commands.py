@@ -63,19 +63,21 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     """(what, measured) rows for the terminal and the README; the target says met or MISSED."""
     st = report["stages"]
     rows = []
+    kind = "trace likelihood" if report["config"]["fitness"]["loglik_weight"] >= 1 else "fitness"
     for i, p in enumerate(st.get("baseline", {}).get("parents", [])):
-        rows.append((f"parent {i + 1} (validation)", f"{p['path']}: {_fit(p)}"))
+        rows.append((f"parent {i + 1} (validation {kind})", f"{p['path']}: {_fit(p)}"))
     search = st.get("search")
     if search:
         for h in search["history"]:
-            rows.append((f"generation {h['generation']} (validation)",
+            rows.append((f"generation {h['generation']} (validation {kind})",
                          f"best {_pct(h['best'])}, mean {_pct(h['mean'])}, diversity {h['diversity']:.2f}, "
                          f"{h.get('n_evaluated', 0)} newly evaluated, {h.get('cache_hits', 0)} cached"))
         rows.append(("champion recipe", search["best"].get("label", "") + " " + _combo(search["best"])))
     test = st.get("test")
     if test:
         g = test["gain"]
-        rows += [("best parent (test)", _fit(test["best_parent"])), ("champion (test)", _fit(test["champion"])),
+        rows += [("best parent (test accuracy)", _fit(test["best_parent"])),
+                 ("champion (test accuracy)", _fit(test["champion"])),
                  ("gain (paired, test)", f"{g['points']:+.1f} points [{g['ci95_points'][0]:+.1f}, "
                                          f"{g['ci95_points'][1]:+.1f}], McNemar p={g['mcnemar_p']:.2g}"),
                  (f"relative gain (target >= {100 * g['target_relative']:.0f}%)",

@@ -5,13 +5,15 @@ are then measured once on the test split (`test_set`), question by question, so 
 is a paired comparison. Both splits come from generator seeds that no training record
 uses (data.evalsets), and the parents' training records are filtered against both.
 
-A log-likelihood proxy (the gold answer's mean log-probability behind an empty thinking
-block) is cheaper than generating; `loglik_weight` mixes it in:
-value = (1 - w) * accuracy + w * exp(mean log-prob per answer token).
+A log-likelihood proxy is far cheaper than generating: the reference trace and answer of
+each validation item (rebuilt by the procedural generator), scored teacher-forced, as
+exp(mean log-prob per token), averaged over items. `loglik_weight` mixes it in:
+value = (1 - w) * accuracy + w * proxy. The test split is always scored by accuracy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,7 +35,8 @@ class FitnessConfig:
     max_new_tokens: int = 96
     batch_size: int = 16
     loglik_weight: float = 0.0
-    """0 = accuracy only; 1 = the log-likelihood proxy only."""
+    """0 = accuracy only; 1 = the trace-likelihood proxy only (selection; the test split
+    is scored by accuracy whatever this says)."""
 
 
 def load_items(name: str, limit: int):
@@ -46,33 +49,69 @@ def load_items(name: str, limit: int):
 
 
 def measure(model, tokenizer, items, cfg: FitnessConfig) -> Fitness:
-    """Accuracy (Wilson 95%) on `items`, mixed with the log-likelihood proxy when asked."""
+    """Accuracy (Wilson 95%) on `items`, the trace-likelihood proxy (bootstrap 95%), or the
+    weighted mix `loglik_weight` asks for; weight 1 generates nothing."""
+    w = cfg.loglik_weight
+    if w >= 1:
+        return Fitness.from_scores(trace_likelihood(model, tokenizer, items, cfg.batch_size),
+                                   {"kind": "trace_likelihood"})
+    acc = _accuracy(model, tokenizer, items, cfg)
+    if w <= 0:
+        return acc
+    proxy = Fitness.from_scores(trace_likelihood(model, tokenizer, items, cfg.batch_size))
+    value, low, high = ((1 - w) * a + w * p for a, p in ((acc.value, proxy.value), (acc.low, proxy.low),
+                                                         (acc.high, proxy.high)))
+    return Fitness(value, low, high, acc.n, {**acc.details, "kind": "mix", "trace_likelihood": proxy.value})
+
+
+def _accuracy(model, tokenizer, items, cfg: FitnessConfig) -> Fitness:
     from agent_forge.evaluation.runner import evaluate
 
     res = evaluate(model, tokenizer, items, thinking=cfg.thinking, batch_size=cfg.batch_size,
                    max_new_tokens=cfg.max_new_tokens, loglik=False, progress=False)
     correct = [bool(r["correct"]) for r in res.per_example]
-    details = {"accuracy": res.accuracy, "ci95": res.ci95, "correct": correct,
-               "per_family": {k: v["accuracy"] for k, v in res.per_family.items()},
-               "no_answer_rate": res.no_answer_rate}
-    value, (low, high) = res.accuracy, res.ci95
-    if cfg.loglik_weight > 0:
-        proxy = answer_likelihood(model, tokenizer, items, cfg.batch_size)
-        details["answer_likelihood"] = proxy
-        w = cfg.loglik_weight
-        value, low, high = ((1 - w) * x + w * proxy for x in (value, low, high))
-    return Fitness(value=value, low=low, high=high, n=len(items), details=details)
+    return Fitness.from_correct(correct, {"kind": "accuracy", "correct": correct,
+                                          "per_family": {k: v["accuracy"] for k, v in res.per_family.items()},
+                                          "no_answer_rate": res.no_answer_rate})
 
 
-def answer_likelihood(model, tokenizer, items, batch_size: int = 16) -> float:
-    """exp(mean log-prob per gold-answer token) behind an empty thinking block: in (0, 1],
-    higher when the model puts its mass on the right answer, no generation needed."""
-    from agent_forge.evaluation.runner import continuation_logprobs, loglik_context
+def trace_records(items):
+    """The verified reference trace for each procedural item (its generator's metadata
+    rebuilds it, as for training records); items with no trace builder are left out."""
+    from agent_forge.data.procedural import make_record
 
-    pairs = [(loglik_context(tokenizer, it), " " + it.answer.strip()) for it in items]
-    lls = continuation_logprobs(model, tokenizer, pairs, batch_size)
-    n_tokens = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in pairs]
-    return math.exp(sum(lls) / max(1, sum(n_tokens)))
+    out = []
+    for it in items:
+        try:
+            out.append(make_record(it.family, {"question": it.question, "answer": it.answer,
+                                               "metadata": it.meta}, it.id, "easy", 0))
+        except (KeyError, ValueError):
+            continue
+    return out
+
+
+def trace_likelihood(model, tokenizer, items, batch_size: int = 16) -> list[float]:
+    """Per item: exp(mean log-prob of the reference trace and answer tokens), in (0, 1];
+    the held-out form of what Step 1 trains, one forward pass per batch, no generation."""
+    import torch
+
+    from agent_forge.quietstar.bake_data import IGNORE, collate, encode_records, shifted
+
+    examples, _ = encode_records(trace_records(items), tokenizer, max_len=384)
+    if not examples:
+        raise ValueError("no item has a reference trace: use loglik_weight 0 (accuracy) for this set")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scores: list[float] = []
+    with torch.inference_mode():
+        for s in range(0, len(examples), batch_size):
+            batch = collate(examples[s:s + batch_size], pad)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels, _ = shifted(batch)
+            mask = labels != IGNORE
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            per_item = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
+            scores += per_item.exp().tolist()
+    return scores
 
 
 def paired_report(best_parent: Fitness, champion: Fitness, target_relative: float = 0.20) -> dict:
@@ -88,3 +127,8 @@ def paired_report(best_parent: Fitness, champion: Fitness, target_relative: floa
     relative = (gain["after"] - base) / base if base > 0 else math.inf if gain["after"] > 0 else 0.0
     return {**gain, "relative_gain": relative, "target_relative": target_relative,
             "target_met": relative >= target_relative and gain["ci95_points"][0] > 0}
+
+
+def accuracy_only(cfg: FitnessConfig) -> FitnessConfig:
+    """The same settings scoring accuracy: what the test split is reported in."""
+    return dataclasses.replace(cfg, loglik_weight=0.0)

@@ -47,8 +47,9 @@ def _train(base: str, families: tuple[str, ...], n_records: int, steps: int, cfg
     from agent_forge.models import read_meta
     from agent_forge.quietstar.step1 import run_step1
 
-    settings = {"base": str(base), "families": list(families), "records": n_records, "steps": steps,
-                **{k: v for k, v in asdict(cfg).items() if k not in ("families", "records", "steps")}}
+    settings = json.loads(json.dumps({"base": str(base), "families": list(families), "records": n_records,
+                                      "steps": steps, **{k: v for k, v in asdict(cfg).items()
+                                                         if k not in ("families", "records", "steps")}}))
     model_dir = out / "model"
     if model_dir.exists() and read_meta(model_dir).get("evomerge_parent") == settings:
         return {"path": str(model_dir), "cached": True, **settings}

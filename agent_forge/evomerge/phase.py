@@ -64,8 +64,10 @@ PRESETS: dict[str, dict] = {
               "fitness": {"samples": 8, "test_samples": 12, "max_new_tokens": 16},
               "parents": {"records": 24, "steps": 2, "batch_size": 2}},
     # <= 15 minutes on a 2-core CPU from the default model once the parents are cached.
+    # Selection by the trace-likelihood proxy (no generation: seconds per candidate); the
+    # champion and the best parent are then scored by accuracy on the test split.
     "quick": {"search": {"generations": 3, "population": 8},
-              "fitness": {"samples": 48, "test_samples": 300, "max_new_tokens": 96}},
+              "fitness": {"samples": 90, "test_samples": 300, "max_new_tokens": 128, "loglik_weight": 1.0}},
     # a GPU's hours: the design's 50 generations.
     "standard": {"search": {"generations": 50, "population": 16},
                  "fitness": {"samples": 200, "test_samples": 1000},
@@ -130,8 +132,10 @@ def _load(path: str):
 def measure_path(ctx: Context, path: str, split: str) -> Fitness:
     from agent_forge.evomerge.fitness import measure
 
+    from agent_forge.evomerge.fitness import accuracy_only
+
     model, tok = _load(path)
-    return measure(model, tok, items(ctx, split), ctx.cfg.fitness)
+    return measure(model, tok, items(ctx, split), ctx.cfg.fitness if split == "val" else accuracy_only(ctx.cfg.fitness))
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def stage_search(ctx: Context) -> dict:
 def stage_test(ctx: Context) -> dict:
     """Champion and best parent (chosen on validation) on the test split, paired; the
     control (one model on all families) beside them when it was trained."""
-    from agent_forge.evomerge.fitness import measure, paired_report
+    from agent_forge.evomerge.fitness import accuracy_only, measure, paired_report
     from agent_forge.evomerge.genome import Genome
     from agent_forge.evomerge.merge import merge_to_model
 
@@ -207,7 +211,7 @@ def stage_test(ctx: Context) -> dict:
     best_parent = measure_path(ctx, parents["paths"][baseline["best_index"]], "test")
     ps = parent_set(ctx)
     champion = measure(merge_to_model(Genome.from_dict(ctx.state.result("search")["best"]), ps), ps.tokenizer,
-                       items(ctx, "test"), ctx.cfg.fitness)
+                       items(ctx, "test"), accuracy_only(ctx.cfg.fitness))
     out = {"best_parent": best_parent.to_dict(), "champion": champion.to_dict(),
            "gain": paired_report(best_parent, champion, ctx.cfg.target_relative_gain)}
     if parents.get("control"):

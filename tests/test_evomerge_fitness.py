@@ -1,0 +1,83 @@
+"""Phase 2 fitness and parents: the trace-likelihood proxy against a token-by-token
+computation, the accuracy/proxy mix, and specialist parents trained (then reused) from a
+tiny base, their training questions disjoint from the fitness splits."""
+
+import math
+
+import pytest
+import torch
+
+from agent_forge.evomerge.fitness import FitnessConfig, measure, trace_likelihood, trace_records
+from agent_forge.models import save_model
+from agent_forge.vocab import add_thinking_tokens
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from agent_forge.data.evalsets import load_eval_set
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    add_thinking_tokens(model, tok)
+    return model.eval(), tok, load_eval_set("easy_arithmetic_val", limit=6)
+
+
+def test_reference_traces_are_rebuilt_for_every_procedural_item(tiny):
+    _, _, items = tiny
+    records = trace_records(items)
+    assert [r.question for r in records] == [it.question for it in items]
+    assert all(r.thinking and r.gold == it.answer for r, it in zip(records, items))
+
+
+def test_trace_likelihood_matches_token_by_token(tiny):
+    """exp(mean log p) over the labelled tokens, each computed from its own full forward pass
+    on the unpadded sequence: padding and batching must not change it."""
+    from agent_forge.quietstar.bake_data import IGNORE, encode_records
+
+    model, tok, items = tiny
+    got = trace_likelihood(model, tok, items, batch_size=4)
+    examples, _ = encode_records(trace_records(items), tok, max_len=384)
+    for g, ex in zip(got, examples):
+        ids = torch.tensor([ex.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        terms = [float(logp[t - 1, ex.input_ids[t]]) for t in range(1, len(ex.input_ids)) if ex.labels[t] != IGNORE]
+        assert g == pytest.approx(math.exp(sum(terms) / len(terms)), rel=1e-4)
+
+
+def test_mix_weights_accuracy_and_proxy(tiny):
+    model, tok, items = tiny
+    base = FitnessConfig(max_new_tokens=8, batch_size=6)
+    acc = measure(model, tok, items, base)
+    proxy = measure(model, tok, items, FitnessConfig(max_new_tokens=8, batch_size=6, loglik_weight=1.0))
+    mix = measure(model, tok, items, FitnessConfig(max_new_tokens=8, batch_size=6, loglik_weight=0.25))
+    assert acc.details["kind"] == "accuracy" and len(acc.details["correct"]) == len(items)
+    assert proxy.details["kind"] == "trace_likelihood" and 0 < proxy.value <= 1
+    assert mix.value == pytest.approx(0.75 * acc.value + 0.25 * proxy.value)
+    assert proxy.low <= proxy.value <= proxy.high
+
+
+def test_specialist_parents_are_trained_once_and_reused(tmp_path):
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.data.schema import read_records
+    from agent_forge.evomerge.parents import ParentsConfig, make_parents
+    from agent_forge.models import read_meta
+
+    tok = make_tiny_tokenizer()
+    save_model(make_tiny_model("llama", len(tok)), tok, tmp_path / "base")
+    cfg = ParentsConfig(families=("chain_sum", "simple_equations"), records=12, steps=2, batch_size=2)
+    made = make_parents(str(tmp_path / "base"), tmp_path / "parents", cfg)
+    assert [m["cached"] for m in made] == [False, False]
+    for fam, m in zip(cfg.families, made):
+        records = list(read_records(tmp_path / "parents" / fam / "train.jsonl"))
+        assert {r.family for r in records} == {fam}  # a specialist sees only its family
+        assert read_meta(m["path"])["evomerge_parent"]["families"] == [fam]
+    asked = {it.question for name in cfg.eval_sets for it in load_eval_set(name)}
+    assert not asked & {r.question for fam in cfg.families
+                        for r in read_records(tmp_path / "parents" / fam / "train.jsonl")}
+    again = make_parents(str(tmp_path / "base"), tmp_path / "parents", cfg)
+    assert [m["cached"] for m in again] == [True, True]
+    with pytest.raises(ValueError, match="two"):
+        make_parents(str(tmp_path / "base"), tmp_path / "p1", ParentsConfig(families=("chain_sum",)))
