@@ -262,6 +262,12 @@ class Registry:
             row = conn.execute("SELECT parent_id FROM models WHERE id = ?", (model_id,)).fetchone()
         return [int(row[0])] if row and row[0] is not None else []
 
+    def find_by_path(self, path: str | Path, phase: int | None = None) -> int | None:
+        """The newest model stored at `path` (resolved), in `phase` if given: how a phase
+        finds its input's row to record lineage."""
+        where = Path(path).resolve()
+        return next((m.id for m in reversed(self.list_models(phase)) if Path(m.path).resolve() == where), None)
+
     def get_model(self, model_id: int) -> ModelEntry:
         with self._read() as conn:
             row = conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()

@@ -63,6 +63,9 @@ def test_smoke_run_makes_a_champion_phase3_accepts(tmp_path):
     reg = Registry(tmp_path / "reg.db")
     champion = st["register"]["model_id"]
     assert [reg.get_model(i).path for i in reg.parents(champion)] == parents
+    base_id = reg.find_by_path(base)  # lineage goes back to the common ancestor (phase 0)
+    assert base_id and reg.get_model(base_id).phase == 0
+    assert all(reg.get_model(i).parent_id == base_id for i in reg.parents(champion))
     assert reg.get_model(champion).handoff_status == "passed"
     assert (tmp_path / "out" / "fitness.png").stat().st_size > 1000
 

@@ -391,8 +391,7 @@ def stage_register(ctx: Context) -> dict:
     from agent_forge.registry import Registry
 
     reg = Registry(ctx.cfg.registry)
-    parent = next((m.id for m in reversed(reg.list_models(phase=3))
-                   if Path(m.path).resolve() == Path(ctx.cfg.model).resolve()), None)
+    parent = reg.find_by_path(ctx.cfg.model, phase=3)
     metrics = {**_metrics_for_meta(ctx), "ratio_vs_fp32": ctx.state.result("save")["ratio_vs_fp32"],
                "ratio_vs_bf16": ctx.state.result("save")["ratio_vs_bf16"],
                "sparsity": ctx.state.result("save")["sparsity"]["overall"],

@@ -254,13 +254,13 @@ def stage_register(ctx: Context) -> dict:
     from agent_forge.registry import Registry
 
     reg = Registry(ctx.cfg.registry)
-    known = {str(Path(m.path).resolve()): m.id for m in reg.list_models()}
-    rows = ctx.state.result("baseline")["parents"]
+    base = ctx.state.result("parents").get("base")
+    base_id = (reg.find_by_path(base) or reg.register_model(f"input:{Path(base).name}", 0, base)) \
+        if base and Path(base).is_dir() else None  # phase 0: a model no phase made
     parent_ids = []
-    for row in rows:
-        key = str(Path(row["path"]).resolve())
-        parent_ids.append(known.get(key) or reg.register_model(
-            f"evomerge-parent:{Path(row['path']).parent.name}", 2, row["path"],
+    for row in ctx.state.result("baseline")["parents"]:
+        parent_ids.append(reg.find_by_path(row["path"]) or reg.register_model(
+            f"evomerge-parent:{Path(row['path']).parent.name}", 2, row["path"], parent_id=base_id,
             metrics={"val_fitness": row["value"], "role": "parent"}))
     champion = reg.register_model(f"evomerge:{ctx.out.name}", 2, ctx.out / "model",
                                   metrics=ctx.state.result("save")["meta"]["metrics"])

@@ -555,7 +555,9 @@ def stage_register(ctx: Context) -> dict:
                "test_accuracy_thinking_on": test["accuracy_on"], "test_accuracy_thinking_off": test["accuracy_off"],
                "input_accuracy": test["input_accuracy_greedy"], "ab_diff_points": test["ab_diff_points"],
                "anti_theater_passed": ctx.state.result("anti_theater").get("passed"), "ab_winner": test["ab_winner"]}
-    model_id = reg.register_model(f"quietstar:{Path(ctx.cfg.out).name}", 3, ctx.out / "model", metrics=metrics)
+    parent = reg.find_by_path(ctx.cfg.model) if Path(ctx.cfg.model).is_dir() else None  # e.g. the Phase 2 champion
+    model_id = reg.register_model(f"quietstar:{Path(ctx.cfg.out).name}", 3, ctx.out / "model", parent_id=parent,
+                                  metrics=metrics)
     return {"model_id": model_id, "registry": str(reg.path)}
 
 
