@@ -166,3 +166,40 @@ app.command("bitnet", help="Phase 4: compress a Phase 3 model to ternary (1.58-b
 from agent_forge.evomerge.commands import evomerge_cmd  # noqa: E402
 
 app.command("evomerge", help="Phase 2: evolve merges of several models into a champion, measured.")(evomerge_cmd)
+
+
+@app.command("run")
+def run_cmd(start: str = typer.Option("quietstar", "--from", help="first phase: evomerge, quietstar, bitnet"),
+            stop: str = typer.Option("bitnet", "--to", help="last phase: evomerge, quietstar, bitnet"),
+            out: Path = typer.Option(..., help="output directory: one folder per phase, forge_report.json"),
+            model: str = typer.Option("default", help="the first phase's input model"),
+            preset: str = typer.Option("quick", help="every phase's preset: smoke, quick, standard"),
+            config: Optional[Path] = typer.Option(None, help="YAML: chain fields and a section per phase"),
+            force: bool = typer.Option(False, help="go on past a failed handoff (recorded)"),
+            tracking: Optional[str] = typer.Option(None, help="W&B mode: offline, disabled, online"),
+            resume: bool = typer.Option(False, help="continue a killed chain in --out")):
+    """The phases as one system: each phase's output is the next one's input, through its handoff."""
+    from rich.table import Table
+
+    from agent_forge.chain import ChainError, chain_rows, load_chain_config, run_chain
+    from agent_forge.progress import StageDisplay
+
+    try:
+        cfg = load_chain_config(config, start=start, stop=stop, out=str(out), model=model, preset=preset,
+                                force=force or None, tracking=tracking)
+        cfg.selected()
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        fail(str(e))
+    with StageDisplay(console) as display:
+        def on_phase(name, event, result):
+            if event == "start":
+                console.rule(f"phase {name}")
+        try:
+            report = run_chain(cfg, resume=resume, on_phase=on_phase, on_stage=display.on_stage,
+                               progress=display.on_step)
+        except ChainError as e:
+            fail(str(e), code=1)
+    table = Table(title=f"forge run: {out}", show_header=False)
+    for what, value in chain_rows(report):
+        table.add_row(what, value)
+    console.print(table)

@@ -71,17 +71,37 @@ def _stamp(model_dir: Path, settings: dict) -> None:
     tmp.replace(meta_path)
 
 
+def prepare_base(base: str, out: str | Path) -> str:
+    """The base with the thinking tokens added (`out/base/model`), what every parent is
+    fine-tuned from: the parents' common ancestor, weight for weight and token for token,
+    so task vectors (parent - base) exist for the new rows too. Made once, then reused."""
+    from agent_forge.models import load_model, read_meta, save_model
+    from agent_forge.vocab import add_thinking_tokens, has_thinking_tokens
+
+    dst = Path(out) / "base" / "model"
+    if dst.exists() and read_meta(dst).get("evomerge_base") == str(base):
+        return str(dst)
+    model, tok = load_model(base)
+    if not has_thinking_tokens(tok):
+        add_thinking_tokens(model, tok)
+    save_model(model, tok, dst, {"phase": 0, "evomerge_base": str(base)})
+    return str(dst)
+
+
 def make_parents(base: str, out: str | Path, cfg: ParentsConfig | None = None, progress=None) -> list[dict]:
-    """One specialist per family under `out/<family>/model`; returns a summary per parent."""
+    """One specialist per family under `out/<family>/model`, each fine-tuned from
+    `prepare_base(base)` (which `out/base/model` holds); returns a summary per parent."""
     cfg = cfg or ParentsConfig()
     if len(cfg.families) < 2:
         raise ValueError("a merge needs at least two parents: give two or more families")
     out = Path(out)
-    return [_train(base, (fam,), cfg.records, cfg.steps, cfg, out / fam, progress) for fam in cfg.families]
+    start = prepare_base(base, out)
+    return [_train(start, (fam,), cfg.records, cfg.steps, cfg, out / fam, progress) for fam in cfg.families]
 
 
 def make_control(base: str, out: str | Path, cfg: ParentsConfig | None = None, progress=None) -> dict:
     """The control: one model trained on every family with all the parents' data and steps."""
     cfg = cfg or ParentsConfig()
     n = len(cfg.families)
-    return _train(base, tuple(cfg.families), cfg.records * n, cfg.steps * n, cfg, Path(out) / "control", progress)
+    start = prepare_base(base, out)
+    return _train(start, tuple(cfg.families), cfg.records * n, cfg.steps * n, cfg, Path(out) / "control", progress)

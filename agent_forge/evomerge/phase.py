@@ -151,7 +151,8 @@ def stage_parents(ctx: Context) -> dict:
     if cfg.make_parents:
         base = cfg.base or "default"
         made = make_parents(base, ctx.out / "parents", cfg.parents, progress=ctx.progress)
-        out = {"paths": [m["path"] for m in made], "made": made, "base": _resolved(base)}
+        out = {"paths": [m["path"] for m in made], "made": made, "base": str(ctx.out / "parents" / "base" / "model"),
+               "input": _resolved(base)}
         if cfg.control:
             out["control"] = make_control(base, ctx.out / "parents", cfg.parents, progress=ctx.progress)
     else:

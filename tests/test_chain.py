@@ -1,0 +1,75 @@
+"""`forge run`: the phases as one chain on a tiny model (smoke presets), lineage from the
+last model back to the input, the chain's refusals, and resume after a phase crashed."""
+
+import json
+
+import pytest
+
+from agent_forge.chain import ChainConfig, ChainError, run_chain
+from agent_forge.models import save_model
+from agent_forge.registry import Registry
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    tok = make_tiny_tokenizer()
+    return str(save_model(make_tiny_model("llama", len(tok)), tok, tmp_path / "base"))
+
+
+def _cfg(tmp_path, base, **kw):
+    return ChainConfig(**{"start": "evomerge", "stop": "bitnet", "model": base, "out": str(tmp_path / "chain"),
+                          "preset": "smoke", "force": True, "tracking": "disabled",
+                          "registry": str(tmp_path / "reg.db"), **kw})
+
+
+def _ancestry(reg: Registry, model_id: int) -> list[int]:
+    """Phases from a model back to its first ancestor, following the first parent."""
+    phases = []
+    while model_id is not None:
+        entry = reg.get_model(model_id)
+        phases.append(entry.phase)
+        parents = reg.parents(model_id)
+        model_id = parents[0] if parents else None
+    return phases
+
+
+@pytest.mark.slow
+def test_chain_evomerge_to_bitnet_with_lineage(tmp_path, base_dir, forge_home, monkeypatch):
+    """Each phase's output is the next one's input; the ternary model's ancestry runs back
+    through Phase 3, the Phase 2 champion and a parent to the input model; a crash in the
+    last phase resumes there without rerunning the others."""
+    import agent_forge.chain as chain
+
+    real = chain.RUNNERS["bitnet"]
+    monkeypatch.setitem(chain.RUNNERS, "bitnet", lambda ctx: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_chain(_cfg(tmp_path, base_dir))
+    state = json.loads((tmp_path / "chain" / "run_state.json").read_text())
+    assert list(state["stages"]) == ["evomerge", "quietstar"]
+    monkeypatch.setitem(chain.RUNNERS, "bitnet", real)
+    with pytest.raises(ChainError, match="--resume"):
+        run_chain(_cfg(tmp_path, base_dir))
+    report = run_chain(_cfg(tmp_path, base_dir), resume=True)
+    res = report["results"]
+    assert report["phases"] == ["evomerge", "quietstar", "bitnet"]
+    assert res["quietstar"]["stage_seconds"] == state["stages"]["quietstar"]["stage_seconds"]  # not rerun
+    q = report["reports"]["quietstar"]
+    assert q["model"] == res["evomerge"]["model"]  # Phase 3's input is the champion
+    assert report["reports"]["bitnet"]["model"] == res["quietstar"]["model"]
+    assert res["bitnet"]["forced"]  # the tiny model cannot pass 3 -> 4: forced, and it says so
+    reg = Registry(tmp_path / "reg.db")
+    last = report["reports"]["bitnet"]["stages"]["register"]["model_id"]
+    assert _ancestry(reg, last) == [4, 3, 2, 2, 0]
+    assert (tmp_path / "chain" / "forge_report.json").exists()
+
+
+def test_chain_refuses_what_it_cannot_run(tmp_path, base_dir):
+    with pytest.raises(ValueError, match="not built yet"):
+        run_chain(_cfg(tmp_path, base_dir, start="cognate"))
+    with pytest.raises(ValueError, match="comes after"):
+        run_chain(_cfg(tmp_path, base_dir, start="bitnet", stop="quietstar"))
+    with pytest.raises(ValueError, match="unknown phase"):
+        run_chain(_cfg(tmp_path, base_dir, stop="gguf"))
+    assert not (tmp_path / "chain").exists()
