@@ -1,5 +1,9 @@
 """Agent Forge dashboard (Streamlit): one run at a glance, charts first, live while it trains.
 
+Shows Phase 3 Quiet-STaR runs (`forge bake-quietstar`), Phase 2 EvoMerge runs (`forge
+evomerge`: the search's fitness per generation, the parents, the test split, the champion's
+family tree) and lists Phase 4 BitNet runs (`forge bitnet`: stages and summary).
+
 Started by `forge dashboard`, which passes the runs folder and the registry in the
 FORGE_RUNS_DIR / FORGE_REGISTRY environment variables. All reading is in data.py.
 """
@@ -33,7 +37,9 @@ def sidebar(runs_dir: Path, registry: str | None):
         st.sidebar.info("no runs yet")
         return None, None
     labels = {str(r.relative_to(runs_dir)) if r != runs_dir else r.name: r for r in runs}
-    choice = st.sidebar.selectbox("Run", list(labels), index=0)
+    kinds = {k: data.run_kind(r) for k, r in labels.items()}
+    choice = st.sidebar.selectbox("Run", list(labels), index=0,
+                                  format_func=lambda k: f"{k} · {data.KIND_LABELS[kinds[k]].split(' ', 2)[-1]}")
     run_dir = labels[choice]
     running = data.run_status(run_dir) == "running"
     live = st.sidebar.toggle("Live refresh", value=running, help="re-read the run every few seconds")
@@ -213,14 +219,19 @@ def checkpoints_and_handoff(run_dir: Path, stages: dict) -> None:
             st.markdown(f"{'✓' if check.get('ok') else '✗'} **{check.get('name')}**: {check.get('message', '')}")
 
 
-def run_view(run_dir: Path, registry: str | None) -> None:
-    stages = data.load_stages(run_dir)
+def run_header(run_dir: Path, registry: str | None) -> None:
     status = data.run_status(run_dir)
     jobs = data.jobs_for_run(registry, run_dir)
     st.header(f"Run: {run_dir.name}")
     age = time.time() - data.last_modified(run_dir)
     job = f"; API job {jobs[0]['id']} {jobs[0]['status']}" if jobs else ""
-    st.caption(f"{run_dir} · {status}, last write {age:,.0f} s ago{job} · read {time.strftime('%H:%M:%S')}")
+    st.caption(f"{run_dir} · {data.KIND_LABELS[data.run_kind(run_dir)]} · {status}, last write {age:,.0f} s ago"
+               f"{job} · read {time.strftime('%H:%M:%S')}")
+
+
+def run_view(run_dir: Path, registry: str | None) -> None:
+    stages = data.load_stages(run_dir)
+    run_header(run_dir, registry)
     progress_section(run_dir, stages)
     headline_section(stages)
     st.subheader("Curves")
@@ -247,6 +258,197 @@ def beyond_test_section(stages: dict) -> None:
     st.dataframe([{"measure": k.strip(), "value": v} for k, v in rows], hide_index=True, width="stretch")
 
 
+# ---------------------------------------------------------------------------------------
+# Phase 2: EvoMerge
+
+EVOMERGE_LABELS = {"parents": "parents", "baseline": "baseline (validation)", "search": "search",
+                   "test": "test split", "save": "save", "plot": "plot", "register": "register",
+                   "handoff": "handoff 2→3"}
+BITNET_LABELS = {"validate_input": "input check", "data": "data", "before": "before (test)", "qat": "QAT",
+                 "after": "after (test)", "save": "save", "speed": "speed", "register": "register",
+                 "handoff": "handoff"}
+
+
+def stage_marks(prog: dict, labels: dict) -> str:
+    done = set(prog["stages_done"])
+    pending = [s for s in prog["stages_total"] if s not in done]
+    marks = [f"{'✓' if s in done else ('▶' if pending and s == pending[0] and not prog['finished'] else '·')} "
+             f"{labels.get(s, s)}" for s in prog["stages_total"]]
+    return "**Stages:** " + " &nbsp; ".join(marks)
+
+
+def _interval(low, high) -> str:
+    return "-" if low is None or high is None else f"[{_pct(low)}, {_pct(high)}]"
+
+
+def evomerge_progress_section(prog: dict) -> None:
+    st.markdown(stage_marks(prog, EVOMERGE_LABELS))
+    c1, c2 = st.columns(2)
+    n_done, n_total = len(prog["stages_done"]), len(prog["stages_total"])
+    with c1:
+        st.progress(min(1.0, n_done / n_total), text=f"Stages: {n_done} / {n_total} done")
+    done, total, cur = prog["generations_done"], prog["generations"], prog["current"]
+    with c2:
+        text = f"Search: {done} / {total or '?'} generations"
+        if cur is not None:
+            text += (f" · generation {cur['generation']} running: {cur['evaluated']} new recipes evaluated"
+                     f" (population {cur['population'] or '?'}; known recipes come from the cache)")
+        elif not done:
+            text += " · not started"
+        st.progress(min(1.0, done / total) if total else 0.0, text=text)
+
+
+def evomerge_headline_section(stages: dict, history: list[dict]) -> None:
+    """Four numbers: the search's best on validation, the champion on test, the target, the handoff."""
+    h = data.evomerge_headline(stages, history)
+    cols = st.columns(4)
+    delta = None
+    if h["best_val"] is not None and h["best_parent_val"] is not None:
+        delta = f"{100 * (h['best_val'] - h['best_parent_val']):+.1f} pts vs parent"
+    ci = h["best_val_ci"] or [None, None]
+    cols[0].metric("Best merge (validation)", _pct(h["best_val"]), delta=delta,
+                   help=f"best so far on the split the search selects on; 95% interval {_interval(*ci)}; "
+                        f"best parent {_pct(h['best_parent_val'])}")
+    gci = h["gain_ci_points"]
+    cols[1].metric("Champion (test)", _pct(h["champion_test"]),
+                   delta=None if h["gain_points"] is None else f"{h['gain_points']:+.1f} pts vs parent",
+                   help=f"best parent on the same test items: {_pct(h['best_parent_test'])}"
+                        + ("" if not gci else f"; paired gain 95% interval [{gci[0]:+.1f}, {gci[1]:+.1f}] points"))
+    target = "" if h["target_relative"] is None else f" ≥ {100 * h['target_relative']:.0f}%"
+    cols[2].metric(f"Target{target}", {None: "-", True: "met", False: "MISSED"}[h["target_met"]],
+                   delta=None if h["relative_gain"] is None else f"{100 * h['relative_gain']:+.1f}% relative",
+                   help="the champion's relative gain over the best parent on the test split, with the "
+                        "gain's 95% interval above 0")
+    cols[3].metric("Handoff 2→3", {None: "-", True: "passed", False: "failed"}[h["handoff_ok"]])
+
+
+def evomerge_search_section(stages: dict, history: list[dict]) -> None:
+    st.subheader("Search")
+    fitness = data.history_frame(history, ("best", "mean", "worst"))
+    best_parent = (stages.get("baseline") or {}).get("best_value")
+    if fitness is not None and isinstance(best_parent, (int, float)):
+        fitness["best parent"] = float(best_parent)
+    c1, c2 = st.columns(2)
+    with c1:
+        _chart("Validation fitness per generation (best so far, mean, worst)", fitness,
+               "no generation finished yet")
+    with c2:
+        _chart("Population diversity", data.history_frame(history, ("diversity",)), "no generation finished yet")
+    if history:
+        cols = ("generation", "best", "gen_best", "mean", "worst", "diversity", "n_evaluated", "cache_hits",
+                "n_invalid", "seconds")
+        with st.expander(f"Generations ({len(history)})"):
+            st.dataframe([{k: r.get(k) for k in cols if k in r} for r in history], hide_index=True,
+                         width="stretch")
+    best = (stages.get("search") or {}).get("best")
+    if isinstance(best, dict):
+        weights = ", ".join(f"{w:.2f}" for w in best.get("weights") or [])
+        st.caption(f"Champion recipe: {best.get('interp')} + {best.get('taskvec')} + {best.get('layers')}"
+                   f" · weights [{weights or 'equal'}] · density {best.get('density')} · "
+                   f"task-vector scale {best.get('taskvec_scale')} · made by {best.get('label') or '?'}")
+
+
+def evomerge_parents_section(stages: dict) -> None:
+    st.subheader("Parents")
+    parents = data.evomerge_parents(stages)
+    if not parents:
+        st.caption("not chosen yet")
+        return
+    rows = [{"": "★ best" if p["best"] else "", "parent": p["parent"], "families": p["families"] or "",
+             "validation fitness": _pct(p["value"]), "95% interval": _interval(p["low"], p["high"]),
+             "n": p["n"], "measure": p["kind"] or "", "path": p["path"]} for p in parents]
+    st.dataframe(rows, hide_index=True, width="stretch")
+    if parents[0]["value"] is None:
+        st.caption("validation fitness: measured by the baseline stage")
+
+
+def evomerge_test_section(stages: dict) -> None:
+    st.subheader("Test split (paired)")
+    rows = data.evomerge_test_rows(stages)
+    if not rows:
+        st.caption("measured after the search: champion and best parent on the same test items")
+        return
+    st.dataframe([{"measure": k, "value": v} for k, v in rows], hide_index=True, width="stretch")
+    gain = (stages.get("test") or {}).get("gain") or {}
+    if "target_met" in gain:
+        verdict = (f"relative gain {100 * gain.get('relative_gain', 0):+.1f}% against a target of "
+                   f"{100 * gain.get('target_relative', 0):.0f}% (and an interval above 0)")
+        (st.success if gain["target_met"] else st.error)(
+            ("Target met: " if gain["target_met"] else "Target MISSED: ") + verdict)
+
+
+def evomerge_lineage_section(stages: dict, registry: str | None) -> None:
+    st.subheader("Family tree")
+    tree = data.evomerge_family_tree(stages, registry)
+    if tree is None:
+        st.caption("known once the parents stage has run")
+        return
+    if tree.get("id") is None:
+        st.caption("the champion is registered (with its parents) at the end of the run")
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        st.graphviz_chart(data.lineage_dot(tree))
+    with c2:
+        st.markdown("\n".join(data.lineage_lines(tree)))
+
+
+def handoff_checks(title: str, hand: dict | None) -> None:
+    st.subheader(title)
+    if not hand:
+        st.caption("not checked yet")
+        return
+    (st.success if hand.get("ok") else st.error)("handoff passed" if hand.get("ok") else "handoff failed")
+    for check in hand.get("checks") or []:
+        st.markdown(f"{'✓' if check.get('ok') else '✗'} **{check.get('name')}**: {check.get('message', '')}")
+
+
+def evomerge_view(run_dir: Path, registry: str | None) -> None:
+    stages = data.load_stages(run_dir)
+    history = data.evomerge_history(run_dir)
+    run_header(run_dir, registry)
+    evomerge_progress_section(data.evomerge_progress(run_dir))
+    evomerge_headline_section(stages, history)
+    evomerge_search_section(stages, history)
+    evomerge_parents_section(stages)
+    evomerge_test_section(stages)
+    evomerge_lineage_section(stages, registry)
+    c3, c4 = st.columns(2)
+    with c3:
+        plot = data.fitness_plot(run_dir)
+        if plot is not None:
+            st.subheader("fitness.png")
+            st.image(str(plot), caption="as written by the plot stage")
+    with c4:
+        handoff_checks("Handoff 2→3", stages.get("handoff"))
+    summary = data.evomerge_summary(run_dir)
+    if summary:
+        with st.expander("Summary (as `forge evomerge` printed it)"):
+            st.dataframe([{"what": k, "measured": v} for k, v in summary], hide_index=True, width="stretch")
+
+
+# ---------------------------------------------------------------------------------------
+# Phase 4: BitNet (listed; stages and summary only)
+
+
+def bitnet_view(run_dir: Path, registry: str | None) -> None:
+    stages = data.load_stages(run_dir)
+    run_header(run_dir, registry)
+    prog = data.stage_progress(run_dir, stages)
+    st.markdown(stage_marks(prog, BITNET_LABELS))
+    n_done, n_total = len(prog["stages_done"]), len(prog["stages_total"])
+    st.progress(min(1.0, n_done / n_total), text=f"Stages: {n_done} / {n_total} done")
+    st.subheader("Summary")
+    rows = data.bitnet_summary(run_dir)
+    if rows:
+        st.dataframe([{"what": k, "measured": v} for k, v in rows], hide_index=True, width="stretch")
+    else:
+        st.caption("written to bitnet_report.json when the run finishes")
+    handoff_checks("Handoff", stages.get("handoff"))
+
+
+VIEWS = {"quietstar": run_view, "evomerge": evomerge_view, "bitnet": bitnet_view}
+
+
 def registry_view(registry: str | None) -> None:
     models = data.registry_models(registry)
     if not models:
@@ -264,13 +466,16 @@ def main() -> None:
     runs_dir = Path(os.environ.get("FORGE_RUNS_DIR", "runs"))
     registry = os.environ.get("FORGE_REGISTRY") or None
     run_dir, every = sidebar(runs_dir, registry)
-    st.title("Agent Forge · Phase 3 Quiet-STaR")
+    kind = data.run_kind(run_dir) if run_dir is not None else None
+    st.title("Agent Forge" + (f" · {data.KIND_LABELS[kind]}" if kind else ""))
     tab_run, tab_registry = st.tabs(["Run", "Model registry"])
     with tab_run:
         if run_dir is None:
-            st.info(f"No runs under {runs_dir}. Start one with `forge bake-quietstar --out {runs_dir}/demo`.")
+            st.info(f"No runs under {runs_dir}. Start one with `forge bake-quietstar --out {runs_dir}/demo` "
+                    f"(Phase 3), `forge evomerge --make-parents --out {runs_dir}/merge` (Phase 2) or "
+                    f"`forge bitnet --model ... --out {runs_dir}/ternary` (Phase 4).")
         else:
-            st.fragment(run_every=every)(run_view)(run_dir, registry)
+            st.fragment(run_every=every)(VIEWS[kind])(run_dir, registry)
     with tab_registry:
         registry_view(registry)
 

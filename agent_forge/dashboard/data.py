@@ -1,10 +1,17 @@
 """What the dashboard shows, read from run directories and the registry; no Streamlit here.
 
-A run directory is what `forge bake-quietstar` (or an API job) writes: pipeline_state.json
-(finished stages and their results), metrics.jsonl (one line per logged step), the config
-(forge_report.json at the end, pipeline_config.json from API jobs), step1/ and step2/
-checkpoints. Every reader tolerates a run that is still being written: missing or
-half-written files read as empty.
+A run directory is what a phase command (or an API job) writes. Three kinds (`run_kind`):
+
+- Phase 3, `forge bake-quietstar`: pipeline_state.json (finished stages and their results),
+  metrics.jsonl (one line per logged step), the config (forge_report.json at the end,
+  pipeline_config.json from API jobs), step1/ and step2/ checkpoints;
+- Phase 2, `forge evomerge`: evomerge_state.json (finished stages), search_state.json
+  (rewritten after every evaluation while the search runs: the finished generations'
+  history and the fitness cache), evomerge_report.json and fitness.png at the end;
+- Phase 4, `forge bitnet`: bitnet_state.json, bitnet_report.json at the end.
+
+Every reader tolerates a run that is still being written: missing or half-written files
+read as empty.
 """
 
 from __future__ import annotations
@@ -18,12 +25,28 @@ from agent_forge.tracking import METRICS_FILE, read_metrics
 STATE_FILE = "pipeline_state.json"
 REPORT_FILE = "forge_report.json"
 CONFIG_FILE = "pipeline_config.json"
-RUN_MARKERS = (STATE_FILE, METRICS_FILE)
+# agent_forge.evomerge.phase / agent_forge.bitnet.phase file names (not imported: see STAGE_ORDER)
+EVOMERGE_STATE = "evomerge_state.json"
+EVOMERGE_REPORT = "evomerge_report.json"
+SEARCH_STATE = "search_state.json"
+FITNESS_PLOT = "fitness.png"
+BITNET_STATE = "bitnet_state.json"
+BITNET_REPORT = "bitnet_report.json"
+RUN_MARKERS = (STATE_FILE, METRICS_FILE, EVOMERGE_STATE, SEARCH_STATE, BITNET_STATE)
+REPORT_FILES = (REPORT_FILE, EVOMERGE_REPORT, BITNET_REPORT)
 # agent_forge.quietstar.pipeline.STAGES, by name (kept here so reading a run never imports torch;
 # tests check the two agree)
 STAGE_ORDER = ("validate_input", "vocab", "data", "step1", "step2", "trace_baking", "anti_theater", "ab_test",
                "fresh_split", "general", "save", "register", "handoff")
+# agent_forge.evomerge.phase.STAGES and agent_forge.bitnet.phase.STAGES, by name (tests check them too)
+EVOMERGE_STAGE_ORDER = ("parents", "baseline", "search", "test", "save", "plot", "register", "handoff")
+BITNET_STAGE_ORDER = ("validate_input", "data", "before", "qat", "after", "save", "speed", "register", "handoff")
+KINDS = {"quietstar": (STATE_FILE, REPORT_FILE, STAGE_ORDER),
+         "evomerge": (EVOMERGE_STATE, EVOMERGE_REPORT, EVOMERGE_STAGE_ORDER),
+         "bitnet": (BITNET_STATE, BITNET_REPORT, BITNET_STAGE_ORDER)}
+KIND_LABELS = {"quietstar": "Phase 3 Quiet-STaR", "evomerge": "Phase 2 EvoMerge", "bitnet": "Phase 4 BitNet"}
 SKIP_DIRS = {"model", "checkpoints", "data", "wandb", "step1", "step2", ".git"}
+GEN0_SIZE = 8  # generation 0 is always the 2^3 technique combinations (evomerge.genome.first_generation)
 ACTIVE_SECONDS = 120.0  # a run whose files changed this recently counts as running
 
 LOSS_KEYS = ("loss",)
@@ -44,6 +67,21 @@ def is_run(path: Path) -> bool:
     return any((path / marker).is_file() for marker in RUN_MARKERS)
 
 
+def run_kind(run_dir: str | Path) -> str:
+    """quietstar | evomerge | bitnet, from which files the run has written.
+
+    An EvoMerge run whose first stage is still training its parents has only metrics.jsonl
+    and parents/ (a Quiet-STaR run never has that folder), so parents/ counts too."""
+    run_dir = Path(run_dir)
+    if any((run_dir / f).exists() for f in (EVOMERGE_STATE, EVOMERGE_REPORT, SEARCH_STATE)):
+        return "evomerge"
+    if any((run_dir / f).exists() for f in (BITNET_STATE, BITNET_REPORT)):
+        return "bitnet"
+    if (run_dir / "parents").is_dir() and not (run_dir / STATE_FILE).exists():
+        return "evomerge"
+    return "quietstar"
+
+
 def find_runs(runs_dir: str | Path, depth: int = 2) -> list[Path]:
     """Run directories at most `depth` levels under runs_dir (itself included), newest first."""
     root = Path(runs_dir)
@@ -53,29 +91,42 @@ def find_runs(runs_dir: str | Path, depth: int = 2) -> list[Path]:
         for d in frontier:
             if not d.is_dir():
                 continue
+            skip = SKIP_DIRS
             if is_run(d):
                 found.append(d)
-            nxt += [c for c in sorted(d.iterdir()) if c.is_dir() and c.name not in SKIP_DIRS
+                if run_kind(d) == "evomerge":
+                    skip = SKIP_DIRS | {"parents"}  # the specialists' own Step 1 runs: part of this one
+            nxt += [c for c in sorted(d.iterdir()) if c.is_dir() and c.name not in skip
                     and not c.name.startswith(".")]
         frontier = nxt
     return sorted(found, key=last_modified, reverse=True)
 
 
 def last_modified(run_dir: Path) -> float:
-    times = [(run_dir / m).stat().st_mtime for m in (*RUN_MARKERS, REPORT_FILE) if (run_dir / m).exists()]
+    times = [(run_dir / m).stat().st_mtime for m in (*RUN_MARKERS, *REPORT_FILES) if (run_dir / m).exists()]
     return max(times, default=0.0)
 
 
 def load_stages(run_dir: str | Path) -> dict:
-    """{stage: result} of the finished stages."""
-    stages = _read_json(Path(run_dir) / STATE_FILE).get("stages")
+    """{stage: result} of the finished stages (from the run kind's state file, else its report)."""
+    run_dir = Path(run_dir)
+    state_file, report_file, _ = KINDS[run_kind(run_dir)]
+    stages = _read_json(run_dir / state_file).get("stages")
+    if not isinstance(stages, dict):
+        stages = _read_json(run_dir / report_file).get("stages")
     return stages if isinstance(stages, dict) else {}
 
 
-def load_config(run_dir: str | Path) -> dict:
-    """The run's PipelineConfig as a dict: from the final report, else the API job's copy."""
+def load_report(run_dir: str | Path) -> dict:
+    """The final report of the run's kind; {} until the run has finished."""
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / REPORT_FILE).get("config")
+    return _read_json(run_dir / KINDS[run_kind(run_dir)][1])
+
+
+def load_config(run_dir: str | Path) -> dict:
+    """The run's config as a dict: from the final report, else (Phase 3) the API job's copy."""
+    run_dir = Path(run_dir)
+    config = load_report(run_dir).get("config")
     return config if isinstance(config, dict) else _read_json(run_dir / CONFIG_FILE)
 
 
@@ -105,7 +156,7 @@ def run_progress(run_dir: str | Path) -> dict:
 def run_status(run_dir: str | Path, now: float | None = None) -> str:
     """finished | running | stopped, from the files alone (a job record, when there is one, knows better)."""
     run_dir = Path(run_dir)
-    if (run_dir / REPORT_FILE).exists():
+    if (run_dir / KINDS[run_kind(run_dir)][1]).exists():
         return "finished"
     age = (now if now is not None else time.time()) - last_modified(run_dir)
     return "running" if age < ACTIVE_SECONDS else "stopped"
@@ -209,3 +260,285 @@ def jobs_for_run(registry: str | Path | None, run_dir: str | Path) -> list[dict]
     runs = [r for r in Registry(path).list_runs() if r.kind.startswith("job:") and r.config.get("out") == target]
     return [{"id": r.id, "kind": r.kind[4:], "status": r.status, "updated": r.updated,
              "note": r.state.get("note")} for r in reversed(runs)]
+
+
+# ---------------------------------------------------------------------------------------
+# Phase 2: EvoMerge
+
+
+def stage_progress(run_dir: str | Path, stages: dict | None = None) -> dict:
+    """Stages done (in the phase's order, unknown names last) and all the phase's stages."""
+    run_dir = Path(run_dir)
+    kind = run_kind(run_dir)
+    stages = load_stages(run_dir) if stages is None else stages
+    order = KINDS[kind][2]
+    return {"kind": kind, "stages_done": [s for s in order if s in stages] + [s for s in stages if s not in order],
+            "stages_total": list(order), "finished": (run_dir / KINDS[kind][1]).exists()}
+
+
+def _rows(value) -> list[dict]:
+    return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
+
+
+def evomerge_history(run_dir: str | Path) -> list[dict]:
+    """One row per finished generation (generation, best, mean, worst, diversity,
+    n_evaluated, cache_hits, seconds, ...): the search stage's result once it has finished,
+    before that the live search_state.json (rewritten after every evaluation)."""
+    run_dir = Path(run_dir)
+    done = _rows((load_stages(run_dir).get("search") or {}).get("history"))
+    return done or _rows(_read_json(run_dir / SEARCH_STATE).get("history"))
+
+
+def evomerge_progress(run_dir: str | Path) -> dict:
+    """Stages done / total, and the search's generations: finished of planned, and how far
+    the generation being evaluated has got (None once the search stage is done):
+    `evaluated` counts the recipes first evaluated in it (the cache records each recipe
+    once, under the generation that first measured it; elites and repeats are cache hits),
+    `population` is the generation's size (8 for generation 0)."""
+    run_dir = Path(run_dir)
+    stages = load_stages(run_dir)
+    out = stage_progress(run_dir, stages)
+    search_done = stages.get("search") or {}
+    live = {} if search_done else _read_json(run_dir / SEARCH_STATE)
+    history = evomerge_history(run_dir)
+    cfg = live.get("config") or search_done.get("config") or (load_config(run_dir).get("search") or {})
+    total = cfg.get("generations") if isinstance(cfg, dict) else None
+    current = None
+    if live and not search_done:
+        gen = max([r["generation"] for r in history if isinstance(r.get("generation"), int)], default=-1) + 1
+        cache = live.get("cache") if isinstance(live.get("cache"), dict) else {}
+        evaluated = sum(1 for e in cache.values() if isinstance(e, dict) and e.get("generation") == gen)
+        size = GEN0_SIZE if gen == 0 else (cfg.get("population") if isinstance(cfg, dict) else None)
+        if total is None or gen < total:
+            current = {"generation": gen, "evaluated": evaluated, "population": size}
+    return {**out, "generations_done": len(history), "generations": total, "current": current}
+
+
+def history_frame(history: list[dict], keys: tuple[str, ...] = ("best", "mean", "worst")):
+    """DataFrame indexed by generation with the given columns (those present); None if empty."""
+    import pandas as pd
+
+    rows = [r for r in history if isinstance(r.get("generation"), int)]
+    cols = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not rows or not cols:
+        return None
+    frame = pd.DataFrame([{"generation": r["generation"], **{k: r.get(k) for k in cols}} for r in rows])
+    return frame.groupby("generation").last().astype(float)
+
+
+def _num(x):
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def evomerge_parents(stages: dict) -> list[dict]:
+    """Each parent with its validation fitness and 95% interval (None before the baseline
+    stage has measured it); `best` marks the bar the merge has to clear."""
+    baseline = stages.get("baseline") or {}
+    measured = _rows(baseline.get("parents"))
+    paths = [r.get("path") for r in measured] or list((stages.get("parents") or {}).get("paths") or [])
+    by_path = {m.get("path"): m for m in (stages.get("parents") or {}).get("made") or [] if isinstance(m, dict)}
+    out = []
+    for i, path in enumerate(paths):
+        r = measured[i] if i < len(measured) else {}
+        families = (by_path.get(path) or {}).get("families")
+        out.append({"parent": i + 1, "path": path, "families": ", ".join(families) if families else None,
+                    "value": _num(r.get("value")), "low": _num(r.get("low")), "high": _num(r.get("high")),
+                    "n": r.get("n"), "kind": (r.get("details") or {}).get("kind"),
+                    "best": bool(measured) and i == baseline.get("best_index")})
+    return out
+
+
+def evomerge_headline(stages: dict, history: list[dict]) -> dict:
+    """The numbers a person looks for first; None where the stage has not run."""
+    baseline, test, hand = stages.get("baseline") or {}, stages.get("test") or {}, stages.get("handoff")
+    gain = test.get("gain") or {}
+    best = history[-1] if history else {}
+    return {"best_parent_val": _num(baseline.get("best_value")), "best_val": _num(best.get("best")),
+            "best_val_ci": [best.get("best_low"), best.get("best_high")] if best else None,
+            "best_parent_test": _num((test.get("best_parent") or {}).get("value")),
+            "champion_test": _num((test.get("champion") or {}).get("value")),
+            "gain_points": _num(gain.get("points")), "gain_ci_points": gain.get("ci95_points"),
+            "relative_gain": _num(gain.get("relative_gain")), "target_relative": _num(gain.get("target_relative")),
+            "target_met": None if not gain else bool(gain.get("target_met")),
+            "handoff_ok": None if hand is None else bool(hand.get("ok"))}
+
+
+def evomerge_test_rows(stages: dict) -> list[tuple[str, str]]:
+    """The test split's rows of `forge evomerge`'s summary (best parent, champion, paired
+    gain with its interval, target met / MISSED, the control when trained); [] before."""
+    from agent_forge.evomerge.commands import summary_rows
+
+    test = stages.get("test")
+    if not test:
+        return []
+    report = {"stages": {"test": test}, "config": {"fitness": {"loglik_weight": 0.0}}, "total_seconds": 0}
+    try:
+        return [r for r in summary_rows(report) if r[0] != "time"]
+    except (KeyError, TypeError, IndexError, ValueError):  # a result from another version: show what we can
+        return []
+
+
+def _summary(run_dir: Path, rows_fn) -> list[tuple[str, str]]:
+    report = load_report(run_dir)
+    if not report:
+        return []
+    try:
+        return rows_fn(report)
+    except (KeyError, TypeError, IndexError, ValueError):
+        return []
+
+
+def evomerge_summary(run_dir: str | Path) -> list[tuple[str, str]]:
+    """The whole summary `forge evomerge` printed, from evomerge_report.json; [] before it exists."""
+    from agent_forge.evomerge.commands import summary_rows
+
+    return _summary(Path(run_dir), summary_rows)
+
+
+def bitnet_summary(run_dir: str | Path) -> list[tuple[str, str]]:
+    """The summary `forge bitnet` printed, from bitnet_report.json; [] before it exists."""
+    from agent_forge.bitnet.commands import summary_rows
+
+    return _summary(Path(run_dir), summary_rows)
+
+
+def fitness_plot(run_dir: str | Path) -> Path | None:
+    path = Path(run_dir) / FITNESS_PLOT
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------
+# Lineage: a model, its parents, their parents, ...
+
+
+def _open_registry(registry):
+    """A Registry, or None when the file does not exist (never creates one)."""
+    from agent_forge.registry import Registry, default_registry_path
+
+    if isinstance(registry, Registry):
+        return registry
+    path = Path(registry) if registry else default_registry_path()
+    return Registry(path) if path.exists() else None
+
+
+def _node(model) -> dict:
+    return {"id": model.id, "name": model.name, "phase": model.phase, "path": model.path,
+            "metrics": dict(model.metrics or {}), "handoff_status": model.handoff_status, "parents": []}
+
+
+def lineage(registry, model_id: int, max_depth: int = 32) -> dict | None:
+    """The family tree of a model from the registry: {id, name, phase, path, metrics,
+    handoff_status, parents: [trees of its parents, in order]}; a parent id with no row
+    reads as {"id", "name": "(missing)", "parents": []}. None when the registry file or the
+    model does not exist. A cycle (a corrupt registry) or max_depth stops the walk."""
+    reg = _open_registry(registry)
+    if reg is None:
+        return None
+
+    def walk(mid: int, seen: frozenset, depth: int) -> dict:
+        try:
+            node = _node(reg.get_model(mid))
+        except KeyError:
+            return {"id": mid, "name": "(missing)", "phase": None, "path": None, "metrics": {},
+                    "handoff_status": None, "parents": []}
+        if mid in seen or depth >= max_depth:
+            node["truncated"] = True
+            return node
+        node["parents"] = [walk(p, seen | {mid}, depth + 1) for p in reg.parents(mid)]
+        return node
+
+    try:
+        reg.get_model(model_id)
+    except KeyError:
+        return None
+    return walk(model_id, frozenset(), 0)
+
+
+def planned_lineage(stages: dict) -> dict | None:
+    """Before the register stage: the champion-to-be and its parents, by path."""
+    parents = evomerge_parents(stages)
+    if not parents:
+        return None
+    return {"id": None, "name": "champion (not registered yet)", "phase": 2, "path": None, "metrics": {},
+            "handoff_status": None,
+            "parents": [{"id": None, "name": p["families"] or Path(str(p["path"])).parent.name or str(p["path"]),
+                         "phase": None, "path": p["path"], "handoff_status": None, "parents": [],
+                         "metrics": {} if p["value"] is None else {"val_fitness": p["value"]}} for p in parents]}
+
+
+def evomerge_family_tree(stages: dict, registry) -> dict | None:
+    """The champion's family tree from the registry the run registered it in (else the
+    dashboard's); before registration, the planned tree from the parents stage."""
+    reg = stages.get("register") or {}
+    if isinstance(reg.get("model_id"), int):
+        for path in (reg.get("registry"), registry):
+            if path and Path(path).exists():
+                tree = lineage(path, reg["model_id"])
+                if tree is not None:
+                    return tree
+    return planned_lineage(stages)
+
+
+FITNESS_KEYS = ("fitness", "val_fitness")
+
+
+def _fmt_metric(metrics: dict) -> str:
+    for key in FITNESS_KEYS:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"{key.replace('_', ' ')} {100 * v:.1f}%"
+    return ""
+
+
+def _label(node: dict) -> str:
+    bits = [f"#{node['id']}" if node.get("id") is not None else None,
+            f"phase {node['phase']}" if node.get("phase") is not None else None, _fmt_metric(node.get("metrics") or {})]
+    return " · ".join(b for b in bits if b)
+
+
+def lineage_lines(tree: dict | None) -> list[str]:
+    """The tree as an indented markdown list: the model first, each parent indented under it."""
+    lines: list[str] = []
+
+    def walk(node: dict, depth: int) -> None:
+        extra = _label(node)
+        lines.append("  " * depth + f"- **{node['name']}**" + (f" ({extra})" if extra else "")
+                     + (" …" if node.get("truncated") else ""))
+        for p in node.get("parents") or []:
+            walk(p, depth + 1)
+
+    if tree:
+        walk(tree, 0)
+    return lines
+
+
+def _dot_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def lineage_dot(tree: dict | None) -> str:
+    """The tree as Graphviz DOT (for st.graphviz_chart): parents -> child, each model once
+    (a common ancestor of several parents is drawn once, with an edge to each)."""
+    nodes: dict[str, str] = {}
+    edges: list[tuple[str, str]] = []
+
+    def key(node: dict, where: str) -> str:
+        return f"m{node['id']}" if node.get("id") is not None else f"n{where}"
+
+    def walk(node: dict, where: str) -> str:
+        k = key(node, where)
+        extra = _label(node)
+        nodes.setdefault(k, _dot_escape(str(node["name"])) + (f"\\n{_dot_escape(extra)}" if extra else ""))
+        for i, p in enumerate(node.get("parents") or []):
+            pk = walk(p, f"{where}_{i}")
+            if (pk, k) not in edges:
+                edges.append((pk, k))
+        return k
+
+    if tree:
+        walk(tree, "0")
+    lines = ["digraph lineage {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb", '
+             'fontname="Helvetica", fontsize=11];']
+    lines += [f'  {k} [label="{v}"];' for k, v in nodes.items()]
+    lines += [f"  {a} -> {b};" for a, b in edges]
+    return "\n".join(lines + ["}"])
