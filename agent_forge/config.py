@@ -47,3 +47,15 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def preset_config(default, presets: dict[str, dict], preset: str, yaml_path: str | Path | None,
+                  overrides: dict, where: str):
+    """A phase's config: `default` with the preset's fields, then the YAML's, then the
+    command line's (None = not given), each layer checked for unknown fields."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
+    cfg = update_dataclass(default, presets[preset], where)
+    if yaml_path:
+        cfg = update_dataclass(cfg, load_yaml(yaml_path), where)
+    return update_dataclass(cfg, {k: v for k, v in overrides.items() if v is not None}, where)

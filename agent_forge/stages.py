@@ -64,3 +64,32 @@ def timings(state: StageState) -> tuple[dict, float]:
     stages = state.data["stages"]
     per = {k: v.get("stage_seconds") for k, v in stages.items()}
     return per, round(sum(v or 0 for v in per.values()), 1)
+
+
+def run_phase(stages: list[Stage], out: Path, state_file: str, resume: bool, make_ctx: Callable,
+              error: type[Exception], tracking: str, config: dict, on_stage: Callable | None = None,
+              run_one: Callable | None = None) -> StageState:
+    """A phase command's run: refuse to overwrite a run without `resume`, open the state and
+    the tracker, run the stages. A run refused before any stage was recorded leaves no
+    directory behind. `make_ctx(state, tracker)` builds the phase's context."""
+    import shutil
+
+    from agent_forge.tracking import Tracker
+
+    out = Path(out)
+    if (out / state_file).exists() and not resume:
+        raise error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    state = StageState(out, resume, state_file)
+    tracker = Tracker(out, mode=tracking, config=config)
+    try:
+        run_stages(stages, make_ctx(state, tracker), state, on_stage, run_one=run_one)
+    except error:
+        tracker.finish()
+        if created and not state.path.exists():  # refused at the door
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        tracker.finish()
+    return state

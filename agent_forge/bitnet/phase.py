@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,10 +21,10 @@ import torch
 
 from agent_forge.bitnet.convert import DEFAULT_KEEP, BitNetError
 from agent_forge.bitnet.qat import QATConfig, QATTrainer
-from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.config import preset_config
 from agent_forge.inference import GENERATION_BATCH
 from agent_forge.quietstar.pipeline import DataConfig
-from agent_forge.stages import StageState, run_stages, timings
+from agent_forge.stages import StageState, run_phase, timings
 
 STATE_FILE = "bitnet_state.json"
 REPORT_FILE = "bitnet_report.json"
@@ -82,12 +81,7 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **overrides) -> BitNetConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    cfg = update_dataclass(BitNetConfig(preset=preset), PRESETS[preset], "bitnet config")
-    if yaml_path:
-        cfg = update_dataclass(cfg, load_yaml(yaml_path), "bitnet config")
-    return update_dataclass(cfg, {k: v for k, v in overrides.items() if v is not None}, "bitnet config")
+    return preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
 
 
 @dataclass
@@ -425,25 +419,9 @@ STAGES = [("validate_input", stage_validate_input), ("data", stage_data), ("befo
 def run_bitnet(cfg: BitNetConfig, resume: bool = False, on_stage: Callable | None = None,
                progress: Callable | None = None) -> dict:
     """Run (or resume) every stage; returns the report also written to out/bitnet_report.json."""
-    from agent_forge.tracking import Tracker
-
     out = Path(cfg.out)
-    if (out / STATE_FILE).exists() and not resume:
-        raise BitNetPhaseError(f"{out} already holds a BitNet run; pass --resume to continue it or choose another --out")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    state = StageState(out, resume, STATE_FILE)
-    tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
-    ctx = Context(cfg, out, state, tracker, progress, resume)
-    try:
-        run_stages(STAGES, ctx, state, on_stage, run_one=_run_stage)
-    except BitNetPhaseError:
-        if created and not state.data["stages"]:  # refused at the door: leave nothing behind
-            tracker.finish()
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        tracker.finish()
+    state = run_phase(STAGES, out, STATE_FILE, resume, lambda st, tr: Context(cfg, out, st, tr, progress, resume),
+                      BitNetPhaseError, cfg.tracking, cfg.to_dict(), on_stage, _run_stage)
     per_stage, total = timings(state)
     report = {"model": cfg.model, "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
               "stages": state.data["stages"], "timings": per_stage, "total_seconds": total}

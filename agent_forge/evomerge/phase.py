@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.config import preset_config
 from agent_forge.evomerge.fitness import Fitness, FitnessConfig
 from agent_forge.evomerge.parents import ParentsConfig
 from agent_forge.evomerge.search import SearchConfig
-from agent_forge.stages import StageState, run_stages, timings
+from agent_forge.stages import StageState, run_phase, timings
 
 STATE_FILE = "evomerge_state.json"
 REPORT_FILE = "evomerge_report.json"
@@ -76,12 +75,7 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **overrides) -> EvoMergeConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    cfg = update_dataclass(EvoMergeConfig(preset=preset), PRESETS[preset], "evomerge config")
-    if yaml_path:
-        cfg = update_dataclass(cfg, load_yaml(yaml_path), "evomerge config")
-    return update_dataclass(cfg, {k: v for k, v in overrides.items() if v is not None}, "evomerge config")
+    return preset_config(EvoMergeConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "evomerge config")
 
 
 class EvoMergePhaseError(RuntimeError):
@@ -291,26 +285,9 @@ STAGES = [("parents", stage_parents), ("baseline", stage_baseline), ("search", s
 def run_evomerge(cfg: EvoMergeConfig, resume: bool = False, on_stage: Callable | None = None,
                  progress: Callable | None = None) -> dict:
     """Run (or resume) every stage; returns the report also written to out/evomerge_report.json."""
-    from agent_forge.tracking import Tracker
-
     out = Path(cfg.out)
-    if (out / STATE_FILE).exists() and not resume:
-        raise EvoMergePhaseError(f"{out} already holds an EvoMerge run; pass --resume to continue it "
-                                 "or choose another --out")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    state = StageState(out, resume, STATE_FILE)
-    tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
-    ctx = Context(cfg, out, state, tracker, progress, resume)
-    try:
-        run_stages(STAGES, ctx, state, on_stage, run_one=_run_stage)
-    except EvoMergePhaseError:
-        if created and not state.data["stages"].get("baseline"):  # refused at the door: leave nothing
-            tracker.finish()
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        tracker.finish()
+    state = run_phase(STAGES, out, STATE_FILE, resume, lambda st, tr: Context(cfg, out, st, tr, progress, resume),
+                      EvoMergePhaseError, cfg.tracking, cfg.to_dict(), on_stage, _run_stage)
     per_stage, total = timings(state)
     report = {"models": list(cfg.models), "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
               "stages": state.data["stages"], "timings": per_stage, "total_seconds": total}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from agent_forge.config import load_yaml, update_dataclass
+from agent_forge.config import preset_config
 from agent_forge.data.general import GENERAL_SETS
 from agent_forge.inference import DEFAULT_MAX_NEW, GENERATION_BATCH
 from agent_forge.quietstar.bake import Baker, BakeConfig
@@ -130,12 +130,7 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **overrides) -> PipelineConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    cfg = update_dataclass(PipelineConfig(preset=preset), PRESETS[preset], "pipeline config")
-    if yaml_path:
-        cfg = update_dataclass(cfg, load_yaml(yaml_path), "pipeline config")
-    return update_dataclass(cfg, {k: v for k, v in overrides.items() if v is not None}, "pipeline config")
+    return preset_config(PipelineConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "pipeline config")
 
 
 # ---------------------------------------------------------------------------------------
