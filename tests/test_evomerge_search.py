@@ -19,10 +19,10 @@ import pytest
 
 from agent_forge.evaluation.metrics import wilson_interval
 from agent_forge.evomerge.genome import Genome, first_generation
-from agent_forge.evomerge.search import (
-    Fitness, SearchConfig, crossover, dfs_length_bounds, diversity, genome_distance, genome_problems,
-    mutate, run_search,
+from agent_forge.evomerge.operators import (
+    crossover, dfs_length_bounds, diversity, genome_distance, genome_problems, mutate,
 )
+from agent_forge.evomerge.search import Fitness, SearchConfig, run_search
 
 COMBOS = set(itertools.product(("linear", "slerp"), ("ties", "dare"), ("frankenmerge", "dfs")))
 TARGET = {"w0": 0.8, "slerp_t": 0.3, "density": 0.7, "taskvec_scale": 1.4}
