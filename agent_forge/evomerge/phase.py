@@ -65,8 +65,10 @@ PRESETS: dict[str, dict] = {
     # <= 15 minutes on a 2-core CPU from the default model once the parents are cached.
     # Selection by the trace-likelihood proxy (no generation: seconds per candidate); the
     # champion and the best parent are then scored by accuracy on the test split.
+    # Parents: 40 steps each (~3 minutes apiece on 2 cores), built once and then reused.
     "quick": {"search": {"generations": 3, "population": 8},
-              "fitness": {"samples": 90, "test_samples": 300, "max_new_tokens": 128, "loglik_weight": 1.0}},
+              "fitness": {"samples": 90, "test_samples": 300, "max_new_tokens": 128, "loglik_weight": 1.0},
+              "parents": {"records": 320, "steps": 40}},
     # a GPU's hours: the design's 50 generations.
     "standard": {"search": {"generations": 50, "population": 16},
                  "fitness": {"samples": 200, "test_samples": 1000},
