@@ -137,7 +137,35 @@ def registry_check(
         raise typer.Exit(1)
 
 
+def registry_lineage(model_id: Annotated[int, typer.Argument(help="Model id.")], json_out: JsonOpt = False,
+                     db: DbOpt = None) -> None:
+    """The family tree of a model back to its inputs: every parent (several for a merge)."""
+    from rich.tree import Tree
+
+    from agent_forge.dashboard.data import lineage
+
+    tree = lineage(Registry(db), model_id)
+    if tree is None:
+        typer.echo(f"no model with id {model_id} in {Registry(db).path}", err=True)
+        raise typer.Exit(1)
+    if json_out:
+        typer.echo(json.dumps(tree, indent=2, default=str))
+        return
+
+    def add(branch, node: dict) -> None:
+        mark = "" if node.get("handoff_status") in (None, "pending") else f", handoff {node['handoff_status']}"
+        label = f"{node['id']}: {node['name']} (phase {node['phase']}{mark}) {node.get('path') or ''}"
+        child = branch.add(label + (" ..." if node.get("truncated") else ""))
+        for parent in node.get("parents", []):
+            add(child, parent)
+
+    root = Tree(f"lineage of model {model_id}")
+    add(root, tree)
+    Console().print(root)
+
+
 registry_app.command("list")(registry_list)
+registry_app.command("lineage")(registry_lineage)
 registry_app.command("show")(registry_show)
 registry_app.command("runs")(registry_runs)
 registry_app.command("check")(registry_check)

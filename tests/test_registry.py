@@ -233,3 +233,28 @@ def test_version_1_registry_migrates_to_lineage(tmp_path):
     r = reg.Registry(path)
     assert r.schema_version == len(reg.MIGRATIONS) == 2
     assert r.list_models()[0].name == "old" and r.parents(1) == []
+
+
+def test_lineage_command_prints_every_parent_of_a_merge(tmp_path):
+    """`forge registry lineage`: the champion, its three parents and their common ancestor,
+    as a tree and as JSON; an unknown id is one clear error."""
+    from typer.testing import CliRunner
+
+    from agent_forge.cli import app
+
+    db = tmp_path / "r.db"
+    r = reg.Registry(db)
+    base = r.register_model("input:default", 0, tmp_path / "base")
+    parents = [r.register_model(f"parent-{k}", 2, tmp_path / f"p{k}", parent_id=base) for k in range(3)]
+    champion = r.register_model("champion", 2, tmp_path / "m")
+    r.add_parents(champion, parents)
+    baked = r.register_model("baked", 3, tmp_path / "q", parent_id=champion)
+    res = CliRunner().invoke(app, ["registry", "lineage", str(baked), "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    for name in ("baked", "champion", "parent-0", "parent-1", "parent-2", "input:default"):
+        assert name in res.output
+    tree = json.loads(CliRunner().invoke(app, ["registry", "lineage", str(baked), "--db", str(db), "--json"]).stdout)
+    assert [p["name"] for p in tree["parents"][0]["parents"]] == ["parent-0", "parent-1", "parent-2"]
+    assert all(p["parents"][0]["name"] == "input:default" for p in tree["parents"][0]["parents"])
+    bad = CliRunner().invoke(app, ["registry", "lineage", "999", "--db", str(db)])
+    assert bad.exit_code == 1

@@ -251,8 +251,9 @@ def stage_register(ctx: Context) -> dict:
     from agent_forge.registry import Registry
 
     reg = Registry(ctx.cfg.registry)
-    base = ctx.state.result("parents").get("base")
-    base_id = (reg.find_by_path(base) or reg.register_model(f"input:{Path(base).name}", 0, base)) \
+    base, source = ctx.state.result("parents").get("base"), ctx.state.result("parents").get("input")
+    name = f"input:{Path(source).name}" if source else f"input:{Path(base).name}" if base else ""
+    base_id = (reg.find_by_path(base) or reg.register_model(name, 0, base)) \
         if base and Path(base).is_dir() else None  # phase 0: a model no phase made
     parent_ids = []
     for row in ctx.state.result("baseline")["parents"]:
