@@ -176,6 +176,43 @@ GENOME = {"interp": "slerp", "taskvec": "ties", "layers": "frankenmerge", "weigh
           "slerp_t": 0.4, "density": 0.6, "taskvec_scale": 1.1, "route": [], "label": "mutate"}
 
 
+def _finish_evomerge_run(run: Path, stages: dict, paths: list[str], families: list[str], history: list,
+                         search_cfg: dict, registry: Path | None) -> None:
+    """The stages after the search of a finished run, its report and fitness.png."""
+    correct_parent = [True] * 45 + [False] * 55
+    correct_champ = [True] * 58 + [False] * 42
+    stages["search"] = {"best": GENOME, "best_fitness": _fit(0.61, 90), "history": history, "evaluated": 18,
+                        "config": search_cfg, "stage_seconds": 100.0}
+    stages["test"] = {"best_parent": {**_fit(0.45), "details": {"kind": "accuracy", "correct": correct_parent}},
+                      "champion": {**_fit(0.58), "details": {"kind": "accuracy", "correct": correct_champ}},
+                      "gain": {"points": 13.0, "ci95_points": [4.0, 22.0], "mcnemar_p": 0.004, "n": 100,
+                               "before": 0.45, "after": 0.58, "relative_gain": 13 / 45, "target_relative": 0.2,
+                               "target_met": True},
+                      "control": _fit(0.55),
+                      "gain_vs_control": {"points": 3.0, "ci95_points": [-4.0, 10.0], "mcnemar_p": 0.5, "n": 100,
+                                          "before": 0.55, "after": 0.58, "relative_gain": 0.05,
+                                          "target_relative": 0.0, "target_met": False}}
+    stages["save"] = {"model_dir": str(run / "model"), "meta": {"metrics": {"fitness": 0.58}}}
+    stages["plot"] = {"path": str(run / "fitness.png")}
+    if registry is not None:
+        reg = Registry(registry)
+        parent_ids = [reg.register_model(f"evomerge-parent:{f}", 2, p, metrics={"val_fitness": v, "role": "parent"})
+                      for f, p, v in zip(families, paths, (0.40, 0.45, 0.38))]
+        champ = reg.register_model("evomerge:merge", 2, run / "model", metrics={"fitness": 0.58})
+        reg.add_parents(champ, parent_ids)
+        stages["register"] = {"model_id": champ, "parent_ids": parent_ids, "registry": str(reg.path)}
+    stages["handoff"] = {"transition": "2->3", "model": str(run / "model"), "ok": True,
+                         "checks": [{"name": "loads", "ok": True, "value": None, "threshold": None,
+                                     "message": "loads with transformers", "severity": "error"}]}
+    from PIL import Image
+
+    Image.new("RGB", (64, 36), (200, 220, 255)).save(run / "fitness.png")
+    (run / "evomerge_report.json").write_text(json.dumps(
+        {"models": [], "preset": "quick", "out": str(run), "config": {"fitness": {"loglik_weight": 1.0},
+                                                                      "search": search_cfg},
+         "stages": stages, "timings": {}, "total_seconds": 170.0}))
+
+
 def make_evomerge_run(root: Path, finished: bool = True, registry: Path | None = None) -> Path:
     """An EvoMerge out dir: evomerge_state.json, search_state.json (cut short in the middle of
     generation 2 of 5 when not finished), metrics.jsonl; when finished also the report,
@@ -206,38 +243,7 @@ def make_evomerge_run(root: Path, finished: bool = True, registry: Path | None =
         for row in history:
             tr.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, row["generation"], "search")
     if finished:
-        correct_parent = [True] * 45 + [False] * 55
-        correct_champ = [True] * 58 + [False] * 42
-        stages["search"] = {"best": GENOME, "best_fitness": _fit(0.61, 90), "history": history, "evaluated": 18,
-                            "config": search_cfg, "stage_seconds": 100.0}
-        stages["test"] = {"best_parent": {**_fit(0.45), "details": {"kind": "accuracy", "correct": correct_parent}},
-                          "champion": {**_fit(0.58), "details": {"kind": "accuracy", "correct": correct_champ}},
-                          "gain": {"points": 13.0, "ci95_points": [4.0, 22.0], "mcnemar_p": 0.004, "n": 100,
-                                   "before": 0.45, "after": 0.58, "relative_gain": 13 / 45, "target_relative": 0.2,
-                                   "target_met": True},
-                          "control": _fit(0.55),
-                          "gain_vs_control": {"points": 3.0, "ci95_points": [-4.0, 10.0], "mcnemar_p": 0.5, "n": 100,
-                                              "before": 0.55, "after": 0.58, "relative_gain": 0.05,
-                                              "target_relative": 0.0, "target_met": False}}
-        stages["save"] = {"model_dir": str(run / "model"), "meta": {"metrics": {"fitness": 0.58}}}
-        stages["plot"] = {"path": str(run / "fitness.png")}
-        if registry is not None:
-            reg = Registry(registry)
-            parent_ids = [reg.register_model(f"evomerge-parent:{f}", 2, p, metrics={"val_fitness": v, "role": "parent"})
-                          for f, p, v in zip(families, paths, (0.40, 0.45, 0.38))]
-            champ = reg.register_model("evomerge:merge", 2, run / "model", metrics={"fitness": 0.58})
-            reg.add_parents(champ, parent_ids)
-            stages["register"] = {"model_id": champ, "parent_ids": parent_ids, "registry": str(reg.path)}
-        stages["handoff"] = {"transition": "2->3", "model": str(run / "model"), "ok": True,
-                             "checks": [{"name": "loads", "ok": True, "value": None, "threshold": None,
-                                         "message": "loads with transformers", "severity": "error"}]}
-        from PIL import Image
-
-        Image.new("RGB", (64, 36), (200, 220, 255)).save(run / "fitness.png")
-        (run / "evomerge_report.json").write_text(json.dumps(
-            {"models": [], "preset": "quick", "out": str(run), "config": {"fitness": {"loglik_weight": 1.0},
-                                                                          "search": search_cfg},
-             "stages": stages, "timings": {}, "total_seconds": 170.0}))
+        _finish_evomerge_run(run, stages, paths, families, history, search_cfg, registry)
     (run / "evomerge_state.json").write_text(json.dumps({"stages": stages}))
     return run
 
