@@ -99,13 +99,27 @@ class Context:
 # Shared pieces, built once per process
 
 
-def parent_set(ctx: Context):
+def parent_set(ctx: Context, rec: dict | None = None):
+    """The checked parents (weights loaded once per process); `rec` is the parents stage's
+    result, read from the state when not given."""
     if "parents" not in ctx.cache:
         from agent_forge.evomerge.merge import check_parents
 
-        rec = ctx.state.result("parents")
+        rec = rec or ctx.state.result("parents")
         ctx.cache["parents"] = check_parents(rec["paths"], base=rec.get("base"))
     return ctx.cache["parents"]
+
+
+def champion_state(ctx: Context) -> dict:
+    """The champion's merged weights, merged once for the test and save stages."""
+    if "champion" not in ctx.cache:
+        from agent_forge.evomerge.genome import Genome
+        from agent_forge.evomerge.merge import merge_state_dicts
+
+        ps = parent_set(ctx)
+        genome = Genome.from_dict(ctx.state.result("search")["best"])
+        ctx.cache["champion"] = merge_state_dicts(genome, ps.states(), ps.base_state())
+    return ctx.cache["champion"]
 
 
 def items(ctx: Context, split: str):
@@ -155,8 +169,7 @@ def stage_parents(ctx: Context) -> dict:
         if len(cfg.models) < 2:
             raise EvoMergePhaseError("a merge needs at least two --models (or --make-parents)")
         out = {"paths": list(cfg.models), "base": cfg.base}
-    ctx.state.data["stages"]["parents"] = out  # parent_set reads it before the stage is recorded
-    ps = parent_set(ctx)
+    ps = parent_set(ctx, out)
     return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture}
 
 
@@ -202,13 +215,14 @@ def stage_test(ctx: Context) -> dict:
     control (one model on all families) beside them when it was trained."""
     from agent_forge.evomerge.fitness import accuracy_only, measure, paired_report
     from agent_forge.evomerge.genome import Genome
-    from agent_forge.evomerge.merge import merge_to_model
+    from agent_forge.evomerge.merge import build_model, merged_config
 
     parents, baseline = ctx.state.result("parents"), ctx.state.result("baseline")
     best_parent = measure_path(ctx, parents["paths"][baseline["best_index"]], "test")
     ps = parent_set(ctx)
-    champion = measure(merge_to_model(Genome.from_dict(ctx.state.result("search")["best"]), ps), ps.tokenizer,
-                       items(ctx, "test"), accuracy_only(ctx.cfg.fitness))
+    genome = Genome.from_dict(ctx.state.result("search")["best"])
+    model = build_model(champion_state(ctx), merged_config(ps, genome))
+    champion = measure(model, ps.tokenizer, items(ctx, "test"), accuracy_only(ctx.cfg.fitness))
     out = {"best_parent": best_parent.to_dict(), "champion": champion.to_dict(),
            "gain": paired_report(best_parent, champion, ctx.cfg.target_relative_gain)}
     if parents.get("control"):
@@ -221,7 +235,7 @@ def stage_test(ctx: Context) -> dict:
 def stage_save(ctx: Context) -> dict:
     """The champion as a plain HF directory; forge_meta.json carries what Phase 3 reads."""
     from agent_forge.evomerge.genome import Genome
-    from agent_forge.evomerge.merge import merge_state_dicts, save_merged
+    from agent_forge.evomerge.merge import save_merged
 
     ps, test = parent_set(ctx), ctx.state.result("test")
     genome = Genome.from_dict(ctx.state.result("search")["best"])
@@ -233,7 +247,7 @@ def stage_save(ctx: Context) -> dict:
                         "gain_ci95_points": gain["ci95_points"], "target_met": gain["target_met"],
                         "test_set": ctx.cfg.fitness.test_set, "n": test["champion"]["n"]}}
     dst = ctx.out / "model"
-    save_merged(merge_state_dicts(genome, ps.states(), ps.base_state()), ps, dst, genome, meta)
+    save_merged(champion_state(ctx), ps, dst, genome, meta)
     return {"model_dir": str(dst), "meta": meta}
 
 
