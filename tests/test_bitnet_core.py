@@ -14,7 +14,7 @@ from torch import nn
 from agent_forge.bitnet.bitlinear import ActNorm, BitLinear, calibrate_act_norms
 from agent_forge.bitnet.convert import (DEFAULT_KEEP, BitNetError, bitlinears, convert_to_bitnet,
                                         is_ternary, set_strength, sparsity)
-from agent_forge.bitnet.export import compression, disk_sizes, save_hf_bitnet
+from agent_forge.bitnet.export import compression, disk_sizes, load_plain, round_kept_matrices, save_hf_bitnet
 from agent_forge.bitnet.quantize import (EPS, absmean, act_int8, fake_quant_act, fake_quant_weight,
                                          pack_ternary, ternary, unpack_ternary)
 from agent_forge.models import META_FILE, measure_model
@@ -422,6 +422,45 @@ def test_disk_sizes_and_compression(tiny_tokenizer, tmp_path):
     assert ratios["fp32_bytes"] == 4 * n_params and ratios["bf16_bytes"] == 2 * n_params
     assert ratios["ratio_vs_fp32"] == pytest.approx(2 * ratios["ratio_vs_bf16"])
     assert ratios["ratio_vs_fp32"] > 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bf16_storage_reloads_the_rounded_model_exactly(kind, tiny_tokenizer, tmp_path, no_dynamo):
+    """Kept matrices stored in bfloat16: half their bytes, and the reloaded float32 model gives
+    the logits of the in-memory model rounded the same way (bit for bit)."""
+    model = make_tiny_model(kind, len(tiny_tokenizer))
+    convert_to_bitnet(model)
+    with pytest.raises(BitNetError, match="round_kept_matrices"):
+        save_hf_bitnet(model, tiny_tokenizer, tmp_path / "unrounded", store_dtype="bfloat16")
+    assert not (tmp_path / "unrounded").exists()
+    before = model.model.embed_tokens.weight.detach().clone()
+    assert round_kept_matrices(model, "bfloat16") == (1 if kind == "llama" else 2)
+    after = model.model.embed_tokens.weight.detach()
+    assert torch.equal(after, before.to(torch.bfloat16).float()) and not torch.equal(after, before)
+    out = save_hf_bitnet(model, tiny_tokenizer, tmp_path / "bf16", store_dtype="bfloat16")
+    sizes = disk_sizes(out)
+    assert sizes["embeddings"] == len(tiny_tokenizer) * 32 * 2
+    assert sizes["head"] == (0 if kind == "llama" else len(tiny_tokenizer) * 32 * 2)
+    loaded = load_plain(out)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_inference_reuses_the_ternary_weight_until_it_changes():
+    """No-grad forwards use a cached q_w; the value equals the training path's, and a weight
+    update (an optimiser step, a load) invalidates it."""
+    torch.manual_seed(3)
+    layer = BitLinear(16, 8, bias=True, act_norm=True)
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        first = layer(x)
+    assert torch.equal(first, layer(x).detach())  # grad path, no cache
+    with torch.no_grad():
+        layer.weight.mul_(-1.0)
+        flipped = layer(x)
+    assert torch.equal(flipped, layer(x).detach()) and not torch.equal(flipped, first)
 
 
 def test_disk_sizes_tied_head_stored_once(tiny_llama, tiny_tokenizer, tmp_path):

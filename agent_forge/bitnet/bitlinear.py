@@ -54,6 +54,7 @@ class BitLinear(nn.Module):
             self.register_parameter("bias", None)
         self.rms_norm = ActNorm(in_features, eps, device=device, dtype=dtype) if act_norm else None
         self.strength = 1.0
+        self._frozen = None  # (weight version key, q_w as float, weight_scale): inference without grad
 
     @classmethod
     def from_module(cls, module: nn.Module, act_norm: bool = True, eps: float = 1e-6) -> "BitLinear":
@@ -80,10 +81,22 @@ class BitLinear(nn.Module):
         strength = float(self.strength)
         if self.rms_norm is not None:
             x = torch.lerp(x, self.rms_norm(x), strength)
+        if strength == 1.0 and not torch.is_grad_enabled():
+            return _ternary_value(x, *self._frozen_ternary(), self.bias)
         if strength == 1.0:
             return _TernaryLinear.apply(x, self.weight, self.bias)
         x = fake_quant_act(x, strength)
         return F.linear(x, fake_quant_weight(self.weight, strength), self.bias)
+
+    def _frozen_ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_w as float, weight_scale), recomputed only when the weight changes: decoding one
+        token at a time otherwise spends more time re-quantising the weight than multiplying."""
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.device, w.dtype)
+        if self._frozen is None or self._frozen[0] != key:
+            q_w, gamma = ternary(w.detach())
+            self._frozen = (key, q_w.float(), (1.0 / gamma).to(w.dtype).float())
+        return self._frozen[1], self._frozen[2]
 
     def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8, gamma) of the current weight: what export stores."""
@@ -104,12 +117,9 @@ class _TernaryLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        q_x, input_scale = act_int8(x)
         q_w, gamma = ternary(weight)
-        weight_scale = (1.0 / gamma).to(weight.dtype).float()
-        y = (F.linear(q_x, q_w.float()) / (weight_scale * input_scale)).to(x.dtype)
-        if bias is not None:
-            y = y + bias
+        q_x, input_scale = act_int8(x)
+        y = _ternary_value(x, q_w.float(), (1.0 / gamma).to(weight.dtype).float(), bias)
         ctx.save_for_backward((q_x / input_scale).to(x.dtype), (q_w.float() * gamma).to(weight.dtype))
         ctx.has_bias = bias is not None
         return y
@@ -126,6 +136,13 @@ class _TernaryLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
         return grad_x, grad_w, grad_b
+
+
+def _ternary_value(x, q_w: torch.Tensor, weight_scale: torch.Tensor, bias) -> torch.Tensor:
+    """The strength-1 output in transformers' BitLinear order (see _TernaryLinear)."""
+    q_x, input_scale = act_int8(x)
+    y = (F.linear(q_x, q_w) / (weight_scale * input_scale)).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

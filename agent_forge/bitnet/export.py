@@ -4,7 +4,11 @@ The directory loads with plain `AutoModelForCausalLM.from_pretrained`: config.js
 `quantization_config` (quant_method "bitnet", linear_class "bitlinear", offline), and every
 BitLinear is stored as transformers' BitLinear expects it: `weight` ternary packed four to a
 byte (uint8, out/4 x in), `weight_scale` (1,) = 1 / gamma (its forward divides by it), bias,
-and `rms_norm.weight`. Everything else is stored as is, a tied head once.
+and `rms_norm.weight`. The kept weight matrices (embeddings, an untied head, linears left in
+full precision) can be stored in bfloat16: they are most of a small model's bytes. Round the
+in-memory model first (`round_kept_matrices`) so that what is evaluated is what is stored;
+the loader upcasts them to the config's float32 and reproduces the logits exactly. Everything
+else (norms, biases, scales) is stored as is, a tied head once.
 """
 
 from __future__ import annotations
@@ -31,10 +35,16 @@ from agent_forge.models import META_FILE, _swap_into_place
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_hf_bitnet(model, tokenizer, out_dir: str | Path, meta: dict | None = None) -> Path:
+def save_hf_bitnet(model, tokenizer, out_dir: str | Path, meta: dict | None = None,
+                   store_dtype: str | None = None) -> Path:
     """Write `model` (converted, any strength: the export is the fully ternary model) as an HF
-    BitNet directory plus forge_meta.json; atomic (a crash leaves the old dir or none)."""
+    BitNet directory plus forge_meta.json; atomic (a crash leaves the old dir or none).
+
+    store_dtype ("bfloat16", "float16"; None: as in memory) for the kept weight matrices;
+    refused unless the model already holds values of that dtype (round_kept_matrices)."""
     layers = bitlinears(model)
+    if store_dtype is not None:
+        _check_rounded(model, _dtype(store_dtype))
     kept = _check_exportable(model, layers)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +52,7 @@ def save_hf_bitnet(model, tokenizer, out_dir: str | Path, meta: dict | None = No
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write_weights(model, layers, tmp / WEIGHTS_FILE)
+        _write_weights(model, layers, tmp / WEIGHTS_FILE, store_dtype)
         _export_config(model, layers, kept).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -131,9 +141,45 @@ def _export_config(model, layers: list[tuple[str, BitLinear]], kept: list[str]):
 # Weights
 
 
+def _dtype(name: str) -> torch.dtype:
+    if name not in ("bfloat16", "float16", "float32"):
+        raise BitNetError(f"store_dtype {name!r}: choose bfloat16, float16 or float32")
+    return getattr(torch, name)
+
+
+def kept_matrices(model) -> dict[str, nn.Parameter]:
+    """The full-precision weight matrices (2-D or more, floating) outside the BitLinears, by
+    every name they have (a tied head under both)."""
+    ternary_owned = {f"{n}." for n, _ in bitlinears(model)}
+    return {name: p for name, p in model.named_parameters(remove_duplicate=False)
+            if p.dim() >= 2 and p.is_floating_point() and not any(name.startswith(t) for t in ternary_owned)}
+
+
 @torch.no_grad()
-def _write_weights(model, layers: list[tuple[str, BitLinear]], path: Path) -> None:
-    """model.safetensors: packed BitLinears, every other tensor as is, tied weights once."""
+def round_kept_matrices(model, store_dtype: str | None) -> int:
+    """Round the kept matrices in place to `store_dtype` values (held in their own dtype), so
+    the model in memory is the model save_hf_bitnet(store_dtype=...) writes; returns how many."""
+    if store_dtype is None:
+        return 0
+    dtype, seen = _dtype(store_dtype), set()
+    for p in kept_matrices(model).values():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            p.copy_(p.to(dtype).to(p.dtype))
+    return len(seen)
+
+
+def _check_rounded(model, dtype: torch.dtype) -> None:
+    for name, p in kept_matrices(model).items():
+        if not torch.equal(p.detach().to(dtype).to(p.dtype), p.detach()):
+            raise BitNetError(f"{name} holds values a {str(dtype)[6:]} file cannot store exactly; "
+                              "call round_kept_matrices first, so what is evaluated is what is saved")
+
+
+@torch.no_grad()
+def _write_weights(model, layers: list[tuple[str, BitLinear]], path: Path, store_dtype: str | None = None) -> None:
+    """model.safetensors: packed BitLinears, kept matrices in store_dtype, every other tensor
+    as is, tied weights once."""
     from safetensors.torch import save_file
 
     state = dict(model.state_dict())
@@ -142,6 +188,10 @@ def _write_weights(model, layers: list[tuple[str, BitLinear]], path: Path) -> No
         state[f"{name}.weight"] = pack_ternary(q)
         state[f"{name}.weight_scale"] = (1.0 / gamma).reshape(1).to(layer.weight.dtype)
     state = _drop_tied(state, model)
+    if store_dtype is not None:
+        for name in kept_matrices(model):
+            if name in state:
+                state[name] = state[name].to(_dtype(store_dtype))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
 

@@ -47,6 +47,7 @@ class BitNetConfig:
     qat: QATConfig = field(default_factory=QATConfig)
     keep: tuple[str, ...] = DEFAULT_KEEP  # linear layers (name patterns) kept in full precision
     act_norm: bool = True  # the paper's RMSNorm before activation quantisation
+    store_dtype: str | None = "bfloat16"  # kept matrices (embeddings, head) on disk; the model evaluated is rounded alike
     calibrate_batches: int = 4  # batches that set each act-norm's initial scale
     eval_dataset: str | None = None  # test set; None: the one the Phase 3 run used (else easy_arithmetic)
     eval_samples: int = 150
@@ -137,8 +138,17 @@ def trained_student(ctx: Context):
         if hasattr(student, "tie_weights"):
             student.tie_weights()
         set_strength(student, 1.0)
-        ctx.models["student"] = student.eval()
+        ctx.models["student"] = _as_stored(ctx, student.eval())
     return ctx.models["student"]
+
+
+def _as_stored(ctx: Context, student):
+    """The student with its kept matrices rounded to the dtype they are saved in: the model
+    every later stage evaluates is the model on disk."""
+    from agent_forge.bitnet.export import round_kept_matrices
+
+    round_kept_matrices(student, ctx.cfg.store_dtype)
+    return student
 
 
 def thinking_mode(tokenizer) -> str:
@@ -245,7 +255,7 @@ def stage_qat(ctx: Context) -> dict:
     result = trainer.run(examples, resume=ctx.resume, progress=ctx.progress)
     trained = trainer.loop.unwrapped()
     save_file(trainable_state(trained), ctx.out / "qat" / STUDENT_FILE)
-    ctx.models["student"] = trained.eval()
+    ctx.models["student"] = _as_stored(ctx, trained.eval())
     return {**result, "dropped_for_length": dropped, "calibrated_norms": calibrated,
             "converted_layers": len(bitlinears(trained)), "config": cfg.qat.to_dict()}
 
@@ -304,9 +314,9 @@ def stage_save(ctx: Context) -> dict:
     meta = {"phase": 4, "parent": cfg.model, "parent_meta": parent_meta,
             "thinking_tokens": parent_meta.get("thinking_tokens"),
             "bitnet": {"original_params": size.n_params, "keep": list(cfg.keep), "act_norm": cfg.act_norm,
-                       "size_category": size.category},
+                       "store_dtype": cfg.store_dtype, "size_category": size.category},
             "metrics": _metrics_for_meta(ctx)}
-    save_hf_bitnet(student, tok, dst, meta)
+    save_hf_bitnet(student, tok, dst, meta, store_dtype=cfg.store_dtype)
     sizes = disk_sizes(dst)
     ratios = compression(sizes, size.n_params)
     sparse = sparsity(student)
