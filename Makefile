@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
 
+# Quiet-STaR then BitNet on the default model (quick presets). --force: the chain goes on
+# past a failed handoff and the report says so; --resume: a killed demo continues where it
+# stopped, a finished one prints its table again.
 demo: setup
-	$(BIN)/forge bake-quietstar --model default --out runs/demo --preset quick
+	$(BIN)/forge run --from quietstar --to bitnet --model default --out runs/demo --preset quick --force --resume
 
 test: setup
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

@@ -6,7 +6,8 @@ Each phase runs in `out/<phase>/` through its own command's code (so its own han
 gates the input, and its own state file lets it resume mid-phase); `out/run_state.json`
 records each finished phase and the model it made, so `--resume` after a kill continues
 at the unfinished phase (and inside it, at its unfinished stage). `out/forge_report.json`
-holds every phase's report; the printed table takes each phase's own summary rows.
+holds every phase's report; the printed table takes each phase's own summary rows, and
+`out/forge_report.html` shows that table with the plots (html_report).
 
 EvoMerge, when the chain starts there, trains its parents from the input model
 (`--make-parents`): one model ships offline, and a merge needs several.
@@ -167,6 +168,9 @@ def run_chain(cfg: ChainConfig, resume: bool = False, on_phase: Callable | None 
               "total_seconds": total,
               "reports": {p: json.loads(Path(state.result(p)["report"]).read_text()) for p in phases}}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+    from agent_forge.html_report import write_html_report
+
+    report["html"] = str(write_html_report(out, report))
     return report
 
 

@@ -203,3 +203,4 @@ def run_cmd(start: str = typer.Option("quietstar", "--from", help="first phase: 
     for what, value in chain_rows(report):
         table.add_row(what, value)
     console.print(table)
+    console.print(f"report: {out / 'forge_report.json'} and {report['html']} (one page, with the plots)")

@@ -63,6 +63,9 @@ def test_chain_evomerge_to_bitnet_with_lineage(tmp_path, base_dir, forge_home, m
     last = report["reports"]["bitnet"]["stages"]["register"]["model_id"]
     assert _ancestry(reg, last) == [4, 3, 2, 2, 0]
     assert (tmp_path / "chain" / "forge_report.json").exists()
+    page = (tmp_path / "chain" / "forge_report.html").read_text()
+    assert page.count("<img") >= 2 and "EvoMerge fitness per generation" in page
+    assert "bitnet" in page and "chain time" in page
 
 
 def test_chain_refuses_what_it_cannot_run(tmp_path, base_dir):

@@ -1,0 +1,100 @@
+"""BitNet QAT: what the learning rate and the number of steps buy, measured on held-out traces.
+
+For each learning rate, a fresh ternary student of `--model` is fine-tuned with `forge
+bitnet`'s own QAT (lambda warm-in, distillation from the model itself) for `--steps` steps;
+then, at full strength, it is measured on traces it never trained on (the distillation KL to
+the teacher and the next-token loss) and, with `--eval N`, on N validation questions with
+thinking on. Prints a table, writes bench/results/bitnet_qat.json.
+
+    python bench/bench_bitnet_qat.py --model runs/demo/quietstar/model --lrs 2e-4,1e-3,3e-3 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import save_result
+
+from agent_forge.bitnet.convert import convert_to_bitnet, set_strength
+from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss
+from agent_forge.models import load_model
+from agent_forge.quietstar.bake_data import collate, encode_records, shifted
+from agent_forge.quietstar.pipeline import DataConfig
+
+
+@torch.no_grad()
+def held_out(student, teacher, examples, pad: int, cfg: QATConfig, batch: int = 8) -> dict:
+    """Mean distillation KL and next-token loss of the fully ternary student on `examples`."""
+    set_strength(student, 1.0)
+    student.eval()
+    kd = lm = 0.0
+    chunks = [examples[i:i + batch] for i in range(0, len(examples), batch)]
+    for chunk in chunks:
+        b = collate(chunk, pad)
+        s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        labels, _ = shifted(b)
+        _, parts = distill_loss(s, t, labels, 1.0, 1.0, cfg.kl_top_k)
+        kd, lm = kd + parts["kd"], lm + parts["lm"]
+    return {"kd": kd / len(chunks), "lm": lm / len(chunks)}
+
+
+def accuracy(model, tok, n: int) -> dict:
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.evaluation.runner import evaluate
+    from agent_forge.inference import GENERATION_BATCH
+
+    r = evaluate(model, tok, load_eval_set("easy_arithmetic_val", limit=n), thinking="on", max_new_tokens=128,
+                 batch_size=GENERATION_BATCH, loglik=False, progress=False)
+    return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n}
+
+
+def run_one(teacher, tok, train, test, lr: float, args) -> dict:
+    cfg = QATConfig(steps=args.steps, batch_size=8, lr=lr, warmup_steps=max(1, args.steps // 10),
+                    strength_warmup=args.steps // 2, save_every=10_000)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    convert_to_bitnet(student)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        result = QATTrainer(student, teacher, tok, cfg, d).run(train)
+    row = {"lr": lr, "steps": args.steps, "tokens": result["tokens_seen"], "seconds": time.time() - t0,
+           "train_last": result["last"], **held_out(student, teacher, test, pad, cfg)}
+    if args.eval:
+        row.update(accuracy(student, tok, args.eval))
+    return row
+
+
+def main() -> None:
+    from agent_forge.data.general import build_mixture
+    from agent_forge.data.overlap import asked_by, eval_sets_for
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a Phase 3 model directory (or any causal LM)")
+    p.add_argument("--lrs", default="2e-4,1e-3", help="comma-separated peak learning rates")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--held-out", type=int, default=48, help="traces kept out of training and measured")
+    p.add_argument("--eval", type=int, default=0, help="validation questions answered with thinking (0: skip)")
+    args = p.parse_args()
+    teacher, tok = load_model(args.model)
+    teacher.eval().requires_grad_(False)
+    records, _ = build_mixture(DataConfig(n_records=1200, seed=7),
+                               exclude=asked_by(eval_sets_for("easy_arithmetic", "easy_arithmetic_val")))
+    examples, _ = encode_records(records, tok, max_len=256)
+    train, test = examples[:-args.held_out], examples[-args.held_out:]
+    rows = [run_one(teacher, tok, train, test, float(lr), args) for lr in args.lrs.split(",")]
+    print(f"{'lr':>8} {'steps':>6} {'held-out KL':>12} {'held-out LM':>12} {'accuracy':>10} {'s':>7}")
+    for r in rows:
+        acc = f"{100 * r['accuracy_on']:.1f}%" if "accuracy_on" in r else "-"
+        print(f"{r['lr']:>8.0e} {r['steps']:>6} {r['kd']:>12.3f} {r['lm']:>12.3f} {acc:>10} {r['seconds']:>7.0f}")
+    rec = {"model": args.model, "rows": rows, "threads": torch.get_num_threads()}
+    save_result(rec, Path(__file__).parent / "results" / "bitnet_qat.json", Path(args.model).name)
+
+
+if __name__ == "__main__":
+    main()
