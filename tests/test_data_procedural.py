@@ -1,4 +1,4 @@
-"""procedural.py: exact traces, strategy coverage, verification, seeds."""
+"""procedural.py, traces.py, gym.py: exact traces, strategy coverage, verification, seeds."""
 
 import re
 from collections import Counter
@@ -6,7 +6,9 @@ from fractions import Fraction
 
 import pytest
 
+from agent_forge.data import gym as G
 from agent_forge.data import procedural as P
+from agent_forge.data import traces as T
 from agent_forge.data.parse import evaluate
 from agent_forge.data.schema import Record, Segment
 from agent_forge.vocab import STRATEGIES
@@ -50,7 +52,7 @@ def test_gold_recomputed_independently(records):
 
 def test_steps_follow_precedence_exactly():
     import random
-    segs, answer = P.arithmetic_trace("6 + 10 * 0", random.Random(1))
+    segs, answer = T.arithmetic_trace("6 + 10 * 0", random.Random(1))
     steps = [s.text for s in segs if s.strategy == "step"]
     assert answer == "6"
     assert steps[0].startswith("10 * 0 = ") and steps[-1].startswith("6 + 0 = ")
@@ -127,13 +129,13 @@ def test_equation_traces_have_exactly_the_problems_steps():
     import random
 
     def steps(eq, var="x"):
-        segs, answer = P.equation_trace(eq, var, random.Random(5))
+        segs, answer = T.equation_trace(eq, var, random.Random(5))
         return [s.text for s in segs if s.strategy == "step"], answer
 
     for seed in range(20):  # slips change the text, never the shape
-        segs, _ = P.equation_trace("x + 9 = 25", "x", random.Random(seed))
+        segs, _ = T.equation_trace("x + 9 = 25", "x", random.Random(seed))
         assert not any("/" in s.text for s in segs if s.strategy in ("step", "correct"))
-        segs, _ = P.equation_trace("4*x = 20", "x", random.Random(seed))
+        segs, _ = T.equation_trace("4*x = 20", "x", random.Random(seed))
         assert not any(s.text.startswith("4*x =") for s in segs if s.strategy == "step")
     text, answer = steps("7 - 3*x = -8")
     assert answer == "5" and text[-1].endswith("= 5") and "/ -3" in text[-1]
@@ -151,7 +153,7 @@ def test_long_problems_get_fewer_extra_strategies(wide):
 
 def test_basic_arithmetic_gold_trap_is_fixed():
     item = {"question": "What is 3 + 2 * 3?", "answer": "15", "metadata": {"expression": "3 + 2 * 3"}}
-    fixed = P.check_problem("basic_arithmetic", item)
+    fixed = G.check_problem("basic_arithmetic", item)
     assert fixed["answer"] == "9" and fixed["gold_fixed_from"] == "15"
 
 
@@ -166,6 +168,6 @@ def test_easy_difficulty_bounds(records):
 
 def test_seeds_never_reach_eval_range():
     with pytest.raises(ValueError):
-        P.build_gym_records(10, seed=P.MAX_TRAIN_SEED)
-    top = (P.MAX_TRAIN_SEED - 1) * P.TRAIN_SEED_STRIDE + P.TRAIN_SEED_STRIDE
-    assert top <= P.EVAL_SEED_BASE
+        P.build_gym_records(10, seed=G.MAX_TRAIN_SEED)
+    top = (G.MAX_TRAIN_SEED - 1) * G.TRAIN_SEED_STRIDE + G.TRAIN_SEED_STRIDE
+    assert top <= G.EVAL_SEED_BASE

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent_forge.data.overlap import jsonl_object
-from agent_forge.data.procedural import DIFFICULTY, EVAL_SEED_BASE, gym_problems
+from agent_forge.data.gym import DIFFICULTY, EVAL_SEED_BASE, gym_problems
 
 VAL_SEED_BASE = EVAL_SEED_BASE + 10**6  # the validation split's seeds: disjoint from test and training
 CONFIRM_SEED_BASE = EVAL_SEED_BASE + 2 * 10**6  # the confirmation split's: disjoint from all the others

@@ -109,7 +109,7 @@ def eval_sets_for(*names: str | None) -> tuple[str, ...]:
 def gsm8k_contamination(families, eval_set: str | None) -> str | None:
     """A warning when `eval_set` includes GSM8K and training used a family generated from
     GSM8K test-question templates: renamed, renumbered copies that no key above matches."""
-    from agent_forge.data.procedural import GSM8K_TEST_TEMPLATE_FAMILIES
+    from agent_forge.data.gym import GSM8K_TEST_TEMPLATE_FAMILIES
 
     templated = sorted(set(families or ()) & GSM8K_TEST_TEMPLATE_FAMILIES)
     if not templated or not eval_set or "gsm8k" not in eval_set.split("+"):
