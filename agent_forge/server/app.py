@@ -1,6 +1,8 @@
 """FastAPI routes of the job API. Every route, the OpenAPI document included, needs the token.
 
     POST /jobs                  start a job: {kind, model, out, preset, overrides, device}
+                                kinds: step1 | step2 | anti_theater | complete (Phase 3 slices),
+                                evomerge | bitnet (a whole phase), run (the chain)
     GET  /jobs                  list jobs (?status=, ?kind=)
     GET  /jobs/{id}             one job, with progress read from its run directory
     POST /jobs/{id}/pause       stop the worker; the last checkpoint is kept
@@ -18,14 +20,14 @@ from typing import Any, Literal, Optional
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent_forge.server.auth import bearer_dependency
 from agent_forge.server.jobs import JobError, JobManager
 
-Kind = Literal["step1", "step2", "anti_theater", "complete"]
+Kind = Literal["step1", "step2", "anti_theater", "complete", "evomerge", "bitnet", "run"]
 Status = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
-PRESET_NAMES = ("smoke", "quick", "standard")  # agent_forge.quietstar.pipeline.PRESETS (checked in tests)
+PRESET_NAMES = ("smoke", "quick", "standard")  # every phase's PRESETS (checked in tests)
 JobId = Path(ge=1, le=2**53, description="job id")
 
 
@@ -33,21 +35,42 @@ class JobRequest(BaseModel):
     """What to run. Paths must lie under the server's allowed roots."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Kind = Field(description="step1 | step2 | anti_theater | complete (every stage still to do)")
-    model: str = Field(min_length=1, max_length=4096, description="input model dir, or 'default'")
+    kind: Kind = Field(description="Phase 3 slices: step1 | step2 | anti_theater | complete (every stage still "
+                                   "to do); whole phases: evomerge | bitnet; the chain: run")
+    model: Optional[str] = Field(None, min_length=1, max_length=4096,
+                                 description="input model dir, or 'default' (bitnet: the Phase 3 model; evomerge: "
+                                             "the parents' base, optional with overrides.models; run: the first "
+                                             "phase's input). Required except for evomerge")
     out: str = Field(min_length=1, max_length=4096, description="run directory (relative: under the runs root)")
     preset: Literal["smoke", "quick", "standard"] = "quick"
-    overrides: dict[str, Any] = Field(default_factory=dict, description="PipelineConfig fields, e.g. "
-                                      '{"bake": {"steps": 40}, "tracking": "disabled"}')
+    overrides: dict[str, Any] = Field(default_factory=dict, description="the phase config's fields: PipelineConfig "
+                                      '(Phase 3 kinds, e.g. {"bake": {"steps": 40}, "tracking": "disabled"}), '
+                                      "EvoMergeConfig (evomerge: models or make_parents), BitNetConfig (bitnet), "
+                                      "or the chain YAML's (run: start, stop, force, one section per phase)")
     device: Optional[Literal["cpu", "cuda", "mps"]] = None
+
+    @model_validator(mode="after")
+    def _needs_model(self):
+        if self.model is None and self.kind != "evomerge":
+            raise ValueError(f"a {self.kind} job needs a model")
+        return self
+
+
+class PhaseProgress(BaseModel):
+    phase: str
+    stages_done: list[str]
+    stages_total: list[str]
+    stage: Optional[str] = Field(None, description="the first stage not yet done")
 
 
 class Progress(BaseModel):
-    stages_done: list[str]
-    stages_total: list[str]
-    step1: dict[str, Optional[int]]
-    step2: dict[str, Optional[int]]
-    finished: bool
+    stages_done: list[str] = Field(description="stages done (run jobs: phases done)")
+    stages_total: list[str] = Field(description="every stage of the job's phase (run jobs: the chain's phases)")
+    finished: bool = Field(description="the phase's (or the chain's) report is written")
+    stage: Optional[str] = Field(None, description="phase jobs: the first stage (run: phase) not yet done")
+    step1: Optional[dict[str, Optional[int]]] = Field(None, description="Phase 3 jobs: Step 1 steps done / total")
+    step2: Optional[dict[str, Optional[int]]] = Field(None, description="Phase 3 jobs: Step 2 steps done / total")
+    phase: Optional[PhaseProgress] = Field(None, description="run jobs: the unfinished phase's own stages")
 
 
 class Job(BaseModel):

@@ -6,6 +6,9 @@ note, and their orphaned workers are stopped; `resume` continues them from the l
 checkpoint. Workers are separate processes (`agent_forge.server.worker`) in their own
 process group; the server only starts, watches and signals them.
 
+Kinds: slices of Phase 3 (step1, step2, anti_theater, complete; worker.py) and whole
+phases or the chain (evomerge, bitnet, run; phases.py).
+
 Statuses: running -> completed | failed (worker exit code), running -> paused (pause),
 paused | failed -> running (resume), anything not finished -> cancelled (cancel).
 """
@@ -25,16 +28,20 @@ from functools import lru_cache
 from pathlib import Path
 
 from agent_forge.registry import Registry
-from agent_forge.server.paths import PathRejected, confine, confine_dataset
+from agent_forge.server import phases
+from agent_forge.server.checks import PATH_FIELDS, OverrideRejected, confine_overrides, type_errors
+from agent_forge.server.paths import PathRejected, confine
 
-KINDS = ("step1", "step2", "anti_theater", "complete")
-RESUMABLE = ("step1", "step2", "complete")  # an anti-theater run has no checkpoints
+QUIETSTAR_KINDS = ("step1", "step2", "anti_theater", "complete")
+KINDS = QUIETSTAR_KINDS + phases.PHASE_KINDS
+RESUMABLE = ("step1", "step2", "complete") + phases.PHASE_KINDS  # an anti-theater run has no checkpoints
 NEEDS_STEP1 = ("step2", "anti_theater")
 KIND_PREFIX = "job:"
 ACTIVE = ("queued", "running")
 RESERVED_OVERRIDES = ("model", "out", "registry", "device", "preset")
-DATASET_FIELDS = ("eval_dataset", "val_dataset")  # overrides the worker reads files from (evalsets names or paths)
-DATASET_LIST_FIELDS = ("general_sets",)  # the same, a list of them
+# Phase 3 overrides the worker reads files from (evalsets names or paths; checks.PATH_FIELDS)
+DATASET_FIELDS = tuple(k for k, how in PATH_FIELDS["quietstar"].items() if how == "dataset")
+DATASET_LIST_FIELDS = tuple(k for k, how in PATH_FIELDS["quietstar"].items() if how == "datasets")
 WORKER_MODULE = "agent_forge.server.worker"
 SECRET_ENV = ("FORGE_API_TOKEN",)
 
@@ -70,33 +77,6 @@ def step2_available() -> bool:
     return find_spec("agent_forge.quietstar.rl") is not None
 
 
-def _type_errors(default, overrides: dict, where: str) -> list[str]:
-    """Overrides whose type does not match the config field's (update_dataclass checks names only)."""
-    import dataclasses
-
-    errors = []
-    for key, value in overrides.items():
-        current = getattr(default, key, None)
-        name = f"{where}.{key}"
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                errors.append(f"{name} must be an object")
-            else:
-                errors += _type_errors(current, value, name)
-        elif isinstance(current, bool):
-            if not isinstance(value, bool):
-                errors.append(f"{name} must be true or false")
-        elif isinstance(current, (int, float)) and not isinstance(current, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    isinstance(current, int) and not isinstance(value, int)):
-                errors.append(f"{name} must be a {type(current).__name__}")
-        elif isinstance(current, str) and not isinstance(value, str):
-            errors.append(f"{name} must be a string")
-        elif isinstance(current, tuple) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            errors.append(f"{name} must be a list of strings")
-    return errors
-
-
 def validate_overrides(preset: str, overrides: dict) -> None:
     """Raise JobError(400) for unknown fields or wrong types, before any worker starts."""
     from agent_forge.config import update_dataclass
@@ -110,7 +90,7 @@ def validate_overrides(preset: str, overrides: dict) -> None:
         update_dataclass(base, overrides, "pipeline config")
     except ValueError as e:
         raise JobError(400, str(e)) from None
-    errors = _type_errors(base, overrides, "overrides")
+    errors = type_errors(base, overrides, "overrides")
     if errors:
         raise JobError(400, "; ".join(errors[:5]))
 
@@ -144,15 +124,13 @@ class JobManager:
         return [self._view(e) for e in entries if e.kind.startswith(KIND_PREFIX)]
 
     def _view(self, entry) -> dict:
-        from agent_forge.dashboard.data import run_progress
-
         spec, state = entry.config, entry.state
         return {"id": entry.id, "kind": entry.kind[len(KIND_PREFIX):], "status": entry.status,
                 "model": spec.get("model"), "out": spec.get("out"), "preset": spec.get("preset"),
                 "overrides": spec.get("overrides") or {}, "created": entry.started, "updated": entry.updated,
                 "attempts": state.get("attempts", 0), "pid": state.get("pid"),
                 "returncode": state.get("returncode"), "note": state.get("note"), "log": state.get("log"),
-                "progress": run_progress(spec["out"]) if spec.get("out") else None}
+                "progress": _progress(spec) if spec.get("out") else None}
 
     def log_tail(self, job_id: int, lines: int) -> list[str]:
         log = self._entry(job_id).state.get("log")
@@ -170,34 +148,39 @@ class JobManager:
             raise JobError(400, f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
         if kind == "step2" and not step2_available():
             raise JobError(501, "Step 2 (Quiet-STaR RL) is not available in this version of agent_forge")
+        preset = req.get("preset") or "quick"
         try:
             out = confine(req["out"], self.settings.out_roots, "out")
-            model = req["model"]
-            if model != "default":
-                model_path = confine(model, self.settings.model_roots, "model")
-                if not model_path.exists():
-                    raise JobError(400, f"model {model!r} does not exist")
-                model = str(model_path)
-            overrides = dict(req.get("overrides") or {})
+            model = self._check_model(kind, req.get("model"))
+            spec = {"kind": kind, "model": model, "out": str(out), "preset": preset,
+                    "overrides": dict(req.get("overrides") or {}), "device": req.get("device"),
+                    "registry": str(self.settings.registry)}
+            if out.exists() and not out.is_dir():
+                raise JobError(400, f"out {str(out)!r} exists and is not a directory")
             roots = self.settings.model_roots + self.settings.out_roots
-            for name in DATASET_FIELDS:
-                if isinstance(overrides.get(name), str):
-                    overrides[name] = confine_dataset(overrides[name], roots, name)
-            for name in DATASET_LIST_FIELDS:
-                if name in overrides:
-                    if not isinstance(overrides[name], list) or not all(isinstance(x, str) for x in overrides[name]):
-                        raise JobError(400, f"{name} must be a list of dataset names or paths")
-                    overrides[name] = [confine_dataset(x, roots, name) for x in overrides[name]]
-        except PathRejected as e:
+            if kind in phases.PHASE_KINDS:
+                return phases.check_request(kind, spec, self.settings.model_roots, roots)
+            spec["overrides"] = confine_overrides("quietstar", spec["overrides"], self.settings.model_roots, roots)
+        except (PathRejected, OverrideRejected) as e:
             raise JobError(400, str(e)) from None
-        if out.exists() and not out.is_dir():
-            raise JobError(400, f"out {str(out)!r} exists and is not a directory")
+        phases.check_out("quietstar", out)
         if kind in NEEDS_STEP1 and "step1" not in self._stages_done(out):
             raise JobError(409, f"{kind} needs Step 1 finished in {out}; start a step1 job there first")
-        preset = req.get("preset") or "quick"
-        validate_overrides(preset, overrides)
-        return {"kind": kind, "model": model, "out": str(out), "preset": preset, "overrides": overrides,
-                "device": req.get("device"), "registry": str(self.settings.registry)}
+        validate_overrides(preset, spec["overrides"])
+        return spec
+
+    def _check_model(self, kind: str, model: str | None) -> str | None:
+        """The input model, confined and existing ('default' as is); only evomerge may have none."""
+        if model is None:
+            if kind != "evomerge":
+                raise JobError(400, f"a {kind} job needs a model")
+            return None
+        if model == "default":
+            return model
+        path = confine(model, self.settings.model_roots, "model")
+        if not path.exists():
+            raise JobError(400, f"model {model!r} does not exist")
+        return str(path)
 
     @staticmethod
     def _stages_done(out: Path) -> set[str]:
@@ -208,9 +191,9 @@ class JobManager:
 
     def _check_capacity(self, out: str, job_id: int | None = None) -> None:
         running = [j for j in self.registry.list_runs(status="running") if j.kind.startswith(KIND_PREFIX)]
-        clash = [j.id for j in running if j.config.get("out") == out and j.id != job_id]
+        clash = [j for j in running if j.id != job_id and j.config.get("out") and _overlap(j.config["out"], out)]
         if clash:
-            raise JobError(409, f"job {clash[0]} is already running in {out}")
+            raise JobError(409, f"job {clash[0].id} is already running in {clash[0].config['out']}")
         if len(running) >= self.settings.max_running:
             raise JobError(409, f"{len(running)} jobs running (the limit is {self.settings.max_running}); "
                                 "pause or wait for one")
@@ -249,13 +232,21 @@ class JobManager:
             intent = self._intent.pop(job_id, None)
             self._procs.pop(job_id, None)
             status = None if rc == 0 else {"pause": "paused", "cancel": "cancelled"}.get(intent)
-            note = {"paused": "paused: resume continues from the last checkpoint (later steps are redone)",
+            kind = self._kind_of(job_id)
+            note = {"paused": phases.PAUSE_NOTES.get(kind, "paused: resume continues from the last checkpoint "
+                                                     "(later steps are redone)"),
                     "cancelled": "cancelled"}.get(status)
             if status is None:  # it ended by itself (a job that finished as it was paused counts as done)
                 status = "completed" if rc == 0 else "failed"
                 note = None if rc == 0 else self._failure_note(rc, state)
             self.registry.update_run(job_id, state={**state, "returncode": rc, "note": note, "ended": _now()},
                                      status=status)
+
+    def _kind_of(self, job_id: int) -> str:
+        try:
+            return self.registry.get_run(job_id).kind[len(KIND_PREFIX):]
+        except KeyError:
+            return ""
 
     def _failure_note(self, rc: int, state: dict) -> str:
         from agent_forge.server.worker import EXIT_UNAVAILABLE
@@ -337,6 +328,23 @@ class JobManager:
         """Pause every running job (the server is going away and cannot watch them)."""
         for job_id in list(self._procs):
             self._stop(job_id, "pause")
+
+
+def _progress(spec: dict) -> dict:
+    """What the Job view shows: a phase job's stages from its state file, Phase 3's (with the
+    Step 1 / Step 2 step counts) as the dashboard reads them."""
+    kind = spec.get("kind")
+    if kind in phases.PHASE_KINDS:
+        return phases.progress(kind, spec["out"], spec.get("overrides") or {})
+    from agent_forge.dashboard.data import run_progress
+
+    return run_progress(spec["out"])
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two run directories are the same or one holds the other (a chain's phase dirs)."""
+    pa, pb = Path(a), Path(b)
+    return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -1,4 +1,5 @@
-"""A job's worker process: runs one slice of the Phase 3 pipeline on one run directory.
+"""A job's worker process: runs one slice of the Phase 3 pipeline, or a whole phase or the
+chain (evomerge, bitnet, run: see phases.py), on one run directory.
 
 The server starts `python -m agent_forge.server.worker SPEC_JSON` in a new process group
 and never trains itself. Each kind of job is a range of pipeline stages on the same run
@@ -11,12 +12,17 @@ dashboard reads both the same way:
     anti_theater  anti_theater               (needs step1 done; a rerun replaces the old result)
     complete      every stage not yet done   (the same as `forge bake-quietstar --resume`)
 
+    evomerge      `forge evomerge --resume` (every stage not yet done)
+    bitnet        `forge bitnet --resume`
+    run           `forge run --resume` (every phase not yet done, inside it every stage)
+
 The worker always resumes: finished stages are skipped and a training stage continues from
 its last checkpoint. Pausing is SIGTERM to the process group; work since the last
 checkpoint is redone on resume.
 
-Exit codes: 0 done, 1 error (traceback in the log), 3 the stage is not available in this
-version (Step 2 before `forge rl` lands in the pipeline).
+Exit codes: 0 done, 1 error (a phase's own error as one line "worker: error: ...", anything
+else with its traceback), 3 the stage is not available in this version (Step 2 before
+`forge rl` lands in the pipeline).
 """
 
 from __future__ import annotations
@@ -90,7 +96,18 @@ def run_stages(cfg, names: tuple[str, ...], rerun: tuple[str, ...] = ()) -> dict
     return state.data
 
 
+def _on_stage(name: str, event: str, result) -> None:
+    print(f"stage {name} {event}", flush=True)
+
+
 def run_job(spec: dict) -> None:
+    from agent_forge.server.phases import PHASE_KINDS
+
+    if spec["kind"] in PHASE_KINDS:
+        from agent_forge.server.phases import run
+
+        run(spec, _on_stage, _printer())
+        return
     from agent_forge.quietstar.pipeline import CONFIG_FILE  # the full config, for the dashboard's progress bars
 
     cfg = build_config(spec)
@@ -101,8 +118,7 @@ def run_job(spec: dict) -> None:
     if kind == "complete":
         from agent_forge.quietstar.pipeline import run_pipeline
 
-        run_pipeline(cfg, resume=True, on_stage=lambda n, e, r: print(f"stage {n} {e}", flush=True),
-                     progress=_printer())
+        run_pipeline(cfg, resume=True, on_stage=_on_stage, progress=_printer())
     else:
         run_stages(cfg, KIND_STAGES[kind], RERUN.get(kind, ()))
 
@@ -118,11 +134,17 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     spec = json.loads(argv[0])
     print(f"worker: job {spec.get('job_id')} kind {spec['kind']} out {spec['out']}", flush=True)
+    from agent_forge.server.phases import PHASE_KINDS, phase_errors
+
+    errors = phase_errors() if spec["kind"] in PHASE_KINDS else ()
     try:
         run_job(spec)
     except StageUnavailable as e:
         print(f"worker: not available: {e}", flush=True)
         return EXIT_UNAVAILABLE
+    except errors as e:
+        print(f"worker: error: {e}", flush=True)
+        return 1
     print("worker: done", flush=True)
     return 0
 
