@@ -157,7 +157,7 @@ from agent_forge.server_commands import dashboard_cmd, serve_cmd  # noqa: E402
 
 app.command("rl", help="Step 2: Quiet-STaR RL on a Step 1 model (answer mode).")(rl_cmd)
 app.command("dashboard", help="Streamlit dashboard of runs and registry (127.0.0.1).")(dashboard_cmd)
-app.command("serve", help="Job API: start/pause/resume Step 1, Step 2, anti-theater, complete.")(serve_cmd)
+app.command("serve", help="Job API (token, 127.0.0.1): start/pause/resume Phase 3 stages, evomerge, bitnet and run jobs.")(serve_cmd)
 
 from agent_forge.bitnet.commands import bitnet_cmd  # noqa: E402
 
