@@ -245,6 +245,7 @@ def _generate_all(model, tokenizer, prompts: list[tuple[str, str]], mode: str, m
                   vocab: ThinkingVocab, progress: bool, show_thinking: bool,
                   decoder=None) -> list[Generation]:
     """Generate for (prompt, forced prefix) pairs, similar lengths batched together."""
+    batch_size = min(batch_size, getattr(model, "max_generation_batch", batch_size))  # llama.cpp engine: 1
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     results: list[Generation | None] = [None] * len(prompts)

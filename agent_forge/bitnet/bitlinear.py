@@ -25,6 +25,9 @@ class ActNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.eps = eps
+        # True when it took over a block norm's gains (convert.share_block_norms): then it is
+        # part of the original function and applies at every strength, and is not calibrated.
+        self.absorbed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
@@ -80,7 +83,7 @@ class BitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         strength = float(self.strength)
         if self.rms_norm is not None:
-            x = torch.lerp(x, self.rms_norm(x), strength)
+            x = self.rms_norm(x) if self.rms_norm.absorbed else torch.lerp(x, self.rms_norm(x), strength)
         if strength == 1.0 and not torch.is_grad_enabled():
             return _ternary_value(x, *self._frozen_ternary(), self.bias)
         if strength == 1.0:
@@ -160,10 +163,12 @@ def calibrate_act_norms(model: nn.Module, batches: Iterable[dict]) -> int:
     the magnitude the next layers were trained on. Inputs are measured in the full-precision
     model (all strengths 0 while measuring, then restored), over non-padding tokens only.
     Returns the number of layers calibrated."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BitLinear) and m.rms_norm is not None]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BitLinear) and m.rms_norm is not None
+              and not m.rms_norm.absorbed]  # shared norms already hold the block norm's gains
     totals = {name: [0.0, 0] for name, _ in layers}
     current = {"mask": None}
-    strengths = {name: m.strength for name, m in layers}
+    every = [(name, m) for name, m in model.named_modules() if isinstance(m, BitLinear)]
+    strengths = {name: m.strength for name, m in every}
     was_training = model.training
 
     def hook_for(name):
@@ -178,7 +183,7 @@ def calibrate_act_norms(model: nn.Module, batches: Iterable[dict]) -> int:
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers]
     try:
         model.eval()
-        for _, m in layers:
+        for _, m in every:
             m.strength = 0.0
         device = next(model.parameters()).device
         for batch in batches:
@@ -190,7 +195,7 @@ def calibrate_act_norms(model: nn.Module, batches: Iterable[dict]) -> int:
     finally:
         for h in handles:
             h.remove()
-        for name, m in layers:
+        for name, m in every:
             m.strength = strengths[name]
         model.train(was_training)
     calibrated = 0

@@ -63,12 +63,22 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor | None) -> bool:
     return b is not None and (a is b or a.data_ptr() == b.data_ptr())
 
 
-def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_norm: bool = True,
+def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_norm: bool | str = True,
                       eps: float = 1e-6) -> list[str]:
     """Replace every nn.Linear / Conv1D whose name contains no `keep` pattern by a BitLinear.
 
-    Returns the converted names. A linear sharing its weight with the input embedding
-    (a tied head) is left alone whatever `keep` says."""
+    act_norm: True (or "per_linear") gives every BitLinear its own RMSNorm; "shared" gives
+    the linears that read one block norm's output (q/k/v, gate/up) one shared RMSNorm that
+    takes over that block norm's gains (the block norm is frozen at ones), so the model is
+    the BitNet b1.58 layout llama.cpp's `bitnet` architecture runs (see gguf_export.py);
+    False: no norm. Returns the converted names. A linear sharing its weight with the input
+    embedding (a tied head) is left alone whatever `keep` says."""
+    if act_norm not in (True, False, "per_linear", "shared", "none"):
+        raise BitNetError(f"act_norm must be true, false, 'per_linear' or 'shared', not {act_norm!r}")
+    shared = act_norm == "shared"
+    if shared:
+        eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", None) or eps)
+    act_norm = act_norm not in (False, "none")
     _check_causal_lm(model)
     if is_ternary(model):
         raise BitNetError(f"{type(model).__name__} is already ternary (BitNet); convert a full-precision model")
@@ -81,7 +91,49 @@ def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_
         raise BitNetError(f"{type(model).__name__}: no linear layers to convert (keep={list(keep)})")
     for name, module in targets:
         model.set_submodule(name, BitLinear.from_module(module, act_norm=act_norm, eps=eps))
+    if shared:
+        share_block_norms(model, eps)
     return [name for name, _ in targets]
+
+
+# (block norm, the linears reading its output) in a Llama-family decoder layer
+SHARED_GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                 ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+
+
+@torch.no_grad()
+def share_block_norms(model: nn.Module, eps: float) -> int:
+    """Give each group of BitLinears that read one block norm a single shared ActNorm holding
+    that norm's gains, and freeze the block norm at ones. RMSNorm(RMSNorm(x; 1); g) equals
+    RMSNorm(x; g) up to eps, so the model computes what it did before. Returns groups shared."""
+    from agent_forge.bitnet.bitlinear import ActNorm
+
+    count = 0
+    for _, layer in model.named_modules():
+        for norm_name, linear_names in SHARED_GROUPS:
+            norm = getattr(layer, norm_name, None)
+            linears = [_get(layer, n) for n in linear_names]
+            if norm is None or getattr(norm, "weight", None) is None or \
+                    not all(isinstance(m, BitLinear) and m.rms_norm is not None for m in linears):
+                continue
+            weight = norm.weight
+            act = ActNorm(weight.shape[0], eps, device=weight.device, dtype=linears[0].weight.dtype)
+            act.weight.copy_(weight)
+            act.absorbed = True  # calibration leaves it alone: it already reproduces the block norm
+            for m in linears:
+                m.rms_norm = act
+            weight.fill_(1.0)
+            weight.requires_grad_(False)
+            count += 1
+    return count
+
+
+def _get(module: nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
 
 
 def bitlinears(model: nn.Module) -> list[tuple[str, BitLinear]]:

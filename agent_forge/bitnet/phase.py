@@ -46,7 +46,11 @@ class BitNetConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(n_records=1200, seed=7))
     qat: QATConfig = field(default_factory=QATConfig)
     keep: tuple[str, ...] = DEFAULT_KEEP  # linear layers (name patterns) kept in full precision
-    act_norm: bool = True  # the paper's RMSNorm before activation quantisation
+    # The paper's RMSNorm before activation quantisation. "shared": q/k/v (and gate/up) share
+    # one that takes over the block norm's gains, o/down have their own: the layout both
+    # transformers and llama.cpp's bitnet architecture run (see bitnet/gguf_export.py).
+    # true: one per linear (transformers only); false: none.
+    act_norm: bool | str = "shared"
     store_dtype: str | None = "bfloat16"  # kept matrices (embeddings, head) on disk; the model evaluated is rounded alike
     calibrate_batches: int = 4  # batches that set each act-norm's initial scale
     eval_dataset: str | None = None  # test set; None: the one the Phase 3 run used (else easy_arithmetic)
@@ -383,12 +387,15 @@ def stage_speed(ctx: Context) -> dict:
     with eager():
         rows["transformers BitNet (packed; unpacks per call)"] = decode_speed(
             load_plain(ctx.out / "model"), tok, prompts, cfg.speed_tokens)
+    from agent_forge.llamacpp_engine import llamacpp_speed_rows, ternary_vs_q8_0
+
+    cpp_rows, cpp = llamacpp_speed_rows(ctx.out / "gguf", trained_student(ctx), model, tok, prompts, cfg.speed_tokens)
+    rows.update(cpp_rows)
     table = speed_table(rows, baseline="fp32 PyTorch (input model)")
-    best = max(r["ratio"] for r in table[1:])
+    best = max(r["ratio"] for r in table[1:] if "input model" not in r["name"])  # ternary rows only
     return {"rows": table, "threads": torch.get_num_threads(), "best_ternary_ratio": best,
-            "speed_target_met": best >= cfg.min_speedup,
-            "not_measured": "llama.cpp F16/Q8_0/TQ2_0 rows: the GGUF export and llama-cpp-python engine "
-                            "are not built yet (issue 14 item 4)"}
+            "speed_target_met": best >= cfg.min_speedup, "llamacpp": cpp, **ternary_vs_q8_0(rows),
+            "not_measured": "; ".join(cpp["not_measured"]) or "nothing"}
 
 
 def stage_register(ctx: Context) -> dict:

@@ -27,9 +27,21 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(model: str, device: Optional[str]):
+def _load(model: str, device: Optional[str], engine: str = "torch"):
     from agent_forge.models import ModelLoadError, load_model
 
+    if engine == "llamacpp":
+        from agent_forge.llamacpp_engine import llamacpp_status, load_llamacpp
+
+        ok, why = llamacpp_status()
+        if not ok:
+            _fail(f"--engine llamacpp: {why}")
+        try:
+            return load_llamacpp(model)
+        except (OSError, ValueError, RuntimeError) as e:
+            _fail(f"--engine llamacpp: cannot load {model}: {e}")
+    if engine != "torch":
+        _fail(f"--engine must be torch or llamacpp, not {engine!r}")
     try:
         return load_model(model, device=device)
     except ModelLoadError as e:
@@ -118,22 +130,25 @@ def eval_cmd(model: str = typer.Option("default", help=MODEL_HELP),
              max_new_tokens: Optional[int] = typer.Option(None, help="default: 256 thinking, 48 otherwise"),
              device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
              exclude_seen: Optional[list[str]] = typer.Option(None, help=SEEN_HELP),
+             engine: str = typer.Option("torch", help="torch, or llamacpp: MODEL is a .gguf file (or a folder "
+                                        "with one), e.g. a BitNet run's gguf/ternary-tq2_0.gguf; greedy, batch 1"),
              json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Accuracy (Wilson 95% interval), per family, ms per example, thinking-token usage."""
     from agent_forge.evaluation.runner import evaluate
 
     if thoughts not in ("on", "off", "auto"):
         _fail("--thoughts must be on, off or auto")
-    [thought_mode] = _thought_modes([model], thought_positions)
-    m, tok = _load(model, device)
+    [thought_mode] = _thought_modes([model], thought_positions) if engine == "torch" else [None]
+    m, tok = _load(model, device, engine)
     items = _items(data, limit, exclude_seen, quiet=json_out)
-    try:
+    try:  # the llama.cpp engine has no batched forward for multiple-choice log-likelihoods
         res = evaluate(m, tok, items, thinking=thoughts, batch_size=_batch(batch_size),
-                       max_new_tokens=max_new_tokens, progress=not json_out,
+                       max_new_tokens=max_new_tokens, progress=not json_out, loglik=engine == "torch",
                        thought_mode=thought_mode, model_dir=model if thought_mode else None)
     except ValueError as e:
         _fail(str(e))
-    out = {"model": model, "data": data, **res.to_dict(), "thought_positions": thought_mode or "none"}
+    out = {"model": model, "data": data, "engine": engine, **res.to_dict(),
+           "thought_positions": thought_mode or "none"}
     if thoughts == "off" and res.mode == "direct":
         out["note"] = "the model has no thinking tokens, so thoughts off means answering directly"
     if out.get("loglik"):

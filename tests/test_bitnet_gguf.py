@@ -1,0 +1,275 @@
+"""GGUF export of the ternary model (bitnet/gguf_export.py) and the llama.cpp engine.
+
+The write/read round trip needs only the `gguf` package and always runs. The tests that run
+llama.cpp skip, saying why, when llama-cpp-python is not installed (make setup LLAMACPP=yes).
+Tiny models: hidden 64 (its linears go to Q8_0 blocks of ternary codes), intermediate 256
+(down_proj fills whole 256-weight TQ blocks), so both storage paths are exercised.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from agent_forge.bitnet.convert import convert_to_bitnet, set_strength
+from agent_forge.bitnet.gguf_export import GGUFExportError, _rope_permute, read_tensor, write_gguf
+from agent_forge.llamacpp_engine import llamacpp_status
+from agent_forge.vocab import THINK_CLOSE, THINK_OPEN, add_thinking_tokens
+
+HAVE_LLAMACPP, LLAMACPP_WHY = llamacpp_status()
+needs_llamacpp = pytest.mark.skipif(not HAVE_LLAMACPP, reason=LLAMACPP_WHY)
+
+
+def tiny_llama(tok, seed: int = 0):
+    """A 2-layer Llama with thinking tokens; norms and embeddings scaled like a trained model's
+    (random norms, hidden states of RMS ~1) so the shared act-norm is exercised for real."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=0.2)
+    model = LlamaForCausalLM(cfg)
+    add_thinking_tokens(model, tok)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def ternary_model(tok, act_norm="shared", seed: int = 0):
+    teacher = tiny_llama(tok, seed)
+    student = copy.deepcopy(teacher)
+    convert_to_bitnet(student, act_norm=act_norm)
+    set_strength(student, 1.0)
+    return teacher, student.eval()
+
+
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("1", "2"), ("4", "2"), ("i", "s")]
+
+
+def make_bpe_tokenizer():
+    """conftest's byte-level tokenizer plus a few merges (llama.cpp needs a BPE with merges)."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    for a, b in MERGES:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    vocab["<pad>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+@pytest.fixture
+def tok():
+    return make_bpe_tokenizer()
+
+
+LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+           "ffn_down": "mlp.down_proj"}
+
+
+@pytest.mark.parametrize("act_norm,weight_type,arch", [("shared", "tq2_0", "bitnet"), ("shared", "tq1_0", "bitnet"),
+                                                       (False, "tq2_0", "llama")])
+def test_ternary_round_trip(tok, tmp_path, act_norm, weight_type, arch):
+    """Every linear reads back as its exact ternary codes times f16(gamma)."""
+    _, student = ternary_model(tok, act_norm)
+    summary = write_gguf(student, tok, tmp_path / "m.gguf", weight_type)
+    assert summary["arch"] == arch
+    assert summary["tensor_types"][weight_type.upper()]["tensors"] == 2  # the two down_proj (in = 256)
+    assert summary["tensor_types"]["Q8_0 (ternary codes)"]["tensors"] == 12
+    for i, layer in enumerate(student.model.layers):
+        for g_name, hf_name in LINEARS.items():
+            values, kind = read_tensor(tmp_path / "m.gguf", f"blk.{i}.{g_name}.weight")
+            q, gamma = layer.get_submodule(hf_name).ternary()
+            if arch == "llama" and g_name in ("attn_q", "attn_k"):
+                heads = 4 if g_name == "attn_q" else 2
+                q = _rope_permute(q, heads)
+            scale = np.float32(np.float16(float(gamma)))
+            assert kind == (weight_type.upper() if g_name == "ffn_down" else "Q8_0")
+            np.testing.assert_array_equal(values / scale, q.numpy().astype(np.float32))  # codes exact
+            np.testing.assert_allclose(values, q.numpy() * float(gamma), rtol=1e-3, atol=0)
+
+
+def test_norms_and_tokenizer(tok, tmp_path):
+    """bitnet arch: attn_norm = the shared q/k/v act-norm, sub-norms = o/down act-norms; the
+    vocabulary has the thinking tokens as user-defined text tokens, EOS as control."""
+    import gguf
+
+    _, student = ternary_model(tok)
+    write_gguf(student, tok, tmp_path / "m.gguf")
+    layer = student.model.layers[1]
+    for name, module in (("attn_norm", layer.self_attn.q_proj), ("ffn_norm", layer.mlp.up_proj),
+                         ("attn_sub_norm", layer.self_attn.o_proj), ("ffn_sub_norm", layer.mlp.down_proj)):
+        got, kind = read_tensor(tmp_path / "m.gguf", f"blk.1.{name}.weight")
+        assert kind == "F32"
+        np.testing.assert_array_equal(got, module.rms_norm.weight.detach().numpy())
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == student.get_input_embeddings().weight.shape[0]
+    for t in (THINK_OPEN, THINK_CLOSE):
+        i = tok.convert_tokens_to_ids(t)
+        assert tokens[i] == t and types[i] == gguf.TokenType.USER_DEFINED
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
+    assert types[tok.eos_token_id] == gguf.TokenType.CONTROL
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert reader.fields["general.architecture"].contents() == "bitnet"
+
+
+def test_per_linear_norms_refused_naming_the_layer(tok, tmp_path):
+    """One act-norm per linear has three norms where llama.cpp has one: one clear error, no file."""
+    _, student = ternary_model(tok, act_norm=True)
+    with torch.no_grad():
+        student.model.layers[0].self_attn.k_proj.rms_norm.weight.mul_(1.1)
+    with pytest.raises(GGUFExportError, match=r"model\.layers\.0\.self_attn\.k_proj"):
+        write_gguf(student, tok, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_without_merges_refused(tmp_path):
+    from conftest import make_tiny_tokenizer
+
+    plain = make_tiny_tokenizer()
+    _, student = ternary_model(plain)
+    with pytest.raises(GGUFExportError, match="merges"):
+        write_gguf(student, plain, tmp_path / "m.gguf")
+
+
+def test_wrong_type_for_model_refused(tok, tmp_path):
+    teacher, student = ternary_model(tok)
+    with pytest.raises(GGUFExportError, match="tq2_0"):
+        write_gguf(student, tok, tmp_path / "m.gguf", "f16")
+    with pytest.raises(GGUFExportError, match="f16"):
+        write_gguf(teacher, tok, tmp_path / "m.gguf", "tq2_0")
+
+
+def test_shared_act_norm_keeps_the_function(tok):
+    """At strength 0 the shared layout computes the input model (the block norm's gains moved
+    into the shared act-norm), up to the eps of the second normalisation."""
+    teacher, student = ternary_model(tok)
+    set_strength(student, 0.0)
+    ids = tok("12+30=42 and more text", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = teacher(ids).logits, student(ids).logits
+    assert (a - b).abs().max() < 1e-3 * a.abs().max()
+    layer = student.model.layers[0]
+    assert layer.self_attn.q_proj.rms_norm is layer.self_attn.v_proj.rms_norm
+    assert layer.self_attn.o_proj.rms_norm is not layer.self_attn.q_proj.rms_norm
+    assert torch.all(layer.input_layernorm.weight == 1) and not layer.input_layernorm.weight.requires_grad
+
+
+def test_shared_layout_round_trips_through_transformers(tok, tmp_path):
+    """The same trained layout also loads in plain transformers with our logits."""
+    from agent_forge.bitnet.export import load_plain, save_hf_bitnet
+
+    _, student = ternary_model(tok)
+    save_hf_bitnet(student, tok, tmp_path / "hf")
+    ids = tok("7*6=42", return_tensors="pt")["input_ids"]
+    with torch._dynamo.config.patch(disable=True), torch.no_grad():
+        plain = load_plain(tmp_path / "hf")
+        diff = (plain(ids).logits - student(ids).logits).abs().max()
+    assert diff < 1e-4
+
+
+def test_speed_rows_without_llamacpp(tok, tmp_path, monkeypatch):
+    """No llama-cpp-python: the GGUFs are still written, and the rows say why they are missing."""
+    import agent_forge.llamacpp_engine as engine
+
+    monkeypatch.setattr(engine, "llamacpp_status", lambda: (False, "llama-cpp-python not installed (test)"))
+    teacher, student = ternary_model(tok)
+    rows, info = engine.llamacpp_speed_rows(tmp_path, student, teacher, tok, ["1+1="], 4)
+    assert rows == {}
+    assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["input-f16.gguf", "input-q8_0.gguf",
+                                                               "ternary-tq2_0.gguf"]
+    assert len(info["not_measured"]) == 3 and all("not installed" in m for m in info["not_measured"])
+    assert engine.ternary_vs_q8_0(rows) == {}
+
+
+# ---------------------------------------------------------------------------------------
+# llama.cpp itself
+
+
+def _agreement(model, llm, ids):
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    theirs = llm.logits(ids)
+    top1 = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
+    rel = float(np.abs(ours - theirs).max() / np.abs(ours).max())
+    return top1, rel
+
+
+@needs_llamacpp
+def test_llamacpp_logits_match_ternary_model(tok, tmp_path):
+    """llama.cpp on the ternary GGUF vs our in-memory ternary model, every position. llama.cpp
+    quantises activations per block (Q8_0: 32, Q8_K: 256) where we do per token, so logits
+    differ by that rounding: top-1 agrees at >= 90% of positions, the largest logit
+    difference is under 10% of the largest logit."""
+    from agent_forge.llamacpp_engine import LlamaCppModel
+
+    _, student = ternary_model(tok)
+    write_gguf(student, tok, tmp_path / "t.gguf")
+    llm = LlamaCppModel(tmp_path / "t.gguf", n_ctx=256, n_threads=1)
+    ids = tok(f"Question: 12+30?{THINK_OPEN}12 plus 30 is 42{THINK_CLOSE}Answer: 42\n")["input_ids"]
+    top1, rel = _agreement(student, llm, ids)
+    assert top1 >= 0.9 and rel < 0.1, (top1, rel)
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_llamacpp_input_model_matches(tok, tmp_path, kind):
+    """The comparison rows' GGUFs (llama arch, q/k permuted for its rotary layout) compute the input model."""
+    from agent_forge.llamacpp_engine import LlamaCppModel
+
+    teacher, _ = ternary_model(tok)
+    write_gguf(teacher, tok, tmp_path / "i.gguf", kind)
+    llm = LlamaCppModel(tmp_path / "i.gguf", n_ctx=256, n_threads=1)
+    ids = tok("The answer to 6*7 is 42, or so they say.")["input_ids"]
+    top1, rel = _agreement(teacher, llm, ids)
+    # F16 weights and activations: within 1% of the largest logit; Q8_0's 8-bit blocks: within 10%
+    assert top1 >= (0.95 if kind == "f16" else 0.9) and rel < (0.01 if kind == "f16" else 0.1), (top1, rel)
+
+
+@needs_llamacpp
+def test_llamacpp_tokenizer_and_engine(tok, tmp_path):
+    """llama.cpp's own tokenizer splits text (thinking tokens included) as the HF one does, and
+    the engine runs the project's generation with thoughts on and off."""
+    from agent_forge.inference import generate_answers
+    from agent_forge.llamacpp_engine import LlamaCppModel
+
+    _, student = ternary_model(tok)
+    write_gguf(student, tok, tmp_path / "t.gguf")
+    llm = LlamaCppModel(tmp_path / "t.gguf", n_ctx=256, n_threads=1)
+    text = f"Question: what is 12 + 30?\n{THINK_OPEN}add them{THINK_CLOSE}Answer: 42"
+    assert llm.llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+    for thinking in ("on", "off"):
+        gens = generate_answers(llm, tok, ["What is 2 + 2?", "What is 3 + 5?"], thinking=thinking,
+                                max_new_tokens=12, batch_size=8)
+        assert [g.mode for g in gens] == [thinking, thinking]
+        assert all(0 < g.n_new_tokens <= 12 for g in gens)
+        prefix = THINK_OPEN if thinking == "on" else THINK_OPEN + THINK_CLOSE
+        assert all(g.completion.startswith(prefix) for g in gens)
+
+
+@needs_llamacpp
+def test_llamacpp_speed_rows(tok, tmp_path):
+    """With llama.cpp: the three rows are timed like decode_speed's (same prompts, exact token count)."""
+    from agent_forge.llamacpp_engine import F16_ROW, Q8_ROW, TERNARY_ROW, llamacpp_speed_rows, ternary_vs_q8_0
+
+    teacher, student = ternary_model(tok)
+    rows, info = llamacpp_speed_rows(tmp_path, student, teacher, tok, ["1+1=", "12*3="], 4)
+    assert set(rows) == {TERNARY_ROW, F16_ROW, Q8_ROW} and info["not_measured"] == []
+    assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 4 and r["prompts"] == 2 for r in rows.values())
+    assert set(ternary_vs_q8_0(rows)) == {"ternary_vs_q8_0", "ahead_of_q8_0"}
