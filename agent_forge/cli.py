@@ -167,6 +167,10 @@ from agent_forge.evomerge.commands import evomerge_cmd  # noqa: E402
 
 app.command("evomerge", help="Phase 2: evolve merges of several models into a champion, measured.")(evomerge_cmd)
 
+from agent_forge.cognate.commands import cognate_cmd  # noqa: E402
+
+app.command("cognate", help="Phase 1: three small TRM x Titans-MAG models from one trunk, measured.")(cognate_cmd)
+
 
 @app.command("run")
 def run_cmd(start: str = typer.Option("quietstar", "--from", help="first phase: evomerge, quietstar, bitnet"),

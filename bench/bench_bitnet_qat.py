@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from _common import save_result
 
+from agent_forge.bitnet.bitlinear import calibrate_act_norms
 from agent_forge.bitnet.convert import convert_to_bitnet, set_strength
 from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss
 from agent_forge.models import load_model
@@ -58,8 +59,9 @@ def run_one(teacher, tok, train, test, lr: float, args) -> dict:
     cfg = QATConfig(steps=args.steps, batch_size=8, lr=lr, warmup_steps=max(1, args.steps // 10),
                     strength_warmup=args.steps // 2, save_every=10_000)
     student = copy.deepcopy(teacher).requires_grad_(True)
-    convert_to_bitnet(student)
+    convert_to_bitnet(student, act_norm=args.act_norm)  # as `forge bitnet` converts, then calibrates
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    calibrate_act_norms(student, [collate(train[i * 8:(i + 1) * 8], pad) for i in range(4)])
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         result = QATTrainer(student, teacher, tok, cfg, d).run(train)
@@ -80,6 +82,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--held-out", type=int, default=48, help="traces kept out of training and measured")
     p.add_argument("--eval", type=int, default=0, help="validation questions answered with thinking (0: skip)")
+    p.add_argument("--act-norm", default="shared", help="shared (the phase default), per_linear or none")
     args = p.parse_args()
     teacher, tok = load_model(args.model)
     teacher.eval().requires_grad_(False)
@@ -92,7 +95,7 @@ def main() -> None:
     for r in rows:
         acc = f"{100 * r['accuracy_on']:.1f}%" if "accuracy_on" in r else "-"
         print(f"{r['lr']:>8.0e} {r['steps']:>6} {r['kd']:>12.3f} {r['lm']:>12.3f} {acc:>10} {r['seconds']:>7.0f}")
-    rec = {"model": args.model, "rows": rows, "threads": torch.get_num_threads()}
+    rec = {"model": args.model, "act_norm": args.act_norm, "rows": rows, "threads": torch.get_num_threads()}
     save_result(rec, Path(__file__).parent / "results" / "bitnet_qat.json", Path(args.model).name)
 
 

@@ -86,6 +86,10 @@ PRESETS: dict[str, MuGrokfastConfig] = {
     # Step 2, Quiet-STaR RL (SPEC): faster, tighter clip, KL to the baked model.
     "rl": MuGrokfastConfig(muon_lr=5e-4, grokfast_lambda=0.1, qk_clip_tau=25.0,
                            kl_coefficient=0.1, weight_decay=0.0),
+    # Phase 1, Cognate pre-training from scratch: a from-scratch rate, a gentle Grokfast
+    # filter; QK-clip off (Cognate's fused windowed attention has no recording hook).
+    "cognate": MuGrokfastConfig(muon_lr=2e-3, grokfast_lambda=0.05, qk_clip_enabled=False,
+                                kl_coefficient=0.0, weight_decay=0.01),
 }
 
 

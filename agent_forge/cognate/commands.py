@@ -1,0 +1,78 @@
+"""`forge cognate`: the Phase 1 command, and the summary it prints from the run's report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def cognate_cmd(out: Path = typer.Option(..., help="output directory (models/, cognate_report.json, ...)"),
+                preset: str = typer.Option("quick", help="smoke (seconds), quick (small CPU run), standard (GPU)"),
+                config: Optional[Path] = typer.Option(None, help="YAML overriding CognatePhaseConfig fields"),
+                tokenizer: Optional[str] = typer.Option(None, help="'default' (SmolLM2's) or an HF tokenizer dir"),
+                device: Optional[str] = typer.Option(None),
+                tracking: Optional[str] = typer.Option(None, help="W&B mode: offline, disabled, online"),
+                registry: Optional[str] = typer.Option(None, help="registry SQLite file (default: FORGE_HOME's)"),
+                resume: bool = typer.Option(False, help="continue a killed run in --out")):
+    """Phase 1: three small recursive-memory models (reasoning, memory, speed) from one trunk, measured."""
+    from agent_forge.cli import console, fail
+    from agent_forge.cognate.phase import CognatePhaseError, make_config, run_cognate
+    from agent_forge.progress import StageDisplay
+
+    try:
+        cfg = make_config(preset, config, out=str(out), tokenizer=tokenizer, device=device, tracking=tracking,
+                          registry=registry)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    with StageDisplay(console) as display:
+        try:
+            report = run_cognate(cfg, resume=resume, on_stage=display.on_stage, progress=display.on_step)
+        except CognatePhaseError as e:
+            fail(str(e), code=1)
+    print_summary(console, report)
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    """(what, measured) rows: every model's validation loss against the unigram baseline,
+    halting, throughput, diversity against its 0.3 target, the merge check."""
+    ev = report["stages"]["evaluate"]
+    unigram = ev["unigram_val_loss"]
+    rows = [("unigram baseline (val loss, nats)", f"{unigram:.3f}")]
+    for name, m in ev["models"].items():
+        rows.append((f"{name}: val loss", f"{m['val_loss']:.3f} ({'beats' if m['beats_unigram'] else 'does NOT beat'}"
+                                          f" unigram), halting {m['mean_halting_steps']:.2f}/"
+                                          f"{m['max_recursion_steps']} steps, "
+                                          f"{m['forward_tokens_per_s'] or 0:.0f} tok/s forward"))
+        if "easy_accuracy" in m:
+            acc = m["easy_accuracy"]
+            lo, hi = acc["ci95"]
+            rows.append((f"{name}: easy arithmetic accuracy",
+                         f"{100 * acc['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={acc['n']})"))
+    div = ev["diversity"]
+    verdict = "met" if ev["diversity_target_met"] else "MISSED"
+    rows.append(("diversity (target > 0.3)", f"{div['diversity']:.3f}: {verdict} (disagreement "
+                                             f"{div['mean_disagreement']:.3f}, halting distance "
+                                             f"{div['mean_halting_distance']:.3f})"))
+    merge = ev["merge"]
+    rows.append((f"50/50 merge of {' + '.join(merge['parents'])}", f"val loss {merge['merged_val_loss']:.3f}"))
+    controls = ev.get("controls")
+    if controls:
+        rows += [("merge of two independent trunks (control)",
+                  f"val loss {controls['independent_merge_val_loss']:.3f} (shared-trunk merge "
+                  f"{'better' if controls['shared_trunk_merges_better'] else 'NOT better'})"),
+                 ("same-size plain transformer (control)", f"val loss {controls['transformer_val_loss']:.3f}")]
+    for name, path in report["models"].items():
+        rows.append((f"model: {name}", path))
+    rows.append(("time", f"{report['total_seconds']:.0f} s"))
+    return rows
+
+
+def print_summary(console: Console, report: dict) -> None:
+    table = Table(title=f"forge cognate: {report['out']}", show_header=False)
+    for what, value in summary_rows(report):
+        table.add_row(what, value)
+    console.print(table)

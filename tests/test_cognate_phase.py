@@ -1,0 +1,270 @@
+"""`forge cognate`: the metrics against hand-made figures, the data by hand, the smoke phase end
+to end (three mergeable models that load like any HF model, report, registry), exact
+resume after a crash, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import Crash, make_tiny_tokenizer
+
+from agent_forge.cognate.data import pack, record_text, split_blocks, unigram_cross_entropy
+from agent_forge.cognate.metrics import average_weights, diversity, halting_histogram
+from agent_forge.cognate.phase import STATE_FILE, CognatePhaseError, make_config, run_cognate
+from agent_forge.registry import Registry
+
+# ---------------------------------------------------------------------------------------
+# Metrics and data by hand
+
+
+def test_diversity_on_hand_made_predictions():
+    preds = {"a": torch.tensor([1, 2, 3, 4]), "b": torch.tensor([1, 2, 0, 0]), "c": torch.tensor([1, 2, 3, 4])}
+    steps = {"a": torch.tensor([1, 1, 2, 2]), "b": torch.tensor([2, 2, 2, 2]), "c": torch.tensor([1, 1, 2, 2])}
+    div = diversity(preds, steps)
+    # a-b: disagree 2/4, histograms (.5,.5) vs (0,1): TV .5 -> .5 ; a-c: 0, 0 -> 0 ; b-c: as a-b -> .5
+    assert div["pairs"]["a-b"] == {"disagreement": 0.5, "halting_distance": 0.5, "score": 0.5}
+    assert div["pairs"]["a-c"]["score"] == 0.0
+    assert div["diversity"] == pytest.approx(1 / 3)
+    assert div["mean_disagreement"] == pytest.approx(1 / 3) and div["mean_halting_distance"] == pytest.approx(1 / 3)
+
+
+def test_halting_histogram_counts_steps_from_one():
+    assert halting_histogram(torch.tensor([1, 3, 3, 3]), 4).tolist() == [0.25, 0.0, 0.75, 0.0]
+
+
+def test_unigram_cross_entropy_by_hand():
+    train = torch.tensor([[0, 0, 0, 1]])  # counts + 1: token 0 -> 4, token 1 -> 2, token 2 -> 1; total 7
+    val = torch.tensor([[2, 0, 1]])  # targets 0 and 1
+    want = -(math.log(4 / 7) + math.log(2 / 7)) / 2
+    assert unigram_cross_entropy(train, val, vocab_size=3) == pytest.approx(want)
+
+
+def test_pack_joins_with_eos_and_cuts_full_blocks():
+    tok = make_tiny_tokenizer()
+    blocks = pack(["ab", "cde"], tok, seq_len=3)  # a b EOS c d e EOS -> 2 blocks of 3, one token left
+    eos = tok.eos_token_id
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert blocks.tolist() == [ids("ab") + [eos], ids("cde")]
+    train, val = split_blocks(torch.arange(10).view(5, 2), 0.2, seed=0)
+    assert len(train) == 4 and len(val) == 1 and set(train.flatten().tolist()).isdisjoint(val.flatten().tolist())
+
+
+def test_record_text_leaves_planted_slips_out():
+    from agent_forge.data.schema import Record, Segment
+
+    rec = Record(id="x", question="2+2?", answer="4", gold="4", source="gym",
+                 thinking=[Segment("step", "2 + 2 = 5"), Segment("doubt", "check: 5 - 2 = 3, not 2"),
+                           Segment("correct", "2 + 2 = 4")])
+    text = record_text(rec)
+    assert text.startswith("Question: 2+2?\nReasoning: ") and text.endswith("\nAnswer: 4")
+    assert "2 + 2 = 4" in text and "2 + 2 = 5" not in text
+
+
+def test_extract_answer_reads_the_training_format():
+    from agent_forge.cognate.metrics import extract_answer
+
+    assert extract_answer(" 3 + 4 = 7\nAnswer: 7\nQuestion: next") == "7"
+    assert extract_answer(" 3 + 4 = 7") is None and extract_answer("Answer:   ") is None
+
+
+def test_reasoning_accuracy_scores_what_the_model_answers():
+    from agent_forge.cognate.metrics import reasoning_accuracy
+    from agent_forge.data.evalsets import EvalItem
+
+    tok = make_tiny_tokenizer()
+    tok.padding_side = "right"
+
+    class Answers7(torch.nn.Module):  # writes " 3 + 4 = 7 / Answer: 7" after any prompt
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, attention_mask, **kw):
+            assert (attention_mask[:, -1] == 1).all()  # left padded
+            tail = torch.tensor(tok(" 3 + 4 = 7\nAnswer: 7", add_special_tokens=False)["input_ids"])
+            return torch.cat([input_ids, tail.expand(len(input_ids), -1)], dim=1)
+
+    items = [EvalItem("a", "3 + 4?", "7", "chain_sum"), EvalItem("b", "2 + 2?", "4", "chain_sum"),
+             EvalItem("c", "10 - 3 = ?", "7.0", "basic_arithmetic")]
+    acc = reasoning_accuracy(Answers7(), tok, items, batch_size=2)
+    assert acc["n"] == 3 and acc["accuracy"] == pytest.approx(2 / 3) and acc["no_answer_rate"] == 0
+    assert tok.padding_side == "right"
+
+
+def test_average_weights_is_the_mean():
+    from test_cognate_model import tiny_model
+
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    merged = average_weights(a, b)
+    name = "model.layers.0.memory.w1_init"
+    torch.testing.assert_close(merged.state_dict()[name], (a.state_dict()[name] + b.state_dict()[name]) / 2)
+
+
+def test_a_specialisation_may_not_change_shapes():
+    with pytest.raises(ValueError, match="shapes must match"):
+        make_config("smoke", specialisations={"a": {"hidden_size": 64}, "b": {}})
+
+
+# ---------------------------------------------------------------------------------------
+# The phase end to end
+
+
+def _config(tmp_path, out="cg", **over):
+    tok_dir = tmp_path / "tok"
+    if not tok_dir.exists():
+        make_tiny_tokenizer().save_pretrained(tok_dir)
+    return make_config("smoke", out=str(tmp_path / out), tokenizer=str(tok_dir), tracking="disabled",
+                       registry=str(tmp_path / "reg.sqlite"), **over)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run shared by the tests that only read it: (report, its tmp dir)."""
+    tmp_path = tmp_path_factory.mktemp("cognate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORGE_HOME", str(tmp_path / "forge_home"))
+        return run_cognate(_config(tmp_path)), tmp_path
+
+
+def test_smoke_phase_makes_three_mergeable_measured_models(smoke_run):
+    from transformers import AutoModelForCausalLM
+
+    report, tmp_path = smoke_run
+    out = tmp_path / "cg"
+    assert list(report["stages"]) == ["data", "foundation", "specialise_reasoning", "specialise_memory",
+                                      "specialise_speed", "control_independent", "control_transformer",
+                                      "evaluate", "register"]
+    assert json.loads((out / "cognate_report.json").read_text())["diversity"] == report["diversity"]
+    ev = report["stages"]["evaluate"]
+    assert set(ev["models"]) == {"foundation", "reasoning", "memory", "speed"}
+    for name, figures in ev["models"].items():
+        assert figures["val_loss"] > 0 and 1 <= figures["mean_halting_steps"] <= figures["max_recursion_steps"]
+        assert sum(figures["halting_histogram"]) == pytest.approx(1.0)
+        assert figures["easy_accuracy"]["n"] == 4 and 0 <= figures["easy_accuracy"]["accuracy"] <= 1
+    assert 0 <= report["diversity"] <= 1 and "merged_val_loss" in ev["merge"]
+    controls = ev["controls"]
+    assert controls["shared_trunk_merge_val_loss"] == ev["merge"]["merged_val_loss"]
+    assert controls["independent_merge_val_loss"] > 0 and controls["transformer_val_loss"] > 0
+    cognate_params = report["stages"]["foundation"]["n_params"]
+    assert abs(report["stages"]["control_transformer"]["n_params"] - cognate_params) < 0.05 * cognate_params
+    shapes, windows = set(), set()
+    for name in ("reasoning", "memory", "speed"):
+        model = AutoModelForCausalLM.from_pretrained(out / "models" / name)
+        shapes.add(tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+        windows.add((model.config.sliding_window, model.config.max_recursion_steps))
+        meta = json.loads((out / "models" / name / "forge_meta.json").read_text())
+        assert meta["phase"] == 1 and meta["cognate"]["specialisation"] == name and "val_loss" in meta["metrics"]
+        assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+    assert len(shapes) == 1 and len(windows) == 3  # one shape (mergeable), three behaviours
+    from agent_forge.models import load_model
+
+    loaded, tok = load_model(str(out / "models" / "speed"), device="cpu")  # how Phases 2-4 load their input
+    assert type(loaded).__name__ == "CognateForCausalLM" and len(tok) == loaded.config.vocab_size
+    rows = Registry(tmp_path / "reg.sqlite").list_models(phase=1)
+    assert sorted(r.name.split(":")[-1] for r in rows) == ["memory", "reasoning", "speed"]
+
+
+def test_evomerge_takes_the_three_models_directly(smoke_run):
+    """The 1 -> 2 handoff: `forge evomerge --models` merges them into a champion that is
+    still a Cognate model, loadable like any HF model."""
+    from transformers import AutoModelForCausalLM
+
+    from agent_forge.evomerge.phase import make_config as evomerge_config
+    from agent_forge.evomerge.phase import run_evomerge
+
+    report, tmp_path = smoke_run
+    cfg = evomerge_config("smoke", models=tuple(report["models"].values()), out=str(tmp_path / "evo"),
+                          base=str(tmp_path / "cg" / "foundation" / "model"), tracking="disabled",
+                          registry=str(tmp_path / "reg.sqlite"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORGE_HOME", str(tmp_path / "forge_home"))
+        merged = run_evomerge(cfg)
+    assert merged["stages"]["handoff"]["ok"], merged["stages"]["handoff"]
+    champion = AutoModelForCausalLM.from_pretrained(tmp_path / "evo" / "model")
+    assert type(champion).__name__ == "CognateForCausalLM"
+
+
+def crash_after_steps(n: int):
+    """A progress callback that raises Crash after n training steps over all stages."""
+    seen = {"steps": 0}
+
+    def progress(done, total, row):
+        seen["steps"] += 1
+        if seen["steps"] == n:
+            raise Crash(n)
+    return progress
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, forge_home):
+    from safetensors.torch import load_file
+
+    cfg = _config(tmp_path, out="crash")
+    with pytest.raises(Crash):
+        run_cognate(cfg, progress=crash_after_steps(7))  # foundation (4 steps), then step 3 of reasoning
+    state = json.loads((tmp_path / "crash" / STATE_FILE).read_text())
+    assert list(state["stages"]) == ["data", "foundation"]
+    assert (tmp_path / "crash" / "runs" / "reasoning" / "checkpoints").exists()
+    with pytest.raises(CognatePhaseError, match="--resume"):
+        run_cognate(cfg)
+    resumed = run_cognate(cfg, resume=True)
+    assert resumed["stages"]["specialise_reasoning"]["resumed_from"] == 2
+    run_cognate(_config(tmp_path, out="whole"))
+    for name in ("reasoning", "memory", "speed"):
+        a = load_file(tmp_path / "crash" / "models" / name / "model.safetensors")
+        b = load_file(tmp_path / "whole" / "models" / name / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_cli_smoke_and_bad_preset(tmp_path, forge_home):
+    from typer.testing import CliRunner
+
+    from agent_forge.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["cognate", "--out", str(tmp_path / "x"), "--preset", "huge"])
+    assert bad.exit_code == 2 and "unknown preset" in bad.output
+    cfg = _config(tmp_path)  # writes the tokenizer
+    ok = runner.invoke(app, ["cognate", "--out", str(tmp_path / "cli"), "--preset", "smoke", "--tokenizer",
+                             str(tmp_path / "tok"), "--tracking", "disabled", "--registry", str(cfg.registry)])
+    assert ok.exit_code == 0, ok.output
+    assert "diversity (target > 0.3)" in ok.output and (tmp_path / "cli" / "cognate_report.json").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_models(tmp_path, forge_home):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    cfg = _config(tmp_path, out="ref")
+    yaml = tmp_path / "long.yaml"
+    yaml.write_text("train:\n  specialise_steps: 60\n")
+    args = ["cognate", "--preset", "smoke", "--config", str(yaml), "--tokenizer", str(tmp_path / "tok"),
+            "--tracking", "disabled", "--registry", str(cfg.registry)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    forge = lambda *extra: subprocess.Popen([sys.executable, "-m", "agent_forge", *args, *extra], env=env,  # noqa: E731
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = forge("--out", str(tmp_path / "run"))
+    ckpts = tmp_path / "run" / "runs" / "reasoning" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None and not (ckpts.exists() and any(ckpts.glob("step-*"))):
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before the kill; make it longer"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    resumed = forge("--out", str(tmp_path / "run"), "--resume")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    run_cognate(make_config("smoke", yaml, out=str(tmp_path / "ref"), tokenizer=str(tmp_path / "tok"),
+                            tracking="disabled", registry=cfg.registry))
+    for name in ("reasoning", "memory", "speed"):
+        a = load_file(tmp_path / "run" / "models" / name / "model.safetensors")
+        b = load_file(tmp_path / "ref" / "models" / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in b), name
