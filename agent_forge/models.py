@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from agent_forge import __version__
+from agent_forge.cognate import register_auto_classes
 from agent_forge.config import forge_home
+
+# Every loader goes through this module, so AutoConfig / AutoModelForCausalLM know Cognate
+# models from here on. Not in agent_forge/__init__: importing the model code costs seconds
+# that `forge --help` or the registry commands should not pay.
+register_auto_classes()
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct"

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import agent_forge  # noqa: F401  # (registers the Auto classes)
+import agent_forge.models  # noqa: F401  # (its import registers the Auto classes)
 from agent_forge.cognate.config import CognateConfig
 from agent_forge.cognate.memory import MemoryState, run_memory
 from agent_forge.cognate.model import CognateForCausalLM, mag_combine

@@ -1,7 +1,7 @@
 """Phase 1, Cognate: small TRM x Titans-MAG models trained from scratch (model.py, config.py,
 memory.py, recursion.py are the standalone model; the rest is the phase).
 
-`register_auto_classes()` (called when agent_forge is imported) makes AutoConfig /
+`register_auto_classes()` (called when agent_forge.models, the loader every command uses, is imported) makes AutoConfig /
 AutoModelForCausalLM know model_type "cognate", and marks the classes so save_pretrained
 copies their source files into the model directory with an `auto_map`.
 """
