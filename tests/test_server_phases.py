@@ -119,7 +119,7 @@ def test_every_path_field_of_a_phase_config_is_checked():
 
     not_paths = {
         "bitnet": {"data.difficulty", "data.families", "data.general_train_sets", "qat.optimizer",
-                   "qat.mixed_precision", "keep", "store_dtype", "tracking"},
+                   "qat.mixed_precision", "keep", "store_dtype", "act_norm", "tracking"},
         "evomerge": {"parents.families", "search.strategy", "fitness.thinking", "tracking"},
         "run": {"start", "stop", "tracking"},
     }

@@ -38,7 +38,10 @@ class QATConfig:
     steps: int = 200  # optimiser steps
     batch_size: int = 8  # sequences per step (split into grad_accum micro-batches)
     grad_accum: int = 1
-    lr: float = 2e-4  # peak learning rate; linear warm-up, then linear decay to 0
+    # Peak learning rate (linear warm-up, then linear decay to 0). Ternary weights only move
+    # when a weight crosses a rounding boundary: bench/bench_bitnet_qat.py, 40 steps on the
+    # default model, held-out distillation KL 1.65 at 2e-4, 0.92 at 1e-3, 1.19 at 3e-3.
+    lr: float = 1e-3
     warmup_steps: int = 10  # learning-rate warm-up
     strength_warmup: int = 50  # lambda = min(step / strength_warmup, 1); 0 = fully ternary from step 0
     kd_weight: float = 1.0  # weight of KL(teacher || student) on trace and answer tokens
