@@ -9,8 +9,9 @@ at the unfinished phase (and inside it, at its unfinished stage). `out/forge_rep
 holds every phase's report; the printed table takes each phase's own summary rows, and
 `out/forge_report.html` shows that table with the plots (html_report).
 
-EvoMerge, when the chain starts there, trains its parents from the input model
-(`--make-parents`): one model ships offline, and a merge needs several.
+Cognate makes three models from scratch that share a trunk; EvoMerge then merges those three
+(task vectors against the trunk). EvoMerge, when the chain starts there, trains its parents
+from the input model (`--make-parents`): one model ships offline, and a merge needs several.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class ChainError(RuntimeError):
 @dataclass
 class ChainConfig:
     start: str = "quietstar"
-    """First phase: evomerge, quietstar or bitnet (cognate is not built yet)."""
+    """First phase: cognate, evomerge, quietstar or bitnet."""
     stop: str = "bitnet"
     """Last phase."""
     model: str = "default"
-    """The first phase's input (EvoMerge: the model its parents are trained from)."""
+    """The first phase's input (EvoMerge: the model its parents are trained from; Cognate
+    takes none, it trains from scratch)."""
     out: str = "runs/chain"
     preset: str = "quick"
     """Every phase's preset (smoke, quick, standard)."""
@@ -57,8 +59,6 @@ class ChainConfig:
         i, j = PHASES.index(self.start), PHASES.index(self.stop)
         if i > j:
             raise ValueError(f"--from {self.start} comes after --to {self.stop}")
-        if self.start == "cognate":
-            raise ValueError("Phase 1 (cognate) is not built yet; start the chain at evomerge, quietstar or bitnet")
         return list(PHASES[i:j + 1])
 
 
@@ -106,12 +106,35 @@ def _resuming(path: Path, state_file: str) -> bool:
     return (path / state_file).exists()
 
 
+def phase_cognate(ctx: Context) -> dict:
+    from agent_forge.cognate.phase import STATE_FILE as COG_STATE, CognatePhaseError, make_config, run_cognate
+
+    out = ctx.phase_dir("cognate")
+    cfg = make_config(ctx.cfg.preset, _phase_yaml(ctx, "cognate"), out=str(out), tracking=ctx.cfg.tracking,
+                      registry=ctx.cfg.registry)
+    try:
+        report = run_cognate(cfg, resume=_resuming(out, COG_STATE), on_stage=ctx.on_stage, progress=ctx.progress)
+    except CognatePhaseError as e:
+        raise ChainError(f"cognate: {e}") from e
+    models = list(report["models"].values())
+    return {"model": models[0], "models": models, "trunk": str(out / "foundation" / "model"),
+            "report": str(out / "cognate_report.json"), "seconds": report["total_seconds"]}
+
+
+def _evomerge_parents(ctx: Context) -> dict:
+    """Cognate's three models against their trunk when Cognate ran; else specialists of the input."""
+    if ctx.state.done("cognate"):
+        made = ctx.state.result("cognate")
+        return {"models": tuple(made["models"]), "base": made["trunk"], "make_parents": False}
+    return {"base": ctx.input_for("evomerge"), "make_parents": True}
+
+
 def phase_evomerge(ctx: Context) -> dict:
     from agent_forge.evomerge.phase import STATE_FILE as EVO_STATE, EvoMergePhaseError, make_config, run_evomerge
 
     out = ctx.phase_dir("evomerge")
-    cfg = make_config(ctx.cfg.preset, _phase_yaml(ctx, "evomerge"), base=ctx.input_for("evomerge"),
-                      make_parents=True, out=str(out), tracking=ctx.cfg.tracking, registry=ctx.cfg.registry)
+    cfg = make_config(ctx.cfg.preset, _phase_yaml(ctx, "evomerge"), **_evomerge_parents(ctx), out=str(out),
+                      tracking=ctx.cfg.tracking, registry=ctx.cfg.registry)
     try:
         report = run_evomerge(cfg, resume=_resuming(out, EVO_STATE), on_stage=ctx.on_stage, progress=ctx.progress)
     except EvoMergePhaseError as e:
@@ -149,7 +172,7 @@ def phase_bitnet(ctx: Context) -> dict:
             "seconds": report["total_seconds"], "forced": report["stages"]["validate_input"].get("forced", False)}
 
 
-RUNNERS = {"evomerge": phase_evomerge, "quietstar": phase_quietstar, "bitnet": phase_bitnet}
+RUNNERS = {"cognate": phase_cognate, "evomerge": phase_evomerge, "quietstar": phase_quietstar, "bitnet": phase_bitnet}
 
 
 def run_chain(cfg: ChainConfig, resume: bool = False, on_phase: Callable | None = None,
@@ -177,10 +200,11 @@ def run_chain(cfg: ChainConfig, resume: bool = False, on_phase: Callable | None 
 def chain_rows(report: dict) -> list[tuple[str, str]]:
     """Each phase's own summary rows under its name: one table for the whole chain."""
     from agent_forge.bitnet.commands import summary_rows as bitnet_rows
+    from agent_forge.cognate.commands import summary_rows as cognate_rows
     from agent_forge.evomerge.commands import summary_rows as evomerge_rows
     from agent_forge.report import summary_rows as quietstar_rows
 
-    rows_of = {"evomerge": evomerge_rows, "quietstar": quietstar_rows, "bitnet": bitnet_rows}
+    rows_of = {"cognate": cognate_rows, "evomerge": evomerge_rows, "quietstar": quietstar_rows, "bitnet": bitnet_rows}
     rows = []
     for phase in report["phases"]:
         rows.append((f"[bold]{phase}[/]", f"{report['results'][phase]['model']}"))

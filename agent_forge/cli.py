@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 def _quiet_libraries() -> None:
@@ -173,8 +174,8 @@ app.command("cognate", help="Phase 1: three small TRM x Titans-MAG models from o
 
 
 @app.command("run")
-def run_cmd(start: str = typer.Option("quietstar", "--from", help="first phase: evomerge, quietstar, bitnet"),
-            stop: str = typer.Option("bitnet", "--to", help="last phase: evomerge, quietstar, bitnet"),
+def run_cmd(start: str = typer.Option("quietstar", "--from", help="first phase: cognate, evomerge, quietstar, bitnet"),
+            stop: str = typer.Option("bitnet", "--to", help="last phase: cognate, evomerge, quietstar, bitnet"),
             out: Path = typer.Option(..., help="output directory: one folder per phase, forge_report.json"),
             model: str = typer.Option("default", help="the first phase's input model"),
             preset: str = typer.Option("quick", help="every phase's preset: smoke, quick, standard"),
@@ -205,6 +206,6 @@ def run_cmd(start: str = typer.Option("quietstar", "--from", help="first phase: 
             fail(str(e), code=1)
     table = Table(title=f"forge run: {out}", show_header=False)
     for what, value in chain_rows(report):
-        table.add_row(what, value)
+        table.add_row(what, escape(str(value)))
     console.print(table)
     console.print(f"report: {out / 'forge_report.json'} and {report['html']} (one page, with the plots)")

@@ -187,9 +187,10 @@ def llamacpp_speed_rows(out_dir: str | Path, student, teacher, tokenizer, prompt
     ok, why = llamacpp_status()
     info["llamacpp"] = why
     rows = {}
+    if not ok and info["files"]:
+        info["not_measured"].append(f"{', '.join(info['files'])}: {why}")
     for label, summary in info["files"].items():
         if not ok:
-            info["not_measured"].append(f"{label}: {why}")
             continue
         try:
             rows[label] = llamacpp_speed(LlamaCppModel(summary["path"]), tokenizer, prompts, new_tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -164,6 +165,6 @@ def anti_theater_row(t: dict) -> tuple[str, str]:
 def print_summary(console: Console, report: dict) -> None:
     table = Table(title=f"Agent Forge Phase 3: {report.get('model')} ({report.get('preset')})", show_header=False)
     for name, value in summary_rows(report):
-        table.add_row(name, value)
+        table.add_row(name, escape(str(value)))
     console.print(table)
     console.print(f"report: {report.get('out')}/forge_report.json")

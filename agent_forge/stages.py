@@ -66,6 +66,25 @@ def timings(state: StageState) -> tuple[dict, float]:
     return per, round(sum(v or 0 for v in per.values()), 1)
 
 
+def stage_runner(phase_error: type[Exception], user_errors: tuple[type[Exception], ...],
+                 lr_field: str | None = None, name_stage: bool = False) -> Callable:
+    """A `run_one(name, fn, ctx)` for run_phase: the errors a user can act on (`user_errors`)
+    become one `phase_error` (prefixed "stage NAME: " with name_stage); a stopped training
+    (FloatingPointError from the NaN / explosion guard) says how to resume when the phase
+    names its learning-rate field."""
+    def run_one(name: str, fn: Callable, ctx) -> dict:
+        try:
+            return fn(ctx)
+        except user_errors as e:
+            raise phase_error(f"stage {name}: {e}" if name_stage else str(e)) from e
+        except FloatingPointError as e:
+            if lr_field is None:
+                raise
+            raise phase_error(f"stage {name} stopped: {e}. Rerun with --resume after lowering {lr_field} in "
+                              "--config; training restarts from the last checkpoint.") from e
+    return run_one
+
+
 def run_phase(stages: list[Stage], out: Path, state_file: str, resume: bool, make_ctx: Callable,
               error: type[Exception], tracking: str, config: dict, on_stage: Callable | None = None,
               run_one: Callable | None = None) -> StageState:

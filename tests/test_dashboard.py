@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_forge.dashboard import data
+from agent_forge.dashboard import data, lineage
 from agent_forge.registry import Registry
 from agent_forge.tracking import Tracker
 
@@ -297,7 +297,7 @@ def test_evomerge_live_history_and_progress(tmp_path):
     (run / "search_state.json").write_text('{"history": [')
     assert data.evomerge_history(run) == [] and data.evomerge_progress(run)["current"] is None
     # before the registry knows the champion, the tree is the planned one: parents -> champion
-    tree = data.evomerge_family_tree(data.load_stages(run), None)
+    tree = lineage.evomerge_family_tree(data.load_stages(run), None)
     assert tree["id"] is None and [p["name"] for p in tree["parents"]][0] == "chain_sum"
 
 
@@ -321,7 +321,7 @@ def test_evomerge_finished_run(tmp_path):
     assert "generation 2 (validation trace likelihood)" in summary and summary["time"] == "170 s"
     h = data.evomerge_headline(data.load_stages(run), data.evomerge_history(run))
     assert (h["champion_test"], h["gain_points"], h["target_met"], h["handoff_ok"]) == (0.58, 13.0, True, True)
-    tree = data.evomerge_family_tree(data.load_stages(run), None)  # the registry the run recorded
+    tree = lineage.evomerge_family_tree(data.load_stages(run), None)  # the registry the run recorded
     assert tree["name"] == "evomerge:merge" and len(tree["parents"]) == 3
 
 
@@ -353,7 +353,7 @@ def test_live_readers_agree_with_the_real_search_writer(tmp_path):
 
 def test_lineage_of_a_merge_of_three(tmp_path):
     missing = tmp_path / "none.sqlite"
-    assert data.lineage(missing, 1) is None and not missing.exists()
+    assert lineage.lineage(missing, 1) is None and not missing.exists()
     reg = Registry(tmp_path / "reg.sqlite")
     base = reg.register_model("base", 1, tmp_path / "base")
     parents = [reg.register_model(f"evomerge-parent:{f}", 2, tmp_path / f, parent_id=base,
@@ -361,27 +361,27 @@ def test_lineage_of_a_merge_of_three(tmp_path):
     champ = reg.register_model("evomerge:merge", 2, tmp_path / "model", metrics={"fitness": 0.58})
     reg.add_parents(champ, parents)
     child = reg.register_model("quietstar:demo", 3, tmp_path / "q", parent_id=champ)
-    assert data.lineage(reg.path, 999) is None
+    assert lineage.lineage(reg.path, 999) is None
 
-    tree = data.lineage(reg.path, child)
+    tree = lineage.lineage(reg.path, child)
     assert tree["name"] == "quietstar:demo" and [p["id"] for p in tree["parents"]] == [champ]
     merge = tree["parents"][0]
     assert [p["name"] for p in merge["parents"]] == ["evomerge-parent:a", "evomerge-parent:b", "evomerge-parent:c"]
     assert all([g["id"] for g in p["parents"]] == [base] for p in merge["parents"])
-    assert data.lineage(reg, champ)["parents"][1]["metrics"] == {"val_fitness": 0.45}  # a Registry works too
+    assert lineage.lineage(reg, champ)["parents"][1]["metrics"] == {"val_fitness": 0.45}  # a Registry works too
 
-    lines = data.lineage_lines(data.lineage(reg.path, champ))
+    lines = lineage.lineage_lines(lineage.lineage(reg.path, champ))
     assert lines[0] == "- **evomerge:merge** (#%d · phase 2 · fitness 58.0%%)" % champ
     assert lines[1].startswith("  - **evomerge-parent:a**") and lines[2].startswith("    - **base**")
     assert len(lines) == 7  # champion, 3 parents, the base under each
-    dot = data.lineage_dot(data.lineage(reg.path, champ))
+    dot = lineage.lineage_dot(lineage.lineage(reg.path, champ))
     assert dot.startswith("digraph") and dot.count(f"m{base} [label=") == 1  # the common ancestor drawn once
     for p in parents:
         assert f"m{p} -> m{champ};" in dot and f"m{base} -> m{p};" in dot
 
     # a corrupt registry with a cycle does not hang the walk
     reg.add_parents(base, [champ])
-    assert data.lineage(reg.path, champ)["parents"][0]["parents"][0]["parents"][0].get("truncated")
+    assert lineage.lineage(reg.path, champ)["parents"][0]["parents"][0]["parents"][0].get("truncated")
 
 
 @pytest.fixture
@@ -452,3 +452,49 @@ def test_app_lists_a_bitnet_run(tmp_path, monkeypatch):
     assert at.title[0].value == "Agent Forge · Phase 4 BitNet"
     assert "Stages: 2 / 9 done" in [p.proto.text for p in at.get("progress")]
     assert [s.value for s in at.subheader][:2] == ["Summary", "Handoff"]
+
+
+def test_chain_run_is_read_and_shown(tmp_path, monkeypatch):
+    """A `forge run` folder: its phases in order (finished, running), the whole table from
+    forge_report.json, the HTML page offered, the last model's lineage; each phase folder is
+    listed as a run of its own kind."""
+    from streamlit.testing.v1 import AppTest
+
+    from agent_forge.registry import Registry
+
+    chain = tmp_path / "runs" / "demo"
+    (chain / "quietstar").mkdir(parents=True)
+    (chain / "quietstar" / "pipeline_state.json").write_text(json.dumps({"stages": {"step1": {}}}))
+    (chain / "bitnet").mkdir()
+    (chain / "bitnet" / "bitnet_state.json").write_text(json.dumps({"stages": {"validate_input": {}}}))
+    (chain / "run_state.json").write_text(json.dumps({"stages": {"quietstar": {"model": "q"}}}))
+    assert data.run_kind(chain) == "chain" and data.run_status(chain) != "finished"
+    assert data.chain_progress(chain) == {"phases": ["quietstar", "bitnet"], "done": ["quietstar"],
+                                          "running": ["bitnet"], "finished": False}
+    assert data.chain_summary(chain) == [] and data.chain_last_model_id(chain) is None
+    found = data.find_runs(tmp_path / "runs")
+    assert {p.name: data.run_kind(p) for p in found} == {"demo": "chain", "quietstar": "quietstar", "bitnet": "bitnet"}
+
+    reg = Registry(tmp_path / "reg.sqlite")
+    q = reg.register_model("quietstar:demo", 3, chain / "quietstar" / "model")
+    b = reg.register_model("bitnet:demo", 4, chain / "bitnet" / "model", parent_id=q)
+    bitnet_report = {"model": "q", "stages": {"register": {"model_id": b}}, "total_seconds": 60.0}
+    (chain / "run_state.json").write_text(json.dumps({"stages": {"quietstar": {"model": "q"},
+                                                                 "bitnet": {"model": "b"}}}))
+    (chain / "forge_report.json").write_text(json.dumps({
+        "phases": ["quietstar", "bitnet"], "total_seconds": 90.0,
+        "results": {"quietstar": {"model": "q"}, "bitnet": {"model": "b"}},
+        "reports": {"quietstar": {"stages": {}, "total_seconds": 30.0}, "bitnet": bitnet_report}}))
+    (chain / "forge_report.html").write_text("<!doctype html><p>page</p>")
+    assert data.chain_last_model_id(chain) == b
+    rows = data.chain_summary(chain)
+    assert rows[0] == ("[bold]quietstar[/]", "q") and rows[-1] == ("chain time", "90 s")
+
+    monkeypatch.setenv("FORGE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("FORGE_REGISTRY", str(reg.path))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert at.title[0].value == "Agent Forge · forge run (phases in order)"
+    assert "Phases: 2 / 2 done" in [p.proto.text for p in at.get("progress")]
+    assert [s.value for s in at.subheader] == ["Summary", "Lineage of the last model"]
+    assert any("bitnet:demo" in m.value and "quietstar:demo" in m.value for m in at.markdown)

@@ -59,8 +59,11 @@ def test_smoke_pipeline_runs_every_stage(tmp_path, tiny_dir, forge_home):
     meta = json.loads((out / "model" / "forge_meta.json").read_text())
     assert meta["phase"] == 3 and "[thinking]" in meta["thinking_tokens"]
     assert meta["metrics"]["anti_theater_passed"] == report["stages"]["anti_theater"]["passed"]
-    entry = Registry(tmp_path / "reg.sqlite").get_model(report["stages"]["register"]["model_id"])
+    reg = Registry(tmp_path / "reg.sqlite")
+    entry = reg.get_model(report["stages"]["register"]["model_id"])
     assert entry.phase == 3 and entry.handoff_status in ("passed", "failed")
+    (parent,) = reg.parents(entry.id)  # the input, unregistered before: a phase-0 row for it
+    assert reg.get_model(parent).phase == 0 and reg.find_by_path(tiny_dir) == parent
     # An untrained tiny model cannot pass: the handoff must say so, not pretend.
     assert report["stages"]["handoff"]["ok"] is False
     # Finished steps drop their resume checkpoints; the final model's weights are links, not copies.

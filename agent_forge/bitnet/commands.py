@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -101,5 +102,5 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 def print_summary(console: Console, report: dict) -> None:
     table = Table(title=f"forge bitnet: {report['out']}", show_header=False)
     for what, value in summary_rows(report):
-        table.add_row(what, value)
+        table.add_row(what, escape(str(value)))
     console.print(table)

@@ -24,7 +24,7 @@ from agent_forge.bitnet.qat import QATConfig, QATTrainer
 from agent_forge.config import preset_config
 from agent_forge.inference import GENERATION_BATCH
 from agent_forge.quietstar.pipeline import DataConfig
-from agent_forge.stages import StageState, run_phase, timings
+from agent_forge.stages import StageState, run_phase, stage_runner, timings
 
 STATE_FILE = "bitnet_state.json"
 REPORT_FILE = "bitnet_report.json"
@@ -126,8 +126,16 @@ def fresh_student(ctx: Context):
 
     model, _ = teacher(ctx)
     student = copy.deepcopy(model).requires_grad_(True)
-    convert_to_bitnet(student, keep=tuple(ctx.cfg.keep), act_norm=ctx.cfg.act_norm)
+    convert_to_bitnet(student, keep=tuple(ctx.cfg.keep) + tuple(unpackable(model)), act_norm=ctx.cfg.act_norm)
     return student
+
+
+def unpackable(model) -> list[str]:
+    """Linears whose output width is not a multiple of 4: transformers' packed format cannot
+    hold them ternary (e.g. a Cognate memory's 3 gates), so they stay in full precision."""
+    from torch import nn
+
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features % 4]
 
 
 def trained_student(ctx: Context):
@@ -438,7 +446,8 @@ def run_bitnet(cfg: BitNetConfig, resume: bool = False, on_stage: Callable | Non
     """Run (or resume) every stage; returns the report also written to out/bitnet_report.json."""
     out = Path(cfg.out)
     state = run_phase(STAGES, out, STATE_FILE, resume, lambda st, tr: Context(cfg, out, st, tr, progress, resume),
-                      BitNetPhaseError, cfg.tracking, cfg.to_dict(), on_stage, _run_stage)
+                      BitNetPhaseError, cfg.tracking, cfg.to_dict(), on_stage,
+                      stage_runner(BitNetPhaseError, _user_errors(), "qat.lr"))
     per_stage, total = timings(state)
     report = {"model": cfg.model, "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
               "stages": state.data["stages"], "timings": per_stage, "total_seconds": total}
@@ -446,14 +455,8 @@ def run_bitnet(cfg: BitNetConfig, resume: bool = False, on_stage: Callable | Non
     return report
 
 
-def _run_stage(name: str, fn, ctx: Context) -> dict:
-    """Run one stage; turn the problems a user can act on into one clear BitNetPhaseError."""
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can act on (a model that cannot be converted or does not load)."""
     from agent_forge.models import ModelLoadError
 
-    try:
-        return fn(ctx)
-    except (BitNetError, ModelLoadError) as e:
-        raise BitNetPhaseError(str(e)) from e
-    except FloatingPointError as e:
-        raise BitNetPhaseError(f"stage {name} stopped: {e}. Rerun with --resume after lowering qat.lr in "
-                               "--config; training restarts from the last checkpoint.") from e
+    return BitNetError, ModelLoadError

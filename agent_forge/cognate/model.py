@@ -41,6 +41,12 @@ from .memory import NeuralMemory
 from .recursion import RMSNorm, SwiGLU, TRMRecursion
 
 
+def _is_empty(cache) -> bool:
+    """A transformers Cache that holds nothing yet (callers that build their own start so)."""
+    length = getattr(cache, "get_seq_length", None)
+    return callable(length) and length() == 0
+
+
 class CognateCache:
     """Decoding state: sliding-window keys/values and the memory state of every layer."""
 
@@ -255,10 +261,15 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: CognateCache | None = None,
                 inputs_embeds=None, labels=None, use_cache: bool | None = None, logits_to_keep: int = 0,
-                return_dict: bool | None = None, **kwargs) -> CognateOutput:
+                return_dict: bool | None = None, output_hidden_states: bool | None = None,
+                **kwargs) -> CognateOutput:
+        """output_hidden_states gives (the input embeddings, the final normed state): what
+        callers pool or mix; the per-layer states are not kept."""
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if cache is not None and not isinstance(cache, CognateCache) and _is_empty(cache):
+            cache = CognateCache(self.config.num_hidden_layers)  # e.g. a fresh DynamicCache from a caller
         if cache is not None and not isinstance(cache, CognateCache):
-            raise TypeError(f"Cognate needs a CognateCache (got {type(cache).__name__})")
+            raise TypeError(f"Cognate needs a CognateCache (got {type(cache).__name__} holding state)")
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = CognateCache(self.config.num_hidden_layers)
@@ -275,7 +286,8 @@ class CognateForCausalLM(CognatePreTrainedModel, GenerationMixin):
             lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
             loss = lm_loss + self.config.ponder_cost_weight * mean_ponder
         return CognateOutput(loss=loss, logits=logits, cache=cache if use_cache else None, lm_loss=lm_loss,
-                             ponder_cost=mean_ponder, halting_steps=steps, halting_probs=halt_probs)
+                             ponder_cost=mean_ponder, halting_steps=steps, halting_probs=halt_probs,
+                             hidden_states=(inputs_embeds, hidden) if output_hidden_states else None)
 
 
 def _real_tokens(attention_mask, steps) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from agent_forge.cognate.data import CognateDataConfig, build_curriculum, load_stage
 from agent_forge.cognate.train import CognateTrainConfig, CurriculumTrainer
 from agent_forge.config import preset_config
-from agent_forge.stages import StageState, run_phase, timings
+from agent_forge.stages import StageState, run_phase, stage_runner, timings
 
 STATE_FILE = "cognate_state.json"
 REPORT_FILE = "cognate_report.json"
@@ -313,7 +313,8 @@ def run_cognate(cfg: CognatePhaseConfig, resume: bool = False, on_stage: Callabl
     """Run (or resume) every stage; returns the report also written to out/cognate_report.json."""
     out = Path(cfg.out)
     state = run_phase(stages(cfg), out, STATE_FILE, resume, lambda st, tr: Context(cfg, out, st, tr, progress, resume),
-                      CognatePhaseError, cfg.tracking, cfg.to_dict(), on_stage, _run_stage)
+                      CognatePhaseError, cfg.tracking, cfg.to_dict(), on_stage,
+                      stage_runner(CognatePhaseError, (ValueError, OSError), "train.lr", name_stage=True))
     per_stage, total = timings(state)
     ev = state.result("evaluate")
     report = {"preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(), "stages": state.data["stages"],
@@ -324,14 +325,3 @@ def run_cognate(cfg: CognatePhaseConfig, resume: bool = False, on_stage: Callabl
               "timings": per_stage, "total_seconds": total}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     return report
-
-
-def _run_stage(name: str, fn, ctx: Context) -> dict:
-    """Run one stage; turn the problems a user can act on into one clear CognatePhaseError."""
-    try:
-        return fn(ctx)
-    except (ValueError, OSError) as e:
-        raise CognatePhaseError(f"stage {name}: {e}") from e
-    except FloatingPointError as e:
-        raise CognatePhaseError(f"stage {name} stopped: {e}. Rerun with --resume after lowering train.lr in "
-                                "--config; training restarts from the last checkpoint.") from e

@@ -2,7 +2,9 @@
 
 Shows Phase 3 Quiet-STaR runs (`forge bake-quietstar`), Phase 2 EvoMerge runs (`forge
 evomerge`: the search's fitness per generation, the parents, the test split, the champion's
-family tree) and lists Phase 4 BitNet runs (`forge bitnet`: stages and summary).
+family tree), lists Phase 4 BitNet runs (`forge bitnet`: stages and summary), and shows a
+chain (`forge run`, `make demo`): its phases in order, the whole table, the last model's
+family tree (each phase is also a run of its own in the sidebar).
 
 Started by `forge dashboard`, which passes the runs folder and the registry in the
 FORGE_RUNS_DIR / FORGE_REGISTRY environment variables. All reading is in data.py.
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from agent_forge.dashboard import data
+from agent_forge.dashboard import data, lineage
 
 STAGE_LABELS = {"validate_input": "input check", "vocab": "vocabulary", "data": "data", "step1": "Step 1 bake",
                 "step2": "Step 2 RL", "trace_baking": "trace baking", "anti_theater": "anti-theater",
@@ -379,7 +381,7 @@ def evomerge_test_section(stages: dict) -> None:
 
 def evomerge_lineage_section(stages: dict, registry: str | None) -> None:
     st.subheader("Family tree")
-    tree = data.evomerge_family_tree(stages, registry)
+    tree = lineage.evomerge_family_tree(stages, registry)
     if tree is None:
         st.caption("known once the parents stage has run")
         return
@@ -387,9 +389,9 @@ def evomerge_lineage_section(stages: dict, registry: str | None) -> None:
         st.caption("the champion is registered (with its parents) at the end of the run")
     c1, c2 = st.columns([3, 2])
     with c1:
-        st.graphviz_chart(data.lineage_dot(tree))
+        st.graphviz_chart(lineage.lineage_dot(tree))
     with c2:
-        st.markdown("\n".join(data.lineage_lines(tree)))
+        st.markdown("\n".join(lineage.lineage_lines(tree)))
 
 
 def handoff_checks(title: str, hand: dict | None) -> None:
@@ -446,7 +448,37 @@ def bitnet_view(run_dir: Path, registry: str | None) -> None:
     handoff_checks("Handoff", stages.get("handoff"))
 
 
-VIEWS = {"quietstar": run_view, "evomerge": evomerge_view, "bitnet": bitnet_view}
+# ---------------------------------------------------------------------------------------
+# A chain (`forge run`, `make demo`): the phases in order, the whole table, the family tree
+
+
+def chain_view(run_dir: Path, registry: str | None) -> None:
+    run_header(run_dir, registry)
+    prog = data.chain_progress(run_dir)
+    marks = [f"{'✓' if p in prog['done'] else ('▶' if p in prog['running'] else '·')} {p}" for p in prog["phases"]]
+    st.markdown(" → ".join(marks) or "no phase started yet")
+    n_done, n_total = len(prog["done"]), max(len(prog["phases"]), 1)
+    st.progress(min(1.0, n_done / n_total), text=f"Phases: {n_done} / {len(prog['phases'])} done")
+    st.caption("Each phase is a run of its own, with its live curves: pick "
+               + ", ".join(f"`{run_dir.name}/{p}`" for p in prog["phases"]) + " in the sidebar.")
+    st.subheader("Summary")
+    rows = data.chain_summary(run_dir)
+    if rows:
+        st.dataframe([{"what": k.strip(), "measured": v} for k, v in rows], hide_index=True, width="stretch")
+    else:
+        st.caption("written to forge_report.json when the last phase finishes")
+    html = run_dir / data.CHAIN_HTML
+    if html.is_file():
+        st.download_button("forge_report.html (one page, with the plots)", html.read_bytes(),
+                           file_name=html.name, mime="text/html")
+    model_id = data.chain_last_model_id(run_dir)
+    tree = lineage.lineage(registry, model_id) if model_id is not None else None
+    if tree is not None:
+        st.subheader("Lineage of the last model")
+        st.markdown("\n".join(lineage.lineage_lines(tree)))
+
+
+VIEWS = {"quietstar": run_view, "evomerge": evomerge_view, "bitnet": bitnet_view, "chain": chain_view}
 
 
 def registry_view(registry: str | None) -> None:

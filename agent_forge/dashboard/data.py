@@ -8,7 +8,10 @@ A run directory is what a phase command (or an API job) writes. Three kinds (`ru
 - Phase 2, `forge evomerge`: evomerge_state.json (finished stages), search_state.json
   (rewritten after every evaluation while the search runs: the finished generations'
   history and the fitness cache), evomerge_report.json and fitness.png at the end;
-- Phase 4, `forge bitnet`: bitnet_state.json, bitnet_report.json at the end.
+- Phase 4, `forge bitnet`: bitnet_state.json, bitnet_report.json at the end;
+- a chain, `forge run` (or `make demo`): run_state.json (finished phases and the model each
+  made), one folder per phase (each a run of its own kind), forge_report.json and
+  forge_report.html at the end.
 
 Every reader tolerates a run that is still being written: missing or half-written files
 read as empty.
@@ -32,7 +35,9 @@ SEARCH_STATE = "search_state.json"
 FITNESS_PLOT = "fitness.png"
 BITNET_STATE = "bitnet_state.json"
 BITNET_REPORT = "bitnet_report.json"
-RUN_MARKERS = (STATE_FILE, METRICS_FILE, EVOMERGE_STATE, SEARCH_STATE, BITNET_STATE)
+CHAIN_STATE = "run_state.json"  # agent_forge.chain.STATE_FILE; its report is forge_report.json too
+CHAIN_HTML = "forge_report.html"
+RUN_MARKERS = (STATE_FILE, METRICS_FILE, EVOMERGE_STATE, SEARCH_STATE, BITNET_STATE, CHAIN_STATE)
 REPORT_FILES = (REPORT_FILE, EVOMERGE_REPORT, BITNET_REPORT)
 # agent_forge.quietstar.pipeline.STAGES, by name (kept here so reading a run never imports torch;
 # tests check the two agree)
@@ -41,10 +46,13 @@ STAGE_ORDER = ("validate_input", "vocab", "data", "step1", "step2", "trace_bakin
 # agent_forge.evomerge.phase.STAGES and agent_forge.bitnet.phase.STAGES, by name (tests check them too)
 EVOMERGE_STAGE_ORDER = ("parents", "baseline", "search", "test", "save", "plot", "register", "handoff")
 BITNET_STAGE_ORDER = ("validate_input", "data", "before", "qat", "after", "save", "speed", "register", "handoff")
+CHAIN_PHASES = ("cognate", "evomerge", "quietstar", "bitnet")  # agent_forge.chain.PHASES
 KINDS = {"quietstar": (STATE_FILE, REPORT_FILE, STAGE_ORDER),
          "evomerge": (EVOMERGE_STATE, EVOMERGE_REPORT, EVOMERGE_STAGE_ORDER),
-         "bitnet": (BITNET_STATE, BITNET_REPORT, BITNET_STAGE_ORDER)}
-KIND_LABELS = {"quietstar": "Phase 3 Quiet-STaR", "evomerge": "Phase 2 EvoMerge", "bitnet": "Phase 4 BitNet"}
+         "bitnet": (BITNET_STATE, BITNET_REPORT, BITNET_STAGE_ORDER),
+         "chain": (CHAIN_STATE, REPORT_FILE, CHAIN_PHASES)}
+KIND_LABELS = {"quietstar": "Phase 3 Quiet-STaR", "evomerge": "Phase 2 EvoMerge", "bitnet": "Phase 4 BitNet",
+               "chain": "forge run (phases in order)"}
 SKIP_DIRS = {"model", "checkpoints", "data", "wandb", "step1", "step2", ".git"}
 GEN0_SIZE = 8  # generation 0 is always the 2^3 technique combinations (evomerge.genome.first_generation)
 ACTIVE_SECONDS = 120.0  # a run whose files changed this recently counts as running
@@ -68,11 +76,13 @@ def is_run(path: Path) -> bool:
 
 
 def run_kind(run_dir: str | Path) -> str:
-    """quietstar | evomerge | bitnet, from which files the run has written.
+    """quietstar | evomerge | bitnet | chain, from which files the run has written.
 
     An EvoMerge run whose first stage is still training its parents has only metrics.jsonl
     and parents/ (a Quiet-STaR run never has that folder), so parents/ counts too."""
     run_dir = Path(run_dir)
+    if (run_dir / CHAIN_STATE).exists():
+        return "chain"
     if any((run_dir / f).exists() for f in (EVOMERGE_STATE, EVOMERGE_REPORT, SEARCH_STATE)):
         return "evomerge"
     if any((run_dir / f).exists() for f in (BITNET_STATE, BITNET_REPORT)):
@@ -408,137 +418,33 @@ def fitness_plot(run_dir: str | Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------
-# Lineage: a model, its parents, their parents, ...
+# A chain (`forge run`): its phases, each a run of its own in a sub-folder
 
 
-def _open_registry(registry):
-    """A Registry, or None when the file does not exist (never creates one)."""
-    from agent_forge.registry import Registry, default_registry_path
-
-    if isinstance(registry, Registry):
-        return registry
-    path = Path(registry) if registry else default_registry_path()
-    return Registry(path) if path.exists() else None
-
-
-def _node(model) -> dict:
-    return {"id": model.id, "name": model.name, "phase": model.phase, "path": model.path,
-            "metrics": dict(model.metrics or {}), "handoff_status": model.handoff_status, "parents": []}
+def chain_progress(run_dir: str | Path) -> dict:
+    """The chain's phases (from its report, else the phase folders written so far), the
+    finished ones (run_state.json) and the one running."""
+    run_dir = Path(run_dir)
+    done = list(load_stages(run_dir))
+    started = [p for p in CHAIN_PHASES if (run_dir / p).is_dir()]
+    phases = load_report(run_dir).get("phases") or started
+    return {"phases": list(phases), "done": [p for p in phases if p in done],
+            "running": [p for p in started if p not in done], "finished": bool(load_report(run_dir))}
 
 
-def lineage(registry, model_id: int, max_depth: int = 32) -> dict | None:
-    """The family tree of a model from the registry: {id, name, phase, path, metrics,
-    handoff_status, parents: [trees of its parents, in order]}; a parent id with no row
-    reads as {"id", "name": "(missing)", "parents": []}. None when the registry file or the
-    model does not exist. A cycle (a corrupt registry) or max_depth stops the walk."""
-    reg = _open_registry(registry)
-    if reg is None:
-        return None
+def chain_summary(run_dir: str | Path) -> list[tuple[str, str]]:
+    """The table `forge run` printed (every phase's own rows), from forge_report.json; []
+    before the chain has finished."""
+    from agent_forge.chain import chain_rows
 
-    def walk(mid: int, seen: frozenset, depth: int) -> dict:
-        try:
-            node = _node(reg.get_model(mid))
-        except KeyError:
-            return {"id": mid, "name": "(missing)", "phase": None, "path": None, "metrics": {},
-                    "handoff_status": None, "parents": []}
-        if mid in seen or depth >= max_depth:
-            node["truncated"] = True
-            return node
-        node["parents"] = [walk(p, seen | {mid}, depth + 1) for p in reg.parents(mid)]
-        return node
-
-    try:
-        reg.get_model(model_id)
-    except KeyError:
-        return None
-    return walk(model_id, frozenset(), 0)
+    return _summary(Path(run_dir), chain_rows)
 
 
-def planned_lineage(stages: dict) -> dict | None:
-    """Before the register stage: the champion-to-be and its parents, by path."""
-    parents = evomerge_parents(stages)
-    if not parents:
-        return None
-    return {"id": None, "name": "champion (not registered yet)", "phase": 2, "path": None, "metrics": {},
-            "handoff_status": None,
-            "parents": [{"id": None, "name": p["families"] or Path(str(p["path"])).parent.name or str(p["path"]),
-                         "phase": None, "path": p["path"], "handoff_status": None, "parents": [],
-                         "metrics": {} if p["value"] is None else {"val_fitness": p["value"]}} for p in parents]}
-
-
-def evomerge_family_tree(stages: dict, registry) -> dict | None:
-    """The champion's family tree from the registry the run registered it in (else the
-    dashboard's); before registration, the planned tree from the parents stage."""
-    reg = stages.get("register") or {}
-    if isinstance(reg.get("model_id"), int):
-        for path in (reg.get("registry"), registry):
-            if path and Path(path).exists():
-                tree = lineage(path, reg["model_id"])
-                if tree is not None:
-                    return tree
-    return planned_lineage(stages)
-
-
-FITNESS_KEYS = ("fitness", "val_fitness")
-
-
-def _fmt_metric(metrics: dict) -> str:
-    for key in FITNESS_KEYS:
-        v = metrics.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f"{key.replace('_', ' ')} {100 * v:.1f}%"
-    return ""
-
-
-def _label(node: dict) -> str:
-    bits = [f"#{node['id']}" if node.get("id") is not None else None,
-            f"phase {node['phase']}" if node.get("phase") is not None else None, _fmt_metric(node.get("metrics") or {})]
-    return " · ".join(b for b in bits if b)
-
-
-def lineage_lines(tree: dict | None) -> list[str]:
-    """The tree as an indented markdown list: the model first, each parent indented under it."""
-    lines: list[str] = []
-
-    def walk(node: dict, depth: int) -> None:
-        extra = _label(node)
-        lines.append("  " * depth + f"- **{node['name']}**" + (f" ({extra})" if extra else "")
-                     + (" …" if node.get("truncated") else ""))
-        for p in node.get("parents") or []:
-            walk(p, depth + 1)
-
-    if tree:
-        walk(tree, 0)
-    return lines
-
-
-def _dot_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def lineage_dot(tree: dict | None) -> str:
-    """The tree as Graphviz DOT (for st.graphviz_chart): parents -> child, each model once
-    (a common ancestor of several parents is drawn once, with an edge to each)."""
-    nodes: dict[str, str] = {}
-    edges: list[tuple[str, str]] = []
-
-    def key(node: dict, where: str) -> str:
-        return f"m{node['id']}" if node.get("id") is not None else f"n{where}"
-
-    def walk(node: dict, where: str) -> str:
-        k = key(node, where)
-        extra = _label(node)
-        nodes.setdefault(k, _dot_escape(str(node["name"])) + (f"\\n{_dot_escape(extra)}" if extra else ""))
-        for i, p in enumerate(node.get("parents") or []):
-            pk = walk(p, f"{where}_{i}")
-            if (pk, k) not in edges:
-                edges.append((pk, k))
-        return k
-
-    if tree:
-        walk(tree, "0")
-    lines = ["digraph lineage {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb", '
-             'fontname="Helvetica", fontsize=11];']
-    lines += [f'  {k} [label="{v}"];' for k, v in nodes.items()]
-    lines += [f"  {a} -> {b};" for a, b in edges]
-    return "\n".join(lines + ["}"])
+def chain_last_model_id(run_dir: str | Path) -> int | None:
+    """The registry id of the last model the chain made (its last finished phase registered it)."""
+    reports = load_report(run_dir).get("reports") or {}
+    for phase in reversed(list(reports)):
+        model_id = ((reports[phase].get("stages") or {}).get("register") or {}).get("model_id")
+        if isinstance(model_id, int):
+            return model_id
+    return None

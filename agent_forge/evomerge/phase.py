@@ -21,7 +21,7 @@ from agent_forge.config import preset_config
 from agent_forge.evomerge.fitness import Fitness, FitnessConfig
 from agent_forge.evomerge.parents import ParentsConfig
 from agent_forge.evomerge.search import SearchConfig
-from agent_forge.stages import StageState, run_phase, timings
+from agent_forge.stages import StageState, run_phase, stage_runner, timings
 
 STATE_FILE = "evomerge_state.json"
 REPORT_FILE = "evomerge_report.json"
@@ -304,7 +304,8 @@ def run_evomerge(cfg: EvoMergeConfig, resume: bool = False, on_stage: Callable |
     """Run (or resume) every stage; returns the report also written to out/evomerge_report.json."""
     out = Path(cfg.out)
     state = run_phase(STAGES, out, STATE_FILE, resume, lambda st, tr: Context(cfg, out, st, tr, progress, resume),
-                      EvoMergePhaseError, cfg.tracking, cfg.to_dict(), on_stage, _run_stage)
+                      EvoMergePhaseError, cfg.tracking, cfg.to_dict(), on_stage,
+                      stage_runner(EvoMergePhaseError, _user_errors()))
     per_stage, total = timings(state)
     report = {"models": list(cfg.models), "preset": cfg.preset, "out": cfg.out, "config": cfg.to_dict(),
               "stages": state.data["stages"], "timings": per_stage, "total_seconds": total}
@@ -312,12 +313,9 @@ def run_evomerge(cfg: EvoMergeConfig, resume: bool = False, on_stage: Callable |
     return report
 
 
-def _run_stage(name: str, fn, ctx: Context) -> dict:
-    """Run one stage; turn the problems a user can act on into one clear EvoMergePhaseError."""
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can act on (a merge that cannot be made, a model that does not load)."""
     from agent_forge.evomerge.merge import MergeError
     from agent_forge.models import ModelLoadError
 
-    try:
-        return fn(ctx)
-    except (MergeError, ModelLoadError) as e:
-        raise EvoMergePhaseError(str(e)) from e
+    return MergeError, ModelLoadError

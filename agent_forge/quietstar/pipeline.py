@@ -452,10 +452,21 @@ def stage_register(ctx: Context) -> dict:
                "test_accuracy_thinking_on": test["accuracy_on"], "test_accuracy_thinking_off": test["accuracy_off"],
                "input_accuracy": test["input_accuracy_greedy"], "ab_diff_points": test["ab_diff_points"],
                "anti_theater_passed": ctx.state.result("anti_theater").get("passed"), "ab_winner": test["ab_winner"]}
-    parent = reg.find_by_path(ctx.cfg.model) if Path(ctx.cfg.model).is_dir() else None  # e.g. the Phase 2 champion
-    model_id = reg.register_model(f"quietstar:{Path(ctx.cfg.out).name}", 3, ctx.out / "model", parent_id=parent,
-                                  metrics=metrics)
+    model_id = reg.register_model(f"quietstar:{Path(ctx.cfg.out).name}", 3, ctx.out / "model",
+                                  parent_id=_input_row(reg, ctx.cfg.model), metrics=metrics)
     return {"model_id": model_id, "registry": str(reg.path)}
+
+
+def _input_row(reg, model: str) -> int:
+    """The registry row of the model Phase 3 started from: the existing one (e.g. the Phase 2
+    champion), else a phase-0 row for it (the default model, a hub id, a plain directory), so
+    a lineage always runs back to the model the user gave."""
+    from agent_forge.models import default_model_dir
+
+    path = default_model_dir() if model == "default" else Path(model)
+    found = reg.find_by_path(path) if path.is_dir() else None
+    return found if found is not None else reg.register_model(f"input:{model if model == 'default' else path.name}",
+                                                             0, path if path.is_dir() else model)
 
 
 def stage_handoff(ctx: Context) -> dict:

@@ -179,7 +179,8 @@ def _check_sections(overrides: dict, preset: str, model_roots: list[Path], data_
         section = out[phase]
         if phase == "cognate" or not isinstance(section, dict):
             raise OverrideRejected(f"overrides.{phase} must be an object of {phase} config fields"
-                                   if phase != "cognate" else "Phase 1 (cognate) is not built yet")
+                                   if phase != "cognate" else "overrides.cognate is not accepted by the job API yet "
+                                   "(its fields are not classed for the path checks); run cognate with its preset")
         bad = sorted(set(section) & set(SECTION_RESERVED[phase]))
         if bad:
             raise OverrideRejected(f"overrides.{phase} may not set {', '.join(bad)}: the chain sets them")
