@@ -142,7 +142,7 @@ def registry_lineage(model_id: Annotated[int, typer.Argument(help="Model id.")],
     """The family tree of a model back to its inputs: every parent (several for a merge)."""
     from rich.tree import Tree
 
-    from agent_forge.dashboard.data import lineage
+    from agent_forge.dashboard.lineage import lineage
 
     tree = lineage(Registry(db), model_id)
     if tree is None:
