@@ -4,7 +4,7 @@
 phase's own summary rows), then the training loss curves of every phase (from its
 metrics.jsonl), the accuracy figures with their 95% intervals as bars (Quiet-STaR test and
 fresh splits with thinking on and off, BitNet before and after, EvoMerge best parent and
-champion), and EvoMerge's fitness per generation. Images are embedded as PNG data URIs, so
+champion), and EvoMerge's fitness per generation (the fitness.png its plot stage wrote). Images are embedded as PNG data URIs, so
 the file needs nothing beside it. Every figure is read from the run's own reports.
 """
 
@@ -28,7 +28,11 @@ def _png(fig) -> str:
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return _img(buf.getvalue())
+
+
+def _img(png: bytes) -> str:
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def _pyplot():
@@ -104,24 +108,12 @@ def accuracy_bars(points: list[tuple[str, float, list | None]]) -> str | None:
     return _png(fig)
 
 
-def fitness_plot(evomerge_report: dict) -> str | None:
-    """EvoMerge's best / mean / worst validation fitness per generation."""
-    st = evomerge_report.get("stages", {})
-    history = (st.get("search") or {}).get("history")
-    if not history:
+def fitness_plot(evomerge_dir: Path) -> str | None:
+    """EvoMerge's fitness per generation: the fitness.png its plot stage wrote, embedded."""
+    path = evomerge_dir / "fitness.png"
+    if not path.is_file():
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
-    gens = [r["generation"] for r in history]
-    for key, style in (("best", "o-"), ("mean", "s--"), ("worst", "v:")):
-        ax.plot(gens, [r[key] for r in history], style, label=key)
-    best_parent = (st.get("baseline") or {}).get("best_value")
-    if best_parent is not None:
-        ax.axhline(best_parent, color="grey", lw=1, label="best parent")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("validation fitness")
-    ax.legend(fontsize=8)
-    return _png(fig)
+    return _img(path.read_bytes())
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -151,7 +143,7 @@ def write_html_report(out: str | Path, report: dict) -> Path:
              "<h2>Figures</h2>", _table(chain_rows(report))]
     plots = [("Accuracy with 95% intervals", accuracy_bars(accuracy_points(reports))),
              ("Training loss", loss_curves({p: out / p for p in report.get("phases", [])})),
-             ("EvoMerge fitness per generation", fitness_plot(reports.get("evomerge", {})))]
+             ("EvoMerge fitness per generation", fitness_plot(out / "evomerge"))]
     parts += [f"<h2>{title}</h2>{img}" for title, img in plots if img]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Agent Forge: {html.escape(out.name)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")

@@ -1,6 +1,7 @@
 """The chain's one-page HTML report: which figures it picks from the phase reports, and a
 page that embeds its plots and needs nothing beside it."""
 
+import base64
 import json
 
 from agent_forge.html_report import accuracy_points, write_html_report
@@ -39,6 +40,8 @@ def test_accuracy_points_read_every_phase_with_its_interval():
 def test_html_page_embeds_table_and_plots(tmp_path, monkeypatch):
     run = tmp_path / "chain"
     (run / "bitnet").mkdir(parents=True)
+    (run / "evomerge").mkdir()
+    (run / "evomerge" / "fitness.png").write_bytes(b"written by the plot stage")
     with open(run / "bitnet" / "metrics.jsonl", "w") as f:
         for step in range(5):
             f.write(json.dumps({"stage": "bitnet_qat", "step": step, "loss": 5.0 - step}) + "\n")
@@ -51,3 +54,4 @@ def test_html_page_embeds_table_and_plots(tmp_path, monkeypatch):
     assert page.count("<img") == 3  # accuracy bars, loss curve, fitness per generation
     assert "size &lt;on disk&gt;" in page and "[bold]" not in page  # markup stripped, text escaped
     assert page.startswith("<!doctype html>") and "src=\"data:image/png;base64," in page
+    assert base64.b64encode(b"written by the plot stage").decode() in page  # the phase's own PNG, not redrawn

@@ -85,7 +85,7 @@ class BitLinear(nn.Module):
         if self.rms_norm is not None:
             x = self.rms_norm(x) if self.rms_norm.absorbed else torch.lerp(x, self.rms_norm(x), strength)
         if strength == 1.0 and not torch.is_grad_enabled():
-            return _ternary_value(x, *self._frozen_ternary(), self.bias)
+            return _ternary_value(x, *act_int8(x), *self._frozen_ternary(), self.bias)
         if strength == 1.0:
             return _TernaryLinear.apply(x, self.weight, self.bias)
         x = fake_quant_act(x, strength)
@@ -122,7 +122,7 @@ class _TernaryLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         q_w, gamma = ternary(weight)
         q_x, input_scale = act_int8(x)
-        y = _ternary_value(x, q_w.float(), (1.0 / gamma).to(weight.dtype).float(), bias)
+        y = _ternary_value(x, q_x, input_scale, q_w.float(), (1.0 / gamma).to(weight.dtype).float(), bias)
         ctx.save_for_backward((q_x / input_scale).to(x.dtype), (q_w.float() * gamma).to(weight.dtype))
         ctx.has_bias = bias is not None
         return y
@@ -141,9 +141,10 @@ class _TernaryLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _ternary_value(x, q_w: torch.Tensor, weight_scale: torch.Tensor, bias) -> torch.Tensor:
-    """The strength-1 output in transformers' BitLinear order (see _TernaryLinear)."""
-    q_x, input_scale = act_int8(x)
+def _ternary_value(x, q_x: torch.Tensor, input_scale: torch.Tensor, q_w: torch.Tensor,
+                   weight_scale: torch.Tensor, bias) -> torch.Tensor:
+    """The strength-1 output in transformers' BitLinear order (see _TernaryLinear), from the
+    input's int8 codes and scale (computed once by the caller)."""
     y = (F.linear(q_x, q_w) / (weight_scale * input_scale)).to(x.dtype)
     return y if bias is None else y + bias
 

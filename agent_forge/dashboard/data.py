@@ -427,9 +427,10 @@ def chain_progress(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     done = list(load_stages(run_dir))
     started = [p for p in CHAIN_PHASES if (run_dir / p).is_dir()]
-    phases = load_report(run_dir).get("phases") or started
+    report = load_report(run_dir)
+    phases = report.get("phases") or started
     return {"phases": list(phases), "done": [p for p in phases if p in done],
-            "running": [p for p in started if p not in done], "finished": bool(load_report(run_dir))}
+            "running": [p for p in started if p not in done], "finished": bool(report)}
 
 
 def chain_summary(run_dir: str | Path) -> list[tuple[str, str]]:
