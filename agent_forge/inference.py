@@ -19,7 +19,8 @@ Stopping: a row ends at EOS, or (by default) at the first newline after some ans
 in the answer slot, which is all we score; this is a StoppingCriteria, so the batch ends
 when every row has ended. A direct answer (mode "direct") instead runs, as lm-eval's gsm8k
 generates, until "Question:" or EOS (answers.DIRECT_UNTIL), so lm-eval's flexible reading
-sees the whole reply. Thinking tokens never reach `answer_text`.
+sees the whole reply. Thinking tokens never reach `answer_text`. Greedy batches drop each
+row as it ends (pruned_decode.py: the same tokens, about half the decode compute here).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StopStringCriteria
+from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from agent_forge.data.schema import render_prompt
 from agent_forge.evaluation.answers import DIRECT_UNTIL, answer_slot, strip_thinking_tokens
+from agent_forge.pruned_decode import can_prune, greedy_pruned
 from agent_forge.vocab import ThinkingVocab, get_vocab, has_thinking_tokens
 
 CHAT_SUFFIX = " Give only the final answer."
@@ -123,9 +125,13 @@ class AnswerSlotStop(StoppingCriteria):
     def __init__(self, tokenizer, batch_size: int, in_thinking: bool, close_id: int | None):
         self.tokenizer = tokenizer
         self.close_id = close_id
-        self.phase = [0 if in_thinking else 1] * batch_size  # 0 thinking, 1 slot empty, 2 slot has text
-        self.done = [False] * batch_size
+        self.in_thinking, self.batch_size = in_thinking, batch_size
         self._text: dict[int, str] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.phase = [0 if self.in_thinking else 1] * self.batch_size  # 0 thinking, 1 slot empty, 2 slot has text
+        self.done = [False] * self.batch_size
 
     def _token_text(self, tid: int) -> str:
         if tid not in self._text:
@@ -282,10 +288,17 @@ def _generate_batch(model, tokenizer, batch: list[tuple[str, str]], mode: str, m
     do_sample, temperature, top_p = sample
     extra = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     t0 = time.perf_counter()
-    generate = decoder.generate if decoder is not None else model.generate
-    out = generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
-                         do_sample=do_sample, eos_token_id=eos, pad_token_id=pad, use_cache=True,
-                         stopping_criteria=criteria or None, **extra)
+    out = None
+    if decoder is None and not do_sample and can_prune(model):  # finished rows leave the batch
+        out = greedy_pruned(model, input_ids, mask, max_new, eos, pad, StoppingCriteriaList(criteria) if criteria else None)
+    if out is None:
+        generate = decoder.generate if decoder is not None else model.generate
+        for c in criteria:  # a fallback after a pruned attempt starts the criteria afresh
+            if isinstance(c, AnswerSlotStop):
+                c.reset()
+        out = generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
+                       do_sample=do_sample, eos_token_id=eos, pad_token_id=pad, use_cache=True,
+                       stopping_criteria=criteria or None, **extra)
     seconds = (time.perf_counter() - t0) / len(texts)
     new = out[:, input_ids.shape[1]:].tolist()
     gens = []

@@ -166,7 +166,7 @@ def llamacpp_speed(model: LlamaCppModel, tokenizer, prompts: list[str], new_toke
 
 
 def llamacpp_speed_rows(out_dir: str | Path, student, teacher, tokenizer, prompts: list[str],
-                        new_tokens: int) -> tuple[dict, dict]:
+                        new_tokens: int, repeats: int = 3) -> tuple[dict, dict]:
     """Write the GGUFs (ternary student; input model F16 and Q8_0) under out_dir with the
     tokenizer, and time each in llama.cpp when it is installed. Returns (speed rows to add,
     info: files, tensor types, what was not measured and why). Never raises for a missing
@@ -193,7 +193,8 @@ def llamacpp_speed_rows(out_dir: str | Path, student, teacher, tokenizer, prompt
         if not ok:
             continue
         try:
-            rows[label] = llamacpp_speed(LlamaCppModel(summary["path"]), tokenizer, prompts, new_tokens)
+            rows[label] = llamacpp_speed(LlamaCppModel(summary["path"]), tokenizer, prompts, new_tokens,
+                                         repeats=repeats)
         except (ValueError, RuntimeError) as e:  # llama.cpp would not load or run the file
             info["not_measured"].append(f"{label}: llama.cpp failed: {e}")
     return rows, info

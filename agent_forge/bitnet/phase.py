@@ -62,6 +62,7 @@ class BitNetConfig:
     min_speedup: float = 2.0  # target: ternary decode >= this x fp32 PyTorch
     speed_prompts: int = 2  # prompts timed per engine
     speed_tokens: int = 32  # new tokens per timed prompt
+    speed_repeats: int = 3  # timed runs per engine (the median is reported), after one warm-up run
     min_baking_accuracy: float = 0.85  # the Phase 3 -> 4 gate, as Phase 3 applies it
     tracking: str = "offline"
     registry: str | None = None
@@ -76,8 +77,9 @@ PRESETS: dict[str, dict] = {
               "speed_prompts": 1, "speed_tokens": 8,
               "qat": {"steps": 4, "batch_size": 2, "save_every": 2, "strength_warmup": 2, "warmup_steps": 1}},
     # `make demo` after Phase 3: <= 10 minutes on a 2-core CPU for the default model.
-    "quick": {"eval_samples": 100,
-              "qat": {"steps": 40, "batch_size": 8, "save_every": 10, "strength_warmup": 20, "warmup_steps": 4}},
+    # Sized with Phase 3's quick preset so `make demo` (both phases, setup included) fits 35 min.
+    "quick": {"eval_samples": 60, "speed_repeats": 2,
+              "qat": {"steps": 28, "batch_size": 8, "save_every": 7, "strength_warmup": 14, "warmup_steps": 3}},
     # a GPU's hours.
     "standard": {"data": {"n_records": 20000}, "eval_samples": 1000,
                  "qat": {"steps": 4000, "batch_size": 32, "strength_warmup": 1000, "warmup_steps": 100,
@@ -389,15 +391,16 @@ def stage_speed(ctx: Context) -> dict:
 
     cfg, (model, tok) = ctx.cfg, teacher(ctx)
     prompts = [it.question for it in eval_items(ctx)[:cfg.speed_prompts]]
-    rows = {"fp32 PyTorch (input model)": decode_speed(model, tok, prompts, cfg.speed_tokens),
-            "BitLinear PyTorch (our training form)": decode_speed(trained_student(ctx), tok, prompts,
-                                                                  cfg.speed_tokens)}
+    n, repeats = cfg.speed_tokens, cfg.speed_repeats
+    rows = {"fp32 PyTorch (input model)": decode_speed(model, tok, prompts, n, repeats=repeats),
+            "BitLinear PyTorch (our training form)": decode_speed(trained_student(ctx), tok, prompts, n,
+                                                                  repeats=repeats)}
     with eager():
         rows["transformers BitNet (packed; unpacks per call)"] = decode_speed(
-            load_plain(ctx.out / "model"), tok, prompts, cfg.speed_tokens)
+            load_plain(ctx.out / "model"), tok, prompts, n, repeats=repeats)
     from agent_forge.llamacpp_engine import llamacpp_speed_rows, ternary_vs_q8_0
 
-    cpp_rows, cpp = llamacpp_speed_rows(ctx.out / "gguf", trained_student(ctx), model, tok, prompts, cfg.speed_tokens)
+    cpp_rows, cpp = llamacpp_speed_rows(ctx.out / "gguf", trained_student(ctx), model, tok, prompts, n, repeats)
     rows.update(cpp_rows)
     table = speed_table(rows, baseline="fp32 PyTorch (input model)")
     best = max(r["ratio"] for r in table[1:] if "input model" not in r["name"])  # ternary rows only
