@@ -243,6 +243,31 @@ def read_meta(model_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def weights_digest(model_dir: str | Path) -> str:
+    """sha256 over the directory's weight files (name and bytes): which weights these are,
+    whatever the folder is called (a recorded evaluation is reused only for the same digest)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def update_meta(model_dir: str | Path, fields: dict) -> dict:
+    """Merge `fields` into the model's forge_meta.json (created if missing), atomically: a
+    phase adds what it measured after saving. Returns the merged meta."""
+    path = Path(model_dir) / META_FILE
+    full = {**read_meta(model_dir), **fields}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(full, indent=2, default=str))
+    tmp.replace(path)
+    return full
+
+
 # ---------------------------------------------------------------------------------------
 # Size detection and adaptive defaults
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 THINK_OPEN = "[thinking]"
 THINK_CLOSE = "[/endthinking]"
 STRATEGIES = (
@@ -111,6 +109,8 @@ def add_thinking_tokens(model, tokenizer, vocab: ThinkingVocab | str = "default"
 
 
 def _grow_embeddings(model, tokenizer, size: int, new_tokens: list[str]) -> None:
+    import torch  # here, not at the top: `forge --help` and the data commands never need it
+
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(size, mean_resizing=False)
     inp = model.get_input_embeddings().weight

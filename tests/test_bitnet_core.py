@@ -253,8 +253,10 @@ def test_convert_tiny_llama(tiny_llama):
 def test_convert_keeps_a_tied_head_even_when_asked_not_to(tiny_llama, tiny_qwen2):
     names = convert_to_bitnet(tiny_llama, keep=())
     assert "lm_head" not in names and type(tiny_llama.lm_head) is nn.Linear
-    names = convert_to_bitnet(tiny_qwen2, keep=())  # untied: converted
-    assert "lm_head" in names and isinstance(tiny_qwen2.lm_head, BitLinear)
+    names = convert_to_bitnet(tiny_qwen2, keep=())  # untied, but 258 rows: cannot be packed
+    assert "lm_head" not in names and type(tiny_qwen2.lm_head) is nn.Linear
+    untied = make_tiny_model("qwen2", 260)  # untied and a multiple of 4: converted
+    assert "lm_head" in convert_to_bitnet(untied, keep=()) and isinstance(untied.lm_head, BitLinear)
 
 
 def test_convert_gpt2_conv1d(tiny_gpt2, tiny_tokenizer):
@@ -397,8 +399,11 @@ def test_export_refuses_unconverted_and_odd_widths(tiny_llama, tiny_tokenizer, t
         save_hf_bitnet(tiny_llama, tiny_tokenizer, tmp_path / "x")
     odd = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=30,
                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    convert_to_bitnet(odd)
-    with pytest.raises(BitNetError, match="multiple of 4"):
+    names = convert_to_bitnet(odd)  # gate/up (30 wide) cannot be packed: convert leaves them alone
+    assert "model.layers.0.mlp.down_proj" in names and "model.layers.0.mlp.up_proj" not in names
+    assert type(odd.model.layers[0].mlp.gate_proj) is nn.Linear
+    odd.model.layers[0].mlp.set_submodule("up_proj", BitLinear.from_module(odd.model.layers[0].mlp.up_proj))
+    with pytest.raises(BitNetError, match="multiple of 4"):  # a ternary one made by hand is refused
         save_hf_bitnet(odd, tiny_tokenizer, tmp_path / "y")
     assert not list(tmp_path.iterdir())
 

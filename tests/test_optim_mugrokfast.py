@@ -155,3 +155,22 @@ def test_qk_clip_log_reads_through_an_accelerate_wrapper():
     assert logged == opt.qk_clip_stats and logged["qk_clip_heads_clipped"] == 2 * 4
     assert qk_clip_log(build_optimizer(model, "adamw")) == {}
     assert MuGrokfast.from_model(model, MuGrokfastConfig(qk_clip_enabled=False)).qk_clip_stats == {}
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_paper_update():
+    """Our AdamW (fused kernel on CPU) against Loshchilov & Hutter's update written out by hand."""
+    from agent_forge.optim.mugrokfast import adamw
+
+    torch.manual_seed(0)
+    p = torch.randn(5, 3, requires_grad=True)
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.95), 1e-8, 0.1
+    opt = adamw([{"params": [p], "weight_decay": wd}], lr=lr, betas=(b1, b2), eps=eps)
+    assert opt.param_groups[0]["fused"] is True
+    ref, m, v = p.detach().clone(), torch.zeros(5, 3), torch.zeros(5, 3)
+    for t in range(1, 5):
+        g = torch.randn(5, 3)
+        p.grad = g.clone()
+        opt.step()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        ref = ref * (1 - lr * wd) - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+    assert torch.allclose(p.detach(), ref, atol=1e-6)

@@ -8,7 +8,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from agent_forge.inference import generate_answers, left_padded
 from agent_forge.pruned_decode import can_prune, greedy_pruned
-from tests.conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer
 
 
 class EveryRowItsOwnStop(StoppingCriteria):

@@ -59,6 +59,11 @@ def _input_embedding_weight(model: nn.Module) -> torch.Tensor | None:
     return getattr(emb, "weight", None)
 
 
+def _out_features(module: nn.Module) -> int:
+    """Output width of an nn.Linear (weight out x in) or a GPT-2 Conv1D (weight in x out)."""
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
+
+
 def _shares_storage(a: torch.Tensor, b: torch.Tensor | None) -> bool:
     return b is not None and (a is b or a.data_ptr() == b.data_ptr())
 
@@ -71,8 +76,10 @@ def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_
     the linears that read one block norm's output (q/k/v, gate/up) one shared RMSNorm that
     takes over that block norm's gains (the block norm is frozen at ones), so the model is
     the BitNet b1.58 layout llama.cpp's `bitnet` architecture runs (see gguf_export.py);
-    False: no norm. Returns the converted names. A linear sharing its weight with the input
-    embedding (a tied head) is left alone whatever `keep` says."""
+    False: no norm. Returns the converted names. Left alone whatever `keep` says: a linear
+    sharing its weight with the input embedding (a tied head), and one whose output width is
+    not a multiple of 4 (e.g. a Cognate memory's 3 gates), which transformers' packed
+    format (four ternary values per byte along the output rows) cannot hold."""
     if act_norm not in (True, False, "per_linear", "shared", "none"):
         raise BitNetError(f"act_norm must be true, false, 'per_linear' or 'shared', not {act_norm!r}")
     shared = act_norm == "shared"
@@ -86,7 +93,7 @@ def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_
     embedding = _input_embedding_weight(model)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, _linear_types()) and not any(p in name for p in keep)
-               and not _shares_storage(module.weight, embedding)]
+               and not _shares_storage(module.weight, embedding) and _out_features(module) % 4 == 0]
     if not targets:
         raise BitNetError(f"{type(model).__name__}: no linear layers to convert (keep={list(keep)})")
     for name, module in targets:

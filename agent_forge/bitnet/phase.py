@@ -73,13 +73,13 @@ class BitNetConfig:
 
 PRESETS: dict[str, dict] = {
     # seconds on a tiny model; proves every stage runs.
-    "smoke": {"data": {"n_records": 40}, "eval_samples": 8, "max_new_tokens": 32, "calibrate_batches": 1,
+    "smoke": {"data": {"n_records": 40}, "eval_samples": 8, "max_new_tokens": 48, "calibrate_batches": 1,
               "speed_prompts": 1, "speed_tokens": 8,
               "qat": {"steps": 4, "batch_size": 2, "save_every": 2, "strength_warmup": 2, "warmup_steps": 1}},
     # `make demo` after Phase 3: <= 10 minutes on a 2-core CPU for the default model.
     # Sized with Phase 3's quick preset so `make demo` (both phases, setup included) fits 35 min.
-    "quick": {"eval_samples": 60, "speed_repeats": 2,
-              "qat": {"steps": 28, "batch_size": 8, "save_every": 7, "strength_warmup": 14, "warmup_steps": 3}},
+    "quick": {"eval_samples": 40, "speed_prompts": 1, "speed_repeats": 2,
+              "qat": {"steps": 16, "batch_size": 8, "save_every": 8, "strength_warmup": 8, "warmup_steps": 2}},
     # a GPU's hours.
     "standard": {"data": {"n_records": 20000}, "eval_samples": 1000,
                  "qat": {"steps": 4000, "batch_size": 32, "strength_warmup": 1000, "warmup_steps": 100,
@@ -128,16 +128,8 @@ def fresh_student(ctx: Context):
 
     model, _ = teacher(ctx)
     student = copy.deepcopy(model).requires_grad_(True)
-    convert_to_bitnet(student, keep=tuple(ctx.cfg.keep) + tuple(unpackable(model)), act_norm=ctx.cfg.act_norm)
+    convert_to_bitnet(student, keep=tuple(ctx.cfg.keep), act_norm=ctx.cfg.act_norm)
     return student
-
-
-def unpackable(model) -> list[str]:
-    """Linears whose output width is not a multiple of 4: transformers' packed format cannot
-    hold them ternary (e.g. a Cognate memory's 3 gates), so they stay in full precision."""
-    from torch import nn
-
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features % 4]
 
 
 def trained_student(ctx: Context):
@@ -235,14 +227,43 @@ def stage_data(ctx: Context) -> dict:
 
 
 def stage_before(ctx: Context) -> dict:
-    """The input model on the test questions, thinking on: the paired 'before'."""
-    from agent_forge.evaluation.runner import evaluate
+    """The input model on the test questions, thinking on: the paired 'before'. A Phase 3
+    model's own greedy pass over them is replayed instead of generated again."""
+    from agent_forge.evaluation.metrics import accuracy_summary
+    from agent_forge.evaluation.runner import evaluate, score
 
+    items = eval_items(ctx)
+    recorded = phase3_greedy_on(ctx.cfg, items)
+    if recorded is not None:
+        correct = [score(it, g.answer_text if g.closed else None)[0] for it, g in zip(items, recorded)]
+        summary = accuracy_summary(correct)
+        return {"accuracy_on": summary["accuracy"], "ci95_on": summary["ci95"], "n": summary["n"],
+                "ms_per_example": 1000 * sum(g.seconds for g in recorded) / len(recorded),
+                "correct_on": correct, "source": "replayed: Phase 3's greedy thinking-on pass (anti-theater)"}
     model, tok = teacher(ctx)
-    r = evaluate(model, tok, eval_items(ctx), thinking=thinking_mode(tok), max_new_tokens=ctx.cfg.max_new_tokens,
+    r = evaluate(model, tok, items, thinking=thinking_mode(tok), max_new_tokens=ctx.cfg.max_new_tokens,
                  batch_size=GENERATION_BATCH, loglik=False)
     return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n, "ms_per_example": r.ms_per_example,
-            "correct_on": [bool(x["correct"]) for x in r.per_example]}
+            "correct_on": [bool(x["correct"]) for x in r.per_example], "source": "generated"}
+
+
+def phase3_greedy_on(cfg: BitNetConfig, items) -> list | None:
+    """The generations Phase 3 recorded for these questions, if the input is the model that
+    made them (same weights digest), with this budget and batch size; else None."""
+    from agent_forge.inference import Generation
+    from agent_forge.models import read_meta, weights_digest
+
+    record = read_meta(cfg.model).get("greedy_on") if Path(cfg.model).is_dir() else None
+    if not record or (record["max_new_tokens"], record["batch_size"]) != (cfg.max_new_tokens, GENERATION_BATCH):
+        return None
+    path = Path(cfg.model) / record["file"]
+    if not path.is_file() or weights_digest(cfg.model) != record["weights_sha256"]:
+        return None
+    data = json.loads(path.read_text())
+    by_question = dict(zip(data["questions"], data["generations"]))
+    if not all(it.question in by_question for it in items):
+        return None
+    return [Generation(**by_question[it.question]) for it in items]
 
 
 def stage_qat(ctx: Context) -> dict:
@@ -319,7 +340,7 @@ def stage_save(ctx: Context) -> dict:
     written; the saved directory reloaded with plain transformers must give our logits."""
     from agent_forge.bitnet.convert import sparsity
     from agent_forge.bitnet.export import compression, disk_sizes, save_hf_bitnet
-    from agent_forge.models import measure_model, read_meta
+    from agent_forge.models import measure_model, read_meta, update_meta
 
     cfg, student = ctx.cfg, trained_student(ctx)
     (model, tok), dst = teacher(ctx), ctx.out / "model"
@@ -340,7 +361,7 @@ def stage_save(ctx: Context) -> dict:
            "reload": _reload_check(dst, student, tok, cfg.max_new_tokens)}
     meta["metrics"].update({"ratio_vs_fp32": ratios["ratio_vs_fp32"], "ratio_vs_bf16": ratios["ratio_vs_bf16"],
                             "total_bytes": sizes["total"], "sparsity": sparse["overall"]})
-    _rewrite_meta(dst, meta)
+    update_meta(dst, meta)
     return out
 
 
@@ -351,16 +372,6 @@ def _metrics_for_meta(ctx: Context) -> dict:
             "change_ci95_points": after["change"]["ci95_points"], "relative_drop": after["relative_drop"],
             "anti_theater_passed": after["anti_theater"]["passed"],
             "forced_past_handoff": ctx.state.result("validate_input").get("forced", False)}
-
-
-def _rewrite_meta(model_dir: Path, meta: dict) -> None:
-    from agent_forge.models import META_FILE
-
-    path = Path(model_dir) / META_FILE
-    full = {**json.loads(path.read_text()), **meta}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(full, indent=2, default=str))
-    tmp.replace(path)
 
 
 def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int) -> dict:

@@ -240,6 +240,7 @@ def stage_evaluate(ctx: Context) -> dict:
     from agent_forge.cognate.metrics import diversity, evaluate_model, merge_check, reasoning_accuracy
     from agent_forge.cognate.model import CognateForCausalLM
     from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.models import update_meta
 
     cfg, blocks = ctx.cfg, validation_blocks(ctx)
     questions = load_eval_set("easy_arithmetic_val", limit=cfg.eval_questions) if cfg.eval_questions else []
@@ -258,7 +259,7 @@ def stage_evaluate(ctx: Context) -> dict:
     div = diversity({n: preds[n] for n in specialists}, {n: steps[n] for n in specialists})
     merge = merge_check(specialists, blocks, cfg.eval_batch_size, unigram)
     for name in cfg.specialisations:
-        _update_meta(dirs[name], {"metrics": {**figures[name], "unigram_val_loss": unigram,
+        update_meta(dirs[name], {"metrics": {**figures[name], "unigram_val_loss": unigram,
                                               "diversity": div["diversity"]}})
     result = {"unigram_val_loss": unigram, "eval_blocks": len(blocks), "models": figures, "diversity": div,
               "merge": merge, "diversity_target_met": div["diversity"] > 0.3}
@@ -267,16 +268,6 @@ def stage_evaluate(ctx: Context) -> dict:
 
         result["controls"] = evaluate_controls(ctx, specialists, blocks, merge["merged_val_loss"])
     return result
-
-
-def _update_meta(model_dir: Path, extra: dict) -> None:
-    from agent_forge.models import META_FILE
-
-    path = Path(model_dir) / META_FILE
-    full = {**json.loads(path.read_text()), **extra}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(full, indent=2, default=str))
-    tmp.replace(path)
 
 
 def stage_register(ctx: Context) -> dict:

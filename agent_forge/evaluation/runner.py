@@ -153,15 +153,21 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
         contexts.append(ctx_ids)
         conts.append(whole[len(ctx_ids):])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Batched by length (results put back in input order): a batch is padded to its longest
+    # row, and callers interleave long and short contexts (with and without a thought).
+    order = sorted(range(len(pairs)), key=lambda i: len(contexts[i]) + len(conts[i]))
     starts = range(0, len(pairs), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="log-likelihood", unit="batch")
-    out: list[float] = []
+    out = [0.0] * len(pairs)
     with torch.inference_mode():
         for s in starts:
-            out += continuation_logprob(model, contexts[s:s + batch_size], conts[s:s + batch_size], pad, batch_size)
+            idx = order[s:s + batch_size]
+            values = continuation_logprob(model, [contexts[i] for i in idx], [conts[i] for i in idx], pad, batch_size)
+            for i, v in zip(idx, values):
+                out[i] = v
     return out
 
 

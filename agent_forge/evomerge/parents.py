@@ -44,7 +44,7 @@ def _train(base: str, families: tuple[str, ...], n_records: int, steps: int, cfg
     from agent_forge.data.overlap import asked_by
     from agent_forge.data.procedural import build_gym_records
     from agent_forge.data.schema import write_records
-    from agent_forge.models import read_meta
+    from agent_forge.models import read_meta, update_meta
     from agent_forge.quietstar.step1 import run_step1
 
     settings = json.loads(json.dumps({"base": str(base), "families": list(families), "records": n_records,
@@ -57,18 +57,8 @@ def _train(base: str, families: tuple[str, ...], n_records: int, steps: int, cfg
     write_records(out / "train.jsonl", records)
     metrics = run_step1(str(base), out / "train.jsonl", out, _bake_overrides(cfg, steps),
                         eval_data=cfg.eval_sets[-1], progress=progress)
-    _stamp(model_dir, settings)
+    update_meta(model_dir, {"phase": 2, "role": "parent", "evomerge_parent": settings})  # the cache's identity
     return {"path": str(model_dir), "cached": False, "token_accuracy": metrics.get("token_accuracy"), **settings}
-
-
-def _stamp(model_dir: Path, settings: dict) -> None:
-    """Record the settings in forge_meta.json: phase 2 input, and the cache's identity."""
-    meta_path = model_dir / "forge_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta.update({"phase": 2, "role": "parent", "evomerge_parent": settings})
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    tmp.replace(meta_path)
 
 
 def prepare_base(base: str, out: str | Path) -> str:

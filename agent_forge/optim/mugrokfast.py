@@ -175,8 +175,8 @@ class MuGrokfast(torch.optim.Optimizer):
             muon_groups, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
             nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn,
         ) if muon_groups else None
-        self.adamw = torch.optim.AdamW(adam_groups, lr=cfg.effective_adam_lr, betas=cfg.betas,
-                                       eps=cfg.eps) if adam_groups else None
+        self.adamw = adamw(adam_groups, lr=cfg.effective_adam_lr, betas=cfg.betas,
+                           eps=cfg.eps) if adam_groups else None
         self._sync_groups()
         params = [p for g in self.param_groups for p in g["params"]]
         self.grokfast = (GrokfastEMA(params, cfg.grokfast_alpha, cfg.grokfast_lambda)
@@ -271,6 +271,16 @@ def _adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                          "weight_decay": 0.0}) if g["params"]]
 
 
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """torch AdamW, fused where torch has the kernel (CPU, CUDA): the same update (to float
+    rounding, tests/test_optim_muon.py) in one pass over the parameters. On the 2-core CPU
+    a step over SmolLM2-135M took 0.115 s fused, 0.48 s with the default loop."""
+    params = [p for g in groups for p in g["params"]]
+    fusable = params and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16,
+                                                                                torch.float16) for p in params)
+    return torch.optim.AdamW(groups, fused=True if fusable else None, **kwargs)
+
+
 def build_optimizer(model: nn.Module, name: str = "mugrokfast",
                     preset: str | MuGrokfastConfig | None = "baking",
                     lr: float | None = None) -> torch.optim.Optimizer:
@@ -282,6 +292,5 @@ def build_optimizer(model: nn.Module, name: str = "mugrokfast",
     if name == "mugrokfast":
         return MuGrokfast.from_model(model, cfg)
     if name == "adamw":
-        return torch.optim.AdamW(_adamw_groups(model, cfg.weight_decay),
-                                 lr=cfg.effective_adam_lr, betas=cfg.betas, eps=cfg.eps)
+        return adamw(_adamw_groups(model, cfg.weight_decay), lr=cfg.effective_adam_lr, betas=cfg.betas, eps=cfg.eps)
     raise ValueError(f"unknown optimizer {name!r}; choose 'mugrokfast' or 'adamw'")

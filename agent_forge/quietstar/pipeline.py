@@ -405,7 +405,7 @@ def stage_general(ctx: Context) -> dict:
 
 def stage_save(ctx: Context) -> dict:
     """Copy the final model to out/model with forge_meta.json carrying every stage's verdict."""
-    from agent_forge.models import META_FILE, read_meta
+    from agent_forge.models import META_FILE, read_meta, weights_digest
 
     src, dst = current_model_dir(ctx), ctx.out / "model"
     meta = read_meta(src)
@@ -416,6 +416,10 @@ def stage_save(ctx: Context) -> dict:
                        "ab_winner": ctx.state.result("ab_test").get("winner"),
                        "general_passed": _general_passed(ctx)}
     meta["pipeline"] = {"preset": ctx.cfg.preset, "config": ctx.cfg.to_dict()}
+    if (ctx.out / GREEDY_ON_FILE).is_file():  # Phase 4 replays it as its 'before' (same model, budget, batching)
+        key = _greedy_on_key(ctx, src)
+        meta["greedy_on"] = {"file": str(Path("..") / GREEDY_ON_FILE), "max_new_tokens": key["max_new_tokens"],
+                             "batch_size": key["batch_size"], "weights_sha256": weights_digest(src)}
     tmp = ctx.out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, copy_function=_link_or_copy)

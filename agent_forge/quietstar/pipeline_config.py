@@ -86,13 +86,13 @@ PRESETS: dict[str, dict] = {
     # Trace baking is off here: its 10 steps on ~20 kept traces lowered validation accuracy
     # and were rolled back in two of the last three demo runs (48->43%, 46->41%; the third
     # kept it), 2-3 minutes each.
-    # 80 general questions per set and 80 validation questions (nothing is decided on them
-    # here): the first run of this preset with 100 of each took 25.6 minutes.
+    # Nothing is decided on the validation questions here (Step 2 and trace baking are off).
     # Sized with BitNet's quick preset so `make demo` (both phases, setup included) fits 35 min on
-    # the 2-core CPU: 150 steps and 150/80 questions made it 47 min (README).
-    "quick": {"eval_samples": 100, "ab_test_rounds": 1, "trace_bake_questions": 0, "trace_bake_steps": 10,
-              "general_samples": 50,
-              "bake": {"steps": 120, "batch_size": 8, "lr": 2e-4, "save_every": 40, "eval_samples": 80,
+    # the 2-core CPU: 150 steps and 150/80 questions took 47 min, 120 steps and 100/50 took 44
+    # min on a slower day (README).
+    "quick": {"eval_samples": 80, "ab_test_rounds": 1, "trace_bake_questions": 0, "trace_bake_steps": 10,
+              "general_samples": 40,
+              "bake": {"steps": 110, "batch_size": 8, "lr": 2e-4, "save_every": 55, "eval_samples": 48,
                        "eval_thinking_off": False, "eval_max_new_tokens": 128},
               # Step 2 is off here: the 4 RL steps that fitted changed nothing measurable and were
               # rolled back (KL 9e-5; this session's run: val 48% -> 46%), 3 minutes for nothing.
