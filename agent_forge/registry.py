@@ -234,11 +234,14 @@ class Registry:
     def register_model(self, name: str, phase: int, path: str | Path, parent_id: int | None = None,
                        metrics: dict | None = None, handoff_status: str = "pending") -> int:
         _check(handoff_status, HANDOFF_STATUSES, "handoff status")
+        # A local path is stored absolute: the registry is shared by every checkout and run
+        # folder, and "runs/demo/model" names a different model in each. Hub ids stay as given.
+        stored = str(Path(path).resolve()) if Path(path).exists() else str(path)
         with self._write() as conn:
             cur = conn.execute(
                 "INSERT INTO models (name, phase, parent_id, path, metrics, handoff_status, created)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, int(phase), parent_id, str(path), _dumps(metrics), handoff_status, _now()),
+                (name, int(phase), parent_id, stored, _dumps(metrics), handoff_status, _now()),
             )
             return int(cur.lastrowid)
 

@@ -258,3 +258,18 @@ def test_lineage_command_prints_every_parent_of_a_merge(tmp_path):
     assert all(p["parents"][0]["name"] == "input:default" for p in tree["parents"][0]["parents"])
     bad = CliRunner().invoke(app, ["registry", "lineage", "999", "--db", str(db)])
     assert bad.exit_code == 1
+
+
+def test_relative_paths_are_stored_absolute_so_run_folders_do_not_collide(tmp_path, monkeypatch):
+    """Two checkouts each with runs/demo/model share one registry: each run finds its own row."""
+    r = Registry(tmp_path / "r.sqlite")
+    ids = {}
+    for clone in ("a", "b"):
+        (tmp_path / clone / "runs" / "demo" / "model").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / clone)
+        ids[clone] = r.register_model(f"p3-{clone}", 3, "runs/demo/model")
+        assert r.get_model(ids[clone]).path == str(tmp_path / clone / "runs" / "demo" / "model")
+    monkeypatch.chdir(tmp_path / "a")
+    assert r.find_by_path("runs/demo/model", phase=3) == ids["a"]  # not b's, though b's is newer
+    hub = r.register_model("input", 0, "HuggingFaceTB/SmolLM2-135M")  # not a local path: kept as given
+    assert r.get_model(hub).path == "HuggingFaceTB/SmolLM2-135M"
