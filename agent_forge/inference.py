@@ -20,7 +20,7 @@ in the answer slot, which is all we score; this is a StoppingCriteria, so the ba
 when every row has ended. A direct answer (mode "direct") instead runs, as lm-eval's gsm8k
 generates, until "Question:" or EOS (answers.DIRECT_UNTIL), so lm-eval's flexible reading
 sees the whole reply. Thinking tokens never reach `answer_text`. Greedy batches drop each
-row as it ends (pruned_decode.py: the same tokens, about half the decode compute here).
+row as it ends (pruned_decode.py: the same tokens; 1.30x on the demo model's thinking replies).
 """
 
 from __future__ import annotations
@@ -125,13 +125,9 @@ class AnswerSlotStop(StoppingCriteria):
     def __init__(self, tokenizer, batch_size: int, in_thinking: bool, close_id: int | None):
         self.tokenizer = tokenizer
         self.close_id = close_id
-        self.in_thinking, self.batch_size = in_thinking, batch_size
+        self.phase = [0 if in_thinking else 1] * batch_size  # 0 thinking, 1 slot empty, 2 slot has text
+        self.done = [False] * batch_size
         self._text: dict[int, str] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self.phase = [0 if self.in_thinking else 1] * self.batch_size  # 0 thinking, 1 slot empty, 2 slot has text
-        self.done = [False] * self.batch_size
 
     def _token_text(self, tid: int) -> str:
         if tid not in self._text:
@@ -293,9 +289,6 @@ def _generate_batch(model, tokenizer, batch: list[tuple[str, str]], mode: str, m
         out = greedy_pruned(model, input_ids, mask, max_new, eos, pad, StoppingCriteriaList(criteria) if criteria else None)
     if out is None:
         generate = decoder.generate if decoder is not None else model.generate
-        for c in criteria:  # a fallback after a pruned attempt starts the criteria afresh
-            if isinstance(c, AnswerSlotStop):
-                c.reset()
         out = generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
                        do_sample=do_sample, eos_token_id=eos, pad_token_id=pad, use_cache=True,
                        stopping_criteria=criteria or None, **extra)
@@ -334,12 +327,17 @@ def save_generations(path: str | Path, key: dict, questions: list[str], gens: li
     tmp.replace(path)
 
 
-def load_generations(path: str | Path, key: dict, questions: list[str]) -> list[Generation] | None:
-    """The recorded generations if they were made by `key` on exactly `questions`, else None."""
+def load_generations(path: str | Path, key: dict, questions: list[str],
+                     subset: bool = False) -> list[Generation] | None:
+    """The recorded generations if they were made by `key` on exactly `questions` (with
+    `subset`: on questions including all of these, returned in their order), else None."""
     path = Path(path)
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    if data.get("key") != key or data.get("questions") != questions:
+    if data.get("key") != key or not (subset or data.get("questions") == questions):
         return None
-    return [Generation(**g) for g in data["generations"]]
+    by_question = dict(zip(data["questions"], data["generations"]))
+    if not all(q in by_question for q in questions):
+        return None
+    return [Generation(**by_question[q]) for q in questions]

@@ -1,15 +1,17 @@
 """Greedy decoding that drops finished rows from the batch.
 
-HF `generate` decodes every row of a batch until its last row stops. In our evaluations a
-batch of 32 thinking replies averages ~38 new tokens but runs to its longest (~80), so
-about half the decode compute goes to rows that have already finished. Here each step
+HF `generate` decodes every row of a batch until its last row stops. The demo model's
+thinking replies average 38 new tokens in batches of 32 that run to their longest (67-82),
+so about half the row-steps decode rows that have finished. Here each step
 feeds only the unfinished rows (their KV-cache rows kept with `Cache.batch_select_indices`)
 and returns what `generate` returns: prompt + new tokens, finished rows padded.
-tests/test_pruned_decode.py checks the tokens against `generate` itself.
+tests/test_pruned_decode.py checks the tokens against `generate` itself; on the demo model
+it took 32.6 s against 42.5 s for 64 thinking replies (README, Measured).
 
-Only for greedy decoding of models whose cache is a transformers `DynamicCache` and whose
-generation config adds no logits processor (repetition penalty and the like); anything
-else returns None and the caller uses `generate` unchanged.
+Only for greedy decoding of transformers' own model classes (their cache is a
+`DynamicCache`; a model of our own, such as Cognate, keeps other state) whose generation
+config adds no logits processor (repetition penalty and the like); the caller uses
+`generate` for anything else.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def can_prune(model) -> bool:
     if os.environ.get("FORGE_PRUNED_DECODE", "1") == "0" or getattr(model, "max_generation_batch", None):
         return False
     config = getattr(model, "generation_config", None)
-    if config is None or not isinstance(model, torch.nn.Module):
+    if config is None or not type(model).__module__.startswith("transformers."):
         return False
     return all(getattr(config, name, None) in neutral for name, neutral in _NEUTRAL.items())
 
@@ -64,7 +66,7 @@ def greedy_pruned(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
                 use_cache=True, **_keeps_one_logit(model))
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-    if type(cache) is not DynamicCache:
+    if type(cache) is not DynamicCache:  # can_prune let through a model with another cache
         return None
     cache_arg = _cache_kwarg(model)
     eos = torch.tensor(eos_token_id, device=input_ids.device)

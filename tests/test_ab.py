@@ -175,3 +175,17 @@ def test_recorded_greedy_round_replays_exactly_and_only_when_it_matches(tmp_path
     arm.generate(qs[:1], 0)  # other questions: generated, not replayed
     assert calls == [1, 0]
     assert replay_first_round(inner, None, qs) is inner
+
+
+def test_recorded_generations_for_a_subset_of_their_questions(tmp_path):
+    """subset=True: any questions the record holds, in the order asked; one it lacks: None."""
+    from agent_forge.inference import Generation, load_generations, save_generations
+
+    gens = [Generation(prompt=q, full_text="", completion="", thinking="", answer_text=a, closed=True,
+                       n_new_tokens=1, seconds=0.0) for q, a in (("a?", "1"), ("b?", "2"), ("c?", "3"))]
+    key = {"model": "m", "mode": "on"}
+    save_generations(tmp_path / "g.json", key, ["a?", "b?", "c?"], gens)
+    assert load_generations(tmp_path / "g.json", key, ["c?", "a?"]) is None  # exact list by default
+    got = load_generations(tmp_path / "g.json", key, ["c?", "a?"], subset=True)
+    assert [g.answer_text for g in got] == ["3", "1"]
+    assert load_generations(tmp_path / "g.json", key, ["a?", "d?"], subset=True) is None

@@ -179,11 +179,9 @@ def test_cli_bad_input_is_one_clear_error(tmp_path, forge_home):
 def test_phase3_greedy_pass_is_replayed_only_for_the_same_weights_and_budget(tmp_path):
     """BitNet's 'before' reuses Phase 3's recorded generations only when the input model has
     the weights that made them, the same budget and batch size, and every question is there."""
-    from dataclasses import asdict
-
     from agent_forge.bitnet.phase import BitNetConfig, phase3_greedy_on
     from agent_forge.data.evalsets import EvalItem
-    from agent_forge.inference import GENERATION_BATCH, Generation
+    from agent_forge.inference import GENERATION_BATCH, Generation, save_generations
     from agent_forge.models import update_meta, weights_digest
 
     model = tmp_path / "p3" / "model"
@@ -192,11 +190,10 @@ def test_phase3_greedy_pass_is_replayed_only_for_the_same_weights_and_budget(tmp
     gens = [Generation(prompt=f"Q{i}", full_text="", completion="", thinking="", answer_text=str(i), closed=True,
                        n_new_tokens=3, seconds=0.1, mode="on") for i in range(3)]
     questions = ["1 + 0 =", "1 + 1 =", "1 + 2 ="]
-    (tmp_path / "p3" / "anti_theater").mkdir()
-    (tmp_path / "p3" / "anti_theater" / "greedy_on.json").write_text(
-        json.dumps({"key": {}, "questions": questions, "generations": [asdict(g) for g in gens]}))
-    update_meta(model, {"phase": 3, "greedy_on": {"file": "../anti_theater/greedy_on.json", "max_new_tokens": 64,
-                                                   "batch_size": GENERATION_BATCH,
+    key = {"model": str(tmp_path / "p3" / "step1" / "model"), "mode": "on", "max_new_tokens": 64,
+           "batch_size": GENERATION_BATCH}
+    save_generations(tmp_path / "p3" / "anti_theater" / "greedy_on.json", key, questions, gens)
+    update_meta(model, {"phase": 3, "greedy_on": {"file": "../anti_theater/greedy_on.json", "key": key,
                                                    "weights_sha256": weights_digest(model)}})
     items = [EvalItem(id=str(i), question=q, answer=str(i + 1), family="f") for i, q in enumerate(questions)][::-1][:2]
     cfg = BitNetConfig(model=str(model), max_new_tokens=64)

@@ -84,3 +84,9 @@ def test_processors_and_engines_fall_back_to_generate(monkeypatch):
     model.generation_config.repetition_penalty = 1.0
     monkeypatch.setenv("FORGE_PRUNED_DECODE", "0")
     assert not can_prune(model)
+    monkeypatch.delenv("FORGE_PRUNED_DECODE")
+    from agent_forge.cognate.model import CognateForCausalLM
+    from test_cognate_model import tiny_config
+
+    cognate = CognateForCausalLM(tiny_config(vocab_size=len(tok)))
+    assert not can_prune(cognate)  # its own cache (memory state): decoded by generate, no wasted prefill

@@ -62,8 +62,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if after:
         ch = after["change"]
         rows += [("test accuracy, thinking on: before", _pct(before["accuracy_on"]) + _ci(before["ci95_on"])
-                  + f" (n={before['n']}" + ("; Phase 3's own greedy pass" if before.get("source", "").startswith("replayed")
-                                           else "") + ")"),
+                  + f" (n={before['n']}" + ("; Phase 3's own greedy pass" if before.get("replayed") else "") + ")"),
                  ("test accuracy, thinking on: ternary", _pct(after["accuracy_on"]) + _ci(after["ci95_on"])),
                  ("change (paired)", f"{ch['points']:+.1f} points [{ch['ci95_points'][0]:+.1f}, "
                                      f"{ch['ci95_points'][1]:+.1f}], McNemar p={ch['mcnemar_p']:.2g}"),

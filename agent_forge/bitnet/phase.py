@@ -239,31 +239,28 @@ def stage_before(ctx: Context) -> dict:
         summary = accuracy_summary(correct)
         return {"accuracy_on": summary["accuracy"], "ci95_on": summary["ci95"], "n": summary["n"],
                 "ms_per_example": 1000 * sum(g.seconds for g in recorded) / len(recorded),
-                "correct_on": correct, "source": "replayed: Phase 3's greedy thinking-on pass (anti-theater)"}
+                "correct_on": correct, "replayed": True}
     model, tok = teacher(ctx)
     r = evaluate(model, tok, items, thinking=thinking_mode(tok), max_new_tokens=ctx.cfg.max_new_tokens,
                  batch_size=GENERATION_BATCH, loglik=False)
     return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n, "ms_per_example": r.ms_per_example,
-            "correct_on": [bool(x["correct"]) for x in r.per_example], "source": "generated"}
+            "correct_on": [bool(x["correct"]) for x in r.per_example], "replayed": False}
 
 
 def phase3_greedy_on(cfg: BitNetConfig, items) -> list | None:
-    """The generations Phase 3 recorded for these questions, if the input is the model that
-    made them (same weights digest), with this budget and batch size; else None."""
-    from agent_forge.inference import Generation
+    """The generations Phase 3 recorded (its anti-theater's greedy thinking-on pass) for these
+    questions, if the input is the model that made them (same weights digest), with this
+    budget and batch size; else None."""
+    from agent_forge.inference import load_generations
     from agent_forge.models import read_meta, weights_digest
 
     record = read_meta(cfg.model).get("greedy_on") if Path(cfg.model).is_dir() else None
-    if not record or (record["max_new_tokens"], record["batch_size"]) != (cfg.max_new_tokens, GENERATION_BATCH):
+    if not record:
         return None
-    path = Path(cfg.model) / record["file"]
-    if not path.is_file() or weights_digest(cfg.model) != record["weights_sha256"]:
+    key = {**record["key"], "mode": "on", "max_new_tokens": cfg.max_new_tokens, "batch_size": GENERATION_BATCH}
+    if key != record["key"] or weights_digest(cfg.model) != record["weights_sha256"]:
         return None
-    data = json.loads(path.read_text())
-    by_question = dict(zip(data["questions"], data["generations"]))
-    if not all(it.question in by_question for it in items):
-        return None
-    return [Generation(**by_question[it.question]) for it in items]
+    return load_generations(Path(cfg.model) / record["file"], key, [it.question for it in items], subset=True)
 
 
 def stage_qat(ctx: Context) -> dict:

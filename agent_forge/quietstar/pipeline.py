@@ -416,10 +416,9 @@ def stage_save(ctx: Context) -> dict:
                        "ab_winner": ctx.state.result("ab_test").get("winner"),
                        "general_passed": _general_passed(ctx)}
     meta["pipeline"] = {"preset": ctx.cfg.preset, "config": ctx.cfg.to_dict()}
-    if (ctx.out / GREEDY_ON_FILE).is_file():  # Phase 4 replays it as its 'before' (same model, budget, batching)
-        key = _greedy_on_key(ctx, src)
-        meta["greedy_on"] = {"file": str(Path("..") / GREEDY_ON_FILE), "max_new_tokens": key["max_new_tokens"],
-                             "batch_size": key["batch_size"], "weights_sha256": weights_digest(src)}
+    if (ctx.out / GREEDY_ON_FILE).is_file():  # Phase 4 replays it as its 'before' (same weights, budget, batching)
+        meta["greedy_on"] = {"file": str(Path("..") / GREEDY_ON_FILE), "key": _greedy_on_key(ctx, src),
+                             "weights_sha256": weights_digest(src)}
     tmp = ctx.out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, copy_function=_link_or_copy)
