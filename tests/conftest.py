@@ -131,3 +131,18 @@ def rl_cli(tmp_path, json_out: bool = True, **kw):
                 eval_data="easy_arithmetic", eval_samples=None, device=None, tracking="disabled",
                 resume=False, json_out=json_out)
     return rl_cmd(**{**args, **kw})
+
+
+def sigkill_once_checkpointed(victim, ckpt_dir, timeout: float = 300) -> None:
+    """SIGKILL the subprocess `victim` as soon as a `step-*` checkpoint exists in `ckpt_dir`
+    (the kill lands mid-run, after something to resume from); fails if it finished first."""
+    import signal
+    import time
+    from pathlib import Path
+
+    ckpt_dir, deadline = Path(ckpt_dir), time.time() + timeout
+    while time.time() < deadline and victim.poll() is None and not (ckpt_dir.exists() and any(ckpt_dir.glob("step-*"))):
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before the kill; make it longer"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()

@@ -3,10 +3,8 @@
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from agent_forge.quietstar.bake_data import ANSWER, IGNORE, OTHER, collate, enco
 from agent_forge.training.kl import forward_kl, kl_ref_to_policy, topk_forward_kl
 from agent_forge.vocab import STRATEGIES, add_thinking_tokens
 
-from conftest import Crash, crash_at, make_tiny_model, make_tiny_tokenizer
+from conftest import Crash, crash_at, make_tiny_model, make_tiny_tokenizer, sigkill_once_checkpointed
 
 
 def arith_record(i: int) -> Record:
@@ -236,13 +234,7 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(tmp_path, forge_home):
     ref = _forge(_bake_cmd(model_dir, data, tmp_path / "ref", steps), stdout=subprocess.DEVNULL)
     assert ref.wait(600) == 0
     victim = _forge(_bake_cmd(model_dir, data, tmp_path / "run", steps), stdout=subprocess.DEVNULL)
-    log = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None and not (log.exists() and any(log.glob("step-*"))):
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run finished before the kill; make it longer"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    sigkill_once_checkpointed(victim, tmp_path / "run" / "checkpoints")
     resumed = _forge(_bake_cmd(model_dir, data, tmp_path / "run", steps, ["--resume"]))
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out

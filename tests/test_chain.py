@@ -9,7 +9,7 @@ from agent_forge.chain import ChainConfig, ChainError, run_chain
 from agent_forge.models import save_model
 from agent_forge.registry import Registry
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer, sigkill_once_checkpointed
 
 
 @pytest.fixture
@@ -94,3 +94,52 @@ def test_chain_refuses_what_it_cannot_run(tmp_path, base_dir):
     with pytest.raises(ValueError, match="unknown phase"):
         run_chain(_cfg(tmp_path, base_dir, stop="gguf"))
     assert not (tmp_path / "chain").exists()
+
+
+# Wall-clock figures and the machine's free memory and disk: no two runs share them.
+VARYING = ("second", "time", "timing", "elapsed", "ms_per", "per_second", "speed", "sec_per", "_at", "duration", "free")
+
+
+def _figures(report, out: str):
+    """The report's measured content: paths made relative to the run's folder, and what no
+    two runs share (VARYING) dropped."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if not any(t in k for t in VARYING)}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x.replace(out, "<out>") if isinstance(x, str) else x
+    return strip(report)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_phase_then_resume_gives_the_uninterrupted_report(tmp_path, base_dir, forge_home):
+    """`forge run --from quietstar --to bitnet`: SIGKILL inside BitNet's QAT (after its first
+    checkpoint), then --resume: the chain's report holds the same figures as a run that was
+    never interrupted."""
+    import os
+    import subprocess
+    import sys
+
+    def forge(out, *extra, stdout=subprocess.DEVNULL):
+        cfg = tmp_path / f"{out}.yaml"
+        cfg.write_text(f"registry: {tmp_path / out / 'reg.sqlite'}\nquietstar:\n  fresh_seed: 7\n"  # not drawn per run
+                       "bitnet:\n  qat:\n    steps: 12\n    save_every: 2\n")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+        args = ["run", "--from", "quietstar", "--to", "bitnet", "--model", base_dir, "--preset", "smoke",
+                "--force", "--tracking", "disabled", "--config", str(cfg), "--out", str(tmp_path / out)]
+        return subprocess.Popen([sys.executable, "-m", "agent_forge", *args, *extra], env=env, stdout=stdout,
+                                stderr=subprocess.STDOUT, text=True)
+
+    assert forge("ref").wait(900) == 0
+    victim = forge("run")
+    sigkill_once_checkpointed(victim, tmp_path / "run" / "bitnet" / "qat" / "checkpoints", timeout=600)
+    state = json.loads((tmp_path / "run" / "run_state.json").read_text())
+    assert list(state["stages"]) == ["quietstar"]  # it died inside BitNet
+    resumed = forge("run", "--resume", stdout=subprocess.PIPE)
+    log = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, log
+    got = json.loads((tmp_path / "run" / "forge_report.json").read_text())
+    want = json.loads((tmp_path / "ref" / "forge_report.json").read_text())
+    assert got["phases"] == want["phases"] == ["quietstar", "bitnet"]
+    assert _figures(got, str(tmp_path / "run")) == _figures(want, str(tmp_path / "ref"))

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import Crash, make_tiny_tokenizer
+from conftest import Crash, make_tiny_tokenizer, sigkill_once_checkpointed
 
 from agent_forge.cognate.data import pack, record_text, split_blocks, unigram_cross_entropy
 from agent_forge.cognate.metrics import average_weights, diversity, halting_histogram
@@ -236,10 +236,8 @@ def test_cli_smoke_and_bad_preset(tmp_path, forge_home):
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_models(tmp_path, forge_home):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
@@ -252,13 +250,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_models(tmp_path, forge_home)
     forge = lambda *extra: subprocess.Popen([sys.executable, "-m", "agent_forge", *args, *extra], env=env,  # noqa: E731
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = forge("--out", str(tmp_path / "run"))
-    ckpts = tmp_path / "run" / "runs" / "reasoning" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None and not (ckpts.exists() and any(ckpts.glob("step-*"))):
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run finished before the kill; make it longer"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    sigkill_once_checkpointed(victim, tmp_path / "run" / "runs" / "reasoning" / "checkpoints")
     resumed = forge("--out", str(tmp_path / "run"), "--resume")
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output

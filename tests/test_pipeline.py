@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +14,7 @@ from agent_forge.models import save_model
 from agent_forge.quietstar.pipeline import STAGES, make_config, run_pipeline
 from agent_forge.registry import Registry
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer, sigkill_once_checkpointed
 
 STAGE_NAMES = [name for name, _ in STAGES]
 
@@ -153,13 +151,7 @@ def _kill_then_resume(tmp_path, tiny_dir, extra_yaml: str, stage: str, steps: in
     ref = _cli([*args, "--out", str(tmp_path / "ref")], stdout=subprocess.DEVNULL)
     assert ref.wait(600) == 0
     victim = _cli([*args, "--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL)
-    ckpts = tmp_path / "run" / stage / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None and not any(ckpts.glob("step-*")):
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run finished before the kill; make it longer"
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    sigkill_once_checkpointed(victim, tmp_path / "run" / stage / "checkpoints")
     state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
     assert stage not in state["stages"]  # it really died inside that stage
     resumed = _cli([*args, "--out", str(tmp_path / "run"), "--resume"])

@@ -6,7 +6,8 @@ path for CPU, one GPU and many processes under `accelerate launch` / torchrun), 
 accumulation, clipping, the warm-up (then constant or linear-decay) schedule, the NaN /
 explosion guard (checked before saving, so a bad step never becomes the "last good"
 checkpoint), atomic checkpoints that resume exactly (weights, optimiser, scheduler, RNG,
-step, the stage's own state), the batch log, metrics (history, tracker) and progress.
+step, the step history, the stage's own state), the batch log, metrics (history, tracker)
+and progress.
 
 A trainer is a `Stage`: it says what one step's micro-batches are and what each one's loss
 is, turns the step's figures into a metrics row, and may hook evaluation after a step.
@@ -114,6 +115,8 @@ class TrainingLoop:
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
             start = state["step"]
+            loop = state.get("loop", {})  # the steps before the kill: reports read the first step's row
+            self.history, self.first_loss = list(loop.get("history", [])), loop.get("first_loss")
             if hasattr(stage, "load_state"):
                 stage.load_state(state)
             if cfg.batch_log and self.accelerator.is_main_process:
@@ -195,7 +198,8 @@ class TrainingLoop:
         acc.wait_for_everyone()
         if acc.is_main_process:
             opt = getattr(self.optimizer, "optimizer", self.optimizer)
-            state = stage.state() if hasattr(stage, "state") else {}
+            state = {**(stage.state() if hasattr(stage, "state") else {}),
+                     "loop": {"history": self.history, "first_loss": self.first_loss}}
             save_checkpoint(self.ckpt_dir, step, acc.unwrap_model(self.model), opt, self.scheduler, state)
         acc.wait_for_everyone()
 
