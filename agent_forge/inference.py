@@ -200,13 +200,16 @@ def generate_answers(model, tokenizer, questions: list[str], thinking: str = "au
                      do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
                      seed: int | None = None, stop_at_newline: bool = True,
                      vocab: ThinkingVocab | str = "default", progress: bool = False,
-                     thought_mode: str | None = None, model_dir: str | None = None) -> list[Generation]:
+                     thought_mode: str | None = None, model_dir: str | None = None,
+                     thought_threshold: float | None = None) -> list[Generation]:
     """Answer every question; results in input order.
 
     thought_mode ("all" | "difficult") decodes a token-level Quiet-STaR model with a silent
     thought before every (or every difficult) visible token, mixed in by the mixing head
     stored in `model_dir`; without a head the output equals plain decoding. In mode "on" the
     written thinking block stays writable (its markers and closing token are not banned).
+    thought_threshold: the entropy (nats) above which a position is difficult; None = the
+    decoder's default (a quantile of each prompt's own entropies).
     """
     mode = resolve_mode(tokenizer, thinking, vocab)
     decoder = None
@@ -215,7 +218,8 @@ def generate_answers(model, tokenizer, questions: list[str], thinking: str = "au
 
         if mode == "direct":
             raise ValueError("silent thoughts (thought_mode) need a model with thinking tokens")
-        decoder = load_decoder(model, tokenizer, model_dir, mode=thought_mode, visible_block=mode == "on")
+        decoder = load_decoder(model, tokenizer, model_dir, mode=thought_mode, visible_block=mode == "on",
+                               entropy_threshold=thought_threshold)
     vocab = get_vocab(vocab)
     prompts = [build_prompt(tokenizer, q, mode, prompt_style, vocab) for q in questions]
     chat = mode == "direct" and (prompt_style or default_prompt_style(tokenizer)) == "chat"

@@ -320,3 +320,68 @@ def test_token_mode_prints_metrics_and_held_out_eval(tmp_path, capsys):
     assert "held-out" in text and "silent thoughts difficult" in text and "ms/example" in text
     saved = json.loads((tmp_path / "out" / "step2.json").read_text())
     assert saved["held_out"]["n"] == 2 and saved["eval_data"].endswith("held_out.jsonl")
+
+
+# ---------------------------------------------------------------- text format, probes, figures
+
+def test_records_as_answer_only_drops_the_written_thinking():
+    from agent_forge.data.schema import Record, Segment
+    from agent_forge.vocab import get_vocab
+
+    recs = [Record("a", "What is 2 + 3?", [Segment("step", "2 + 3 = 5")], "5", "5", "t")]
+    assert trl.load_texts(recs, records_as="answer_only") == ["Question: What is 2 + 3?\nAnswer: 5"]
+    full = trl.load_texts(recs)[0]
+    assert get_vocab().open in full and "2 + 3 = 5" in full and full.endswith(" 5")
+    with pytest.raises(ValueError, match="records_as"):
+        trl.load_texts(recs, records_as="plain")
+
+
+def test_grad_norms_match_separate_backward_passes():
+    """The probe's two norms equal the norms of each weighted term's gradient computed alone,
+    and the step's own backward still runs afterwards (the graph was kept)."""
+    tok = make_tiny_tokenizer()
+    model = sharp(make_tiny_model("llama", len(tok)))
+    ids_map = add_thinking_tokens(model, tok)
+    start, end = sorted(ids_map.values())[:2]
+    head = MixingHead(model.config.hidden_size)
+    with torch.no_grad():
+        head.net[-1].weight.normal_(0, 0.3)
+    ids, mask = trl.encode_crops(trl.load_texts(TEXTS), tok, 24)
+    cfg = tiny_cfg(reward_source="thought", clamp_negative_advantage=False, policy_weight=3.0, injection="all",
+                   base_nll_weight=0.5, mixed_nll_weight=0.25)
+    parts, _ = trl.step_loss(model, None, head, ids[:2], mask[:2], cfg, start, end, torch.Generator().manual_seed(0))
+    got = trl.grad_norms(model, parts, cfg)
+
+    def alone(term) -> float:
+        model.zero_grad(set_to_none=True)
+        term.backward(retain_graph=True)
+        return sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None) ** 0.5
+
+    pol = alone(3.0 * parts["policy"])
+    lm = alone(0.5 * parts["base_nll"] + 0.25 * parts["mixed_nll"])
+    assert pol > 0 and lm > 0
+    assert got["grad_norm_policy"] == pytest.approx(pol, rel=1e-4)
+    assert got["grad_norm_lm"] == pytest.approx(lm, rel=1e-4)
+    assert got["grad_ratio_policy_lm"] == pytest.approx(pol / lm, rel=1e-4)
+    parts["loss"].backward()
+
+
+def test_thought_token_logprob_is_the_mean_over_sampled_tokens():
+    model = make_tiny_model("llama", 50)
+    tb = fake_batch(model, L=5)
+    tb.thought_tokens[~tb.selected] = trl.NOT_SELECTED
+    sampled = tb.thought_logprobs[tb.selected][..., 1:-1]  # (S, K, L-2): start and end are forced
+    assert trl.thought_token_logprob(tb) == pytest.approx(float(sampled.mean()), abs=1e-6)
+    tb.thought_tokens.fill_(trl.NOT_SELECTED)
+    assert trl.thought_token_logprob(tb) == 0.0
+
+
+def test_grad_probe_runs_on_its_steps_only(tmp_path):
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("llama", len(tok))
+    trainer = trl.TokenRLTrainer(model, tok, tiny_cfg(steps=3, grad_probe_every=2), tmp_path)
+    ids, mask = trl.encode_crops(trl.load_texts(TEXTS), tok, 24)
+    trainer.run(ids, mask)
+    probed = ["grad_norm_policy" in row for row in trainer.history]
+    assert probed == [True, False, True]
+    assert all(math.isfinite(row["thought_token_logprob"]) for row in trainer.history)

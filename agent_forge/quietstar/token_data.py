@@ -8,17 +8,28 @@ from pathlib import Path
 import torch
 
 
-def load_texts(data, tokenizer=None) -> list[str]:
+RECORD_FORMATS = ("full", "answer_only")
+
+
+def load_texts(data, tokenizer=None, records_as: str = "full") -> list[str]:
     """Texts from a records JSONL, a plain-text file (blank-line separated), or a list of
-    Records / strings. Records are rendered in the fixed format (data/schema.render)."""
-    from agent_forge.data.schema import Record, read_records, render
+    Records / strings. Records are rendered in the fixed format: "full" with their written
+    thinking block (data/schema.render), "answer_only" as the question and the answer alone,
+    so any reasoning has to happen in the silent thoughts."""
+    from agent_forge.data.schema import Record, read_records, render, render_prompt
+
+    if records_as not in RECORD_FORMATS:
+        raise ValueError(f"records_as must be one of {RECORD_FORMATS}, not {records_as!r}")
+
+    def text(r: Record) -> str:
+        return render(r) if records_as == "full" else f"{render_prompt(r.question)} {r.answer.strip()}"
 
     if isinstance(data, (str, Path)):
         path = Path(data)
         if path.suffix == ".jsonl":
-            return [render(r) for r in read_records(path)]
+            return [text(r) for r in read_records(path)]
         return [p for p in path.read_text().split("\n\n") if p.strip()]
-    return [render(x) if isinstance(x, Record) else str(x) for x in data]
+    return [text(x) if isinstance(x, Record) else str(x) for x in data]
 
 
 def encode_crops(texts: list[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

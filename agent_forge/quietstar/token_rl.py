@@ -55,7 +55,7 @@ from torch import nn
 from agent_forge.quietstar.injector import select_positions, selected_fraction
 from agent_forge.quietstar.mixing import MixingHead, load_head, mixed_logits, save_head
 from agent_forge.quietstar.thought_inference import HEAD_FILE, MODES
-from agent_forge.quietstar.thoughts import ThoughtBatch, generate_thoughts
+from agent_forge.quietstar.thoughts import NOT_SELECTED, ThoughtBatch, generate_thoughts
 from agent_forge.quietstar.token_data import encode_crops, load_texts  # noqa: F401  (callers' names)
 from agent_forge.training.batching import step_indices
 from agent_forge.training.kl import kl_ref_to_policy
@@ -88,6 +88,11 @@ class TokenRLConfig:
     rolling_window: steps in the rolling reward.
     eval_samples / eval_max_new_tokens / eval_thought_positions: the held-out evaluation
         before and after training (run_token_rl with eval_data); thoughts "all" | "difficult".
+    records_as: how a records JSONL becomes text: "full" (with its written thinking block) or
+        "answer_only" (question and answer: the silent thoughts must do the reasoning).
+    grad_probe_every: every this many steps (0 = never), measure the gradient norm over the
+        LM's weights of the weighted policy term and of the weighted NLL terms separately
+        (two extra backward passes): is the policy term big enough to move the thoughts?
     """
 
     n_thoughts: int | None = None
@@ -120,6 +125,8 @@ class TokenRLConfig:
     eval_samples: int = 100
     eval_max_new_tokens: int = 96
     eval_thought_positions: str = "difficult"
+    records_as: str = "full"
+    grad_probe_every: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -231,6 +238,31 @@ def thought_diversity(tokens: torch.Tensor) -> float:
         return 0.0
     per = [distinct_n([t[1:-1] for t in pos.tolist()], 2, empty=1.0) for pos in tokens]
     return sum(per) / len(per)
+
+
+def thought_token_logprob(tb: ThoughtBatch) -> float:
+    """Mean log-probability of the sampled thought tokens (forced start/end excluded): it rises
+    as the policy term concentrates the thoughts on the ones it rewards."""
+    sampled = tb.thought_tokens[..., 1:-1] != NOT_SELECTED
+    if not sampled.any():
+        return 0.0
+    return float(tb.thought_logprobs[..., 1:-1][sampled].detach().mean())
+
+
+def grad_norms(model, parts: dict, cfg: TokenRLConfig) -> dict:
+    """L2 norms over the LM's weights of the gradient of the weighted policy term and of the
+    weighted NLL terms (base + mixed), each alone; the graph is kept for the real backward."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    lm = cfg.base_nll_weight * parts["base_nll"] + cfg.mixed_nll_weight * parts["mixed_nll"]
+
+    def norm(term: torch.Tensor) -> float:
+        if not term.requires_grad:
+            return 0.0
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return sum(float(g.float().square().sum()) for g in grads if g is not None) ** 0.5
+
+    pol, lm_norm = norm(cfg.policy_weight * parts["policy"]), norm(lm)
+    return {"grad_norm_policy": pol, "grad_norm_lm": lm_norm, "grad_ratio_policy_lm": pol / max(lm_norm, 1e-30)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,7 +382,7 @@ class TokenRLTrainer(LoopTrainer):
     def micro_batches(self, step: int) -> list:
         """One micro-batch: the step's crops and its sampling RNG (both functions of (seed, step))."""
         cfg, device = self.cfg, self.accelerator.device
-        self.t0 = time.perf_counter()
+        self.t0, self.step = time.perf_counter(), step
         idx = step_indices(step, cfg.batch_size, len(self.ids), cfg.seed)
         return [(self.ids[idx].to(device), self.mask[idx].to(device), step_generator(cfg.seed, step))]
 
@@ -359,6 +391,8 @@ class TokenRLTrainer(LoopTrainer):
         self.parts, self.tb = step_loss(self.model, self.ref, self.head, ids, mask, self.cfg, self.start_id,
                                         self.end_id, generator)
         self.batch_mask = mask
+        every = self.cfg.grad_probe_every
+        self.probe = grad_norms(self.model, self.parts, self.cfg) if every and self.step % every == 0 else {}
         return self.parts["loss"], {}
 
     def before_update(self) -> None:
@@ -368,13 +402,10 @@ class TokenRLTrainer(LoopTrainer):
         self.boost.after_step()
 
     def step_row(self, step: int, sums: dict) -> dict:
-        return self._metrics(self.parts, self.tb, self.batch_mask, time.perf_counter() - self.t0)
+        return {**self._metrics(self.parts, self.tb, self.batch_mask, time.perf_counter() - self.t0), **self.probe}
 
     def state(self) -> dict:
-        return {"mode": "token", "history": self.history}
-
-    def load_state(self, state: dict) -> None:
-        self.loop.history = state.get("history", [])
+        return {"mode": "token"}
 
     def _metrics(self, parts: dict, tb: ThoughtBatch, mask, seconds: float) -> dict:
         r, sel = parts["reward"], parts["selected"]
@@ -389,7 +420,8 @@ class TokenRLTrainer(LoopTrainer):
                 "frac_thought": selected_fraction(tb.selected, mask),
                 "kl": f(parts["kl"]), "loss": f(parts["loss"]), "policy_loss": f(parts["policy"]),
                 "base_nll": f(parts["base_nll"]), "mixed_nll": f(parts["mixed_nll"]),
-                "mix_weight_mean": float(parts["mix_weight"].mean()), "step_seconds": seconds}
+                "mix_weight_mean": float(parts["mix_weight"].mean()), "step_seconds": seconds,
+                "thought_token_logprob": thought_token_logprob(tb)}
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor, resume: bool = False,
             progress: Callable | None = None) -> dict:
@@ -420,6 +452,7 @@ def run_token_rl(model_spec_or_dir, out: str | Path, data_path_or_records, overr
     training and after it, with and without the silent thoughts (see held_out_eval).
     """
     from agent_forge.models import load_model, save_model
+    from agent_forge.quietstar.token_eval import eval_items, eval_pass, held_out_eval
 
     cfg = TokenRLConfig.from_overrides(overrides)
     if cfg.eval_thought_positions not in MODES:
@@ -433,9 +466,10 @@ def run_token_rl(model_spec_or_dir, out: str | Path, data_path_or_records, overr
         head = load_head(head_path) if head_path.is_file() else None
     out = Path(out)
     trainer = TokenRLTrainer(model, tokenizer, cfg, out, tracker, head)
-    items = _eval_items(eval_data, cfg.eval_samples)
-    before = _eval_pass(trainer.model, tokenizer, items, cfg, parent if head is not None else None)
-    ids, mask = encode_crops(load_texts(data_path_or_records), tokenizer, trainer.cfg.seq_len)
+    items = eval_items(eval_data, cfg.eval_samples)
+    before = eval_pass(trainer.model, tokenizer, items, cfg, parent if head is not None else None)
+    texts = load_texts(data_path_or_records, records_as=trainer.cfg.records_as)
+    ids, mask = encode_crops(texts, tokenizer, trainer.cfg.seq_len)
     summary = trainer.run(ids, mask, resume=resume, progress=progress)
     meta = {"phase": 3, "step": 2, "mode": "token", "parent": parent,
             "thinking_tokens": trainer.token_ids, "vocab": get_vocab().to_dict(),
@@ -449,39 +483,3 @@ def run_token_rl(model_spec_or_dir, out: str | Path, data_path_or_records, overr
               "held_out": held_out, "history": trainer.history}
     (out / "step2.json").write_text(json.dumps(result, indent=2, default=str))
     return result
-
-
-def _eval_items(eval_data: str | None, limit: int) -> list:
-    if not eval_data:
-        return []
-    from agent_forge.data.evalsets import load_eval_set
-
-    return load_eval_set(eval_data, limit=limit)
-
-
-def _eval_pass(model, tokenizer, items: list, cfg: TokenRLConfig, model_dir) -> dict | None:
-    """Thinking-on accuracy on `items`; with the silent thoughts of the head in `model_dir` if given."""
-    if not items:
-        return None
-    from agent_forge.evaluation.runner import evaluate
-
-    mode = cfg.eval_thought_positions if model_dir is not None else None
-    res = evaluate(model, tokenizer, items, thinking="on", max_new_tokens=cfg.eval_max_new_tokens,
-                   loglik=False, progress=False, thought_mode=mode, model_dir=str(model_dir) if mode else None)
-    return {"accuracy": res.accuracy, "ci95": res.ci95, "n": res.n, "ms_per_example": res.ms_per_example,
-            "thought_positions": mode or "none", "correct": [bool(r["correct"]) for r in res.per_example]}
-
-
-def held_out_eval(model, tokenizer, items: list, cfg: TokenRLConfig, model_dir: Path, before: dict) -> dict:
-    """The trained model with its silent thoughts against itself without them (what the thoughts
-    add) and against the model before training (what Step 2 changed), paired on the same items.
-    `before` used the input model's head if it had one, else plain decoding (a fresh head's
-    zero mixing weight makes thoughts change nothing)."""
-    from agent_forge.validation.stats import paired_gain
-
-    after = _eval_pass(model, tokenizer, items, cfg, model_dir)
-    plain = _eval_pass(model, tokenizer, items, cfg, None)
-    ok = {k: v.pop("correct") for k, v in (("before", before), ("after", after), ("plain", plain))}
-    return {"n": len(items), "before": before, "after": after, "after_no_thoughts": plain,
-            "gain_vs_before": paired_gain(ok["before"], ok["after"]),
-            "gain_vs_no_thoughts": paired_gain(ok["plain"], ok["after"])}
