@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agent_forge.data.schema import Record, Segment, render, render_prompt, write_records
-from agent_forge.quietstar.bake import (Baker, BakeConfig, batch_indices, kl_loss, sft_loss,
+from agent_forge.quietstar.bake import (Baker, BakeConfig, batch_indices, kl_loss,
                                         token_accuracy)
 from agent_forge.quietstar.bake_data import ANSWER, IGNORE, OTHER, collate, encode_record
 from agent_forge.training.kl import forward_kl, kl_ref_to_policy, topk_forward_kl
