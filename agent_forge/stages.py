@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,21 @@ class StageState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
         tmp.replace(self.path)
+
+
+@dataclass
+class PhaseContext:
+    """What every stage of a phase reads: the phase's settings, its folder, the resumable
+    state, the tracker, the progress callback, whether this run resumes, and a per-process
+    cache of what stages load once (models, tokenizer, evaluation items)."""
+
+    cfg: Any
+    out: Path
+    state: StageState
+    tracker: object
+    progress: Callable | None = None
+    resume: bool = False
+    cache: dict = field(default_factory=dict)
 
 
 def run_stages(stages: list[Stage], ctx, state: StageState, on_stage: Callable | None = None,

@@ -24,7 +24,7 @@ from agent_forge.bitnet.qat import QATConfig, QATTrainer
 from agent_forge.config import preset_config
 from agent_forge.inference import GENERATION_BATCH
 from agent_forge.quietstar.pipeline import DataConfig
-from agent_forge.stages import StageState, run_phase, stage_runner, timings
+from agent_forge.stages import PhaseContext, run_phase, stage_runner, timings
 
 STATE_FILE = "bitnet_state.json"
 REPORT_FILE = "bitnet_report.json"
@@ -91,15 +91,7 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
     return preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
 
 
-@dataclass
-class Context:
-    cfg: BitNetConfig
-    out: Path
-    state: StageState
-    tracker: object
-    progress: Callable | None = None
-    resume: bool = False
-    models: dict = field(default_factory=dict)  # loaded once per process: teacher, student, tokenizer
+Context = PhaseContext  # the stages of this phase take one (agent_forge/stages.py)
 
 
 class BitNetPhaseError(RuntimeError):
@@ -112,12 +104,12 @@ class BitNetPhaseError(RuntimeError):
 
 def teacher(ctx: Context):
     """(the input model, frozen, its tokenizer)."""
-    if "teacher" not in ctx.models:
+    if "teacher" not in ctx.cache:
         from agent_forge.models import load_model
 
         model, tok = load_model(ctx.cfg.model, device=ctx.cfg.device)
-        ctx.models["teacher"], ctx.models["tokenizer"] = model.eval().requires_grad_(False), tok
-    return ctx.models["teacher"], ctx.models["tokenizer"]
+        ctx.cache["teacher"], ctx.cache["tokenizer"] = model.eval().requires_grad_(False), tok
+    return ctx.cache["teacher"], ctx.cache["tokenizer"]
 
 
 def fresh_student(ctx: Context):
@@ -134,7 +126,7 @@ def fresh_student(ctx: Context):
 
 def trained_student(ctx: Context):
     """The student QAT finished with (rebuilt from its saved state after a resume), lambda = 1."""
-    if "student" not in ctx.models:
+    if "student" not in ctx.cache:
         from safetensors.torch import load_file
 
         from agent_forge.bitnet.convert import set_strength
@@ -144,8 +136,8 @@ def trained_student(ctx: Context):
         if hasattr(student, "tie_weights"):
             student.tie_weights()
         set_strength(student, 1.0)
-        ctx.models["student"] = _as_stored(ctx, student.eval())
-    return ctx.models["student"]
+        ctx.cache["student"] = _as_stored(ctx, student.eval())
+    return ctx.cache["student"]
 
 
 def _as_stored(ctx: Context, student):
@@ -287,7 +279,7 @@ def stage_qat(ctx: Context) -> dict:
     result = trainer.run(examples, resume=ctx.resume, progress=ctx.progress)
     trained = trainer.loop.unwrapped()
     save_file(trainable_state(trained), ctx.out / "qat" / STUDENT_FILE)
-    ctx.models["student"] = _as_stored(ctx, trained.eval())
+    ctx.cache["student"] = _as_stored(ctx, trained.eval())
     return {**result, "dropped_for_length": dropped, "calibrated_norms": calibrated,
             "converted_layers": len(bitlinears(trained)), "config": cfg.qat.to_dict()}
 
@@ -300,7 +292,7 @@ def _curve_point(ctx: Context):
     items = load_eval_set("easy_arithmetic_val", limit=ctx.cfg.qat.eval_samples)
 
     def point(step: int, model) -> dict:
-        tok = ctx.models["tokenizer"]
+        tok = ctx.cache["tokenizer"]
         r = evaluate(model, tok, items, thinking=thinking_mode(tok), max_new_tokens=ctx.cfg.max_new_tokens,
                      batch_size=GENERATION_BATCH, loglik=False, progress=False)
         model.train()
@@ -315,7 +307,7 @@ def stage_after(ctx: Context) -> dict:
     from agent_forge.validation.anti_theater import run_anti_theater
     from agent_forge.validation.stats import paired_gain
 
-    student, tok = trained_student(ctx), ctx.models["tokenizer"]
+    student, tok = trained_student(ctx), ctx.cache["tokenizer"]
     report = run_anti_theater(student, tok, eval_items(ctx), batch_size=GENERATION_BATCH,
                               max_new_tokens=ctx.cfg.max_new_tokens,
                               thresholds={"check_honesty": ctx.cfg.check_honesty_threshold})

@@ -32,7 +32,7 @@ import torch
 from agent_forge.cognate.data import CognateDataConfig, build_curriculum, load_stage
 from agent_forge.cognate.train import CognateTrainConfig, CurriculumTrainer
 from agent_forge.config import preset_config
-from agent_forge.stages import StageState, run_phase, stage_runner, timings
+from agent_forge.stages import PhaseContext, run_phase, stage_runner, timings
 
 STATE_FILE = "cognate_state.json"
 REPORT_FILE = "cognate_report.json"
@@ -129,15 +129,7 @@ def _merged_specs(preset: dict) -> dict:
     return {**preset, "specialisations": specs}
 
 
-@dataclass
-class Context:
-    cfg: CognatePhaseConfig
-    out: Path
-    state: StageState
-    tracker: object
-    progress: Callable | None = None
-    resume: bool = False
-    cache: dict = field(default_factory=dict)
+Context = PhaseContext  # the stages of this phase take one (agent_forge/stages.py)
 
 
 class CognatePhaseError(RuntimeError):

@@ -21,7 +21,7 @@ from agent_forge.config import preset_config
 from agent_forge.evomerge.fitness import Fitness, FitnessConfig
 from agent_forge.evomerge.parents import ParentsConfig
 from agent_forge.evomerge.search import SearchConfig
-from agent_forge.stages import StageState, run_phase, stage_runner, timings
+from agent_forge.stages import PhaseContext, run_phase, stage_runner, timings
 
 STATE_FILE = "evomerge_state.json"
 REPORT_FILE = "evomerge_report.json"
@@ -84,15 +84,7 @@ class EvoMergePhaseError(RuntimeError):
     """A stage found a problem the user must fix; the message says what."""
 
 
-@dataclass
-class Context:
-    cfg: EvoMergeConfig
-    out: Path
-    state: StageState
-    tracker: object
-    progress: Callable | None = None
-    resume: bool = False
-    cache: dict = field(default_factory=dict)  # per process: parent set, tokenizer, eval items
+Context = PhaseContext  # the stages of this phase take one (agent_forge/stages.py)
 
 
 # ---------------------------------------------------------------------------------------
