@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -17,6 +18,16 @@ def save_result(rec: dict, path: Path, key: str) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """(best wall seconds of `repeats` calls after one warm-up call, the last result)."""
+    out, best = fn(), float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
 
 
 def model_parser(doc: str) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import model_parser, save_result  # noqa: E402
+from _common import model_parser, save_result, timed  # noqa: E402
 from bench_thought_step import build_model  # noqa: E402
 
 from agent_forge.quietstar.injector import next_token_entropy  # noqa: E402
@@ -78,15 +78,6 @@ def nocache_decode(model, head, ids, n_new, L, start, end, banned):
         logits[:, banned] = float("-inf")
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
     return seq
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    out, best = fn(), float("inf")  # the first call warms up
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def run(args) -> dict:

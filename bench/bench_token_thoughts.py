@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import save_result  # noqa: E402
+from _common import save_result, timed  # noqa: E402
 
 from agent_forge.evaluation.metrics import bootstrap_ci  # noqa: E402
 from agent_forge.quietstar.injector import next_token_entropy  # noqa: E402
@@ -101,15 +101,14 @@ def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 @torch.inference_mode()
 def read_batch(model, head, ids, mask, start_id, end_id, thought_len) -> dict:
     """Per position j (predicting x[j+1]): plain and thought-mixed log-likelihood, the plain
-    next-token entropy and the mixing weight; (B, T-1) each."""
+    next-token entropy and the mixing weight; (B, T-1) each (callers cut each row to its length)."""
     tb = generate_thoughts(model, ids, mask, None, start_id=start_id, end_id=end_id, n_thoughts=1,
                            thought_len=thought_len, n_true=1, temperature=0.0, banned_ids=[start_id, end_id])
     h_base, h_thought = tb.base_true_hidden[:, :, 0], tb.thought_hidden[:, :, 0, 0]
     ll_mixed = token_logprobs(lm_logits(model, head(h_base, h_thought)), tb.true_tokens[..., 0])
     return {"plain": tb.ll_without[..., 0][:, :-1].float(), "mixed": ll_mixed[:, :-1].float(),
             "entropy": next_token_entropy(tb.base_logits.float())[:, :-1],
-            "weight": head.weight(h_base, h_thought)[..., 0][:, :-1].float(),
-            "valid": tb.true_valid[..., 0][:, :-1]}
+            "weight": head.weight(h_base, h_thought)[..., 0][:, :-1].float()}
 
 
 @torch.inference_mode()
@@ -244,16 +243,6 @@ def same_length_prompts(tok, items, batch: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def timed(fn, repeats: int = 2) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def latency(model, tok, model_dir, items, thresholds: dict, batch: int, n_new: int) -> dict:
     """Seconds to decode n_new tokens for a batch of held-out prompts: plain greedy
     (model.generate with the KV cache) against the thought decoder, all / difficult."""
@@ -266,11 +255,11 @@ def latency(model, tok, model_dir, items, thresholds: dict, batch: int, n_new: i
     with torch.inference_mode():
         plain = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
                                              min_new_tokens=n_new, do_sample=False, suppress_tokens=banned,
-                                             pad_token_id=tok.eos_token_id, eos_token_id=None))
+                                             pad_token_id=tok.eos_token_id, eos_token_id=None), 2)[0]
     rows = {"plain": {"seconds": plain, "x_plain": 1.0, "thought_fraction": 0.0}}
     for name, dec in decoders.items():
         sec = timed(lambda: dec.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-                                         pad_token_id=tok.eos_token_id))
+                                         pad_token_id=tok.eos_token_id), 2)[0]
         rows[name] = {"seconds": sec, "x_plain": sec / plain, "thought_fraction": dec.stats.thought_fraction}
     return {"batch": batch, "prompt_len": ids.shape[1], "new_tokens": n_new, "rows": rows}
 

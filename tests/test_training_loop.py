@@ -277,3 +277,13 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as d:
         print(json.dumps({name: fn(Path(d)) for name, fn in RUNS.items()}, indent=1))
+
+
+def test_rolling_mean_by_hand():
+    from agent_forge.training.loop import rolling_mean
+
+    history = [{"r": 1.0}, {"other": 5.0}, {"r": 2.0}, {"r": 4.0}]
+    assert rolling_mean(history, "r", 6.0, 3) == pytest.approx((2 + 4 + 6) / 3)  # the last two rows that have it
+    assert rolling_mean(history, "r", 6.0, 10) == pytest.approx((1 + 2 + 4 + 6) / 4)
+    assert rolling_mean(history, "r", 6.0, 1) == 6.0  # window 1: the value alone, not the whole history
+    assert rolling_mean([], "r", 3.0, 20) == 3.0

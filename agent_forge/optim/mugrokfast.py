@@ -273,8 +273,9 @@ def _adamw_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
     """torch AdamW, fused where torch has the kernel (CPU, CUDA): the same update (to float
-    rounding; tests/test_optim_mugrokfast.py checks it by hand) in one pass over the parameters. On the 2-core CPU
-    a step over SmolLM2-135M took 0.115 s fused, 0.48 s with the default loop."""
+    rounding; tests/test_optim_mugrokfast.py checks it by hand) in one pass over the
+    parameters. On the 2-core CPU a step over SmolLM2-135M took 0.115 s fused, 0.48 s with
+    the default loop."""
     params = [p for g in groups for p in g["params"]]
     fusable = params and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16,
                                                                                 torch.float16) for p in params)

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from agent_forge.quietstar.bake import Baker
-from agent_forge.quietstar.pipeline_checks import (GREEDY_ON_FILE, Context, _general_passed, _greedy_on_key,
-                                                   _thresholds, current_model_dir, stage_ab_test,
+from agent_forge.quietstar.pipeline_checks import (GREEDY_ON_FILE, Context, anti_theater_thresholds,
+                                                   current_model_dir, greedy_on_key, stage_ab_test,
                                                    stage_anti_theater, stage_fresh_split, stage_general)
 # The settings live in pipeline_config.py; importers of the pipeline get them from here too.
 from agent_forge.quietstar.pipeline_config import PRESETS, DataConfig, PipelineConfig, make_config  # noqa: F401
@@ -181,7 +181,7 @@ class AntiTheaterMonitor:
         tok = self._tokenizer()
         items = load_eval_set(self.ctx.cfg.val_dataset, limit=self.limit)
         report = run_anti_theater(model, tok, items, max_new_tokens=self.ctx.cfg.max_new_tokens,
-                                  thresholds=_thresholds(self.ctx.cfg))
+                                  thresholds=anti_theater_thresholds(self.ctx.cfg))
         model.train()
         self.failures = 0 if report.passed else self.failures + 1
         figures = {t["name"]: t["value"] for t in report.tests}
@@ -268,7 +268,7 @@ def stage_save(ctx: Context) -> dict:
                        "general_passed": _general_passed(ctx)}
     meta["pipeline"] = {"preset": ctx.cfg.preset, "config": ctx.cfg.to_dict()}
     if (ctx.out / GREEDY_ON_FILE).is_file():  # Phase 4 replays it as its 'before' (same weights, budget, batching)
-        meta["greedy_on"] = {"file": str(Path("..") / GREEDY_ON_FILE), "key": _greedy_on_key(ctx, src),
+        meta["greedy_on"] = {"file": str(Path("..") / GREEDY_ON_FILE), "key": greedy_on_key(ctx, src),
                              "weights_sha256": weights_digest(src)}
     tmp = ctx.out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -278,6 +278,12 @@ def stage_save(ctx: Context) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     tmp.replace(dst)
     return {"model_dir": str(dst)}
+
+
+def _general_passed(ctx: Context) -> bool | None:
+    """The general-task verdict the handoff reads: None when not measured or not gating."""
+    general = ctx.state.result("general")
+    return general.get("passed") if ctx.cfg.general_gate and "passed" in general else None
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -8,26 +8,17 @@ stages and saves, registers and hands off what they measured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from agent_forge.inference import DEFAULT_MAX_NEW, GENERATION_BATCH
 from agent_forge.quietstar.pipeline_config import PipelineConfig
-from agent_forge.stages import StageState
+from agent_forge.stages import PhaseContext
 
 
-@dataclass
-class Context:
-    cfg: PipelineConfig
-    out: Path
-    state: StageState
-    tracker: object
-    progress: Callable | None = None
-    resume: bool = False
+Context = PhaseContext  # the stages of this phase take one (agent_forge/stages.py)
 
 
-def _thresholds(cfg: PipelineConfig) -> dict:
+def anti_theater_thresholds(cfg: PipelineConfig) -> dict:
     """The anti-theater thresholds this config sets (the others keep their defaults)."""
     return {"check_honesty": cfg.check_honesty_threshold}
 
@@ -49,7 +40,7 @@ def _eval_items(ctx: Context):
 GREEDY_ON_FILE = "anti_theater/greedy_on.json"
 
 
-def _greedy_on_key(ctx: Context, model_dir: Path) -> dict:
+def greedy_on_key(ctx: Context, model_dir: Path) -> dict:
     """What makes a greedy thinking-on generation pass reproducible: the A/B's first round
     replays anti-theater's pass only if all of these match."""
     from agent_forge.quietstar.thought_inference import resolve_thought_positions
@@ -74,10 +65,10 @@ def stage_anti_theater(ctx: Context) -> dict:
                                 max_new_tokens=ctx.cfg.max_new_tokens, thought_mode=thought,
                                 model_dir=str(model_dir))
         if thinking == "on":
-            save_generations(ctx.out / GREEDY_ON_FILE, _greedy_on_key(ctx, model_dir), questions, gens)
+            save_generations(ctx.out / GREEDY_ON_FILE, greedy_on_key(ctx, model_dir), questions, gens)
         return gens
     report = run_anti_theater(model, tok, _eval_items(ctx), generate_fn=generate, batch_size=GENERATION_BATCH,
-                              thresholds=_thresholds(ctx.cfg))
+                              thresholds=anti_theater_thresholds(ctx.cfg))
     recheck = (f"forge anti-theater --model {ctx.out / 'model'} --data {ctx.cfg.eval_dataset} --limit {ctx.cfg.eval_samples} "
                f"--max-new-tokens {ctx.cfg.max_new_tokens}")
     return {**report.to_dict(), "recheck": recheck}
@@ -107,7 +98,7 @@ def stage_ab_test(ctx: Context) -> dict:
                           batch_size=GENERATION_BATCH, max_new_tokens=cfg.max_new_tokens,
                           thought_mode=resolve_thought_positions(model_dir), model_dir=str(model_dir))
     questions = [it.question for it in items]
-    recorded = load_generations(ctx.out / GREEDY_ON_FILE, _greedy_on_key(ctx, model_dir), questions)
+    recorded = load_generations(ctx.out / GREEDY_ON_FILE, greedy_on_key(ctx, model_dir), questions)
     candidate = replay_first_round(candidate, recorded, questions)
     report = run_ab(baseline, candidate, items, rounds=cfg.ab_test_rounds, threshold=cfg.ab_threshold_points)
     return {**report.to_dict(), "replayed_greedy_round": recorded is not None}
@@ -166,9 +157,3 @@ def stage_general(ctx: Context) -> dict:
                                 max_new_tokens=cfg.max_new_tokens, batch_size=GENERATION_BATCH, loglik=True)
                for name in cfg.general_sets}
     return {"sets": per_set, **general_verdict(per_set), "gate": cfg.general_gate}
-
-
-def _general_passed(ctx: Context) -> bool | None:
-    """The general-task verdict the handoff reads: None when not measured or not gating."""
-    general = ctx.state.result("general")
-    return general.get("passed") if ctx.cfg.general_gate and "passed" in general else None

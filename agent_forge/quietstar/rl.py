@@ -88,7 +88,7 @@ from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, continu
 from agent_forge.training.batching import step_indices
 from agent_forge.training.kl import kl_policy_to_ref
 from agent_forge.training.logprobs import token_logprobs
-from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop
+from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop, rolling_mean
 from agent_forge.training.policy_gradient import distinct_n, group_advantages, reinforce_per_token
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
@@ -205,7 +205,6 @@ class RLTrainer(LoopTrainer):
 
             self.scorer = CoherenceScorer(cfg.coherence_embedder, cfg.coherence_weights, model, tokenizer,
                                           self.vocab)
-        self.recent_rewards: list[float] = []
         self.last_samples: Samples | None = None
         self.records, self.lm_examples, self.monitor, self.stopped_reason = [], None, None, None
 
@@ -301,8 +300,7 @@ class RLTrainer(LoopTrainer):
                "reward_seconds": c["t1"] - c["t0"], "update_seconds": time.perf_counter() - c["t1"]}
         row.update(self._sample_metrics(c["s"], c["batch"], c["rewards"], c["correct"], c["gains"], c["adv"],
                                         c["consistency"]))
-        self.recent_rewards = (self.recent_rewards + [row["reward_mean"]])[-cfg.rolling_window:]
-        row["reward_rolling"] = sum(self.recent_rewards) / len(self.recent_rewards)
+        row["reward_rolling"] = rolling_mean(self.history, "reward_mean", row["reward_mean"], cfg.rolling_window)
         return row
 
     def _sample_metrics(self, s: Samples, batch, rewards, correct, gains, adv, consistency) -> dict:
@@ -335,10 +333,7 @@ class RLTrainer(LoopTrainer):
         return self._check(self.monitor, step)
 
     def state(self) -> dict:
-        return {"stage": "rl", "recent_rewards": self.recent_rewards}
-
-    def load_state(self, state: dict) -> None:
-        self.recent_rewards = list(state.get("recent_rewards", []))
+        return {"stage": "rl"}
 
     # -- run ------------------------------------------------------------------------------
     def run(self, records: list[Record], resume: bool = False, progress=None, monitor=None) -> RLResult:

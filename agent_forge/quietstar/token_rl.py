@@ -60,7 +60,7 @@ from agent_forge.quietstar.token_data import encode_crops, load_texts  # noqa: F
 from agent_forge.training.batching import step_indices
 from agent_forge.training.kl import kl_ref_to_policy
 from agent_forge.training.logprobs import token_logprobs
-from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop
+from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop, rolling_mean
 from agent_forge.training.policy_gradient import distinct_n, group_advantages, reinforce_per_thought
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
@@ -411,8 +411,8 @@ class TokenRLTrainer(LoopTrainer):
         r, sel = parts["reward"], parts["selected"]
         f = lambda t: float(t.detach())  # noqa: E731
         reward_mean = float(r.mean()) if r.numel() else 0.0
-        recent = [h["reward_mean"] for h in self.history[-(self.cfg.rolling_window - 1):]] + [reward_mean]
-        return {"reward_mean": reward_mean, "reward_rolling": sum(recent) / len(recent),
+        return {"reward_mean": reward_mean,
+                "reward_rolling": rolling_mean(self.history, "reward_mean", reward_mean, self.cfg.rolling_window),
                 "advantage_mean": float(parts["advantage"].mean()) if r.numel() else 0.0,
                 "thought_length": self.cfg.thought_len,
                 "thought_diversity": thought_diversity(sel.tokens) if r.numel() else 0.0,

@@ -64,6 +64,13 @@ class Stage(Protocol):
         """The step's metrics from the summed figures; a "loss" here overrides the loop's sum."""
 
 
+def rolling_mean(history: list[dict], key: str, value: float, window: int) -> float:
+    """Mean of `value` and the `key` of the last window - 1 history rows that have it: a
+    rolling figure that needs no state of its own (the history resumes with the checkpoint)."""
+    earlier = [h[key] for h in history if key in h][-(window - 1):] if window > 1 else []
+    return (sum(earlier) + value) / (len(earlier) + 1)
+
+
 def precision(name: str) -> str:
     """Accelerate's mixed_precision for a config value; "auto" = bf16 where the GPU has it."""
     if name != "auto":
