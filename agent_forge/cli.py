@@ -9,7 +9,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 def _quiet_libraries() -> None:
@@ -33,6 +32,20 @@ def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit; no traceback for user mistakes."""
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
+
+
+def run_phase_command(run, cfg, resume: bool, error: type[Exception], print_summary) -> dict:
+    """A phase command's run with the live stage display; the phase's own refusal is one red
+    line (exit 1); then its summary table."""
+    from agent_forge.progress import StageDisplay
+
+    with StageDisplay(console) as display:
+        try:
+            report = run(cfg, resume=resume, on_stage=display.on_stage, progress=display.on_step)
+        except error as e:
+            fail(str(e), code=1)
+    print_summary(console, report)
+    return report
 
 
 def load_or_fail(spec: str, device: str | None = None):
@@ -119,7 +132,6 @@ def bake_quietstar(model: str = typer.Option("default", help="Phase 2 champion: 
                    tracking: Optional[str] = typer.Option(None, help="W&B mode: offline, disabled, online"),
                    resume: bool = typer.Option(False, help="continue a killed run in --out")):
     """Phase 3 end to end: vocabulary, data, Step 1, Step 2, validation, A/B, registry, handoff."""
-    from agent_forge.progress import StageDisplay
     from agent_forge.quietstar.pipeline import PipelineError, make_config, run_pipeline
     from agent_forge.report import print_summary
 
@@ -131,12 +143,7 @@ def bake_quietstar(model: str = typer.Option("default", help="Phase 2 champion: 
         fail(str(e))
     if (out / "pipeline_state.json").exists() and not resume:
         fail(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    with StageDisplay(console) as display:
-        try:
-            report = run_pipeline(cfg, resume=resume, on_stage=display.on_stage, progress=display.on_step)
-        except PipelineError as e:
-            fail(str(e), code=1)
-    print_summary(console, report)
+    run_phase_command(run_pipeline, cfg, resume, PipelineError, print_summary)
 
 
 from agent_forge.registry_commands import registry_app  # noqa: E402
@@ -158,7 +165,7 @@ from agent_forge.server_commands import dashboard_cmd, serve_cmd  # noqa: E402
 
 app.command("rl", help="Step 2: Quiet-STaR RL on a Step 1 model (answer mode).")(rl_cmd)
 app.command("dashboard", help="Streamlit dashboard of runs and registry (127.0.0.1).")(dashboard_cmd)
-app.command("serve", help="Job API (token, 127.0.0.1): start/pause/resume Phase 3 stages, evomerge, bitnet and run jobs.")(serve_cmd)
+app.command("serve", help="Job API (token, 127.0.0.1): start/pause/resume Phase 3 stages, cognate, evomerge, bitnet and run jobs.")(serve_cmd)
 
 from agent_forge.bitnet.commands import bitnet_cmd  # noqa: E402
 
@@ -184,10 +191,8 @@ def run_cmd(start: str = typer.Option("quietstar", "--from", help="first phase: 
             tracking: Optional[str] = typer.Option(None, help="W&B mode: offline, disabled, online"),
             resume: bool = typer.Option(False, help="continue a killed chain in --out")):
     """The phases as one system: each phase's output is the next one's input, through its handoff."""
-    from rich.table import Table
-
     from agent_forge.chain import ChainError, chain_rows, load_chain_config, run_chain
-    from agent_forge.progress import StageDisplay
+    from agent_forge.progress import StageDisplay, print_rows
 
     try:
         cfg = load_chain_config(config, start=start, stop=stop, out=str(out), model=model, preset=preset,
@@ -204,8 +209,5 @@ def run_cmd(start: str = typer.Option("quietstar", "--from", help="first phase: 
                                progress=display.on_step)
         except ChainError as e:
             fail(str(e), code=1)
-    table = Table(title=f"forge run: {out}", show_header=False)
-    for what, value in chain_rows(report):
-        table.add_row(what, escape(str(value)))
-    console.print(table)
+    print_rows(console, f"forge run: {out}", chain_rows(report))
     console.print(f"report: {out / 'forge_report.json'} and {report['html']} (one page, with the plots)")

@@ -46,3 +46,15 @@ class StageDisplay:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
+
+
+def print_rows(console: Console, title: str, rows) -> None:
+    """A command's (what, measured) summary as a table; the values print as text, never as
+    rich markup (a value like "[llamacpp]" stays)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for what, value in rows:
+        table.add_row(what, escape(str(value)))
+    console.print(table)

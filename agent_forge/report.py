@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+
+from agent_forge.progress import print_rows
 
 
 def _pct(x) -> str:
@@ -163,8 +163,5 @@ def anti_theater_row(t: dict) -> tuple[str, str]:
 
 
 def print_summary(console: Console, report: dict) -> None:
-    table = Table(title=f"Agent Forge Phase 3: {report.get('model')} ({report.get('preset')})", show_header=False)
-    for name, value in summary_rows(report):
-        table.add_row(name, escape(str(value)))
-    console.print(table)
+    print_rows(console, f"Agent Forge Phase 3: {report.get('model')} ({report.get('preset')})", summary_rows(report))
     console.print(f"report: {report.get('out')}/forge_report.json")

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from agent_forge.bitnet.phase import STAGES, STATE_FILE, BitNetPhaseError, make_config, run_bitnet

@@ -13,7 +13,8 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 from agent_forge.bitnet.speed import decode_speed, speed_table
-from agent_forge.handoff import format_result, validate_phase4
+from agent_forge.bitnet.export_check import validate_phase4
+from agent_forge.handoff import format_result
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
 QUANT_CONFIG = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",

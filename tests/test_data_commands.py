@@ -6,7 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from agent_forge.data.commands import data_app
-from agent_forge.data.schema import Record, Segment, read_records, write_records
+from agent_forge.data.schema import Record, Segment, read_records
 from agent_forge.data.stats import dataset_stats
 
 runner = CliRunner()

@@ -1,6 +1,5 @@
 """parse.py: completion format, answer matching, exact arithmetic, claim checking."""
 
-import itertools
 import random
 from fractions import Fraction
 

@@ -1,12 +1,10 @@
-import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BertConfig, BertModel
+from transformers import BertConfig, BertModel
 
 from agent_forge.models import (ModelLoadError, adaptive_defaults, load_model, measure_model,
                                 read_meta, save_model, size_category, ModelSize)

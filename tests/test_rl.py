@@ -11,12 +11,12 @@ import torch
 
 from agent_forge.data.schema import Record, Segment, write_records
 from agent_forge.quietstar.rl import RLConfig, RLTrainer
-from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, loglik_gains, sample, sample_logits,
+from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, loglik_gains, sample,
                                                valid_lengths)
 from agent_forge.training.batching import step_indices
 from agent_forge.training.kl import kl_policy_to_ref as kl_penalty
 from agent_forge.training.kl import kl_policy_to_ref_k3 as k3_kl
-from agent_forge.training.logprobs import token_logprobs
+from agent_forge.training.logprobs import sample_logits, token_logprobs
 from agent_forge.training.policy_gradient import distinct_n, group_advantages
 from agent_forge.training.policy_gradient import reinforce_per_token as policy_loss
 from agent_forge.vocab import add_thinking_tokens
@@ -257,7 +257,7 @@ def test_valid_lengths_replay_stop_rules():
 
 
 def test_batched_continuation_logprob_matches_one_row_at_a_time():
-    from agent_forge.quietstar.rl import continuation_logprob
+    from agent_forge.training.logprobs import continuation_logprob
 
     tok, model = make_policy("qwen2")
     ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731

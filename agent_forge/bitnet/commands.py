@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+
+from agent_forge.progress import print_rows
 
 
 def bitnet_cmd(model: str = typer.Option(..., help="Phase 3 output dir (or any HF causal LM: hub id, dir, default)"),
@@ -22,20 +22,14 @@ def bitnet_cmd(model: str = typer.Option(..., help="Phase 3 output dir (or any H
                resume: bool = typer.Option(False, help="continue a killed run in --out")):
     """Phase 4: ternary (1.58-bit) weights by quantisation-aware distillation, measured."""
     from agent_forge.bitnet.phase import BitNetPhaseError, make_config, run_bitnet
-    from agent_forge.cli import console, fail
-    from agent_forge.progress import StageDisplay
+    from agent_forge.cli import fail, run_phase_command
 
     try:
         cfg = make_config(preset, config, model=model, out=str(out), eval_samples=eval_samples, device=device,
                           tracking=tracking, force=force or None)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    with StageDisplay(console) as display:
-        try:
-            report = run_bitnet(cfg, resume=resume, on_stage=display.on_stage, progress=display.on_step)
-        except BitNetPhaseError as e:
-            fail(str(e), code=1)
-    print_summary(console, report)
+    run_phase_command(run_bitnet, cfg, resume, BitNetPhaseError, print_summary)
 
 
 def _pct(x) -> str:
@@ -100,7 +94,4 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 
 
 def print_summary(console: Console, report: dict) -> None:
-    table = Table(title=f"forge bitnet: {report['out']}", show_header=False)
-    for what, value in summary_rows(report):
-        table.add_row(what, escape(str(value)))
-    console.print(table)
+    print_rows(console, f"forge bitnet: {report['out']}", summary_rows(report))

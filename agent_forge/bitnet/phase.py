@@ -423,7 +423,7 @@ def stage_register(ctx: Context) -> dict:
 
 
 def stage_handoff(ctx: Context) -> dict:
-    from agent_forge.handoff import validate_phase4
+    from agent_forge.bitnet.export_check import validate_phase4
     from agent_forge.registry import Registry
 
     save = ctx.state.result("save")

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from agent_forge.progress import print_rows
 
 
 def cognate_cmd(out: Path = typer.Option(..., help="output directory (models/, cognate_report.json, ...)"),
@@ -19,21 +20,15 @@ def cognate_cmd(out: Path = typer.Option(..., help="output directory (models/, c
                 registry: Optional[str] = typer.Option(None, help="registry SQLite file (default: FORGE_HOME's)"),
                 resume: bool = typer.Option(False, help="continue a killed run in --out")):
     """Phase 1: three small recursive-memory models (reasoning, memory, speed) from one trunk, measured."""
-    from agent_forge.cli import console, fail
+    from agent_forge.cli import fail, run_phase_command
     from agent_forge.cognate.phase import CognatePhaseError, make_config, run_cognate
-    from agent_forge.progress import StageDisplay
 
     try:
         cfg = make_config(preset, config, out=str(out), tokenizer=tokenizer, device=device, tracking=tracking,
                           registry=registry)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    with StageDisplay(console) as display:
-        try:
-            report = run_cognate(cfg, resume=resume, on_stage=display.on_stage, progress=display.on_step)
-        except CognatePhaseError as e:
-            fail(str(e), code=1)
-    print_summary(console, report)
+    run_phase_command(run_cognate, cfg, resume, CognatePhaseError, print_summary)
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
@@ -72,7 +67,4 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 
 
 def print_summary(console: Console, report: dict) -> None:
-    table = Table(title=f"forge cognate: {report['out']}", show_header=False)
-    for what, value in summary_rows(report):
-        table.add_row(what, value)
-    console.print(table)
+    print_rows(console, f"forge cognate: {report['out']}", summary_rows(report))

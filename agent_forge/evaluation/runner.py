@@ -30,8 +30,18 @@ from agent_forge.training.logprobs import continuation_logprob
 from agent_forge.vocab import analyze_usage, get_vocab, has_thinking_tokens
 
 
+class PerExampleReport:
+    """A report dataclass whose per-item rows (`per_example`) stay out of its dict unless asked for."""
+
+    def to_dict(self, with_examples: bool = False) -> dict:
+        d = asdict(self)
+        if not with_examples:
+            d.pop("per_example")
+        return d
+
+
 @dataclass
-class EvalResult:
+class EvalResult(PerExampleReport):
     """Accuracy with a Wilson 95% interval, overall and per family, plus cost and usage."""
 
     accuracy: float
@@ -45,12 +55,6 @@ class EvalResult:
     flexible_accuracy: float | None = None
     loglik: dict | None = None
     per_example: list[dict] = field(default_factory=list)
-
-    def to_dict(self, with_examples: bool = False) -> dict:
-        d = asdict(self)
-        if not with_examples:
-            d.pop("per_example")
-        return d
 
 
 def _normalise(s: str) -> str:

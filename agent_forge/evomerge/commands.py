@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from agent_forge.progress import print_rows
 
 
 def evomerge_cmd(models: Optional[str] = typer.Option(None, help="comma-separated parent models "
@@ -26,9 +27,8 @@ def evomerge_cmd(models: Optional[str] = typer.Option(None, help="comma-separate
                  tracking: Optional[str] = typer.Option(None, help="W&B mode: offline, disabled, online"),
                  resume: bool = typer.Option(False, help="continue a killed run in --out")):
     """Phase 2: evolve merges of several models into a champion, measured on held-out data."""
-    from agent_forge.cli import console, fail
+    from agent_forge.cli import fail, run_phase_command
     from agent_forge.evomerge.phase import EvoMergePhaseError, make_config, run_evomerge
-    from agent_forge.progress import StageDisplay
 
     parents = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
     if not parents and not make_parents:
@@ -43,12 +43,7 @@ def evomerge_cmd(models: Optional[str] = typer.Option(None, help="comma-separate
             cfg = update_dataclass(cfg, {"search": search}, "evomerge config")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    with StageDisplay(console) as display:
-        try:
-            report = run_evomerge(cfg, resume=resume, on_stage=display.on_stage, progress=display.on_step)
-        except EvoMergePhaseError as e:
-            fail(str(e), code=1)
-    print_summary(console, report)
+    run_phase_command(run_evomerge, cfg, resume, EvoMergePhaseError, print_summary)
 
 
 def _pct(x) -> str:
@@ -99,7 +94,4 @@ def _combo(genome: dict) -> str:
 
 
 def print_summary(console: Console, report: dict) -> None:
-    table = Table(title=f"forge evomerge: {report['out']}", show_header=False)
-    for what, value in summary_rows(report):
-        table.add_row(what, value)
-    console.print(table)
+    print_rows(console, f"forge evomerge: {report['out']}", summary_rows(report))

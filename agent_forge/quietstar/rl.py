@@ -82,12 +82,11 @@ import torch
 
 from agent_forge.data.schema import Record
 from agent_forge.quietstar.coherence import claim_consistency
-from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, continuation_logprob,  # noqa: F401
-                                               is_correct, loglik_gains, mean_or_none, sample, sample_logits,
-                                               valid_lengths)
+from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, is_correct, loglik_gains, mean_or_none,
+                                               sample)
 from agent_forge.training.batching import step_indices
 from agent_forge.training.kl import kl_policy_to_ref
-from agent_forge.training.logprobs import token_logprobs
+from agent_forge.training.logprobs import sample_logits, token_logprobs
 from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop, rolling_mean
 from agent_forge.training.policy_gradient import distinct_n, group_advantages, reinforce_per_token
 from agent_forge.vocab import add_thinking_tokens, get_vocab

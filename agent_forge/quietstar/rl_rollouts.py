@@ -15,7 +15,7 @@ import torch
 from agent_forge.data.schema import render_prompt
 from agent_forge.evaluation.answers import answer_slot, strip_thinking_tokens
 from agent_forge.inference import AnswerSlotStop, eos_ids, left_padded
-from agent_forge.training.logprobs import continuation_logprob, position_ids, sample_logits, token_logprobs  # noqa: F401
+from agent_forge.training.logprobs import continuation_logprob
 from agent_forge.vocab import get_vocab
 
 

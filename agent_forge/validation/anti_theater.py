@@ -28,12 +28,12 @@ All four must pass; otherwise the recommendation is "roll back", said plainly.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 from rapidfuzz.distance import Levenshtein
 
-from agent_forge.evaluation.runner import continuation_logprobs, score
+from agent_forge.evaluation.runner import PerExampleReport, continuation_logprobs, score
 from agent_forge.evaluation.answers import gsm8k_gold
 from agent_forge.inference import GENERATION_BATCH, Generation, generate_answers
 from agent_forge.evaluation.metrics import wilson_interval
@@ -49,19 +49,13 @@ CoherenceFn = Callable[[list[str | None], list[str]], list[float | ThoughtCohere
 
 
 @dataclass
-class AntiTheaterReport:
+class AntiTheaterReport(PerExampleReport):
     tests: list[dict]
     passed: bool
     recommendation: str  # "keep" | "roll back"
     sentence: str
     n: int
     per_example: list[dict] = field(default_factory=list)
-
-    def to_dict(self, with_examples: bool = False) -> dict:
-        d = asdict(self)
-        if not with_examples:
-            d.pop("per_example")
-        return d
 
 
 def run_anti_theater(model, tokenizer, items, *, generate_fn: GenerateFn | None = None,
