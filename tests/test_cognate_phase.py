@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,6 +197,40 @@ def crash_after_steps(n: int):
         if seen["steps"] == n:
             raise Crash(n)
     return progress
+
+
+def test_the_dashboard_shows_the_run(smoke_run, monkeypatch):
+    """The Cognate page: its kind, every stage done (controls included), one loss and one
+    halting column per trained model, the summary `forge cognate` printed."""
+    from streamlit.testing.v1 import AppTest
+
+    from agent_forge.cognate.commands import summary_rows
+    from agent_forge.dashboard import data
+
+    report, tmp_path = smoke_run
+    out = tmp_path / "cg"
+    assert data.run_kind(out) == "cognate" and data.run_status(out) == "finished"
+    prog = data.stage_progress(out)
+    assert prog["stages_done"] == prog["stages_total"] == list(report["stages"])
+    models = {"foundation", "reasoning", "memory", "speed", "control_independent", "control_transformer"}
+    records = data.read_metrics(out)
+    assert set(data.stage_curves(records, "loss", "cognate_").columns) == models
+    halting = data.stage_curves(records, "halting_steps", "cognate_")
+    assert set(halting.columns) == models
+    assert (halting["control_transformer"].dropna() == 0).all()  # a plain transformer does not halt
+    assert all((halting[m].dropna() >= 1).all() for m in models - {"control_transformer"})  # ACT: >= 1 step
+    assert data.cognate_summary(out) == summary_rows(report)
+
+    monkeypatch.setenv("FORGE_RUNS_DIR", str(out))
+    monkeypatch.setenv("FORGE_REGISTRY", str(tmp_path / "reg.sqlite"))
+    at = AppTest.from_file(str(Path(data.__file__).with_name("app.py")), default_timeout=60).run()
+    assert not at.exception
+    assert at.title[0].value == "Agent Forge · Phase 1 Cognate"
+    n = len(report["stages"])
+    assert f"Stages: {n} / {n} done" in [p.proto.text for p in at.get("progress")]
+    assert [s.value for s in at.subheader] == ["Summary"]
+    table = at.dataframe[0].value
+    assert list(table["what"]) == [k.strip() for k, _ in summary_rows(report)]
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, forge_home):

@@ -250,10 +250,12 @@ def make_evomerge_run(root: Path, finished: bool = True, registry: Path | None =
 
 def test_stage_orders_match_the_phases():
     from agent_forge.bitnet.phase import STAGES as BITNET
+    from agent_forge.cognate.phase import make_config, stages as cognate_stages
     from agent_forge.evomerge.phase import STAGES as EVOMERGE
 
     assert data.EVOMERGE_STAGE_ORDER == tuple(name for name, _ in EVOMERGE)
     assert data.BITNET_STAGE_ORDER == tuple(name for name, _ in BITNET)
+    assert data.COGNATE_STAGE_ORDER == tuple(name for name, _ in cognate_stages(make_config("quick")))
 
 
 def test_evomerge_run_found_and_its_kind(tmp_path):

@@ -1,10 +1,10 @@
 """Agent Forge dashboard (Streamlit): one run at a glance, charts first, live while it trains.
 
-Shows Phase 3 Quiet-STaR runs (`forge bake-quietstar`), Phase 2 EvoMerge runs (`forge
-evomerge`: the search's fitness per generation, the parents, the test split, the champion's
-family tree), lists Phase 4 BitNet runs (`forge bitnet`: stages and summary), and shows a
-chain (`forge run`, `make demo`): its phases in order, the whole table, the last model's
-family tree (each phase is also a run of its own in the sidebar).
+Shows Phase 3 Quiet-STaR runs (`forge bake-quietstar`) here; Phase 1 Cognate (each model's
+loss and halting curves, the summary), Phase 2 EvoMerge (the search's fitness per generation,
+the parents, the test split, the champion's family tree) and Phase 4 BitNet runs (stages and
+summary) in phase_views.py; and a chain (`forge run`, `make demo`): its phases in order, the
+whole table, the last model's family tree (each phase is also a run of its own in the sidebar).
 
 Started by `forge dashboard`, which passes the runs folder and the registry in the
 FORGE_RUNS_DIR / FORGE_REGISTRY environment variables. All reading is in data.py.
@@ -13,21 +13,13 @@ FORGE_RUNS_DIR / FORGE_REGISTRY environment variables. All reading is in data.py
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import streamlit as st
 
 from agent_forge.dashboard import data, lineage
-
-STAGE_LABELS = {"validate_input": "input check", "vocab": "vocabulary", "data": "data", "step1": "Step 1 bake",
-                "step2": "Step 2 RL", "trace_baking": "trace baking", "anti_theater": "anti-theater",
-                "ab_test": "A/B test", "fresh_split": "fresh split", "general": "general tasks", "save": "save",
-                "register": "register", "handoff": "handoff"}
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+from agent_forge.dashboard.phase_views import bitnet_view, cognate_view, evomerge_view
+from agent_forge.dashboard.widgets import QUIETSTAR_LABELS, chart, handoff_checks, pct, run_header, summary_table
 
 
 def sidebar(runs_dir: Path, registry: str | None):
@@ -56,7 +48,7 @@ def progress_section(run_dir: Path, stages: dict) -> None:
     pending = [s for s in prog["stages_total"] if s not in done]
     marks = []
     for s in prog["stages_total"]:
-        label = STAGE_LABELS.get(s, s)
+        label = QUIETSTAR_LABELS.get(s, s)
         status = (stages.get(s) or {}).get("status")
         if status in ("not_implemented", "skipped"):
             marks.append(f"– {label} ({'n/a' if status == 'not_implemented' else 'skipped'})")
@@ -82,10 +74,10 @@ def progress_section(run_dir: Path, stages: dict) -> None:
 def headline_section(stages: dict) -> None:
     h = data.headline(stages)
     cols = st.columns(6)
-    cols[0].metric("Baking accuracy", _pct(h["baking_accuracy"]), help="held-out teacher-forced token accuracy")
+    cols[0].metric("Baking accuracy", pct(h["baking_accuracy"]), help="held-out teacher-forced token accuracy")
     where = f"{h['accuracy_source']} set, final model"
-    cols[1].metric("Accuracy, thinking on", _pct(h["accuracy_thinking_on"]), help=where)
-    cols[2].metric("Accuracy, thinking off", _pct(h["accuracy_thinking_off"]), help=where)
+    cols[1].metric("Accuracy, thinking on", pct(h["accuracy_thinking_on"]), help=where)
+    cols[2].metric("Accuracy, thinking off", pct(h["accuracy_thinking_off"]), help=where)
     anti = {None: "-", True: "PASSED", False: "FAILED"}[h["anti_theater_passed"]]
     cols[3].metric("Anti-theater", anti)
     diff = h["ab_diff_points"]
@@ -94,38 +86,30 @@ def headline_section(stages: dict) -> None:
     cols[5].metric("Handoff 3→4", {None: "-", True: "passed", False: "failed"}[h["handoff_ok"]])
 
 
-def _chart(title: str, frame, empty: str) -> None:
-    st.markdown(f"**{title}**")
-    if frame is None:
-        st.caption(empty)
-    else:
-        st.line_chart(frame, height=220)
-
-
 def curves_section(run_dir: Path) -> None:
     records = data.read_metrics(run_dir)
     c1, c2 = st.columns(2)
     with c1:
-        _chart("Step 1 loss", data.curve(records, data.LOSS_KEYS, "bake"), "no Step 1 steps logged yet")
+        chart("Step 1 loss", data.curve(records, data.LOSS_KEYS, "bake"), "no Step 1 steps logged yet")
     with c2:
         acc = data.curve(records, ("token_accuracy",), "bake_eval")
-        _chart("Held-out token accuracy", acc, "no evaluation during Step 1 (eval_every = 0)")
+        chart("Held-out token accuracy", acc, "no evaluation during Step 1 (eval_every = 0)")
     c3, c4 = st.columns(2)
     with c3:
-        _chart("Step 2 reward", data.curve(records, data.REWARD_KEYS, "rl"), "no Step 2 steps logged yet")
+        chart("Step 2 reward", data.curve(records, data.REWARD_KEYS, "rl"), "no Step 2 steps logged yet")
     with c4:
         coherence = data.curve(records, data.COHERENCE_KEYS, "rl")
         if coherence is not None:
             coherence = coherence.rename(columns=lambda c: c.replace("coherence_", ""))
-        _chart("Coherence (semantic 40% / syntactic 30% / predictive 30%)", coherence,
+        chart("Coherence (semantic 40% / syntactic 30% / predictive 30%)", coherence,
                "no coherence scores logged yet")
     length = data.curve(records, ("thought_length",), "rl")
     if length is not None:
         c5, c6 = st.columns(2)
         with c5:
-            _chart("Thought length (tokens)", length, "")
+            chart("Thought length (tokens)", length, "")
         with c6:
-            _chart("Step 2: accuracy, thought diversity, KL", data.curve(records, data.THOUGHT_KEYS[1:], "rl"),
+            chart("Step 2: accuracy, thought diversity, KL", data.curve(records, data.THOUGHT_KEYS[1:], "rl"),
                    "not logged")
 
 
@@ -146,8 +130,8 @@ def usage_section(stages: dict) -> None:
     st.altair_chart(chart, width="stretch")
     u = (stages.get("step2") or {}).get("usage") or (stages.get("step1") or {}).get("usage") or {}
     if "well_formed_rate" in u:
-        st.caption(f"well-formed thinking blocks: {_pct(u.get('well_formed_rate'))}, "
-                   f"closed: {_pct(u.get('closed_rate'))}, over {u.get('n', '?')} generations")
+        st.caption(f"well-formed thinking blocks: {pct(u.get('well_formed_rate'))}, "
+                   f"closed: {pct(u.get('closed_rate'))}, over {u.get('n', '?')} generations")
 
 
 def anti_theater_section(stages: dict) -> None:
@@ -211,24 +195,7 @@ def checkpoints_and_handoff(run_dir: Path, stages: dict) -> None:
         else:
             st.caption("none yet (a finished step keeps its model, not its checkpoints)")
     with c2:
-        st.subheader("Handoff 3→4")
-        hand = stages.get("handoff")
-        if not hand:
-            st.caption("not checked yet")
-            return
-        (st.success if hand.get("ok") else st.error)("handoff passed" if hand.get("ok") else "handoff failed")
-        for check in hand.get("checks") or []:
-            st.markdown(f"{'✓' if check.get('ok') else '✗'} **{check.get('name')}**: {check.get('message', '')}")
-
-
-def run_header(run_dir: Path, registry: str | None) -> None:
-    status = data.run_status(run_dir)
-    jobs = data.jobs_for_run(registry, run_dir)
-    st.header(f"Run: {run_dir.name}")
-    age = time.time() - data.last_modified(run_dir)
-    job = f"; API job {jobs[0]['id']} {jobs[0]['status']}" if jobs else ""
-    st.caption(f"{run_dir} · {data.KIND_LABELS[data.run_kind(run_dir)]} · {status}, last write {age:,.0f} s ago"
-               f"{job} · read {time.strftime('%H:%M:%S')}")
+        handoff_checks("Handoff 3→4", stages.get("handoff"))
 
 
 def run_view(run_dir: Path, registry: str | None) -> None:
@@ -261,194 +228,6 @@ def beyond_test_section(stages: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Phase 2: EvoMerge
-
-EVOMERGE_LABELS = {"parents": "parents", "baseline": "baseline (validation)", "search": "search",
-                   "test": "test split", "save": "save", "plot": "plot", "register": "register",
-                   "handoff": "handoff 2→3"}
-BITNET_LABELS = {"validate_input": "input check", "data": "data", "before": "before (test)", "qat": "QAT",
-                 "after": "after (test)", "save": "save", "speed": "speed", "register": "register",
-                 "handoff": "handoff"}
-
-
-def stage_marks(prog: dict, labels: dict) -> str:
-    done = set(prog["stages_done"])
-    pending = [s for s in prog["stages_total"] if s not in done]
-    marks = [f"{'✓' if s in done else ('▶' if pending and s == pending[0] and not prog['finished'] else '·')} "
-             f"{labels.get(s, s)}" for s in prog["stages_total"]]
-    return "**Stages:** " + " &nbsp; ".join(marks)
-
-
-def _interval(low, high) -> str:
-    return "-" if low is None or high is None else f"[{_pct(low)}, {_pct(high)}]"
-
-
-def evomerge_progress_section(prog: dict) -> None:
-    st.markdown(stage_marks(prog, EVOMERGE_LABELS))
-    c1, c2 = st.columns(2)
-    n_done, n_total = len(prog["stages_done"]), len(prog["stages_total"])
-    with c1:
-        st.progress(min(1.0, n_done / n_total), text=f"Stages: {n_done} / {n_total} done")
-    done, total, cur = prog["generations_done"], prog["generations"], prog["current"]
-    with c2:
-        text = f"Search: {done} / {total or '?'} generations"
-        if cur is not None:
-            text += (f" · generation {cur['generation']} running: {cur['evaluated']} new recipes evaluated"
-                     f" (population {cur['population'] or '?'}; known recipes come from the cache)")
-        elif not done:
-            text += " · not started"
-        st.progress(min(1.0, done / total) if total else 0.0, text=text)
-
-
-def evomerge_headline_section(stages: dict, history: list[dict]) -> None:
-    """Four numbers: the search's best on validation, the champion on test, the target, the handoff."""
-    h = data.evomerge_headline(stages, history)
-    cols = st.columns(4)
-    delta = None
-    if h["best_val"] is not None and h["best_parent_val"] is not None:
-        delta = f"{100 * (h['best_val'] - h['best_parent_val']):+.1f} pts vs parent"
-    ci = h["best_val_ci"] or [None, None]
-    cols[0].metric("Best merge (validation)", _pct(h["best_val"]), delta=delta,
-                   help=f"best so far on the split the search selects on; 95% interval {_interval(*ci)}; "
-                        f"best parent {_pct(h['best_parent_val'])}")
-    gci = h["gain_ci_points"]
-    cols[1].metric("Champion (test)", _pct(h["champion_test"]),
-                   delta=None if h["gain_points"] is None else f"{h['gain_points']:+.1f} pts vs parent",
-                   help=f"best parent on the same test items: {_pct(h['best_parent_test'])}"
-                        + ("" if not gci else f"; paired gain 95% interval [{gci[0]:+.1f}, {gci[1]:+.1f}] points"))
-    target = "" if h["target_relative"] is None else f" ≥ {100 * h['target_relative']:.0f}%"
-    cols[2].metric(f"Target{target}", {None: "-", True: "met", False: "MISSED"}[h["target_met"]],
-                   delta=None if h["relative_gain"] is None else f"{100 * h['relative_gain']:+.1f}% relative",
-                   help="the champion's relative gain over the best parent on the test split, with the "
-                        "gain's 95% interval above 0")
-    cols[3].metric("Handoff 2→3", {None: "-", True: "passed", False: "failed"}[h["handoff_ok"]])
-
-
-def evomerge_search_section(stages: dict, history: list[dict]) -> None:
-    st.subheader("Search")
-    fitness = data.history_frame(history, ("best", "mean", "worst"))
-    best_parent = (stages.get("baseline") or {}).get("best_value")
-    if fitness is not None and isinstance(best_parent, (int, float)):
-        fitness["best parent"] = float(best_parent)
-    c1, c2 = st.columns(2)
-    with c1:
-        _chart("Validation fitness per generation (best so far, mean, worst)", fitness,
-               "no generation finished yet")
-    with c2:
-        _chart("Population diversity", data.history_frame(history, ("diversity",)), "no generation finished yet")
-    if history:
-        cols = ("generation", "best", "gen_best", "mean", "worst", "diversity", "n_evaluated", "cache_hits",
-                "n_invalid", "seconds")
-        with st.expander(f"Generations ({len(history)})"):
-            st.dataframe([{k: r.get(k) for k in cols if k in r} for r in history], hide_index=True,
-                         width="stretch")
-    best = (stages.get("search") or {}).get("best")
-    if isinstance(best, dict):
-        weights = ", ".join(f"{w:.2f}" for w in best.get("weights") or [])
-        st.caption(f"Champion recipe: {best.get('interp')} + {best.get('taskvec')} + {best.get('layers')}"
-                   f" · weights [{weights or 'equal'}] · density {best.get('density')} · "
-                   f"task-vector scale {best.get('taskvec_scale')} · made by {best.get('label') or '?'}")
-
-
-def evomerge_parents_section(stages: dict) -> None:
-    st.subheader("Parents")
-    parents = data.evomerge_parents(stages)
-    if not parents:
-        st.caption("not chosen yet")
-        return
-    rows = [{"": "★ best" if p["best"] else "", "parent": p["parent"], "families": p["families"] or "",
-             "validation fitness": _pct(p["value"]), "95% interval": _interval(p["low"], p["high"]),
-             "n": p["n"], "measure": p["kind"] or "", "path": p["path"]} for p in parents]
-    st.dataframe(rows, hide_index=True, width="stretch")
-    if parents[0]["value"] is None:
-        st.caption("validation fitness: measured by the baseline stage")
-
-
-def evomerge_test_section(stages: dict) -> None:
-    st.subheader("Test split (paired)")
-    rows = data.evomerge_test_rows(stages)
-    if not rows:
-        st.caption("measured after the search: champion and best parent on the same test items")
-        return
-    st.dataframe([{"measure": k, "value": v} for k, v in rows], hide_index=True, width="stretch")
-    gain = (stages.get("test") or {}).get("gain") or {}
-    if "target_met" in gain:
-        verdict = (f"relative gain {100 * gain.get('relative_gain', 0):+.1f}% against a target of "
-                   f"{100 * gain.get('target_relative', 0):.0f}% (and an interval above 0)")
-        (st.success if gain["target_met"] else st.error)(
-            ("Target met: " if gain["target_met"] else "Target MISSED: ") + verdict)
-
-
-def evomerge_lineage_section(stages: dict, registry: str | None) -> None:
-    st.subheader("Family tree")
-    tree = lineage.evomerge_family_tree(stages, registry)
-    if tree is None:
-        st.caption("known once the parents stage has run")
-        return
-    if tree.get("id") is None:
-        st.caption("the champion is registered (with its parents) at the end of the run")
-    c1, c2 = st.columns([3, 2])
-    with c1:
-        st.graphviz_chart(lineage.lineage_dot(tree))
-    with c2:
-        st.markdown("\n".join(lineage.lineage_lines(tree)))
-
-
-def handoff_checks(title: str, hand: dict | None) -> None:
-    st.subheader(title)
-    if not hand:
-        st.caption("not checked yet")
-        return
-    (st.success if hand.get("ok") else st.error)("handoff passed" if hand.get("ok") else "handoff failed")
-    for check in hand.get("checks") or []:
-        st.markdown(f"{'✓' if check.get('ok') else '✗'} **{check.get('name')}**: {check.get('message', '')}")
-
-
-def evomerge_view(run_dir: Path, registry: str | None) -> None:
-    stages = data.load_stages(run_dir)
-    history = data.evomerge_history(run_dir)
-    run_header(run_dir, registry)
-    evomerge_progress_section(data.evomerge_progress(run_dir))
-    evomerge_headline_section(stages, history)
-    evomerge_search_section(stages, history)
-    evomerge_parents_section(stages)
-    evomerge_test_section(stages)
-    evomerge_lineage_section(stages, registry)
-    c3, c4 = st.columns(2)
-    with c3:
-        plot = data.fitness_plot(run_dir)
-        if plot is not None:
-            st.subheader("fitness.png")
-            st.image(str(plot), caption="as written by the plot stage")
-    with c4:
-        handoff_checks("Handoff 2→3", stages.get("handoff"))
-    summary = data.evomerge_summary(run_dir)
-    if summary:
-        with st.expander("Summary (as `forge evomerge` printed it)"):
-            st.dataframe([{"what": k, "measured": v} for k, v in summary], hide_index=True, width="stretch")
-
-
-# ---------------------------------------------------------------------------------------
-# Phase 4: BitNet (listed; stages and summary only)
-
-
-def bitnet_view(run_dir: Path, registry: str | None) -> None:
-    stages = data.load_stages(run_dir)
-    run_header(run_dir, registry)
-    prog = data.stage_progress(run_dir, stages)
-    st.markdown(stage_marks(prog, BITNET_LABELS))
-    n_done, n_total = len(prog["stages_done"]), len(prog["stages_total"])
-    st.progress(min(1.0, n_done / n_total), text=f"Stages: {n_done} / {n_total} done")
-    st.subheader("Summary")
-    rows = data.bitnet_summary(run_dir)
-    if rows:
-        st.dataframe([{"what": k, "measured": v} for k, v in rows], hide_index=True, width="stretch")
-    else:
-        st.caption("written to bitnet_report.json when the run finishes")
-    handoff_checks("Handoff", stages.get("handoff"))
-
-
-# ---------------------------------------------------------------------------------------
 # A chain (`forge run`, `make demo`): the phases in order, the whole table, the family tree
 
 
@@ -461,12 +240,7 @@ def chain_view(run_dir: Path, registry: str | None) -> None:
     st.progress(min(1.0, n_done / n_total), text=f"Phases: {n_done} / {len(prog['phases'])} done")
     st.caption("Each phase is a run of its own, with its live curves: pick "
                + ", ".join(f"`{run_dir.name}/{p}`" for p in prog["phases"]) + " in the sidebar.")
-    st.subheader("Summary")
-    rows = data.chain_summary(run_dir)
-    if rows:
-        st.dataframe([{"what": k.strip(), "measured": v} for k, v in rows], hide_index=True, width="stretch")
-    else:
-        st.caption("written to forge_report.json when the last phase finishes")
+    summary_table(data.chain_summary(run_dir), "written to forge_report.json when the last phase finishes")
     html = run_dir / data.CHAIN_HTML
     if html.is_file():
         st.download_button("forge_report.html (one page, with the plots)", html.read_bytes(),
@@ -478,7 +252,8 @@ def chain_view(run_dir: Path, registry: str | None) -> None:
         st.markdown("\n".join(lineage.lineage_lines(tree)))
 
 
-VIEWS = {"quietstar": run_view, "evomerge": evomerge_view, "bitnet": bitnet_view, "chain": chain_view}
+VIEWS = {"quietstar": run_view, "evomerge": evomerge_view, "bitnet": bitnet_view, "cognate": cognate_view,
+         "chain": chain_view}
 
 
 def registry_view(registry: str | None) -> None:

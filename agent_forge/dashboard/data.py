@@ -35,10 +35,12 @@ SEARCH_STATE = "search_state.json"
 FITNESS_PLOT = "fitness.png"
 BITNET_STATE = "bitnet_state.json"
 BITNET_REPORT = "bitnet_report.json"
+COGNATE_STATE = "cognate_state.json"
+COGNATE_REPORT = "cognate_report.json"
 CHAIN_STATE = "run_state.json"  # agent_forge.chain.STATE_FILE; its report is forge_report.json too
 CHAIN_HTML = "forge_report.html"
-RUN_MARKERS = (STATE_FILE, METRICS_FILE, EVOMERGE_STATE, SEARCH_STATE, BITNET_STATE, CHAIN_STATE)
-REPORT_FILES = (REPORT_FILE, EVOMERGE_REPORT, BITNET_REPORT)
+RUN_MARKERS = (STATE_FILE, METRICS_FILE, EVOMERGE_STATE, SEARCH_STATE, BITNET_STATE, COGNATE_STATE, CHAIN_STATE)
+REPORT_FILES = (REPORT_FILE, EVOMERGE_REPORT, BITNET_REPORT, COGNATE_REPORT)
 # agent_forge.quietstar.pipeline.STAGES, by name (kept here so reading a run never imports torch;
 # tests check the two agree)
 STAGE_ORDER = ("validate_input", "vocab", "data", "step1", "step2", "trace_baking", "anti_theater", "ab_test",
@@ -46,13 +48,18 @@ STAGE_ORDER = ("validate_input", "vocab", "data", "step1", "step2", "trace_bakin
 # agent_forge.evomerge.phase.STAGES and agent_forge.bitnet.phase.STAGES, by name (tests check them too)
 EVOMERGE_STAGE_ORDER = ("parents", "baseline", "search", "test", "save", "plot", "register", "handoff")
 BITNET_STAGE_ORDER = ("validate_input", "data", "before", "qat", "after", "save", "speed", "register", "handoff")
+# agent_forge.cognate.phase.stages() with the default specialisations and no controls; a run's
+# other stages (controls, other specialisations) join the list as they appear
+COGNATE_STAGE_ORDER = ("data", "foundation", "specialise_reasoning", "specialise_memory", "specialise_speed",
+                       "evaluate", "register")
 CHAIN_PHASES = ("cognate", "evomerge", "quietstar", "bitnet")  # agent_forge.chain.PHASES
 KINDS = {"quietstar": (STATE_FILE, REPORT_FILE, STAGE_ORDER),
          "evomerge": (EVOMERGE_STATE, EVOMERGE_REPORT, EVOMERGE_STAGE_ORDER),
          "bitnet": (BITNET_STATE, BITNET_REPORT, BITNET_STAGE_ORDER),
+         "cognate": (COGNATE_STATE, COGNATE_REPORT, COGNATE_STAGE_ORDER),
          "chain": (CHAIN_STATE, REPORT_FILE, CHAIN_PHASES)}
 KIND_LABELS = {"quietstar": "Phase 3 Quiet-STaR", "evomerge": "Phase 2 EvoMerge", "bitnet": "Phase 4 BitNet",
-               "chain": "forge run (phases in order)"}
+               "cognate": "Phase 1 Cognate", "chain": "forge run (phases in order)"}
 SKIP_DIRS = {"model", "checkpoints", "data", "wandb", "step1", "step2", ".git"}
 GEN0_SIZE = 8  # generation 0 is always the 2^3 technique combinations (evomerge.genome.first_generation)
 ACTIVE_SECONDS = 120.0  # a run whose files changed this recently counts as running
@@ -76,7 +83,7 @@ def is_run(path: Path) -> bool:
 
 
 def run_kind(run_dir: str | Path) -> str:
-    """quietstar | evomerge | bitnet | chain, from which files the run has written.
+    """quietstar | evomerge | bitnet | cognate | chain, from which files the run has written.
 
     An EvoMerge run whose first stage is still training its parents has only metrics.jsonl
     and parents/ (a Quiet-STaR run never has that folder), so parents/ counts too."""
@@ -87,6 +94,8 @@ def run_kind(run_dir: str | Path) -> str:
         return "evomerge"
     if any((run_dir / f).exists() for f in (BITNET_STATE, BITNET_REPORT)):
         return "bitnet"
+    if any((run_dir / f).exists() for f in (COGNATE_STATE, COGNATE_REPORT)):
+        return "cognate"
     if (run_dir / "parents").is_dir() and not (run_dir / STATE_FILE).exists():
         return "evomerge"
     return "quietstar"
@@ -276,14 +285,17 @@ def jobs_for_run(registry: str | Path | None, run_dir: str | Path) -> list[dict]
 # Phase 2: EvoMerge
 
 
-def stage_progress(run_dir: str | Path, stages: dict | None = None) -> dict:
-    """Stages done (in the phase's order, unknown names last) and all the phase's stages."""
+def stage_progress(run_dir: str | Path, stages: dict | None = None, kind: str | None = None) -> dict:
+    """Stages done (in the phase's order, unknown names last) and all the phase's stages;
+    `kind` when known (a run that has not started yet has no files to tell it by)."""
     run_dir = Path(run_dir)
-    kind = run_kind(run_dir)
+    kind = kind or run_kind(run_dir)
     stages = load_stages(run_dir) if stages is None else stages
     order = KINDS[kind][2]
-    return {"kind": kind, "stages_done": [s for s in order if s in stages] + [s for s in stages if s not in order],
-            "stages_total": list(order), "finished": (run_dir / KINDS[kind][1]).exists()}
+    extra = [s for s in stages if s not in order]
+    total = list(order) if kind != "cognate" else [*order[:-2], *extra, *order[-2:]]  # its optional stages
+    return {"kind": kind, "stages_done": [s for s in total if s in stages] + [s for s in extra if s not in total],
+            "stages_total": total, "finished": (run_dir / KINDS[kind][1]).exists()}
 
 
 def _rows(value) -> list[dict]:
@@ -410,6 +422,25 @@ def bitnet_summary(run_dir: str | Path) -> list[tuple[str, str]]:
     from agent_forge.bitnet.commands import summary_rows
 
     return _summary(Path(run_dir), summary_rows)
+
+
+def cognate_summary(run_dir: str | Path) -> list[tuple[str, str]]:
+    """The summary `forge cognate` printed, from cognate_report.json; [] before it exists."""
+    from agent_forge.cognate.commands import summary_rows
+
+    return _summary(Path(run_dir), summary_rows)
+
+
+def stage_curves(records: list[dict], key: str, prefix: str):
+    """DataFrame indexed by step, one column per training stage whose name starts with
+    `prefix` (the prefix dropped): e.g. each Cognate model's loss; None if nothing logged."""
+    import pandas as pd
+
+    names = sorted({r["stage"] for r in records if str(r.get("stage", "")).startswith(prefix)
+                    and isinstance(r.get(key), (int, float))})
+    frames = {n[len(prefix):]: curve(records, (key,), n) for n in names}
+    frames = {n: f[key] for n, f in frames.items() if f is not None}
+    return pd.DataFrame(frames) if frames else None
 
 
 def fitness_plot(run_dir: str | Path) -> Path | None:
