@@ -65,7 +65,7 @@ def serve_cmd(host: str = typer.Option("127.0.0.1", help="address to bind"),
               registry: Optional[Path] = typer.Option(None, help="registry SQLite (jobs are recorded there)"),
               max_running: int = typer.Option(1, help="jobs running at once")):
     """Job API: start / status / pause / resume Phase 3 slices (step1, step2, anti_theater,
-    complete), whole phases (evomerge, bitnet) and the chain (run); see docs/job_api.md.
+    complete), whole phases (cognate, evomerge, bitnet) and the chain (run); see docs/job_api.md.
 
     Every route needs `Authorization: Bearer $FORGE_API_TOKEN`. Pause stops the worker; resume
     continues from the last checkpoint, so steps after it are redone."""

@@ -1,7 +1,7 @@
-"""The job API's phase kinds (evomerge, bitnet, run) on a real uvicorn on 127.0.0.1: a BitNet
-job and an EvoMerge job run to their reports on tiny models, a `run` (chain) job is paused
-mid-QAT and resumed from its checkpoint, bad requests are refused before anything starts,
-and every route still needs the token. All traffic goes to 127.0.0.1."""
+"""The job API's phase kinds (cognate, evomerge, bitnet, run) on a real uvicorn on 127.0.0.1: a
+BitNet, an EvoMerge and a Cognate job run to their reports on tiny models, a `run` (chain) job
+is paused mid-QAT (its progress showing the step) and resumed from its checkpoint, bad
+requests are refused before anything starts, and every route still needs the token. All traffic goes to 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -84,18 +84,18 @@ def test_phase_kinds_agree_with_the_phases():
     """The names the server keeps without importing torch match the phases' own."""
     from agent_forge import chain
     from agent_forge.bitnet import phase as bitnet
+    from agent_forge.cognate import phase as cognate
     from agent_forge.evomerge import phase as evomerge
     from agent_forge.quietstar import pipeline
     from agent_forge.server import app, jobs, phases
 
     assert set(typing.get_args(app.Kind)) == set(jobs.KINDS) and set(phases.PHASE_KINDS) <= set(jobs.RESUMABLE)
     assert phases.CHAIN_PHASES == chain.PHASES
-    for kind, module in (("evomerge", evomerge), ("bitnet", bitnet)):
+    for kind, module in (("evomerge", evomerge), ("bitnet", bitnet), ("cognate", cognate)):
         assert phases.STATE_FILES[kind] == module.STATE_FILE and phases.REPORT_FILES[kind] == module.REPORT_FILE
-        assert list(phases.STAGE_NAMES[kind]) == [name for name, _ in module.STAGES]
-    assert list(phases.STAGE_NAMES["bitnet"]) == BITNET_STAGES
+    assert [name for name, _ in bitnet.STAGES] == BITNET_STAGES
     assert (phases.STATE_FILES["run"], phases.REPORT_FILES["run"]) == (chain.STATE_FILE, chain.REPORT_FILE)
-    for module in (evomerge, bitnet, pipeline):
+    for module in (evomerge, bitnet, pipeline, cognate):
         assert tuple(module.PRESETS) == app.PRESET_NAMES
 
 
@@ -109,10 +109,11 @@ def _text_fields(obj, prefix=""):
 
 
 def test_every_path_field_of_a_phase_config_is_checked():
-    """Each string field of the EvoMerge, BitNet and chain configs is a checked path, a request
+    """Each string field of the Cognate, EvoMerge, BitNet and chain configs is a checked path, a request
     field, or named here as not a path: a new field must be classed before a job can set it."""
     from agent_forge.bitnet.phase import make_config as bitnet_config
     from agent_forge.chain import ChainConfig
+    from agent_forge.cognate.phase import make_config as cognate_config
     from agent_forge.evomerge.phase import make_config as evomerge_config
     from agent_forge.server.checks import PATH_FIELDS
     from agent_forge.server.phases import RESERVED
@@ -121,9 +122,11 @@ def test_every_path_field_of_a_phase_config_is_checked():
         "bitnet": {"data.difficulty", "data.families", "data.general_train_sets", "qat.optimizer",
                    "qat.mixed_precision", "keep", "store_dtype", "act_norm", "tracking"},
         "evomerge": {"parents.families", "search.strategy", "fitness.thinking", "tracking"},
+        "cognate": {"data.families", "train.optimizer", "train.mixed_precision", "tracking"},
         "run": {"start", "stop", "tracking"},
     }
-    configs = {"bitnet": bitnet_config("quick"), "evomerge": evomerge_config("quick"), "run": ChainConfig()}
+    configs = {"bitnet": bitnet_config("quick"), "evomerge": evomerge_config("quick"), "run": ChainConfig(),
+               "cognate": cognate_config("quick")}
     for kind, cfg in configs.items():
         unclassed = (set(_text_fields(cfg)) - not_paths[kind] - set(PATH_FIELDS.get(kind, {}))
                      - set(RESERVED[kind]))
@@ -136,8 +139,15 @@ def test_bad_phase_requests_start_nothing(server, root):
     bitnet = {"kind": "bitnet", "model": p3, "out": "refused", "preset": "smoke"}
     evo = {"kind": "evomerge", "out": "refused", "preset": "smoke", "overrides": {"models": [child0, child1]}}
     run = {"kind": "run", "model": p3, "out": "refused", "preset": "smoke"}
+    cog = {"kind": "cognate", "out": "refused", "preset": "smoke"}
     cases = [
-        ({**bitnet, "kind": "cognate"}, 422, "kind"), ({"kind": "bitnet", "out": "x"}, 422, "needs a model"),
+        ({**bitnet, "kind": "gguf"}, 422, "kind"), ({**cog, "model": p3}, 422, "takes no model"),
+        ({**cog, "overrides": {"tokenizer": "/etc"}}, 400, "outside the allowed roots"),
+        ({**cog, "overrides": {"tokenizer": str(models / "nope")}}, 400, "does not exist"),
+        ({**cog, "overrides": {"data": {"text_files": ["/etc/passwd"]}}}, 400, "outside the allowed roots"),
+        ({**cog, "overrides": {"data": {"text_files": "notes.txt"}}}, 400, "must be a list of files"),
+        ({**cog, "overrides": {"train": {"foundation_steps": "ten"}}}, 400, "overrides.train.foundation_steps"),
+        ({"kind": "bitnet", "out": "x"}, 422, "needs a model"),
         ({**bitnet, "model": str(models / "missing")}, 400, "does not exist"),
         ({**bitnet, "model": "/etc"}, 400, "outside the allowed roots"),
         ({**bitnet, "out": "../escape"}, 400, "outside the allowed roots"),
@@ -158,7 +168,8 @@ def test_bad_phase_requests_start_nothing(server, root):
         ({**evo, "overrides": {"models": [child0, child1], "fitness": {"test_set": "/etc/passwd"}}}, 400, "outside"),
         ({**evo, "overrides": {"models": [child0, child1], "base": child0}}, 400, "may not set base"),
         ({**run, "overrides": {"start": "gguf"}}, 400, "unknown phase"),
-        ({**run, "overrides": {"start": "cognate", "cognate": {"out": "x"}}}, 400, "overrides.cognate is not accepted"),
+        ({**run, "overrides": {"start": "cognate", "cognate": {"out": "x"}}}, 400, "the chain sets them"),
+        ({**run, "overrides": {"start": "cognate", "cognate": {"tokenizer": "/etc"}}}, 400, "outside the allowed"),
         ({**run, "overrides": {"start": "bitnet", "stop": "quietstar"}}, 400, "comes after"),
         ({**run, "overrides": {"bitnet": 5}}, 400, "must be an object"),
         ({**run, "overrides": {"bitnet": {"model": p3}}}, 400, "the chain sets them"),
@@ -195,7 +206,7 @@ def test_bitnet_job_runs_to_its_report(server, root):
     done = _wait(c, job["id"], lambda j: j["status"] == "completed", timeout=300)
     assert done["returncode"] == 0 and done["attempts"] == 1
     assert done["progress"] == {"stages_done": BITNET_STAGES, "stages_total": BITNET_STAGES, "stage": None,
-                                "finished": True, "step1": None, "step2": None, "phase": None}
+                                "finished": True, "step1": None, "step2": None, "phase": None, "training": None}
     report = json.loads((root / "runs" / "bn" / "bitnet_report.json").read_text())
     assert report["model"] == body["model"] and list(report["stages"]) == BITNET_STAGES
     entry = Registry(root / "reg.sqlite").get_model(report["stages"]["register"]["model_id"])
@@ -224,6 +235,24 @@ def test_evomerge_job_with_given_parents(server, root):
     assert [reg.get_model(i).path for i in reg.parents(champion)] == parents
 
 
+def test_cognate_job_runs_to_its_report(server, root):
+    """Phase 1 through the API: no model, a tokenizer under a model root, the smoke preset
+    (with its controls, so the stage list grows past the default one)."""
+    tok_dir = root / "models" / "tok"
+    make_tiny_tokenizer().save_pretrained(tok_dir)
+    body = {"kind": "cognate", "out": "cog", "preset": "smoke",
+            "overrides": {"tokenizer": str(tok_dir), "tracking": "disabled"}}
+    job = _post(server, body, 201)
+    assert job["kind"] == "cognate" and job["model"] is None
+    done = _wait(server.client, job["id"], lambda j: j["status"] == "completed", timeout=300)
+    report = json.loads((root / "runs" / "cog" / "cognate_report.json").read_text())
+    assert done["progress"]["stages_done"] == done["progress"]["stages_total"] == list(report["stages"])
+    assert "control_transformer" in report["stages"] and done["progress"]["finished"]
+    assert done["progress"]["training"] is None
+    entry = Registry(root / "reg.sqlite").get_model(report["stages"]["register"]["model_ids"]["speed"])
+    assert entry.phase == 1 and Path(entry.path).resolve() == (root / "runs" / "cog" / "models" / "speed").resolve()
+
+
 def test_run_job_pauses_mid_qat_and_resumes_from_its_checkpoint(server, root):
     c = server.client
     body = {"kind": "run", "model": str(root / "models" / "p3"), "out": "chain", "preset": "smoke",
@@ -244,6 +273,7 @@ def test_run_job_pauses_mid_qat_and_resumes_from_its_checkpoint(server, root):
     assert progress["phase"] == {"phase": "bitnet", "stages_done": BITNET_STAGES[:3], "stages_total": BITNET_STAGES,
                                  "stage": "qat"}
     steps_before = _log_steps(phase_dir, "bitnet_qat")
+    assert progress["training"] == {"stage": "bitnet_qat", "step": steps_before[-1], "steps": QAT_STEPS}
     assert steps_before and steps_before[-1] < QAT_STEPS
     saved = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
     first = json.loads((phase_dir / "bitnet_state.json").read_text())["stages"]

@@ -2,7 +2,7 @@
 
     POST /jobs                  start a job: {kind, model, out, preset, overrides, device}
                                 kinds: step1 | step2 | anti_theater | complete (Phase 3 slices),
-                                evomerge | bitnet (a whole phase), run (the chain)
+                                cognate | evomerge | bitnet (a whole phase), run (the chain)
     GET  /jobs                  list jobs (?status=, ?kind=)
     GET  /jobs/{id}             one job, with progress read from its run directory
     POST /jobs/{id}/pause       stop the worker; the last checkpoint is kept
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agent_forge.server.auth import bearer_dependency
 from agent_forge.server.jobs import JobError, JobManager
 
-Kind = Literal["step1", "step2", "anti_theater", "complete", "evomerge", "bitnet", "run"]
+Kind = Literal["step1", "step2", "anti_theater", "complete", "cognate", "evomerge", "bitnet", "run"]
 Status = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
 PRESET_NAMES = ("smoke", "quick", "standard")  # every phase's PRESETS (checked in tests)
 JobId = Path(ge=1, le=2**53, description="job id")
@@ -36,23 +36,28 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Kind = Field(description="Phase 3 slices: step1 | step2 | anti_theater | complete (every stage still "
-                                   "to do); whole phases: evomerge | bitnet; the chain: run")
+                                   "to do); whole phases: cognate | evomerge | bitnet; the chain: run")
     model: Optional[str] = Field(None, min_length=1, max_length=4096,
                                  description="input model dir, or 'default' (bitnet: the Phase 3 model; evomerge: "
                                              "the parents' base, optional with overrides.models; run: the first "
-                                             "phase's input). Required except for evomerge")
+                                             "phase's input). Required except for evomerge; cognate takes none "
+                                             "(it trains from scratch)")
     out: str = Field(min_length=1, max_length=4096, description="run directory (relative: under the runs root)")
     preset: Literal["smoke", "quick", "standard"] = "quick"
     overrides: dict[str, Any] = Field(default_factory=dict, description="the phase config's fields: PipelineConfig "
                                       '(Phase 3 kinds, e.g. {"bake": {"steps": 40}, "tracking": "disabled"}), '
-                                      "EvoMergeConfig (evomerge: models or make_parents), BitNetConfig (bitnet), "
+                                      "CognatePhaseConfig (cognate), EvoMergeConfig (evomerge: models or "
+                                      "make_parents), BitNetConfig (bitnet), "
                                       "or the chain YAML's (run: start, stop, force, one section per phase)")
     device: Optional[Literal["cpu", "cuda", "mps"]] = None
 
     @model_validator(mode="after")
     def _needs_model(self):
-        if self.model is None and self.kind != "evomerge":
+        if self.model is None and self.kind not in ("evomerge", "cognate"):
             raise ValueError(f"a {self.kind} job needs a model")
+        if self.model is not None and self.kind == "cognate":
+            raise ValueError("a cognate job trains from scratch and takes no model (overrides.tokenizer "
+                             "picks the tokenizer)")
         return self
 
 
@@ -63,6 +68,12 @@ class PhaseProgress(BaseModel):
     stage: Optional[str] = Field(None, description="the first stage not yet done")
 
 
+class TrainingStep(BaseModel):
+    stage: Optional[str] = Field(None, description="the training stage, as metrics.jsonl names it")
+    step: int = Field(description="its newest logged step")
+    steps: Optional[int] = Field(None, description="the stage's total steps")
+
+
 class Progress(BaseModel):
     stages_done: list[str] = Field(description="stages done (run jobs: phases done)")
     stages_total: list[str] = Field(description="every stage of the job's phase (run jobs: the chain's phases)")
@@ -71,6 +82,8 @@ class Progress(BaseModel):
     step1: Optional[dict[str, Optional[int]]] = Field(None, description="Phase 3 jobs: Step 1 steps done / total")
     step2: Optional[dict[str, Optional[int]]] = Field(None, description="Phase 3 jobs: Step 2 steps done / total")
     phase: Optional[PhaseProgress] = Field(None, description="run jobs: the unfinished phase's own stages")
+    training: Optional[TrainingStep] = Field(None, description="phase and run jobs, while a stage trains: its "
+                                                               "newest step of its total")
 
 
 class Job(BaseModel):

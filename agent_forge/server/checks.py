@@ -16,8 +16,10 @@ from pathlib import Path
 from agent_forge.server.paths import PathRejected, confine, confine_dataset
 
 # Per phase: dotted field -> how it is read. "dataset": an evaluation-set string; "datasets":
-# a list of them; "file": one JSONL file; "models": a list of model directories.
+# a list of them; "file": one JSONL file; "files": a list of them; "models": a list of model
+# directories; "tokenizer": "default" or a tokenizer (model) directory.
 PATH_FIELDS: dict[str, dict[str, str]] = {
+    "cognate": {"tokenizer": "tokenizer", "data.text_files": "files"},
     "quietstar": {"eval_dataset": "dataset", "val_dataset": "dataset", "general_sets": "datasets"},
     "bitnet": {"eval_dataset": "dataset", "data_path": "file"},
     "evomerge": {"models": "models", "fitness.val_set": "dataset", "fitness.test_set": "dataset",
@@ -83,17 +85,21 @@ def confine_overrides(phase: str, overrides: dict, model_roots: list[Path], data
 
 
 def _confine_one(value, how: str, name: str, model_roots: list[Path], data_roots: list[Path]):
-    if how in ("datasets", "models"):
+    if how in ("datasets", "models", "files"):
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            what = "model directories" if how == "models" else "dataset names or paths"
+            what = {"models": "model directories", "files": "files"}.get(how, "dataset names or paths")
             raise OverrideRejected(f"{name} must be a list of {what}")
         if how == "models":
             return [str(checked_model(x, model_roots, name)) for x in value]
+        if how == "files":
+            return [_confine_one(x, "file", name, model_roots, data_roots) for x in value]
         return [confine_dataset(x, data_roots, name) for x in value]
     if not isinstance(value, str):
         raise OverrideRejected(f"{name} must be a string")
     if how == "dataset":
         return confine_dataset(value, data_roots, name)
+    if how == "tokenizer":
+        return value if value == "default" else str(checked_model(value, model_roots, name))
     path = confine(value, data_roots, name)
     if not path.is_file():
         raise OverrideRejected(f"{name} {value!r} is not a file under the allowed roots")

@@ -7,7 +7,7 @@ checkpoint. Workers are separate processes (`agent_forge.server.worker`) in thei
 process group; the server only starts, watches and signals them.
 
 Kinds: slices of Phase 3 (step1, step2, anti_theater, complete; worker.py) and whole
-phases or the chain (evomerge, bitnet, run; phases.py).
+phases or the chain (cognate, evomerge, bitnet, run; phases.py).
 
 Statuses: running -> completed | failed (worker exit code), running -> paused (pause),
 paused | failed -> running (resume), anything not finished -> cancelled (cancel).
@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -170,7 +169,11 @@ class JobManager:
         return spec
 
     def _check_model(self, kind: str, model: str | None) -> str | None:
-        """The input model, confined and existing ('default' as is); only evomerge may have none."""
+        """The input model, confined and existing ('default' as is); evomerge may have none, cognate has none."""
+        if kind == "cognate":
+            if model is not None:
+                raise JobError(400, "a cognate job trains from scratch and takes no model")
+            return None
         if model is None:
             if kind != "evomerge":
                 raise JobError(400, f"a {kind} job needs a model")

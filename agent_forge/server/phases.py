@@ -1,16 +1,17 @@
-"""Job kinds that run a whole phase or the chain: `evomerge` (Phase 2), `bitnet` (Phase 4)
-and `run` (`forge run`, the phases in order).
+"""Job kinds that run a whole phase or the chain: `cognate` (Phase 1), `evomerge` (Phase 2),
+`bitnet` (Phase 4) and `run` (`forge run`, the phases in order).
 
-A job of these kinds runs the phase's own entry point (run_evomerge, run_bitnet, run_chain)
-on one run directory, always with resume=True, so a run made through the API is the same
-as one made by `forge evomerge|bitnet|run` and pausing (SIGTERM) then resuming continues
-from the phase's state file and its last checkpoint. The config is built the way the
+A job of these kinds runs the phase's own entry point (run_cognate, run_evomerge, run_bitnet,
+run_chain) on one run directory, always with resume=True, so a run made through the API is
+the same as one made by `forge cognate|evomerge|bitnet|run` and pausing (SIGTERM) then
+resuming continues from the phase's state file and its last checkpoint. The config is built the way the
 command builds it: the preset, then `overrides` (the phase config's own fields; for `run`
 the chain YAML's fields and one section per phase), then the request's checked paths.
 
 The server calls `check_request` (everything a worker would need, refused with a clear
 message before anything starts) and `progress` (stages done from the phase's own state
-file); the worker calls `run`. Nothing here imports torch until a config is built.
+file, and the training stage's last logged step); the worker calls `run`. Nothing here
+imports torch until a config is built.
 """
 
 from __future__ import annotations
@@ -20,32 +21,38 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from agent_forge.dashboard.data import BITNET_STAGE_ORDER, EVOMERGE_STAGE_ORDER, KINDS as RUN_FILES
+from agent_forge.dashboard.data import stage_progress
 from agent_forge.server.checks import OverrideRejected, confine_overrides, type_errors
+from agent_forge.tracking import read_metrics
 
-PHASE_KINDS = ("evomerge", "bitnet", "run")
+PHASE_KINDS = ("cognate", "evomerge", "bitnet", "run")
 CHAIN_PHASES = ("cognate", "evomerge", "quietstar", "bitnet")  # agent_forge.chain.PHASES (checked in tests)
-STATE_FILES = {"evomerge": "evomerge_state.json", "bitnet": "bitnet_state.json", "run": "run_state.json",
-               "quietstar": "pipeline_state.json"}
-REPORT_FILES = {"evomerge": "evomerge_report.json", "bitnet": "bitnet_report.json", "run": "forge_report.json"}
-STAGE_NAMES = {"evomerge": EVOMERGE_STAGE_ORDER, "bitnet": BITNET_STAGE_ORDER}
+STATE_FILES = {"cognate": "cognate_state.json", "evomerge": "evomerge_state.json", "bitnet": "bitnet_state.json",
+               "run": "run_state.json", "quietstar": "pipeline_state.json"}
+REPORT_FILES = {"cognate": "cognate_report.json", "evomerge": "evomerge_report.json",
+                "bitnet": "bitnet_report.json", "run": "forge_report.json"}
 # Fields a request sets itself (model, out, preset, device) or the server does (registry).
-RESERVED = {"evomerge": ("base", "out", "registry", "device", "preset"),
+RESERVED = {"cognate": ("out", "registry", "device", "preset"),
+            "evomerge": ("base", "out", "registry", "device", "preset"),
             "bitnet": ("model", "out", "registry", "device", "preset"),
             "run": ("model", "out", "registry", "preset", "phases")}
 # Fields of a `run` job's phase sections that the chain sets itself.
-SECTION_RESERVED = {"evomerge": ("base", "models", "make_parents", "out", "registry", "tracking", "preset"),
+SECTION_RESERVED = {"cognate": ("out", "registry", "tracking", "preset"),
+                    "evomerge": ("base", "models", "make_parents", "out", "registry", "tracking", "preset"),
                     "quietstar": ("model", "out", "registry", "tracking", "preset"),
                     "bitnet": ("model", "out", "registry", "tracking", "preset")}
 BAD_CONFIG = (ValueError, TypeError, KeyError, AttributeError)  # what building a config from bad JSON raises
-PAUSE_NOTES = {"evomerge": "paused: resume continues at the unfinished stage (the search from its saved state)",
+PAUSE_NOTES = {"cognate": "paused: resume continues at the unfinished stage (training from its last checkpoint)",
+               "evomerge": "paused: resume continues at the unfinished stage (the search from its saved state)",
                "bitnet": "paused: resume continues at the unfinished stage (QAT from its last checkpoint)",
                "run": "paused: resume continues at the unfinished phase and stage"}
 
 
 def _make_config(phase: str, preset: str):
     """The phase's config with its preset applied (the command's starting point)."""
-    if phase == "evomerge":
+    if phase == "cognate":
+        from agent_forge.cognate.phase import make_config
+    elif phase == "evomerge":
         from agent_forge.evomerge.phase import make_config
     elif phase == "bitnet":
         from agent_forge.bitnet.phase import make_config
@@ -81,6 +88,8 @@ def build_config(spec: dict):
     fixed = {"out": spec["out"], "registry": spec.get("registry"), "device": spec.get("device")}
     if kind == "bitnet":
         return _apply("bitnet", preset, overrides, {**fixed, "model": spec["model"]})
+    if kind == "cognate":
+        return _apply("cognate", preset, overrides, fixed)
     if kind == "evomerge":
         return _apply("evomerge", preset, overrides, {**fixed, "base": spec.get("model")})
     if kind == "run":
@@ -177,10 +186,8 @@ def _check_sections(overrides: dict, preset: str, model_roots: list[Path], data_
         if phase not in out:
             continue
         section = out[phase]
-        if phase == "cognate" or not isinstance(section, dict):
-            raise OverrideRejected(f"overrides.{phase} must be an object of {phase} config fields"
-                                   if phase != "cognate" else "overrides.cognate is not accepted by the job API yet "
-                                   "(its fields are not classed for the path checks); run cognate with its preset")
+        if not isinstance(section, dict):
+            raise OverrideRejected(f"overrides.{phase} must be an object of {phase} config fields")
         bad = sorted(set(section) & set(SECTION_RESERVED[phase]))
         if bad:
             raise OverrideRejected(f"overrides.{phase} may not set {', '.join(bad)}: the chain sets them")
@@ -218,29 +225,41 @@ def _stages_of(path: Path) -> dict:
 
 
 def _phase_stages(run_dir: Path, phase: str) -> dict:
-    """{phase, stages_done, stages_total, stage}: one phase's stages from its own state file."""
-    state_file, _, names = RUN_FILES[phase]
-    done = _stages_of(run_dir / state_file)
-    todo = [s for s in names if s not in done]
-    return {"phase": phase, "stages_done": [s for s in names if s in done], "stages_total": list(names),
+    """{phase, stages_done, stages_total, stage}: one phase's stages from its own state file
+    (read as the dashboard reads them: Cognate's optional stages join its list)."""
+    prog = stage_progress(run_dir, _stages_of(run_dir / STATE_FILES[phase]), kind=phase)
+    done = prog["stages_done"]
+    todo = [s for s in prog["stages_total"] if s not in done]
+    return {"phase": phase, "stages_done": done, "stages_total": prog["stages_total"],
             "stage": todo[0] if todo else None}
+
+
+def training_step(run_dir: Path) -> dict | None:
+    """The newest training step a phase logged: {stage, step, steps} (steps: the stage's total,
+    as the training loop logs it); None before any step."""
+    rows = [r for r in read_metrics(run_dir) if isinstance(r.get("step"), int) and "steps_total" in r]
+    if not rows:
+        return None
+    last = rows[-1]
+    return {"stage": last.get("stage"), "step": last["step"], "steps": last["steps_total"]}
 
 
 def progress(kind: str, out: str | Path, overrides: dict) -> dict:
     """Stages done / total for a phase job; for `run`, the phases, and inside the unfinished
-    phase its own stages (`phase`)."""
+    phase its own stages (`phase`); `training`: the newest step of the phase being trained."""
     out = Path(out)
     finished = (out / REPORT_FILES[kind]).exists()
     if kind != "run":
         own = _phase_stages(out, kind)
         return {"stages_done": own["stages_done"], "stages_total": own["stages_total"], "stage": own["stage"],
-                "finished": finished, "phase": None}
+                "finished": finished, "phase": None, "training": None if finished else training_step(out)}
     phases = _chain_phases(overrides)
     done = _stages_of(out / STATE_FILES["run"])
     todo = [p for p in phases if p not in done]
-    current = _phase_stages(out / todo[0], todo[0]) if todo and todo[0] in RUN_FILES else None
+    current = _phase_stages(out / todo[0], todo[0]) if todo else None
     return {"stages_done": [p for p in phases if p in done], "stages_total": phases,
-            "stage": todo[0] if todo else None, "finished": finished, "phase": current}
+            "stage": todo[0] if todo else None, "finished": finished, "phase": current,
+            "training": training_step(out / todo[0]) if todo else None}
 
 
 def _chain_phases(overrides: dict) -> list[str]:
@@ -262,6 +281,10 @@ def run(spec: dict, on_stage: Callable, progress_cb: Callable) -> dict:
         from agent_forge.bitnet.phase import run_bitnet
 
         return run_bitnet(cfg, resume=True, on_stage=on_stage, progress=progress_cb)
+    if kind == "cognate":
+        from agent_forge.cognate.phase import run_cognate
+
+        return run_cognate(cfg, resume=True, on_stage=on_stage, progress=progress_cb)
     if kind == "evomerge":
         from agent_forge.evomerge.phase import run_evomerge
 
@@ -276,6 +299,7 @@ def phase_errors() -> tuple[type[Exception], ...]:
     """The errors a phase raises for a problem the user must fix (printed as one line)."""
     from agent_forge.bitnet.phase import BitNetPhaseError
     from agent_forge.chain import ChainError
+    from agent_forge.cognate.phase import CognatePhaseError
     from agent_forge.evomerge.phase import EvoMergePhaseError
 
-    return BitNetPhaseError, ChainError, EvoMergePhaseError
+    return BitNetPhaseError, ChainError, CognatePhaseError, EvoMergePhaseError

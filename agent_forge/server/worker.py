@@ -1,5 +1,5 @@
 """A job's worker process: runs one slice of the Phase 3 pipeline, or a whole phase or the
-chain (evomerge, bitnet, run: see phases.py), on one run directory.
+chain (cognate, evomerge, bitnet, run: see phases.py), on one run directory.
 
 The server starts `python -m agent_forge.server.worker SPEC_JSON` in a new process group
 and never trains itself. Each kind of job is a range of pipeline stages on the same run

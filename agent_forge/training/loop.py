@@ -196,8 +196,8 @@ class TrainingLoop:
                     f.write(json.dumps({"step": step, self.cfg.batch_log: batch}) + "\n")
         entry["sec_per_step"] = sec_per_step
         self.history.append({"step": step, **entry})
-        if self.tracker is not None:
-            self.tracker.log(entry, step=step, stage=self.cfg.stage)
+        if self.tracker is not None:  # with the stage's total, so a reader of metrics.jsonl can show n / N
+            self.tracker.log({**entry, "steps_total": self.cfg.steps}, step=step, stage=self.cfg.stage)
 
     def save(self, step: int, stage: Stage) -> None:
         """An atomic checkpoint of everything resume needs (main process writes it)."""
