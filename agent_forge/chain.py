@@ -17,7 +17,7 @@ from the input model (`--make-parents`): one model ships offline, and a merge ne
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -175,10 +175,18 @@ def phase_bitnet(ctx: Context) -> dict:
 RUNNERS = {"cognate": phase_cognate, "evomerge": phase_evomerge, "quietstar": phase_quietstar, "bitnet": phase_bitnet}
 
 
+def anchored(cfg: ChainConfig) -> ChainConfig:
+    """`out` and a local input model as absolute paths: the phases record the paths they are
+    given, and a resume from another working directory must still find them."""
+    model = str(Path(cfg.model).resolve()) if cfg.model != "default" and Path(cfg.model).exists() else cfg.model
+    return replace(cfg, out=str(Path(cfg.out).resolve()), model=model)
+
+
 def run_chain(cfg: ChainConfig, resume: bool = False, on_phase: Callable | None = None,
               on_stage: Callable | None = None, progress: Callable | None = None) -> dict:
     """Run (or resume) the selected phases in order; returns the report in out/forge_report.json."""
     phases = cfg.selected()
+    cfg = anchored(cfg)
     out = Path(cfg.out)
     if (out / STATE_FILE).exists() and not resume:
         raise ChainError(f"{out} already holds a chain run; pass --resume to continue it or choose another --out")

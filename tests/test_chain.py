@@ -2,6 +2,7 @@
 last model back to the input, the chain's refusals, and resume after a phase crashed."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,44 @@ def test_chain_refuses_what_it_cannot_run(tmp_path, base_dir):
     with pytest.raises(ValueError, match="unknown phase"):
         run_chain(_cfg(tmp_path, base_dir, stop="gguf"))
     assert not (tmp_path / "chain").exists()
+
+
+def test_resume_from_another_directory_finds_what_the_phases_made(tmp_path, monkeypatch):
+    """A chain started with a relative --out (and a relative input model) records absolute
+    paths, so `--resume` from another working directory hands the next phase a model that
+    exists. Fake phases: no model is trained."""
+    from agent_forge import chain
+
+    seen = []
+
+    class Crash(Exception):
+        pass
+
+    def fake_quietstar(ctx):
+        seen.append(("quietstar", ctx.input_for("quietstar")))
+        model = ctx.phase_dir("quietstar") / "model"
+        model.mkdir(parents=True)
+        return {"model": str(model), "report": str(model / "report.json")}
+
+    def fake_bitnet(ctx):
+        seen.append(("bitnet", ctx.input_for("bitnet")))
+        raise Crash()
+
+    monkeypatch.setitem(chain.RUNNERS, "quietstar", fake_quietstar)
+    monkeypatch.setitem(chain.RUNNERS, "bitnet", fake_bitnet)
+    first, other = tmp_path / "first", tmp_path / "other"
+    (first / "input").mkdir(parents=True)
+    other.mkdir()
+    monkeypatch.chdir(first)
+    with pytest.raises(Crash):
+        run_chain(ChainConfig(start="quietstar", stop="bitnet", model="input", out="chain"))
+    monkeypatch.chdir(other)
+    with pytest.raises(Crash):
+        run_chain(ChainConfig(start="quietstar", stop="bitnet", model="default", out=str(first / "chain")),
+                  resume=True)
+    assert seen[0] == ("quietstar", str((first / "input").resolve()))
+    assert seen[1][1] == seen[2][1] == str((first / "chain" / "quietstar" / "model").resolve())
+    assert Path(seen[2][1]).is_dir()
 
 
 # Wall-clock figures and the machine's free memory and disk: no two runs share them.

@@ -53,6 +53,35 @@ def test_pack_joins_with_eos_and_cuts_full_blocks():
     assert len(train) == 4 and len(val) == 1 and set(train.flatten().tolist()).isdisjoint(val.flatten().tolist())
 
 
+def test_hub_datasets_stream_disjoint_rows_per_stage(monkeypatch, tmp_path):
+    """Stage k takes rows k*n .. (k+1)*n - 1 of each dataset's train split (streamed), the
+    "text" field or else the first string; a row without text and a local path are refused."""
+    import datasets
+
+    from agent_forge.cognate.data import hub_texts
+
+    calls = []
+
+    def fake_load(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        if name == "o/plain":
+            return iter({"text": f"row {i}", "n": i} for i in range(100))
+        if name == "o/qa":
+            return iter({"id": i, "question": f"q{i}"} for i in range(100))
+        return iter([{"n": 1}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert hub_texts(["o/plain"], 3, 0) == ["row 0", "row 1", "row 2"]
+    assert hub_texts(["o/plain", "o/qa:cfg"], 2, 2) == ["row 4", "row 5", "q4", "q5"]
+    assert calls[-1] == ("o/qa", "cfg", "train", True)
+    with pytest.raises(ValueError, match="'o/numbers' row 0 has no text"):
+        hub_texts(["o/numbers"], 2, 0)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o" / "local").mkdir(parents=True)
+    with pytest.raises(ValueError, match="local path"):
+        hub_texts(["o/local"], 2, 0)
+
+
 def test_record_text_leaves_planted_slips_out():
     from agent_forge.data.schema import Record, Segment
 

@@ -61,3 +61,30 @@ def test_evomerge_run_renders_in_chromium(tmp_path):
     assert any("evomerge:merge" in n for n in drawn["nodes"])
     assert any("evomerge-parent:basic_arithmetic" in n for n in drawn["nodes"])
     assert drawn["images"] == [64]  # fitness.png loaded
+
+
+def test_cognate_run_renders_in_chromium(tmp_path, monkeypatch):
+    """The Cognate page on a run the smoke preset writes: every stage done, both per-model
+    charts drawn, the summary."""
+    from conftest import make_tiny_tokenizer
+
+    from agent_forge.cognate.phase import make_config, run_cognate
+
+    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "forge_home"))
+    make_tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    report = run_cognate(make_config("smoke", out=str(tmp_path / "runs" / "cog"), tokenizer=str(tmp_path / "tok"),
+                                     tracking="disabled", registry=str(tmp_path / "reg.sqlite")))
+    n = len(report["stages"])
+    with serve_dashboard(tmp_path / "runs", tmp_path / "reg.sqlite") as url:
+        with Browser(width=1400, height=900) as browser:
+            text = browser.open(url, wait_for="Summary", timeout=90)  # tables draw on a canvas: no text
+            drawn = json.loads(browser.evaluate(CHARTS_JS))
+            for _ in range(20):
+                if drawn["vega"] >= 2:
+                    break
+                time.sleep(0.5)
+                drawn = json.loads(browser.evaluate(CHARTS_JS))
+    for expected in ("Agent Forge · Phase 1 Cognate", "Run: cog", f"Stages: {n} / {n} done",
+                     "Training loss (LM + ponder), per model", "Mean halting steps, per model"):
+        assert expected in text
+    assert drawn["vega"] >= 2  # the loss and halting charts, drawn

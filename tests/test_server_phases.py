@@ -146,6 +146,8 @@ def test_bad_phase_requests_start_nothing(server, root):
         ({**cog, "overrides": {"tokenizer": str(models / "nope")}}, 400, "does not exist"),
         ({**cog, "overrides": {"data": {"text_files": ["/etc/passwd"]}}}, 400, "outside the allowed roots"),
         ({**cog, "overrides": {"data": {"text_files": "notes.txt"}}}, 400, "must be a list of files"),
+        ({**cog, "overrides": {"data": {"hub_datasets": ["../models/p3"]}}}, 400, "not a hub dataset id"),
+        ({**cog, "overrides": {"data": {"hub_datasets": ["/etc/x"]}}}, 400, "not a hub dataset id"),
         ({**cog, "overrides": {"train": {"foundation_steps": "ten"}}}, 400, "overrides.train.foundation_steps"),
         ({"kind": "bitnet", "out": "x"}, 422, "needs a model"),
         ({**bitnet, "model": str(models / "missing")}, 400, "does not exist"),

@@ -5,6 +5,8 @@ The curriculum has three stages of difficulty: foundation (reasoning-gym "easy")
 its exact trace without planted slips, answer), records are joined with the tokenizer's EOS
 and cut into blocks of `seq_len` tokens, and a share of the blocks is held out for
 validation. Questions that an evaluation set asks are excluded when the records are built.
+The user's own text (files, or hub datasets by name for users with a network) joins every
+stage; it is not checked against the evaluation sets, so do not give it their test splits.
 
 The unigram baseline is the cross-entropy of the smoothed training-token frequencies on the
 validation targets: a model that beats it has learned more than which tokens are common.
@@ -33,6 +35,11 @@ class CognateDataConfig:
     seq_len: int = 256  # tokens per training block
     val_fraction: float = 0.1  # share of each stage's blocks held out for validation
     text_files: tuple[str, ...] = field(default_factory=tuple)  # extra .txt / .jsonl ("text" field) for every stage
+    # Hugging Face hub datasets by name, "owner/name" or "owner/name:config" (needs a network):
+    # each stage takes the next hub_records rows of each one's train split (stage k: rows
+    # k*n .. (k+1)*n - 1, so the stages never share a row), its "text" field or first string.
+    hub_datasets: tuple[str, ...] = field(default_factory=tuple)
+    hub_records: int = 1000
 
 
 def record_text(record) -> str:
@@ -43,12 +50,36 @@ def record_text(record) -> str:
     return f"Question: {record.question}\nReasoning: " + " ; ".join(steps) + f"\nAnswer: {record.answer}"
 
 
-def stage_texts(cfg: CognateDataConfig, difficulty: str, seed: int, exclude=None) -> list[str]:
+def stage_texts(cfg: CognateDataConfig, difficulty: str, seed: int, exclude=None, stage_index: int = 0) -> list[str]:
     from agent_forge.data.procedural import build_gym_records
 
     records = build_gym_records(cfg.records_per_stage, seed=seed, families=cfg.families, difficulty=difficulty,
                                 exclude=exclude)
-    return [record_text(r) for r in records] + list(extra_texts(cfg.text_files))
+    hub = hub_texts(cfg.hub_datasets, cfg.hub_records, stage_index) if cfg.hub_datasets else []
+    return [record_text(r) for r in records] + list(extra_texts(cfg.text_files)) + hub
+
+
+def hub_texts(names, per_stage: int, stage_index: int) -> list[str]:
+    """Rows stage_index*per_stage .. +per_stage of each hub dataset's train split, streamed
+    (nothing else is downloaded); ValueError naming the dataset when a row has no text."""
+    from itertools import islice
+
+    from datasets import load_dataset
+
+    out = []
+    for spec in names:
+        name, _, config = spec.partition(":")
+        if Path(name).exists():  # load_dataset would read a local folder of that name instead
+            raise ValueError(f"hub dataset {spec!r} names a local path; give local text in text_files")
+        rows = load_dataset(name, config or None, split="train", streaming=True)
+        start = stage_index * per_stage
+        for i, row in enumerate(islice(rows, start, start + per_stage)):
+            text = row.get("text") if isinstance(row.get("text"), str) else next(
+                (v for v in row.values() if isinstance(v, str)), None)
+            if text is None:
+                raise ValueError(f"hub dataset {spec!r} row {start + i} has no text field (columns: {list(row)})")
+            out.append(text)
+    return out
 
 
 def extra_texts(paths) -> list[str]:
@@ -101,7 +132,7 @@ def build_curriculum(cfg: CognateDataConfig, tokenizer, out_dir: Path, exclude=N
     out_dir.mkdir(parents=True, exist_ok=True)
     stages, trains, vals = {}, [], []
     for k, (stage, difficulty) in enumerate(CURRICULUM):
-        blocks = pack(stage_texts(cfg, difficulty, cfg.seed + k, exclude), tokenizer, cfg.seq_len)
+        blocks = pack(stage_texts(cfg, difficulty, cfg.seed + k, exclude, k), tokenizer, cfg.seq_len)
         train, val = split_blocks(blocks, cfg.val_fraction, cfg.seed + k)
         save_file({"train": train.contiguous(), "val": val.contiguous()}, str(out_dir / f"{stage}.safetensors"))
         stages[stage] = {"difficulty": difficulty, "train_blocks": len(train), "val_blocks": len(val),

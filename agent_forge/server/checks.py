@@ -11,15 +11,19 @@ a path, so a new field cannot slip through unchecked.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from agent_forge.server.paths import PathRejected, confine, confine_dataset
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")  # owner/name[:config]
+
 # Per phase: dotted field -> how it is read. "dataset": an evaluation-set string; "datasets":
 # a list of them; "file": one JSONL file; "files": a list of them; "models": a list of model
-# directories; "tokenizer": "default" or a tokenizer (model) directory.
+# directories; "tokenizer": "default" or a tokenizer (model) directory; "hub": a list of hub
+# dataset ids, which must not name a local path (load_dataset would read one).
 PATH_FIELDS: dict[str, dict[str, str]] = {
-    "cognate": {"tokenizer": "tokenizer", "data.text_files": "files"},
+    "cognate": {"tokenizer": "tokenizer", "data.text_files": "files", "data.hub_datasets": "hub"},
     "quietstar": {"eval_dataset": "dataset", "val_dataset": "dataset", "general_sets": "datasets"},
     "bitnet": {"eval_dataset": "dataset", "data_path": "file"},
     "evomerge": {"models": "models", "fitness.val_set": "dataset", "fitness.test_set": "dataset",
@@ -85,10 +89,16 @@ def confine_overrides(phase: str, overrides: dict, model_roots: list[Path], data
 
 
 def _confine_one(value, how: str, name: str, model_roots: list[Path], data_roots: list[Path]):
-    if how in ("datasets", "models", "files"):
+    if how in ("datasets", "models", "files", "hub"):
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            what = {"models": "model directories", "files": "files"}.get(how, "dataset names or paths")
+            what = {"models": "model directories", "files": "files", "hub": "hub dataset ids"}.get(
+                how, "dataset names or paths")
             raise OverrideRejected(f"{name} must be a list of {what}")
+        if how == "hub":
+            bad = [x for x in value if not HUB_ID.fullmatch(x) or ".." in x]
+            if bad:
+                raise OverrideRejected(f"{name}: {bad[0]!r} is not a hub dataset id (owner/name[:config])")
+            return list(value)
         if how == "models":
             return [str(checked_model(x, model_roots, name)) for x in value]
         if how == "files":

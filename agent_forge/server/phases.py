@@ -4,9 +4,10 @@
 A job of these kinds runs the phase's own entry point (run_cognate, run_evomerge, run_bitnet,
 run_chain) on one run directory, always with resume=True, so a run made through the API is
 the same as one made by `forge cognate|evomerge|bitnet|run` and pausing (SIGTERM) then
-resuming continues from the phase's state file and its last checkpoint. The config is built the way the
-command builds it: the preset, then `overrides` (the phase config's own fields; for `run`
-the chain YAML's fields and one section per phase), then the request's checked paths.
+resuming continues from the phase's state file and its last checkpoint. The config is built
+the way the command builds it: the preset, then `overrides` (the phase config's own fields;
+for `run` the chain YAML's fields and one section per phase), then the request's checked
+paths.
 
 The server calls `check_request` (everything a worker would need, refused with a clear
 message before anything starts) and `progress` (stages done from the phase's own state
