@@ -229,6 +229,16 @@ def test_reported_ratios(bitnet, reported, failing):
     assert "total_bytes" in [c.name for c in validate_phase4(out, reported=wrong).failures]
 
 
+@pytest.mark.parametrize("diff, ok", [(0.0, True), (2e-4, True), (4.95, False), (float("nan"), False)])
+def test_reload_must_match_the_evaluated_student(bitnet, diff, ok):
+    """The save stage's reload comparison decides a check: an export whose reload gives other
+    logits (seen on a Cognate champion: 4.95) fails the handoff."""
+    out, meta, _ = bitnet
+    result = validate_phase4(out, reported={**_reported(out, meta), "reload_max_abs_logit_diff": diff})
+    check = _checks(result)["reload_matches_student"]
+    assert check.ok is ok and result.ok is ok and check.severity == "error"
+
+
 def test_plain_model_is_not_a_bitnet_model(bitnet, tmp_path):
     tok = make_tiny_tokenizer()
     model = make_tiny_model("llama", len(tok))

@@ -217,7 +217,9 @@ def validate_phase4(model_dir: str | Path, reported: dict | None = None) -> Hand
 
     `reported`: the export's own numbers ({"total_bytes", "ratio_vs_fp32", "ratio_vs_bf16"},
     any subset), checked within 1% against the weight file(s): their size on disk, or their
-    tensor data alone (without the safetensors header, as export.disk_sizes counts it).
+    tensor data alone (without the safetensors header, as export.disk_sizes counts it); and
+    "reload_max_abs_logit_diff", the save stage's comparison of the reload with the student,
+    which must be below 1e-3.
     """
     spec = str(model_dir)
     path = Path(spec).expanduser()
@@ -248,4 +250,16 @@ def validate_phase4(model_dir: str | Path, reported: dict | None = None) -> Hand
             check_thinking_tokens(meta, model, tokenizer, checks)
     if reported is not None:
         _check_reported(meta, files, reported, checks)
+        if "reload_max_abs_logit_diff" in reported:
+            _check_reload(reported["reload_max_abs_logit_diff"], checks)
     return result
+
+
+def _check_reload(diff, checks: list[Check], tol: float = 1e-3) -> None:
+    """The export, reloaded by plain transformers, gives the logits of the model that was
+    evaluated (the save stage's measurement): else the figures describe another model."""
+    ok = isinstance(diff, (int, float)) and diff < tol
+    shown = f"{diff:.3g}" if isinstance(diff, (int, float)) else repr(diff)
+    checks.append(Check("reload_matches_student", ok, diff, tol, (
+        f"max |logit difference| {shown} after reloading with plain transformers"
+        + ("" if ok else f" (>= {tol:g}): the saved model is not the one the report measured"))))

@@ -429,7 +429,8 @@ def stage_handoff(ctx: Context) -> dict:
     save = ctx.state.result("save")
     result = validate_phase4(ctx.out / "model", {"ratio_vs_fp32": save["ratio_vs_fp32"],
                                                  "ratio_vs_bf16": save["ratio_vs_bf16"],
-                                                 "total_bytes": save["sizes"]["total"]})
+                                                 "total_bytes": save["sizes"]["total"],
+                                                 "reload_max_abs_logit_diff": save["reload"]["max_abs_logit_diff"]})
     Registry(ctx.cfg.registry).update_handoff(ctx.state.result("register")["model_id"],
                                               "passed" if result.ok else "failed", result.to_dict())
     return result.to_dict()
