@@ -472,3 +472,31 @@ def test_disk_sizes_tied_head_stored_once(tiny_llama, tiny_tokenizer, tmp_path):
     convert_to_bitnet(tiny_llama)
     sizes = disk_sizes(save_hf_bitnet(tiny_llama, tiny_tokenizer, tmp_path / "l"))
     assert sizes["head"] == 0 and sizes["embeddings"] == len(tiny_tokenizer) * 32 * 4
+
+
+@pytest.mark.parametrize("act_norm", [True, "shared"])
+def test_a_cognate_export_reloads_with_the_same_logits(act_norm, tmp_path, no_dynamo):
+    """A Cognate model made ternary and exported: plain transformers' reload (its BitLinear holds
+    packed uint8 weights) gives the in-memory model's logits. The memory once cast its reads to
+    `out.weight.dtype`, uint8 after the reload: 4.95 apart on a real champion."""
+    import agent_forge.models  # noqa: F401  (registers the Cognate classes)
+    from agent_forge.cognate.config import CognateConfig
+    from agent_forge.cognate.model import CognateForCausalLM
+    from conftest import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = CognateConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, memory_dim=8, memory_hidden_size=16, memory_chunk_size=4,
+                           recursion_intermediate_size=64, recursion_after_layer=1, latent_steps=1,
+                           max_recursion_steps=3, sliding_window=8, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id)
+    model = CognateForCausalLM(config).eval()
+    convert_to_bitnet(model, act_norm=act_norm)
+    out = save_hf_bitnet(model, tok, tmp_path / "cog")
+    loaded = load_plain(out)
+    ids = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        got = loaded(input_ids=ids, use_cache=False).logits
+    assert (got - want).abs().max().item() < 1e-4

@@ -198,7 +198,8 @@ class NeuralMemory(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # decay products and weight updates in fp32
             reads, state = run_memory(_fp32(state), keys.float(), values.float(), queries.float(),
                                       *(g.float() for g in gates), self.chunk_size, self.grad_clip)
-        return self.out(self.read_norm(reads.to(self.out.weight.dtype))), state
+        # in the residual stream's dtype: a quantized `out` (packed uint8 weights) has no float dtype to read
+        return self.out(self.read_norm(reads.to(x.dtype))), state
 
 
 def _fp32(state: MemoryState) -> MemoryState:
