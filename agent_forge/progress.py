@@ -50,11 +50,15 @@ class StageDisplay:
 
 def print_rows(console: Console, title: str, rows) -> None:
     """A command's (what, measured) summary as a table; the values print as text, never as
-    rich markup (a value like "[llamacpp]" stays)."""
+    rich markup (a value like "[llamacpp]" stays), and paths under the working directory as
+    relative ones (the chain records absolute paths so a resume works from anywhere)."""
+    from pathlib import Path
+
     from rich.markup import escape
     from rich.table import Table
 
+    here = f"{Path.cwd()}/"
     table = Table(title=title, show_header=False)
     for what, value in rows:
-        table.add_row(what, escape(str(value)))
+        table.add_row(what, escape(str(value).replace(here, "")))
     console.print(table)

@@ -47,3 +47,19 @@ def test_a_skipped_step_2_says_so_and_why():
     rows = dict(summary_rows({"stages": {"step2": {"status": "skipped", "note": "rl_enabled is false; run forge rl"}}}))
     assert rows["Step 2 (Quiet-STaR RL)"] == "skipped: rl_enabled is false; run forge rl"
     assert "val: Step 2 accuracy, thinking on" not in rows
+
+
+def test_print_rows_shows_text_and_paths_relative_to_here(tmp_path, monkeypatch):
+    """Values are text, not rich markup; a path under the working directory prints relative
+    (the chain stores absolute ones); any other path prints whole."""
+    from rich.console import Console
+
+    from agent_forge.progress import print_rows
+
+    monkeypatch.chdir(tmp_path)
+    console = Console(record=True, width=200)
+    print_rows(console, "t", [("hint", "pip install '.[llamacpp]'"), ("model", f"{tmp_path}/runs/demo/model"),
+                              ("elsewhere", "/opt/models/x")])
+    text = console.export_text()
+    assert "'.[llamacpp]'" in text and " runs/demo/model " in text and str(tmp_path) not in text
+    assert "/opt/models/x" in text
