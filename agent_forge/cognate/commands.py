@@ -36,7 +36,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     halting, throughput, diversity against its 0.3 target, the merge check."""
     ev = report["stages"]["evaluate"]
     unigram = ev["unigram_val_loss"]
-    rows = [("unigram baseline (val loss, nats)", f"{unigram:.3f}")]
+    rows = [("unigram baseline (val loss, nats)", f"{unigram:.3f}"), batch_row(report)]
     for name, m in ev["models"].items():
         rows.append((f"{name}: val loss", f"{m['val_loss']:.3f} ({'beats' if m['beats_unigram'] else 'does NOT beat'}"
                                           f" unigram), halting {m['mean_halting_steps']:.2f}/"
@@ -64,6 +64,18 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append((f"model: {name}", path))
     rows.append(("time", f"{report['total_seconds']:.0f} s"))
     return rows
+
+
+def batch_row(report: dict) -> tuple[str, str]:
+    """Batch and sequence length, and where they came from (config, or the free memory)."""
+    batch, seq, sizing = report.get("batch_size"), report.get("seq_len"), report.get("sizing")
+    text = f"{batch} x {seq} tokens"
+    if sizing:
+        text += (f" ({' and '.join(sizing['chosen'])} chosen from {sizing['free_bytes'] / 2**30:.1f} GiB free on "
+                 f"{sizing['device']}: a step measured at {sizing['fixed_bytes'] / 2**20:.0f} MiB + "
+                 f"{sizing['bytes_per_token'] / 2**10:.0f} KiB per token, predicted peak "
+                 f"{sizing['predicted_bytes'] / 2**20:.0f} MiB)")
+    return "batch (sequences x tokens)", text
 
 
 def print_summary(console: Console, report: dict) -> None:

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 
@@ -41,10 +39,10 @@ def matched_transformer_config(cognate_config):
 def stage_control_independent(ctx) -> dict:
     """The foundation recipe from seed + 1000: a trunk no specialisation shares."""
     from agent_forge.cognate.model import CognateForCausalLM
-    from agent_forge.cognate.phase import _train_and_save, device, load_stage, model_config
+    from agent_forge.cognate.phase import _train_and_save, device, load_stage, model_config, train_config
 
     cfg = ctx.cfg
-    train = dataclasses.replace(cfg.train, seed=cfg.train.seed + 1000)
+    train = train_config(ctx, seed=cfg.train.seed + 1000)
     torch.manual_seed(train.seed)
     model = CognateForCausalLM(model_config(ctx, cfg.foundation)).to(device(ctx))
     pools = [load_stage(ctx.out / "data", "foundation")["train"]]
@@ -56,7 +54,7 @@ def stage_control_transformer(ctx) -> dict:
     """A same-size plain transformer on one specialisation's token budget and curriculum."""
     from transformers import LlamaForCausalLM
 
-    from agent_forge.cognate.phase import _train_and_save, device, load_stage, model_config
+    from agent_forge.cognate.phase import _train_and_save, device, load_stage, model_config, train_config
     from agent_forge.models import measure_model
 
     cfg = ctx.cfg
@@ -64,7 +62,7 @@ def stage_control_transformer(ctx) -> dict:
     model = LlamaForCausalLM(matched_transformer_config(model_config(ctx, cfg.foundation))).to(device(ctx))
     pools = [load_stage(ctx.out / "data", s)["train"] for s in ("foundation", "reasoning", "advanced")]
     steps = cfg.train.foundation_steps + cfg.train.specialise_steps
-    result = _train_and_save(ctx, model, pools, steps, cfg.train, ctx.out / "control" / "transformer",
+    result = _train_and_save(ctx, model, pools, steps, train_config(ctx), ctx.out / "control" / "transformer",
                              "cognate_control_transformer", {"role": "control", "control": "plain transformer"})
     return {**result, "n_params": measure_model(model).n_params}
 

@@ -32,7 +32,7 @@ class CognateDataConfig:
     records_per_stage: int = 3000  # procedural records per curriculum stage
     families: tuple[str, ...] = COGNATE_FAMILIES  # reasoning-gym families (data/procedural.py)
     seed: int = 0  # record seed (stages use seed, seed + 1, seed + 2)
-    seq_len: int = 256  # tokens per training block
+    seq_len: int = 0  # tokens per training block; 0 = the longest the free memory allows (sizing.py)
     val_fraction: float = 0.1  # share of each stage's blocks held out for validation
     text_files: tuple[str, ...] = field(default_factory=tuple)  # extra .txt / .jsonl ("text" field) for every stage
     # Hugging Face hub datasets by name, "owner/name" or "owner/name:config" (needs a network):
@@ -97,6 +97,8 @@ def extra_texts(paths) -> list[str]:
 
 def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     """(blocks, seq_len) token ids: texts joined by EOS, cut into full blocks."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len {seq_len}: choose it before packing (phase.stage_data)")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:

@@ -100,11 +100,12 @@ PRESETS: dict[str, dict] = {
               "data": {"records_per_stage": 1500, "seq_len": 128},
               "train": {"foundation_steps": 300, "specialise_steps": 100, "batch_size": 4, "save_every": 50,
                         "warmup_steps": 20}},
-    # ~25M parameters each, the full curriculum: a GPU's hours.
-    "standard": {"data": {"records_per_stage": 20000, "seq_len": 256}, "eval_blocks": 256, "controls": True,
+    # ~25M parameters each, the full curriculum: a GPU's hours; batch and sequence length
+    # from the device's free memory (sizing.py).
+    "standard": {"data": {"records_per_stage": 20000}, "eval_blocks": 256, "controls": True,
                  "eval_questions": 300,
-                 "train": {"foundation_steps": 20000, "specialise_steps": 5000, "batch_size": 32,
-                           "save_every": 500, "warmup_steps": 200}},
+                 "train": {"foundation_steps": 20000, "specialise_steps": 5000, "save_every": 500,
+                           "warmup_steps": 200}},
 }
 
 
@@ -169,11 +170,33 @@ def device(ctx: Context) -> str:
 
 
 def stage_data(ctx: Context) -> dict:
-    """The curriculum's token blocks, with evaluation questions kept out."""
+    """The curriculum's token blocks, with evaluation questions kept out; a batch size or
+    sequence length of 0 is chosen from the free memory here and recorded (sizing.py)."""
     from agent_forge.data.overlap import asked_by, eval_sets_for
 
+    cfg, sizing = ctx.cfg, None
+    batch_size, seq_len = cfg.train.batch_size, cfg.data.seq_len
+    if not (batch_size and seq_len):
+        from agent_forge.cognate.sizing import resolve
+
+        sizing = resolve(widest_model_kwargs(ctx), cfg.train, batch_size, seq_len, device(ctx)).to_dict()
+        batch_size, seq_len = sizing["batch_size"], sizing["seq_len"]
     exclude = asked_by(eval_sets_for("easy_arithmetic_val"))
-    return build_curriculum(ctx.cfg.data, tokenizer(ctx), ctx.out / "data", exclude)
+    data = build_curriculum(dataclasses.replace(cfg.data, seq_len=seq_len), tokenizer(ctx), ctx.out / "data", exclude)
+    return {**data, "batch_size": batch_size, "sizing": sizing}
+
+
+def widest_model_kwargs(ctx: Context) -> dict:
+    """The model's config with the most recursion steps any stage uses: the memory-hungriest."""
+    behaviours = [ctx.cfg.foundation, *({**ctx.cfg.foundation, **s} for s in ctx.cfg.specialisations.values())]
+    widest = max(behaviours, key=lambda b: b.get("max_recursion_steps", 0))
+    return model_config(ctx, widest).to_dict()
+
+
+def train_config(ctx: Context, **changes) -> CognateTrainConfig:
+    """The training settings with the batch size the data stage settled on."""
+    batch = ctx.state.result("data").get("batch_size") or ctx.cfg.train.batch_size
+    return dataclasses.replace(ctx.cfg.train, batch_size=batch, **changes)
 
 
 def stage_foundation(ctx: Context) -> dict:
@@ -185,7 +208,7 @@ def stage_foundation(ctx: Context) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = CognateForCausalLM(model_config(ctx, cfg.foundation)).to(device(ctx))
     pools = [load_stage(ctx.out / "data", "foundation")["train"]]
-    result = _train_and_save(ctx, model, pools, cfg.train.foundation_steps, cfg.train, ctx.out / "foundation",
+    result = _train_and_save(ctx, model, pools, cfg.train.foundation_steps, train_config(ctx), ctx.out / "foundation",
                              "cognate_foundation", {"role": "foundation", "behaviour": cfg.foundation})
     return {**result, "n_params": measure_model(model).n_params}
 
@@ -199,7 +222,7 @@ def stage_specialise(ctx: Context, name: str, index: int) -> dict:
     behaviour = {**cfg.foundation, **spec}
     model = CognateForCausalLM.from_pretrained(ctx.out / "foundation" / "model", **behaviour).to(device(ctx))
     pools = [load_stage(ctx.out / "data", stage)["train"] for stage in ("reasoning", "advanced")]
-    train = dataclasses.replace(cfg.train, seed=cfg.train.seed + index + 1)
+    train = train_config(ctx, seed=cfg.train.seed + index + 1)
     return _train_and_save(ctx, model, pools, cfg.train.specialise_steps, train, ctx.out / "runs" / name,
                            f"cognate_{name}", {"role": "specialisation", "specialisation": name,
                                                "behaviour": behaviour}, ctx.out / "models" / name)
@@ -291,6 +314,12 @@ def stages(cfg: CognatePhaseConfig) -> list:
 # Running
 
 
+def _batch_and_seq(data: dict, cfg: CognatePhaseConfig) -> dict:
+    """What the run trained with (the data stage may have chosen them from the free memory)."""
+    return {"batch_size": data.get("batch_size") or cfg.train.batch_size, "seq_len": data["seq_len"],
+            "sizing": data.get("sizing")}
+
+
 def run_cognate(cfg: CognatePhaseConfig, resume: bool = False, on_stage: Callable | None = None,
                 progress: Callable | None = None) -> dict:
     """Run (or resume) every stage; returns the report also written to out/cognate_report.json."""
@@ -305,6 +334,6 @@ def run_cognate(cfg: CognatePhaseConfig, resume: bool = False, on_stage: Callabl
               "unigram_val_loss": ev["unigram_val_loss"], "diversity": ev["diversity"]["diversity"],
               "mean_halting_steps": {n: ev["models"][n]["mean_halting_steps"] for n in cfg.specialisations},
               "val_loss": {n: m["val_loss"] for n, m in ev["models"].items()},
-              "timings": per_stage, "total_seconds": total}
+              **_batch_and_seq(state.result("data"), cfg), "timings": per_stage, "total_seconds": total}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
     return report

@@ -25,7 +25,7 @@ class CognateTrainConfig:
 
     foundation_steps: int = 2000  # steps of the shared trunk on the foundation stage
     specialise_steps: int = 1000  # steps of each specialisation (reasoning, then advanced data)
-    batch_size: int = 16  # blocks per micro-batch
+    batch_size: int = 0  # blocks per micro-batch; 0 = the most the free memory holds (sizing.py)
     grad_accum: int = 1
     lr: float = 2e-3  # peak learning rate (Muon and AdamW); warm-up then linear decay
     warmup_steps: int = 50
@@ -52,6 +52,8 @@ class CurriculumTrainer(LoopTrainer):
                  out_dir: str | Path, stage: str, tracker=None):
         if not pools or any(len(p) == 0 for p in pools):
             raise ValueError("every curriculum pool needs at least one block")
+        if cfg.batch_size < 1:
+            raise ValueError(f"batch_size {cfg.batch_size}: choose it before training (phase.train_config)")
         self.cfg, self.pools, self.tokens_seen = cfg, pools, 0
         self.loop = TrainingLoop(model, LoopConfig(
             steps=steps, stage=stage, warmup_steps=cfg.warmup_steps, decay=True, grad_accum=cfg.grad_accum,
