@@ -138,6 +138,32 @@ def test_a_specialisation_may_not_change_shapes():
         make_config("smoke", specialisations={"a": {"hidden_size": 64}, "b": {}})
 
 
+def test_controls_by_name_or_all_or_none():
+    from agent_forge.cognate.phase import stages
+
+    assert make_config("quick").controls == ("transformer",)  # every quick run has its transformer control
+    assert make_config("smoke").controls == make_config("smoke", controls=True).controls == ("independent",
+                                                                                          "transformer")
+    assert make_config("smoke", controls=False).controls == ()
+    assert make_config("smoke", controls="independent").controls == ("independent",)
+    with pytest.raises(ValueError, match="unknown controls"):
+        make_config("smoke", controls=["transformers"])
+    names = [n for n, _ in stages(make_config("quick"))]
+    assert names[-4:] == ["specialise_speed", "control_transformer", "evaluate", "register"]
+
+
+def test_control_rows_say_whether_the_architecture_beats_the_plain_transformer():
+    from agent_forge.cognate.commands import control_rows
+
+    models = {"foundation": {"val_loss": 1.0}, "reasoning": {"val_loss": 2.0}, "speed": {"val_loss": 1.8}}
+    rows = dict(control_rows({"transformer_val_loss": 1.9}, models))
+    assert rows == {"same-size plain transformer (control)":
+                    "val loss 1.900: the best specialisation (speed, 1.800) beats it"}
+    rows = dict(control_rows({"transformer_val_loss": 1.7}, models))
+    assert "does NOT beat" in rows["same-size plain transformer (control)"]
+    assert control_rows({}, models) == []
+
+
 # ---------------------------------------------------------------------------------------
 # The phase end to end
 

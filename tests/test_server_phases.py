@@ -122,7 +122,7 @@ def test_every_path_field_of_a_phase_config_is_checked():
         "bitnet": {"data.difficulty", "data.families", "data.general_train_sets", "qat.optimizer",
                    "qat.mixed_precision", "keep", "store_dtype", "act_norm", "tracking"},
         "evomerge": {"parents.families", "search.strategy", "fitness.thinking", "tracking"},
-        "cognate": {"data.families", "train.optimizer", "train.mixed_precision", "tracking"},
+        "cognate": {"data.families", "controls", "train.optimizer", "train.mixed_precision", "tracking"},
         "run": {"start", "stop", "tracking"},
     }
     configs = {"bitnet": bitnet_config("quick"), "evomerge": evomerge_config("quick"), "run": ChainConfig(),

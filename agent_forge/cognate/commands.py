@@ -54,15 +54,27 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                                              f"{div['mean_halting_distance']:.3f})"))
     merge = ev["merge"]
     rows.append((f"50/50 merge of {' + '.join(merge['parents'])}", f"val loss {merge['merged_val_loss']:.3f}"))
-    controls = ev.get("controls")
-    if controls:
-        rows += [("merge of two independent trunks (control)",
-                  f"val loss {controls['independent_merge_val_loss']:.3f} (shared-trunk merge "
-                  f"{'better' if controls['shared_trunk_merges_better'] else 'NOT better'})"),
-                 ("same-size plain transformer (control)", f"val loss {controls['transformer_val_loss']:.3f}")]
+    rows += control_rows(ev.get("controls") or {}, ev["models"])
     for name, path in report["models"].items():
         rows.append((f"model: {name}", path))
     rows.append(("time", f"{report['total_seconds']:.0f} s"))
+    return rows
+
+
+def control_rows(controls: dict, models: dict) -> list[tuple[str, str]]:
+    """The controls the run trained: the independent-trunk merge, the plain transformer
+    against the best specialisation."""
+    rows = []
+    if "independent_merge_val_loss" in controls:
+        rows.append(("merge of two independent trunks (control)",
+                     f"val loss {controls['independent_merge_val_loss']:.3f} (shared-trunk merge "
+                     f"{'better' if controls['shared_trunk_merges_better'] else 'NOT better'})"))
+    if "transformer_val_loss" in controls:
+        plain = controls["transformer_val_loss"]
+        best = min((m["val_loss"], n) for n, m in models.items() if n != "foundation")
+        verdict = "beats" if best[0] < plain else "does NOT beat"
+        rows.append(("same-size plain transformer (control)",
+                     f"val loss {plain:.3f}: the best specialisation ({best[1]}, {best[0]:.3f}) {verdict} it"))
     return rows
 
 

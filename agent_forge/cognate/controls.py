@@ -82,10 +82,22 @@ def plain_val_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
 
 
 def evaluate_controls(ctx, specialists: dict, blocks: torch.Tensor, merged_loss: float) -> dict:
-    """Merge of the two independent trunks vs the merge of two specialisations; the plain
-    transformer's validation loss vs the specialisations'."""
-    from transformers import AutoModelForCausalLM
+    """For each control the run trained: the merge of the two independent trunks against the
+    merge of two specialisations; the plain transformer's validation loss."""
+    bs, out = ctx.cfg.eval_batch_size, {}
+    if "independent" in ctx.cfg.controls:
+        out.update(_independent_merge(ctx, blocks, merged_loss))
+    if "transformer" in ctx.cfg.controls:
+        from transformers import AutoModelForCausalLM
 
+        from agent_forge.cognate.phase import device
+
+        plain = AutoModelForCausalLM.from_pretrained(ctx.out / "control" / "transformer" / "model").to(device(ctx))
+        out["transformer_val_loss"] = plain_val_loss(plain, blocks, bs)
+    return out
+
+
+def _independent_merge(ctx, blocks: torch.Tensor, merged_loss: float) -> dict:
     from agent_forge.cognate.metrics import average_weights, evaluate_model
     from agent_forge.cognate.model import CognateForCausalLM
     from agent_forge.cognate.phase import device
@@ -95,9 +107,7 @@ def evaluate_controls(ctx, specialists: dict, blocks: torch.Tensor, merged_loss:
     other = CognateForCausalLM.from_pretrained(ctx.out / "control" / "independent" / "model").to(dev)
     independent, _, _ = evaluate_model(average_weights(trunk, other), blocks, bs)
     other_alone, _, _ = evaluate_model(other, blocks, bs)
-    plain = AutoModelForCausalLM.from_pretrained(ctx.out / "control" / "transformer" / "model").to(dev)
     return {"independent_trunk_val_loss": other_alone["val_loss"],
             "independent_merge_val_loss": independent["val_loss"],
             "shared_trunk_merge_val_loss": merged_loss,
-            "shared_trunk_merges_better": merged_loss < independent["val_loss"],
-            "transformer_val_loss": plain_val_loss(plain, blocks, bs)}
+            "shared_trunk_merges_better": merged_loss < independent["val_loss"]}

@@ -35,6 +35,7 @@ from agent_forge.config import preset_config
 from agent_forge.stages import PhaseContext, run_phase, stage_runner, timings
 
 STATE_FILE = "cognate_state.json"
+CONTROLS = ("independent", "transformer")
 REPORT_FILE = "cognate_report.json"
 # CognateConfig fields a specialisation may change (they leave every weight shape alone).
 BEHAVIOUR_FIELDS = frozenset({"act_threshold", "max_recursion_steps", "sliding_window", "memory_lr_max",
@@ -63,7 +64,10 @@ class CognatePhaseConfig:
     specialisations: dict = field(default_factory=lambda: json.loads(json.dumps(SPECIALISATIONS)))
     data: CognateDataConfig = field(default_factory=CognateDataConfig)
     train: CognateTrainConfig = field(default_factory=CognateTrainConfig)
-    controls: bool = False  # also train an independent trunk and a same-size transformer (controls.py)
+    # controls trained and measured beside the three (controls.py): "transformer" (a plain
+    # transformer of the same size on one specialisation's token budget), "independent" (a
+    # second trunk from another seed, for the merge control); true / false = both / none
+    controls: tuple[str, ...] = ("transformer",)
     eval_blocks: int = 64  # validation blocks every model is measured on
     eval_questions: int = 40  # easy_arithmetic_val questions each model answers (greedy; 0 = skip)
     eval_max_new_tokens: int = 64
@@ -82,7 +86,7 @@ _QUICK_MODEL = {"hidden_size": 64, "num_hidden_layers": 8, "num_attention_heads"
                 "memory_dim": 16, "memory_hidden_size": 32, "recursion_intermediate_size": 128, "latent_steps": 1}
 PRESETS: dict[str, dict] = {
     # seconds, tiny dims: proves every stage runs (tests).
-    "smoke": {"model": _SMOKE_MODEL, "eval_blocks": 4, "eval_batch_size": 4, "controls": True,
+    "smoke": {"model": _SMOKE_MODEL, "eval_blocks": 4, "eval_batch_size": 4, "controls": CONTROLS,
               "eval_questions": 4, "eval_max_new_tokens": 8,
               "foundation": {"max_recursion_steps": 3, "sliding_window": 8},
               "specialisations": {"reasoning": {"max_recursion_steps": 4, "sliding_window": 16},
@@ -93,16 +97,16 @@ PRESETS: dict[str, dict] = {
               "data": {"records_per_stage": 24, "seq_len": 32, "val_fraction": 0.2},
               "train": {"foundation_steps": 4, "specialise_steps": 4, "batch_size": 2, "save_every": 2,
                         "warmup_steps": 1}},
-    # a small 8-layer model (3.7M parameters, most of them the embeddings) on the 2-core CPU:
-    # ~1.0 s per training step measured (AdamW, one thread, this batch): 600 steps ~ 10 minutes
-    # plus data and evaluation; not yet timed end to end.
+    # a small 8-layer model (3.7M parameters, most of them the embeddings) on the 2-core CPU,
+    # with the same-size transformer control: 300 + 3 x 100 steps took 18.0 min without the
+    # control (1.6 s per step); 200 + 3 x 80 leave it room within 20 minutes.
     "quick": {"model": _QUICK_MODEL, "eval_blocks": 32,
               "data": {"records_per_stage": 1500, "seq_len": 128},
-              "train": {"foundation_steps": 300, "specialise_steps": 100, "batch_size": 4, "save_every": 50,
+              "train": {"foundation_steps": 200, "specialise_steps": 80, "batch_size": 4, "save_every": 50,
                         "warmup_steps": 20}},
     # ~25M parameters each, the full curriculum: a GPU's hours; batch and sequence length
     # from the device's free memory (sizing.py).
-    "standard": {"data": {"records_per_stage": 20000}, "eval_blocks": 256, "controls": True,
+    "standard": {"data": {"records_per_stage": 20000}, "eval_blocks": 256, "controls": CONTROLS,
                  "eval_questions": 300,
                  "train": {"foundation_steps": 20000, "specialise_steps": 5000, "save_every": 500,
                            "warmup_steps": 200}},
@@ -117,9 +121,21 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
         if unknown:
             raise ValueError(f"specialisation {name!r} changes {sorted(unknown)}; a specialisation may only change "
                              f"{sorted(BEHAVIOUR_FIELDS)} (shapes must match for merging)")
+    cfg.controls = control_names(cfg.controls)
     if len(cfg.specialisations) < 2:
         raise ValueError("cognate needs at least two specialisations (diversity is measured between them)")
     return cfg
+
+
+def control_names(controls) -> tuple[str, ...]:
+    """The controls to train, from a list of names or true / false (all / none)."""
+    if isinstance(controls, bool):
+        return CONTROLS if controls else ()
+    names = (controls,) if isinstance(controls, str) else tuple(controls)
+    unknown = set(names) - set(CONTROLS)
+    if unknown:
+        raise ValueError(f"unknown controls {sorted(unknown)}; choose from {list(CONTROLS)} (or true / false)")
+    return tuple(c for c in CONTROLS if c in names)
 
 
 def _merged_specs(preset: dict) -> dict:
@@ -304,8 +320,8 @@ def stages(cfg: CognatePhaseConfig) -> list:
                   for i, name in enumerate(cfg.specialisations)]
     from agent_forge.cognate.controls import stage_control_independent, stage_control_transformer
 
-    controls = [("control_independent", stage_control_independent),
-                ("control_transformer", stage_control_transformer)] if cfg.controls else []
+    control_stages = {"independent": stage_control_independent, "transformer": stage_control_transformer}
+    controls = [(f"control_{name}", control_stages[name]) for name in CONTROLS if name in cfg.controls]
     return [("data", stage_data), ("foundation", stage_foundation), *specialise, *controls,
             ("evaluate", stage_evaluate), ("register", stage_register)]
 

@@ -48,10 +48,10 @@ STAGE_ORDER = ("validate_input", "vocab", "data", "step1", "step2", "trace_bakin
 # agent_forge.evomerge.phase.STAGES and agent_forge.bitnet.phase.STAGES, by name (tests check them too)
 EVOMERGE_STAGE_ORDER = ("parents", "baseline", "search", "test", "save", "plot", "register", "handoff")
 BITNET_STAGE_ORDER = ("validate_input", "data", "before", "qat", "after", "save", "speed", "register", "handoff")
-# agent_forge.cognate.phase.stages() with the default specialisations and no controls; a run's
-# other stages (controls, other specialisations) join the list as they appear
+# agent_forge.cognate.phase.stages() of the quick preset (its one control); a run's other
+# stages (the independent-trunk control, other specialisations) join the list as they appear
 COGNATE_STAGE_ORDER = ("data", "foundation", "specialise_reasoning", "specialise_memory", "specialise_speed",
-                       "evaluate", "register")
+                       "control_transformer", "evaluate", "register")
 CHAIN_PHASES = ("cognate", "evomerge", "quietstar", "bitnet")  # agent_forge.chain.PHASES
 KINDS = {"quietstar": (STATE_FILE, REPORT_FILE, STAGE_ORDER),
          "evomerge": (EVOMERGE_STATE, EVOMERGE_REPORT, EVOMERGE_STAGE_ORDER),
@@ -291,11 +291,13 @@ def stage_progress(run_dir: str | Path, stages: dict | None = None, kind: str | 
     run_dir = Path(run_dir)
     kind = kind or run_kind(run_dir)
     stages = load_stages(run_dir) if stages is None else stages
-    order = KINDS[kind][2]
+    order, finished = KINDS[kind][2], (run_dir / KINDS[kind][1]).exists()
     extra = [s for s in stages if s not in order]
-    total = list(order) if kind != "cognate" else [*order[:-2], *extra, *order[-2:]]  # its optional stages
+    total = list(order)
+    if kind == "cognate":  # optional stages: what ran, in its order, then what the preset has left
+        total = list(stages) + ([] if finished else [s for s in order if s not in stages])
     return {"kind": kind, "stages_done": [s for s in total if s in stages] + [s for s in extra if s not in total],
-            "stages_total": total, "finished": (run_dir / KINDS[kind][1]).exists()}
+            "stages_total": total, "finished": finished}
 
 
 def _rows(value) -> list[dict]:
