@@ -133,15 +133,16 @@ def rl_cli(tmp_path, json_out: bool = True, **kw):
     return rl_cmd(**{**args, **kw})
 
 
-def sigkill_once_checkpointed(victim, ckpt_dir, timeout: float = 300) -> None:
-    """SIGKILL the subprocess `victim` as soon as a `step-*` checkpoint exists in `ckpt_dir`
-    (the kill lands mid-run, after something to resume from); fails if it finished first."""
+def sigkill_once_checkpointed(victim, ckpt_dir, timeout: float = 300, pattern: str = "step-*") -> None:
+    """SIGKILL the subprocess `victim` as soon as a `step-*` checkpoint (or another `pattern`)
+    exists in `ckpt_dir` (the kill lands mid-run, after something to resume from); fails if
+    it finished first."""
     import signal
     import time
     from pathlib import Path
 
     ckpt_dir, deadline = Path(ckpt_dir), time.time() + timeout
-    while time.time() < deadline and victim.poll() is None and not (ckpt_dir.exists() and any(ckpt_dir.glob("step-*"))):
+    while time.time() < deadline and victim.poll() is None and not (ckpt_dir.exists() and any(ckpt_dir.glob(pattern))):
         time.sleep(0.02)
     assert victim.poll() is None, "the run finished before the kill; make it longer"
     os.kill(victim.pid, signal.SIGKILL)

@@ -71,24 +71,6 @@ def test_chain_evomerge_to_bitnet_with_lineage(tmp_path, base_dir, forge_home, m
     assert "bitnet" in page and "chain time" in page
 
 
-@pytest.mark.slow
-def test_chain_cognate_to_bitnet(tmp_path, forge_home):
-    """The whole system on tiny models: Cognate's three models (one trunk) are EvoMerge's
-    parents, the champion is baked, then made ternary; the last model's ancestry runs back
-    through every phase to a Cognate model."""
-    report = run_chain(_cfg(tmp_path, "default", start="cognate"))
-    res = report["results"]
-    assert report["phases"] == ["cognate", "evomerge", "quietstar", "bitnet"]
-    evo = report["reports"]["evomerge"]["config"]
-    assert sorted(evo["models"]) == sorted(res["cognate"]["models"]) and evo["base"] == res["cognate"]["trunk"]
-    assert report["reports"]["quietstar"]["model"] == res["evomerge"]["model"]
-    assert report["reports"]["bitnet"]["model"] == res["quietstar"]["model"]
-    reg = Registry(tmp_path / "reg.db")
-    last = report["reports"]["bitnet"]["stages"]["register"]["model_id"]
-    assert _ancestry(reg, last) == [4, 3, 2, 1]
-    assert (tmp_path / "chain" / "forge_report.html").exists()
-
-
 def test_chain_refuses_what_it_cannot_run(tmp_path, base_dir):
     with pytest.raises(ValueError, match="comes after"):
         run_chain(_cfg(tmp_path, base_dir, start="bitnet", stop="quietstar"))
@@ -135,50 +117,77 @@ def test_resume_from_another_directory_finds_what_the_phases_made(tmp_path, monk
     assert Path(seen[2][1]).is_dir()
 
 
-# Wall-clock figures and the machine's free memory and disk: no two runs share them.
-VARYING = ("second", "timing", "ms_per", "sec_per", "speed", "free")
+# Wall-clock figures, throughput, the machine's free memory and disk, and where a resumed
+# training run picked up: no two runs share them. BitNet's speed stage is decode tok/s.
+VARYING = ("second", "timing", "ms_per", "sec_per", "tokens_per_s", "free", "resumed_from", "speed_target")
+VARYING_PATHS = ("/reports/bitnet/stages/speed",)
 
 
 def _figures(report, out: str):
     """The report's measured content: paths made relative to the run's folder, and what no
-    two runs share (VARYING) dropped."""
-    def strip(x):
+    two runs share (VARYING keys, VARYING_PATHS subtrees) dropped."""
+    def strip(x, path: str):
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if not any(t in k for t in VARYING)}
+            return {k: strip(v, f"{path}/{k}") for k, v in x.items()
+                    if not any(t in k for t in VARYING) and f"{path}/{k}" not in VARYING_PATHS}
         if isinstance(x, list):
-            return [strip(v) for v in x]
+            return [strip(v, path) for v in x]
         return x.replace(out, "<out>") if isinstance(x, str) else x
-    return strip(report)
+    return strip(report, "")
+
+
+# Where each phase of a smoke chain from Cognate is killed: a file that exists only once
+# the phase has something to resume from, and before it finishes.
+KILL_POINTS = (("cognate", "cognate/runs/reasoning/checkpoints", "step-*"),
+               ("evomerge", "evomerge", "search_state.json"),
+               ("quietstar", "quietstar/step1/checkpoints", "step-*"),
+               ("bitnet", "bitnet/qat/checkpoints", "step-*"))
 
 
 @pytest.mark.slow
-def test_sigkill_mid_phase_then_resume_gives_the_uninterrupted_report(tmp_path, base_dir, forge_home):
-    """`forge run --from quietstar --to bitnet`: SIGKILL inside BitNet's QAT (after its first
-    checkpoint), then --resume: the chain's report holds the same figures as a run that was
-    never interrupted."""
+def test_sigkill_inside_every_phase_then_resume_gives_the_uninterrupted_report(tmp_path, forge_home):
+    """The whole system on tiny models, `forge run --from cognate --to bitnet` (smoke), as
+    processes: SIGKILL inside Cognate's training, EvoMerge's search, Quiet-STaR's Step 1 and
+    BitNet's QAT, each followed by --resume: the report holds the same figures as a run that
+    was never interrupted. On that run: each phase's input is the previous one's output and
+    the last model's ancestry runs back through every phase to a Cognate model."""
     import os
     import subprocess
     import sys
 
-    def forge(out, *extra, stdout=subprocess.DEVNULL):
+    def forge(out, *extra):
         cfg = tmp_path / f"{out}.yaml"
         cfg.write_text(f"registry: {tmp_path / out / 'reg.sqlite'}\nquietstar:\n  fresh_seed: 7\n"  # not drawn per run
                        "bitnet:\n  qat:\n    steps: 12\n    save_every: 2\n")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-        args = ["run", "--from", "quietstar", "--to", "bitnet", "--model", base_dir, "--preset", "smoke",
-                "--force", "--tracking", "disabled", "--config", str(cfg), "--out", str(tmp_path / out)]
-        return subprocess.Popen([sys.executable, "-m", "agent_forge", *args, *extra], env=env, stdout=stdout,
-                                stderr=subprocess.STDOUT, text=True)
+        args = ["run", "--from", "cognate", "--to", "bitnet", "--preset", "smoke", "--force", "--tracking",
+                "disabled", "--config", str(cfg), "--out", str(tmp_path / out)]
+        with open(tmp_path / f"{out}.log", "a") as log:  # a file: a full pipe would stall the run
+            return subprocess.Popen([sys.executable, "-m", "agent_forge", *args, *extra], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
 
-    assert forge("ref").wait(900) == 0
-    victim = forge("run")
-    sigkill_once_checkpointed(victim, tmp_path / "run" / "bitnet" / "qat" / "checkpoints", timeout=600)
-    state = json.loads((tmp_path / "run" / "run_state.json").read_text())
-    assert list(state["stages"]) == ["quietstar"]  # it died inside BitNet
-    resumed = forge("run", "--resume", stdout=subprocess.PIPE)
-    log = resumed.communicate(timeout=900)[0]
-    assert resumed.returncode == 0, log
+    def log(out):
+        return (tmp_path / f"{out}.log").read_text()[-3000:]
+
+    assert forge("ref").wait(1200) == 0, log("ref")
+    victim, state_file = forge("run"), tmp_path / "run" / "run_state.json"
+    for k, (phase, where, pattern) in enumerate(KILL_POINTS):
+        sigkill_once_checkpointed(victim, tmp_path / "run" / where, timeout=900, pattern=pattern)
+        done = list(json.loads(state_file.read_text())["stages"]) if state_file.exists() else []
+        assert done == [p for p, _, _ in KILL_POINTS[:k]], f"not killed inside {phase}: {done}"
+        victim = forge("run", "--resume")
+    assert victim.wait(1200) == 0, log("run")
     got = json.loads((tmp_path / "run" / "forge_report.json").read_text())
     want = json.loads((tmp_path / "ref" / "forge_report.json").read_text())
-    assert got["phases"] == want["phases"] == ["quietstar", "bitnet"]
+    assert got["phases"] == want["phases"] == ["cognate", "evomerge", "quietstar", "bitnet"]
     assert _figures(got, str(tmp_path / "run")) == _figures(want, str(tmp_path / "ref"))
+
+    res = want["results"]
+    evo = want["reports"]["evomerge"]["config"]
+    assert sorted(evo["models"]) == sorted(res["cognate"]["models"]) and evo["base"] == res["cognate"]["trunk"]
+    assert want["reports"]["quietstar"]["model"] == res["evomerge"]["model"]
+    assert want["reports"]["bitnet"]["model"] == res["quietstar"]["model"]
+    for out, report in (("ref", want), ("run", got)):
+        last = report["reports"]["bitnet"]["stages"]["register"]["model_id"]
+        assert _ancestry(Registry(tmp_path / out / "reg.sqlite"), last) == [4, 3, 2, 1]
+    assert (tmp_path / "ref" / "forge_report.html").exists()
