@@ -274,3 +274,22 @@ def test_llamacpp_speed_rows(tok, tmp_path):
     assert set(rows) == {TERNARY_ROW, F16_ROW, Q8_ROW} and info["not_measured"] == []
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 4 and r["prompts"] == 2 for r in rows.values())
     assert set(ternary_vs_q8_0(rows)) == {"ternary_vs_q8_0", "ahead_of_q8_0"}
+
+
+@needs_llamacpp
+def test_phase_measures_gguf_agreement(tok, tmp_path, forge_home):
+    """With llama.cpp, `forge bitnet` runs its ternary GGUF on the test questions and compares
+    each answer with the PyTorch ternary model's: the agreement row of the report."""
+    from agent_forge.bitnet.phase import make_config, run_bitnet
+    from agent_forge.models import save_model
+    from agent_forge.vocab import thinking_token_ids
+
+    model = tiny_llama(tok)
+    meta = {"phase": 3, "thinking_tokens": thinking_token_ids(tok),
+            "metrics": {"baking_accuracy": 0.9, "anti_theater_passed": True}}
+    src = save_model(model, tok, tmp_path / "p3", meta)
+    cfg = make_config("smoke", model=str(src), out=str(tmp_path / "bn"), tracking="disabled",
+                      registry=str(tmp_path / "reg.sqlite"))
+    agree = run_bitnet(cfg)["stages"]["agreement"]
+    assert agree["measured"] and agree["n"] == 8 == len(agree["agreed"])
+    assert agree["agreement"] == sum(agree["agreed"]) / 8 and agree["target_met"] == (agree["agreement"] >= 0.9)

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from agent_forge.bitnet.phase import STAGES, STATE_FILE, BitNetPhaseError, make_config, run_bitnet
-from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss, strength_at
+from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss, strength_at, strengths_at
 from agent_forge.models import save_model
 from agent_forge.registry import Registry
 from agent_forge.vocab import add_thinking_tokens, thinking_token_ids
@@ -19,6 +19,78 @@ from conftest import Crash, crash_at, make_tiny_model, make_tiny_tokenizer
 def test_strength_schedule_is_min_step_over_n():
     assert [strength_at(s, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     assert strength_at(0, 0) == 1.0  # no warm-in: ternary from the first step
+
+
+def test_progressive_schedule_by_hand():
+    """Two layer groups over a 4-step warm-in: the first ramps in steps 0-2, the second in 2-4."""
+    forward = [strengths_at(s, 4, 2, "forward") for s in range(6)]
+    assert forward == [[0.0, 0.0], [0.5, 0.0], [1.0, 0.0], [1.0, 0.5], [1.0, 1.0], [1.0, 1.0]]
+    assert [strengths_at(s, 4, 2, "backward") for s in range(6)] == [f[::-1] for f in forward]
+    assert [strengths_at(s, 4, 3, "none") for s in range(6)] == [[strength_at(s, 4)] * 3 for s in range(6)]
+    assert strengths_at(0, 0, 3, "forward") == [1.0, 1.0, 1.0]  # no warm-in: ternary from the first step
+    with pytest.raises(ValueError, match="qat.progressive"):
+        strengths_at(0, 4, 2, "sideways")
+
+
+def test_bad_progressive_schedule_fails_in_the_config():
+    with pytest.raises(ValueError, match="qat.progressive"):
+        make_config("smoke", qat={"progressive": "sideways"})
+
+
+def test_layer_groups_follow_the_decoder_layers_in_numeric_order():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agent_forge.bitnet.convert import bitlinears, convert_to_bitnet, layer_groups
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=12,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    convert_to_bitnet(model)
+    names = {id(m): n for n, m in bitlinears(model)}
+    groups = layer_groups(model)
+    assert len(groups) == 12 and sum(map(len, groups)) == len(names)
+    for i, group in enumerate(groups):  # 10 and 11 come after 2, not after 1
+        assert len(group) == 7 and all(names[id(m)].startswith(f"model.layers.{i}.") for m in group)
+
+
+def test_qat_progressive_sets_each_layer_by_the_schedule(tmp_path):
+    """While QAT runs forward-progressive, the first decoder layer is quantised before the second."""
+    from agent_forge.bitnet.convert import layer_groups
+
+    student, teacher, tok = _student_teacher()
+    groups = layer_groups(student)
+    seen = []
+    cfg = _qat(tmp_path, steps=5, strength_warmup=4, progressive="forward")
+    trainer = QATTrainer(student, teacher, tok, cfg, tmp_path / "q")
+    trainer.run(_examples(tok), progress=lambda step, total, row: seen.append(
+        ([g[0].strength for g in groups], all(m.strength == g[0].strength for g in groups for m in g))))
+    assert [s for s, _ in seen[:4]] == [strengths_at(step, 4, 2, "forward") for step in range(4)]
+    assert all(uniform for _, uniform in seen)
+    rows = [h for h in trainer.history if "loss" in h]
+    assert [r["strength"] for r in rows[:3]] == [0.0, 0.25, 0.5]  # logged: the mean over groups
+    assert all(m.strength == 1.0 for g in groups for m in g)  # the trained model is fully ternary
+
+
+def test_answer_agreement_by_hand():
+    """Answers read from the answer slot: 7 == 7.0, an unclosed block is no answer, and no answer
+    matches only no answer."""
+    from agent_forge.bitnet.phase import answer_agreement
+    from agent_forge.data.evalsets import EvalItem
+    from agent_forge.inference import Generation
+
+    items = [EvalItem(id=str(i), question=f"q{i}", answer="7", family="f") for i in range(5)]
+    ours = [{"id": "0", "on": "7", "closed_on": True}, {"id": "1", "on": "7", "closed_on": True},
+            {"id": "2", "on": "5", "closed_on": False}, {"id": "3", "on": "8", "closed_on": True},
+            {"id": "4", "on": "8", "closed_on": True}]
+
+    def gen(text, closed=True):
+        return Generation(prompt="", full_text="", completion="", thinking="", answer_text=text, closed=closed,
+                          n_new_tokens=1, seconds=0.0, mode="on")
+
+    theirs = [gen("7.0"), gen("6"), gen("9", closed=False), gen("8"), gen("x")]
+    r = answer_agreement(items[::-1], ours, theirs[::-1])  # matched by id, not by position
+    assert r["agreed"] == [True, False, True, True, False][::-1] and r["n"] == 5  # in the order given
+    assert r["agreement"] == 3 / 5 and r["ci95"][0] < 0.6 < r["ci95"][1]
+    assert r["gguf_accuracy_on"] == 1 / 5 and r["gguf_closed_rate"] == 4 / 5
 
 
 def test_distill_loss_matches_plain_formulas():
@@ -133,6 +205,9 @@ def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
     entry = reg.get_model(st["register"]["model_id"])
     assert entry.phase == 4 and st["handoff"]["ok"], st["handoff"]
     assert not st["validate_input"]["forced"]
+    # the tiny tokenizer has no BPE merges, so no GGUF: the agreement stage says why
+    # (tests/test_bitnet_gguf.py runs it with llama.cpp on a tokenizer that has them)
+    assert not st["agreement"]["measured"] and "no merges" in st["agreement"]["why"]
 
 
 def test_refuses_a_failed_phase3_handoff_unless_forced(tmp_path, forge_home):

@@ -452,7 +452,7 @@ def test_app_lists_a_bitnet_run(tmp_path, monkeypatch):
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
     assert at.title[0].value == "Agent Forge · Phase 4 BitNet"
-    assert "Stages: 2 / 9 done" in [p.proto.text for p in at.get("progress")]
+    assert "Stages: 2 / 10 done" in [p.proto.text for p in at.get("progress")]
     assert [s.value for s in at.subheader][:2] == ["Summary", "Handoff"]
 
 

@@ -18,7 +18,7 @@ from agent_forge.registry import Registry
 from conftest import make_tiny_model, make_tiny_tokenizer
 from test_server import AUTH, Server, _wait
 
-BITNET_STAGES = ["validate_input", "data", "before", "qat", "after", "save", "speed", "register", "handoff"]
+BITNET_STAGES = ["validate_input", "data", "before", "qat", "after", "save", "speed", "agreement", "register", "handoff"]
 QAT_STEPS = 120  # enough that a pause after the first checkpoint lands mid-QAT, even on a busy CPU
 
 
@@ -119,7 +119,7 @@ def test_every_path_field_of_a_phase_config_is_checked():
     from agent_forge.server.phases import RESERVED
 
     not_paths = {
-        "bitnet": {"data.difficulty", "data.families", "data.general_train_sets", "qat.optimizer",
+        "bitnet": {"data.difficulty", "data.families", "data.general_train_sets", "qat.optimizer", "qat.progressive",
                    "qat.mixed_precision", "keep", "store_dtype", "act_norm", "tracking"},
         "evomerge": {"parents.families", "search.strategy", "fitness.thinking", "tracking"},
         "cognate": {"data.families", "controls", "train.optimizer", "train.mixed_precision", "tracking"},

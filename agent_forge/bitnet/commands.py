@@ -85,12 +85,33 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                                                                      f"{_met(speed['ahead_of_q8_0'])}"))
         if speed.get("not_measured") not in (None, "nothing"):
             rows.append(("not measured", speed["not_measured"]))
+    rows += _agreement_rows(st.get("agreement")) + _curve_rows(st.get("qat", {}).get("curve"))
     hand = st.get("handoff")
     if hand:
         rows.append(("Phase 4 handoff", "passed" if hand["ok"] else "FAILED: " + ", ".join(
             c["name"] for c in hand["checks"] if not c["ok"] and c["severity"] == "error")))
     rows.append(("time", f"{report['total_seconds']:.0f} s"))
     return rows
+
+
+def _agreement_rows(agree: dict | None) -> list[tuple[str, str]]:
+    label = "llama.cpp GGUF gives the ternary model's answer"
+    if not agree:
+        return []
+    if not agree["measured"]:
+        return [(label, f"not measured: {agree['why']}")]
+    return [(label + f" (target >= {100 * agree['target']:.0f}%)",
+             f"{_pct(agree['agreement'])}{_ci(agree['ci95'])} of {agree['n']}: {_met(agree['target_met'])}; "
+             f"GGUF accuracy {_pct(agree['gguf_accuracy_on'])}, thinking closes {_pct(agree['gguf_closed_rate'])}")]
+
+
+def _curve_rows(curve: list[dict] | None) -> list[tuple[str, str]]:
+    """QAT's validation accuracy as fine-tuning tokens grow (qat.eval_every > 0)."""
+    if not curve:
+        return []
+    points = "; ".join(f"{p['tokens'] / 1000:.0f}k tokens (step {p['step']}, lambda {p['strength']:.2f}): "
+                       f"{_pct(p['val_accuracy_on'])}{_ci(p['val_ci95_on'])}" for p in curve)
+    return [(f"QAT curve: validation accuracy, thinking on (n={curve[0]['val_n']})", points)]
 
 
 def print_summary(console: Console, report: dict) -> None:

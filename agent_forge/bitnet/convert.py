@@ -148,6 +148,19 @@ def bitlinears(model: nn.Module) -> list[tuple[str, BitLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, BitLinear)]
 
 
+def layer_groups(model: nn.Module) -> list[list[BitLinear]]:
+    """The BitLinears by decoder layer, input side first: the units a progressive schedule
+    quantises one after another. A layer is the first number in a module's dotted name
+    (`model.layers.3.mlp.up_proj` -> 3); modules without one (none in a plain decoder) form
+    one last group."""
+    by_layer: dict[int, list[BitLinear]] = {}
+    rest: list[BitLinear] = []
+    for name, layer in bitlinears(model):
+        index = next((int(part) for part in name.split(".") if part.isdigit()), None)
+        (rest if index is None else by_layer.setdefault(index, [])).append(layer)
+    return [by_layer[i] for i in sorted(by_layer)] + ([rest] if rest else [])
+
+
 def set_strength(model: nn.Module, s: float) -> None:
     """Set the quantisation strength lambda of every BitLinear (0 = original, 1 = ternary)."""
     s = float(s)

@@ -1,12 +1,13 @@
 """`forge bitnet`: Phase 4 end to end, from a Phase 3 model to a measured ternary model.
 
-    validate_input -> data -> before -> qat -> after -> save -> speed -> register -> handoff
+    validate_input -> data -> before -> qat -> after -> save -> speed -> agreement -> register -> handoff
 
 Each stage's result goes to `out/bitnet_state.json` when it finishes, so `--resume` after a
 kill continues from the first unfinished stage (QAT from its last checkpoint). Every figure
 in the report is measured in this run: accuracy of the input model and of the ternary model
 on the same test questions (paired, with an interval), anti-theater on the ternary model,
-size on disk per component, sparsity, decode speed.
+size on disk per component, sparsity, decode speed, and (with llama.cpp) how often the GGUF
+gives the PyTorch ternary model's answer.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class BitNetConfig:
     max_relative_drop: float = 0.10  # target: accuracy (thinking on) drops by less than this fraction
     min_sparsity: float = 0.30  # target: fraction of zero ternary weights
     min_speedup: float = 2.0  # target: ternary decode >= this x fp32 PyTorch
+    min_gguf_agreement: float = 0.90  # target: llama.cpp's ternary GGUF gives our model's answer this often
     speed_prompts: int = 2  # prompts timed per engine
     speed_tokens: int = 32  # new tokens per timed prompt
     speed_repeats: int = 3  # timed runs per engine (the median is reported), after one warm-up run
@@ -88,7 +90,12 @@ PRESETS: dict[str, dict] = {
 
 
 def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **overrides) -> BitNetConfig:
-    return preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
+    """The preset, then the YAML, then the overrides; a bad schedule fails here, before any work."""
+    from agent_forge.bitnet.qat import strengths_at
+
+    cfg = preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
+    strengths_at(0, cfg.qat.strength_warmup, 1, cfg.qat.progressive)
+    return cfg
 
 
 Context = PhaseContext  # the stages of this phase take one (agent_forge/stages.py)
@@ -321,6 +328,7 @@ def stage_after(ctx: Context) -> dict:
             "ci95_off": off_sum["ci95"], "n": len(on), "change": gain, "relative_drop": drop,
             "drop_target_met": drop is not None and drop < ctx.cfg.max_relative_drop,
             "closed_rate": sum(r["closed_on"] for r in report.per_example) / max(len(on), 1),
+            "answers_on": [{k: r[k] for k in ("id", "on", "closed_on")} for r in report.per_example],
             "anti_theater": report.to_dict()}
 
 
@@ -409,6 +417,73 @@ def stage_speed(ctx: Context) -> dict:
             "not_measured": "; ".join(cpp["not_measured"]) or "nothing"}
 
 
+def stage_agreement(ctx: Context) -> dict:
+    """Does the GGUF answer what our ternary model answers? llama.cpp's ternary GGUF on the
+    test questions (thinking on, greedy, the same budget), each answer read from the answer
+    slot and compared with the PyTorch ternary model's from the after stage ("no answer"
+    matches only "no answer"). Skipped, saying why, without llama.cpp or a ternary GGUF."""
+    from agent_forge.inference import generate_answers
+    from agent_forge.llamacpp_engine import TERNARY_ROW, LlamaCppModel, llamacpp_status
+
+    cfg, tok = ctx.cfg, teacher(ctx)[1]
+    cpp = ctx.state.result("speed")["llamacpp"]
+    gguf = cpp["files"].get(TERNARY_ROW)
+    ok, why = llamacpp_status()
+    if gguf is None:
+        why = next((m for m in cpp["not_measured"] if m.startswith(TERNARY_ROW)), "no ternary GGUF was written")
+    if gguf is None or not ok:
+        return {"measured": False, "why": why}
+    items = eval_items(ctx)
+    gens = generate_answers(LlamaCppModel(gguf["path"]), tok, [it.question for it in items],
+                            thinking=thinking_mode(tok), max_new_tokens=cfg.max_new_tokens, batch_size=1,
+                            progress=False)
+    result = answer_agreement(items, _ternary_answers(ctx, items), gens)
+    return {"measured": True, **result, "target": cfg.min_gguf_agreement,
+            "target_met": result["agreement"] >= cfg.min_gguf_agreement}
+
+
+def _ternary_answers(ctx: Context, items) -> list[dict]:
+    """The PyTorch ternary model's thinking-on answers from the after stage; generated again
+    for a run whose after stage predates the record."""
+    from agent_forge.inference import generate_answers
+
+    after = ctx.state.result("after")
+    if "answers_on" in after:
+        return after["answers_on"]
+    gens = generate_answers(trained_student(ctx), teacher(ctx)[1], [it.question for it in items],
+                            thinking=thinking_mode(teacher(ctx)[1]), max_new_tokens=ctx.cfg.max_new_tokens,
+                            batch_size=GENERATION_BATCH, progress=False)
+    return [{"id": it.id, "on": g.answer_text, "closed_on": g.closed} for it, g in zip(items, gens)]
+
+
+def answer_agreement(items, ours: list[dict], gens) -> dict:
+    """How often `gens` (another engine's Generations, in item order) give the answer our model
+    gave (`ours`: rows with "id", "on" (the answer slot's text), "closed_on"), with its interval."""
+    from agent_forge.evaluation.runner import score
+    from agent_forge.validation.stats import wilson_interval
+
+    by_id = {r["id"]: r for r in ours}
+    same, correct = [], []
+    for it, g in zip(items, gens, strict=True):
+        mine = by_id[it.id]
+        theirs_ok, theirs = score(it, g.answer_text if g.closed else None)
+        _, pred = score(it, mine["on"] if mine["closed_on"] else None)
+        same.append(_same_answer(pred, theirs))
+        correct.append(theirs_ok)
+    n, k = len(same), sum(same)
+    return {"agreement": k / n, "ci95": list(wilson_interval(k, n)), "n": n, "agreed": same,
+            "gguf_accuracy_on": sum(correct) / n, "gguf_closed_rate": sum(g.closed for g in gens) / n}
+
+
+def _same_answer(a: str | None, b: str | None) -> bool:
+    """Two answers read from the answer slot: equal numbers, or equal text; None only equals None."""
+    from agent_forge.evaluation.answers import is_numeric, numbers_equal
+
+    if a is None or b is None:
+        return a is b
+    return numbers_equal(a, b) if is_numeric(a) and is_numeric(b) else a.strip() == b.strip()
+
+
 def stage_register(ctx: Context) -> dict:
     from agent_forge.registry import Registry
 
@@ -417,7 +492,8 @@ def stage_register(ctx: Context) -> dict:
     metrics = {**_metrics_for_meta(ctx), "ratio_vs_fp32": ctx.state.result("save")["ratio_vs_fp32"],
                "ratio_vs_bf16": ctx.state.result("save")["ratio_vs_bf16"],
                "sparsity": ctx.state.result("save")["sparsity"]["overall"],
-               "speedup_vs_fp32": ctx.state.result("speed")["best_ternary_ratio"]}
+               "speedup_vs_fp32": ctx.state.result("speed")["best_ternary_ratio"],
+               "gguf_agreement": ctx.state.result("agreement").get("agreement")}
     model_id = reg.register_model(f"bitnet:{ctx.out.name}", 4, ctx.out / "model", parent_id=parent, metrics=metrics)
     return {"model_id": model_id, "parent_id": parent, "registry": str(reg.path)}
 
@@ -438,7 +514,7 @@ def stage_handoff(ctx: Context) -> dict:
 
 STAGES = [("validate_input", stage_validate_input), ("data", stage_data), ("before", stage_before),
           ("qat", stage_qat), ("after", stage_after), ("save", stage_save), ("speed", stage_speed),
-          ("register", stage_register), ("handoff", stage_handoff)]
+          ("agreement", stage_agreement), ("register", stage_register), ("handoff", stage_handoff)]
 
 
 # ---------------------------------------------------------------------------------------

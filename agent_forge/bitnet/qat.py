@@ -11,6 +11,9 @@ reasoning traces with two terms:
   the answers (`training.kl.kl_ref_to_policy`);
 - the plain next-token loss on the same tokens.
 
+With `progressive` set, the decoder layers are quantised one after another within the same
+warm-in instead of all at once.
+
 It is a Stage of the project's one training loop (checkpoints, --resume, NaN guard,
 progress, W&B offline), so nothing here re-implements a loop.
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agent_forge.bitnet.convert import set_strength
+from agent_forge.bitnet.convert import layer_groups, set_strength
 from agent_forge.quietstar.bake import batch_indices, build_step1_optimizer  # AdamW or MuGrokfast, as Step 1
 from agent_forge.quietstar.bake_data import IGNORE, collate, shifted
 from agent_forge.training.kl import kl_ref_to_policy
@@ -44,6 +47,10 @@ class QATConfig:
     lr: float = 1e-3
     warmup_steps: int = 10  # learning-rate warm-up
     strength_warmup: int = 50  # lambda = min(step / strength_warmup, 1); 0 = fully ternary from step 0
+    # "none": every layer follows lambda together. "forward" / "backward": decoder layers are
+    # quantised one after another over the same strength_warmup steps (input side first, or
+    # output side first), so the layers not yet quantised can adapt to the ones that are.
+    progressive: str = "none"
     kd_weight: float = 1.0  # weight of KL(teacher || student) on trace and answer tokens
     lm_weight: float = 0.5  # weight of the next-token loss on the same tokens
     kl_top_k: int | None = 64  # top-k KL bound (bounded memory); None = exact over the vocabulary
@@ -67,9 +74,26 @@ class QATConfig:
         return dataclasses.asdict(self)
 
 
+PROGRESSIVE = ("none", "forward", "backward")
+
+
 def strength_at(step: int, warmup: int) -> float:
     """lambda for optimiser step `step` (0-based): min(step / warmup, 1); 1 when warmup is 0."""
     return 1.0 if warmup <= 0 else min(step / warmup, 1.0)
+
+
+def strengths_at(step: int, warmup: int, n_groups: int, progressive: str = "none") -> list[float]:
+    """lambda of each of `n_groups` layer groups (input side first) at optimiser step `step`.
+
+    "none": all at strength_at(step, warmup). "forward": the warm-up is cut into n_groups
+    equal windows and group i ramps 0 -> 1 in window i, i.e. clamp(step * n / warmup - i, 0, 1);
+    "backward": the same with the groups taken from the output side. All are 1 from `warmup` on."""
+    if progressive not in PROGRESSIVE:
+        raise ValueError(f"qat.progressive must be one of {', '.join(PROGRESSIVE)}, not {progressive!r}")
+    if progressive == "none" or warmup <= 0:
+        return [strength_at(step, warmup)] * n_groups
+    ramp = [min(max(step * n_groups / warmup - i, 0.0), 1.0) for i in range(n_groups)]
+    return ramp if progressive == "forward" else ramp[::-1]
 
 
 def distill_loss(student_logits, teacher_logits, labels, kd_weight: float, lm_weight: float,
@@ -100,10 +124,13 @@ class QATTrainer(LoopTrainer):
 
     # -- the Stage ------------------------------------------------------------------------
     def micro_batches(self, step: int):
-        """Set lambda for this step, then yield its micro-batches (this process's share)."""
+        """Set each layer's lambda for this step, then yield its micro-batches (this process's share)."""
         acc, cfg, n = self.accelerator, self.cfg, len(self.examples)
-        self.strength = strength_at(step, cfg.strength_warmup)
-        set_strength(self.loop.unwrapped(), self.strength)
+        strengths = strengths_at(step, cfg.strength_warmup, len(self.groups), cfg.progressive)
+        for group, strength in zip(self.groups, strengths):
+            for layer in group:
+                layer.strength = strength
+        self.strength = sum(strengths) / len(strengths)  # logged: the mean over layer groups
         self.model.train()
         self.step_tokens = 0
         for micro in range(cfg.grad_accum):
@@ -149,6 +176,7 @@ class QATTrainer(LoopTrainer):
         self.examples = examples
         self.lengths = tuple(len(e.input_ids) for e in examples) if self.cfg.group_by_length else None
         start = self.loop.setup(lambda m: build_step1_optimizer(m, self.cfg)[0], self, resume)
+        self.groups = layer_groups(self.loop.unwrapped())
         reached = self.loop.run(self, start, progress=progress)
         set_strength(self.loop.unwrapped(), 1.0)  # the saved and evaluated model is fully ternary
         losses = [h for h in self.history if "loss" in h]

@@ -19,8 +19,8 @@ EVOMERGE_LABELS = {"parents": "parents", "baseline": "baseline (validation)", "s
                    "test": "test split", "save": "save", "plot": "plot", "register": "register",
                    "handoff": "handoff 2→3"}
 BITNET_LABELS = {"validate_input": "input check", "data": "data", "before": "before (test)", "qat": "QAT",
-                 "after": "after (test)", "save": "save", "speed": "speed", "register": "register",
-                 "handoff": "handoff"}
+                 "after": "after (test)", "save": "save", "speed": "speed", "agreement": "GGUF agreement",
+                 "register": "register", "handoff": "handoff"}
 COGNATE_LABELS = {"data": "curriculum", "foundation": "trunk", "specialise_reasoning": "reasoning",
                   "specialise_memory": "memory", "specialise_speed": "speed",
                   "control_independent": "control: 2nd trunk", "control_transformer": "control: transformer",
