@@ -150,6 +150,28 @@ def test_qat_lowers_the_distillation_loss_and_ends_fully_ternary(tmp_path):
     assert all(m.strength == 1.0 for _, m in bitlinears(trainer.loop.unwrapped()))
 
 
+def test_qat_curve_points_reach_the_tracker(tmp_path):
+    """eval_every: the evaluation runs at those steps, lands in the result's curve and in the
+    metrics store (a point once named a reserved field and stopped the run at its first point)."""
+    from agent_forge.tracking import Tracker, read_metrics
+
+    student, teacher, tok = _student_teacher()
+    calls = []
+
+    def evaluate(step, model):
+        calls.append((step, model.training))
+        return {"val_accuracy_on": step / 10}
+
+    with Tracker(tmp_path / "run", mode="disabled") as tracker:
+        trainer = QATTrainer(student, teacher, tok, _qat(tmp_path, steps=4, eval_every=2), tmp_path / "q",
+                             tracker=tracker, evaluate=evaluate)
+        result = trainer.run(_examples(tok))
+    assert [c[0] for c in calls] == [2, 4]
+    assert [(p["step"], p["val_accuracy_on"]) for p in result["curve"]] == [(2, 0.2), (4, 0.4)]
+    logged = [r for r in read_metrics(tmp_path / "run") if r["stage"] == "bitnet_curve"]
+    assert [(r["step"], r["val_accuracy_on"]) for r in logged] == [(2, 0.2), (4, 0.4)]
+
+
 def test_qat_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     student, teacher, tok = _student_teacher()
     full = QATTrainer(student, teacher, tok, _qat(tmp_path), tmp_path / "full")
@@ -221,6 +243,48 @@ def test_refuses_a_failed_phase3_handoff_unless_forced(tmp_path, forge_home):
     cfg = dataclasses.replace(cfg, eval_samples=4)
     report = run_bitnet(cfg)
     assert report["stages"]["validate_input"]["forced"] is True
+
+
+def test_qat_needs_by_hand():
+    from agent_forge.bitnet.phase import qat_needs
+
+    cfg = make_config("smoke", qat={"steps": 16, "save_every": 8, "batch_size": 8, "grad_accum": 2, "max_len": 256})
+    needs = qat_needs(cfg, n_bytes=1000, vocab_size=100)
+    # one checkpoint written (step 8; none at the last step) = 3 copies, + student, model, GGUFs
+    assert needs.disk_bytes == int(1000 * 6 * 1.1)
+    assert needs.memory_bytes == 6 * 1000 + 15 * 4 * 4 * 256 * 100  # micro-batch of 4 sequences
+
+
+def test_qat_batch_size_from_free_memory_by_hand():
+    from agent_forge.bitnet.phase import qat_batch_size
+    from agent_forge.models import ModelSize
+
+    def size(free):
+        return ModelSize(n_params=250, n_bytes=1000, category="tiny", device="cpu", free_memory_bytes=free)
+
+    cfg = make_config("smoke", qat={"batch_size": 0, "max_len": 256, "grad_accum": 1})
+    # needs(b) = 6 * 1000 + 15 * 4 * b * 256 * 100 = 6000 + 1536000 b; 60% of 12 MB holds b = 4, not 8
+    assert qat_batch_size(cfg, size(12_000_000), 100) == 4
+    assert qat_batch_size(cfg, size(10_000_000), 100) == 2
+    assert qat_batch_size(cfg, size(10**12), 100) == 32  # capped
+    assert qat_batch_size(cfg, size(1), 100) == 1  # the pre-flight check then refuses
+    assert qat_batch_size(make_config("smoke", qat={"batch_size": 6}), size(1), 100) == 6  # given: kept
+
+
+def test_batch_size_zero_is_chosen_once_and_used(tmp_path, forge_home):
+    report = run_bitnet(_config(tmp_path, _phase3_dir(tmp_path), qat={"batch_size": 0}))
+    chosen = report["stages"]["validate_input"]["qat_batch_size"]
+    assert chosen == 32  # a tiny model: the cap
+    assert report["stages"]["qat"]["config"]["batch_size"] == chosen
+
+
+def test_refuses_without_memory_before_any_work(tmp_path, forge_home, monkeypatch):
+    import agent_forge.models
+
+    monkeypatch.setattr(agent_forge.models, "free_memory", lambda device: 10_000)
+    with pytest.raises(BitNetPhaseError, match="not enough memory: 0.0 GB free"):
+        run_bitnet(_config(tmp_path, _phase3_dir(tmp_path)))
+    assert not (tmp_path / "bn").exists()
 
 
 def test_refuses_another_phases_output(tmp_path, forge_home):

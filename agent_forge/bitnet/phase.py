@@ -82,9 +82,9 @@ PRESETS: dict[str, dict] = {
     # Sized with Phase 3's quick preset so `make demo` (both phases, setup included) fits 35 min.
     "quick": {"eval_samples": 40, "speed_prompts": 1, "speed_repeats": 2,
               "qat": {"steps": 16, "batch_size": 8, "save_every": 8, "strength_warmup": 8, "warmup_steps": 2}},
-    # a GPU's hours.
+    # a GPU's hours; the batch (up to 32) is chosen from the device's free memory.
     "standard": {"data": {"n_records": 20000}, "eval_samples": 1000,
-                 "qat": {"steps": 4000, "batch_size": 32, "strength_warmup": 1000, "warmup_steps": 100,
+                 "qat": {"steps": 4000, "batch_size": 0, "strength_warmup": 1000, "warmup_steps": 100,
                          "save_every": 250, "eval_every": 500, "eval_samples": 200}},
 }
 
@@ -174,10 +174,12 @@ def eval_items(ctx: Context):
 
 def stage_validate_input(ctx: Context) -> dict:
     """The input must be a causal LM that is not already ternary; a Phase 3 output must pass
-    its 3 -> 4 handoff (unless --force, which the report records)."""
+    its 3 -> 4 handoff (unless --force, which the report records); memory and disk must hold
+    QAT (a pre-flight check, before any work)."""
     from agent_forge.bitnet.convert import is_ternary
     from agent_forge.handoff import format_result, validate_phase3_to_4
-    from agent_forge.models import read_meta
+    from agent_forge.models import measure_model, read_meta
+    from agent_forge.preflight import check
 
     cfg = ctx.cfg
     meta = read_meta(cfg.model) if Path(cfg.model).is_dir() else {}
@@ -196,7 +198,54 @@ def stage_validate_input(ctx: Context) -> dict:
     model, _ = teacher(ctx)
     if is_ternary(model):
         raise BitNetPhaseError(f"{cfg.model} is already ternary (BitLinear layers or a bitnet quantization_config)")
+    size, vocab = measure_model(model, cfg.device), model.config.vocab_size
+    out["model_size"] = size.to_dict()
+    out["qat_batch_size"] = qat_batch_size(cfg, size, vocab)
+    qat = dataclasses.replace(cfg.qat, batch_size=out["qat_batch_size"])
+    out["preflight"] = check(ctx.out, qat_needs(dataclasses.replace(cfg, qat=qat), size.n_bytes, vocab),
+                             size.free_memory_bytes)
     return out
+
+
+def qat_batch_size(cfg: BitNetConfig, size, vocab_size: int) -> int:
+    """cfg.qat.batch_size, or for 0 the largest power of two up to 32 sequences whose QAT needs
+    (qat_needs) fit in 60% of the free memory: bigger models and vocabularies get smaller
+    batches. At least 1 (the pre-flight check then says whether even that fits)."""
+    if cfg.qat.batch_size > 0:
+        return cfg.qat.batch_size
+    batch = 32
+    while batch > 1:
+        qat = dataclasses.replace(cfg.qat, batch_size=batch)
+        if qat_needs(dataclasses.replace(cfg, qat=qat), size.n_bytes, vocab_size).memory_bytes \
+                <= 0.6 * size.free_memory_bytes:
+            break
+        batch //= 2
+    return batch
+
+
+def qat_config(ctx: Context) -> QATConfig:
+    """The QAT settings with the batch size validate_input chose (batch_size 0 = by memory)."""
+    chosen = ctx.state.result("validate_input").get("qat_batch_size") or ctx.cfg.qat.batch_size
+    return dataclasses.replace(ctx.cfg.qat, batch_size=chosen)
+
+
+def qat_needs(cfg: BitNetConfig, n_bytes: int, vocab_size: int):
+    """Memory and disk QAT needs beyond the input model already loaded.
+
+    Memory: 6 copies of the model (the student's weights, gradients, two AdamW moments, its
+    quantised weights saved for backward and cached for decoding) plus 15 float32 copies of a
+    micro-batch's logits (batch x max_len x vocab: student and teacher logits, their float and
+    softmax copies, gradients, hidden activations). Fit to one measurement: the default model
+    (0.54 GB, vocabulary 49164) at 8 x 256 peaked at 10.3 GB resident for the whole process;
+    this gives 9.3 GB, plus the loaded input model and the Python process. Disk: the checkpoints
+    QAT holds at its peak (weights and two moments each), the student's weights, the saved
+    model and the GGUFs (at most two more copies), plus a tenth."""
+    from agent_forge.preflight import Needs, checkpoints_on_disk
+
+    micro = max(1, cfg.qat.batch_size // max(1, cfg.qat.grad_accum))
+    logits = 15 * 4 * micro * cfg.qat.max_len * vocab_size
+    copies = 3 * checkpoints_on_disk(cfg.qat.steps, cfg.qat.save_every) + 3
+    return Needs(disk_bytes=int(n_bytes * copies * 1.1), memory_bytes=6 * n_bytes + logits)
 
 
 def _phase3_eval_set(meta: dict) -> str:
@@ -273,22 +322,23 @@ def stage_qat(ctx: Context) -> dict:
     from agent_forge.training.checkpoint import trainable_state
 
     cfg, (model, tok) = ctx.cfg, teacher(ctx)
+    qat = qat_config(ctx)
     examples, dropped = encode_records(list(read_records(ctx.state.result("data")["path"])), tok,
-                                       max_len=cfg.qat.max_len)
+                                       max_len=qat.max_len)
     student = fresh_student(ctx)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    per = max(1, cfg.qat.batch_size)
+    per = max(1, qat.batch_size)
     calib = [collate(examples[i * per:(i + 1) * per], pad) for i in range(cfg.calibrate_batches)
              if examples[i * per:(i + 1) * per]] if cfg.act_norm else []
     calibrated = calibrate_act_norms(student, calib) if calib else 0
-    trainer = QATTrainer(student, model, tok, cfg.qat, ctx.out / "qat", tracker=ctx.tracker,
-                         evaluate=_curve_point(ctx) if cfg.qat.eval_every else None)
+    trainer = QATTrainer(student, model, tok, qat, ctx.out / "qat", tracker=ctx.tracker,
+                         evaluate=_curve_point(ctx) if qat.eval_every else None)
     result = trainer.run(examples, resume=ctx.resume, progress=ctx.progress)
     trained = trainer.loop.unwrapped()
     save_file(trainable_state(trained), ctx.out / "qat" / STUDENT_FILE)
     ctx.cache["student"] = _as_stored(ctx, trained.eval())
     return {**result, "dropped_for_length": dropped, "calibrated_norms": calibrated,
-            "converted_layers": len(bitlinears(trained)), "config": cfg.qat.to_dict()}
+            "converted_layers": len(bitlinears(trained)), "config": qat.to_dict()}
 
 
 def _curve_point(ctx: Context):
@@ -538,5 +588,6 @@ def run_bitnet(cfg: BitNetConfig, resume: bool = False, on_stage: Callable | Non
 def _user_errors() -> tuple[type[Exception], ...]:
     """The errors a user can act on (a model that cannot be converted or does not load)."""
     from agent_forge.models import ModelLoadError
+    from agent_forge.preflight import PreflightError
 
-    return BitNetError, ModelLoadError
+    return BitNetError, ModelLoadError, PreflightError

@@ -39,7 +39,7 @@ class QATConfig:
     """Quantisation-aware fine-tuning settings (sizes by preset in bitnet/phase.py)."""
 
     steps: int = 200  # optimiser steps
-    batch_size: int = 8  # sequences per step (split into grad_accum micro-batches)
+    batch_size: int = 8  # sequences per step (split into grad_accum micro-batches); 0 = by free memory (bitnet/phase.py)
     grad_accum: int = 1
     # Peak learning rate (linear warm-up, then linear decay to 0). Ternary weights only move
     # when a weight crosses a rounding boundary: bench/bench_bitnet_qat.py, 40 steps on the
@@ -157,8 +157,9 @@ class QATTrainer(LoopTrainer):
             point = {"step": step, "tokens": self.tokens_seen, "strength": self.strength,
                      **self.evaluate(step, self.loop.unwrapped())}
             self.curve.append(point)
-            if self.loop.tracker is not None:
-                self.loop.tracker.log(point, step=step, stage="bitnet_curve")
+            if self.loop.tracker is not None:  # the record carries the step itself
+                self.loop.tracker.log({k: v for k, v in point.items() if k != "step"}, step=step,
+                                      stage="bitnet_curve")
         return False
 
     def state(self) -> dict:
