@@ -267,7 +267,12 @@ def test_evomerge_run_found_and_its_kind(tmp_path):
     assert sorted(data.find_runs(tmp_path / "runs")) == sorted([merge, demo, ternary])  # not parents/chain_sum
     assert [data.run_kind(r) for r in (merge, demo, ternary)] == ["evomerge", "quietstar", "bitnet"]
     assert data.run_status(merge) == "running"
-    assert data.stage_progress(ternary)["stages_done"] == ["validate_input"]
+    prog = data.stage_progress(ternary)  # running: what ran, then the phase's other stages in order
+    assert prog["stages_done"] == ["validate_input"] and prog["stages_total"] == list(data.BITNET_STAGE_ORDER)
+    (ternary / "bitnet_state.json").write_text(json.dumps({"stages": {"validate_input": {}, "data": {}, "extra": {}}}))
+    assert data.stage_progress(ternary)["stages_total"] == ["validate_input", "data", "extra",
+                                                            *data.BITNET_STAGE_ORDER[2:]]
+    (ternary / "bitnet_state.json").write_text(json.dumps({"stages": {"validate_input": {"ok": True}}}))
     assert data.bitnet_summary(ternary) == []  # no report yet
     # before its first stage has finished, an EvoMerge run training its parents is still an EvoMerge run
     early = tmp_path / "early"
@@ -452,7 +457,7 @@ def test_app_lists_a_bitnet_run(tmp_path, monkeypatch):
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
     assert at.title[0].value == "Agent Forge · Phase 4 BitNet"
-    assert "Stages: 2 / 10 done" in [p.proto.text for p in at.get("progress")]
+    assert "Stages: 2 / 2 done" in [p.proto.text for p in at.get("progress")]  # finished: what it ran
     assert [s.value for s in at.subheader][:2] == ["Summary", "Handoff"]
 
 

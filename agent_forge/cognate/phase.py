@@ -211,8 +211,14 @@ def widest_model_kwargs(ctx: Context) -> dict:
 
 def train_config(ctx: Context, **changes) -> CognateTrainConfig:
     """The training settings with the batch size the data stage settled on."""
-    batch = ctx.state.result("data").get("batch_size") or ctx.cfg.train.batch_size
+    batch = trained_batch_size(ctx.state.result("data"), ctx.cfg)
     return dataclasses.replace(ctx.cfg.train, batch_size=batch, **changes)
+
+
+def trained_batch_size(data: dict, cfg: CognatePhaseConfig) -> int:
+    """The batch the data stage recorded; the configured one for a run whose data stage
+    predates the record."""
+    return data.get("batch_size") or cfg.train.batch_size
 
 
 def stage_foundation(ctx: Context) -> dict:
@@ -332,7 +338,7 @@ def stages(cfg: CognatePhaseConfig) -> list:
 
 def _batch_and_seq(data: dict, cfg: CognatePhaseConfig) -> dict:
     """What the run trained with (the data stage may have chosen them from the free memory)."""
-    return {"batch_size": data.get("batch_size") or cfg.train.batch_size, "seq_len": data["seq_len"],
+    return {"batch_size": trained_batch_size(data, cfg), "seq_len": data["seq_len"],
             "sizing": data.get("sizing")}
 
 

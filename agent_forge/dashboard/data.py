@@ -287,18 +287,17 @@ def jobs_for_run(registry: str | Path | None, run_dir: str | Path) -> list[dict]
 
 
 def stage_progress(run_dir: str | Path, stages: dict | None = None, kind: str | None = None) -> dict:
-    """Stages done (in the phase's order, unknown names last) and all the phase's stages;
+    """Stages done, in the order they ran, and all of the run's stages: those done, then
+    (until the run finishes) the phase's stages not yet run, in the phase's order. Optional
+    stages (Cognate's controls) and stages a newer version added count only once they ran.
     `kind` when known (a run that has not started yet has no files to tell it by)."""
     run_dir = Path(run_dir)
     kind = kind or run_kind(run_dir)
     stages = load_stages(run_dir) if stages is None else stages
     order, finished = KINDS[kind][2], (run_dir / KINDS[kind][1]).exists()
-    extra = [s for s in stages if s not in order]
-    total = list(order)
-    if kind == "cognate":  # optional stages: what ran, in its order, then what the preset has left
-        total = list(stages) + ([] if finished else [s for s in order if s not in stages])
-    return {"kind": kind, "stages_done": [s for s in total if s in stages] + [s for s in extra if s not in total],
-            "stages_total": total, "finished": finished}
+    done = list(stages)
+    total = done + ([] if finished else [s for s in order if s not in stages])
+    return {"kind": kind, "stages_done": done, "stages_total": total, "finished": finished}
 
 
 def _rows(value) -> list[dict]:
