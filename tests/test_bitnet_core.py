@@ -468,6 +468,24 @@ def test_inference_reuses_the_ternary_weight_until_it_changes():
     assert torch.equal(flipped, layer(x).detach()) and not torch.equal(flipped, first)
 
 
+def test_inference_below_full_strength_reuses_the_blended_weight_until_it_changes():
+    """Mid warm-in (0 < lambda < 1), no-grad forwards cache the blended weight; the value equals
+    the training path's, and a new strength or a weight update recomputes it."""
+    torch.manual_seed(4)
+    layer = BitLinear(16, 8, bias=True, act_norm=True)
+    x = torch.randn(2, 3, 16)
+    for strength in (0.3, 0.7, 0.3):
+        layer.strength = strength
+        with torch.no_grad():
+            cached = layer(x)
+            assert torch.equal(cached, layer(x))  # from the cache
+        assert torch.equal(cached, layer(x).detach())  # grad path, no cache
+    with torch.no_grad():
+        layer.weight.mul_(-1.0)
+        flipped = layer(x)
+    assert torch.equal(flipped, layer(x).detach()) and not torch.equal(flipped, cached)
+
+
 def test_disk_sizes_tied_head_stored_once(tiny_llama, tiny_tokenizer, tmp_path):
     convert_to_bitnet(tiny_llama)
     sizes = disk_sizes(save_hf_bitnet(tiny_llama, tiny_tokenizer, tmp_path / "l"))

@@ -58,6 +58,7 @@ class BitLinear(nn.Module):
         self.rms_norm = ActNorm(in_features, eps, device=device, dtype=dtype) if act_norm else None
         self.strength = 1.0
         self._frozen = None  # (weight version key, q_w as float, weight_scale): inference without grad
+        self._blended = None  # (weight version key, strength, blended weight): the same below strength 1
 
     @classmethod
     def from_module(cls, module: nn.Module, act_norm: bool = True, eps: float = 1e-6) -> "BitLinear":
@@ -84,18 +85,32 @@ class BitLinear(nn.Module):
         strength = float(self.strength)
         if self.rms_norm is not None:
             x = self.rms_norm(x) if self.rms_norm.absorbed else torch.lerp(x, self.rms_norm(x), strength)
+        if strength == 0.0:  # the original linear exactly (fake_quant_* at 0 return their input)
+            return F.linear(x, self.weight, self.bias)
         if strength == 1.0 and not torch.is_grad_enabled():
             return _ternary_value(x, *act_int8(x), *self._frozen_ternary(), self.bias)
         if strength == 1.0:
             return _TernaryLinear.apply(x, self.weight, self.bias)
         x = fake_quant_act(x, strength)
-        return F.linear(x, fake_quant_weight(self.weight, strength), self.bias)
+        weight = fake_quant_weight(self.weight, strength) if torch.is_grad_enabled() else self._blended_weight(strength)
+        return F.linear(x, weight, self.bias)
+
+    def _weight_key(self) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.device, w.dtype)
+
+    def _blended_weight(self, strength: float) -> torch.Tensor:
+        """fake_quant_weight(weight, strength) for a no-grad forward, recomputed only when the
+        weight or the strength changes (evaluating mid warm-in decodes token by token too)."""
+        key = self._weight_key()
+        if self._blended is None or self._blended[:2] != (key, strength):
+            self._blended = (key, strength, fake_quant_weight(self.weight.detach(), strength))
+        return self._blended[2]
 
     def _frozen_ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_w as float, weight_scale), recomputed only when the weight changes: decoding one
         token at a time otherwise spends more time re-quantising the weight than multiplying."""
-        w = self.weight
-        key = (w._version, w.data_ptr(), w.device, w.dtype)
+        w, key = self.weight, self._weight_key()
         if self._frozen is None or self._frozen[0] != key:
             q_w, gamma = ternary(w.detach())
             self._frozen = (key, q_w.float(), (1.0 / gamma).to(w.dtype).float())
