@@ -486,6 +486,26 @@ def test_inference_below_full_strength_reuses_the_blended_weight_until_it_change
     assert torch.equal(flipped, layer(x).detach()) and not torch.equal(flipped, cached)
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_inference_after_a_fused_optimiser_step_sees_the_new_weight(strength):
+    """torch's fused AdamW updates a weight without bumping its version counter, so a cache
+    keyed on the version alone kept serving the weight from before training went on."""
+    torch.manual_seed(5)
+    layer = BitLinear(16, 8, bias=False, act_norm=False)
+    layer.strength = strength
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True)
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        before = layer(x)  # fills the cache
+    version = layer.weight._version
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    assert layer.weight._version == version  # the premise: no bump
+    with torch.no_grad():
+        after = layer(x)
+    assert not torch.equal(after, before) and torch.equal(after, layer(x).detach())
+
+
 def test_disk_sizes_tied_head_stored_once(tiny_llama, tiny_tokenizer, tmp_path):
     convert_to_bitnet(tiny_llama)
     sizes = disk_sizes(save_hf_bitnet(tiny_llama, tiny_tokenizer, tmp_path / "l"))

@@ -83,6 +83,8 @@ class BitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         strength = float(self.strength)
+        if torch.is_grad_enabled():  # a training step may follow, and a fused optimiser (torch's
+            self._frozen = self._blended = None  # fused AdamW) changes the weight without bumping its version
         if self.rms_norm is not None:
             x = self.rms_norm(x) if self.rms_norm.absorbed else torch.lerp(x, self.rms_norm(x), strength)
         if strength == 0.0:  # the original linear exactly (fake_quant_* at 0 return their input)
