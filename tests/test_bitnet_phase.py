@@ -340,3 +340,10 @@ def test_phase3_greedy_pass_is_replayed_only_for_the_same_weights_and_budget(tmp
     assert phase3_greedy_on(cfg, items + [EvalItem(id="x", question="9 + 9 =", answer="18", family="f")]) is None
     (model / "model.safetensors").write_bytes(b"other weights")
     assert phase3_greedy_on(cfg, items) is None  # not the model that made them
+
+
+def test_the_curve_config_in_configs_loads():
+    from pathlib import Path
+
+    cfg = make_config("quick", Path(__file__).parents[1] / "configs" / "bitnet_curve_cpu.yaml")
+    assert (cfg.qat.steps, cfg.qat.eval_every, cfg.qat.eval_samples, cfg.eval_samples) == (200, 40, 40, 40)
