@@ -290,6 +290,9 @@ def test_phase_measures_gguf_agreement(tok, tmp_path, forge_home):
     src = save_model(model, tok, tmp_path / "p3", meta)
     cfg = make_config("smoke", model=str(src), out=str(tmp_path / "bn"), tracking="disabled",
                       registry=str(tmp_path / "reg.sqlite"))
-    agree = run_bitnet(cfg)["stages"]["agreement"]
+    report = run_bitnet(cfg)
+    agree = report["stages"]["agreement"]
+    from agent_forge.bitnet.commands import summary_rows
+    assert any(k.startswith("llama.cpp GGUF gives") for k, _ in summary_rows(report))
     assert agree["measured"] and agree["n"] == 8 == len(agree["agreed"])
     assert agree["agreement"] == sum(agree["agreed"]) / 8 and agree["target_met"] == (agree["agreement"] >= 0.9)

@@ -230,6 +230,9 @@ def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
     # the tiny tokenizer has no BPE merges, so no GGUF: the agreement stage says why
     # (tests/test_bitnet_gguf.py runs it with llama.cpp on a tokenizer that has them)
     assert not st["agreement"]["measured"] and "no merges" in st["agreement"]["why"]
+    from agent_forge.bitnet.commands import summary_rows
+    rows = dict(summary_rows(report))
+    assert "no merges" in rows["not measured"] and not any("GGUF gives" in k for k in rows)  # said once
 
 
 def test_refuses_a_failed_phase3_handoff_unless_forced(tmp_path, forge_home):
@@ -248,8 +251,8 @@ def test_refuses_a_failed_phase3_handoff_unless_forced(tmp_path, forge_home):
 def test_qat_needs_by_hand():
     from agent_forge.bitnet.phase import qat_needs
 
-    cfg = make_config("smoke", qat={"steps": 16, "save_every": 8, "batch_size": 8, "grad_accum": 2, "max_len": 256})
-    needs = qat_needs(cfg, n_bytes=1000, vocab_size=100)
+    qat = QATConfig(steps=16, save_every=8, batch_size=8, grad_accum=2, max_len=256)
+    needs = qat_needs(qat, n_bytes=1000, vocab_size=100)
     # one checkpoint written (step 8; none at the last step) = 3 copies, + student, model, GGUFs
     assert needs.disk_bytes == int(1000 * 6 * 1.1)
     assert needs.memory_bytes == 6 * 1000 + 15 * 4 * 4 * 256 * 100  # micro-batch of 4 sequences
@@ -262,13 +265,13 @@ def test_qat_batch_size_from_free_memory_by_hand():
     def size(free):
         return ModelSize(n_params=250, n_bytes=1000, category="tiny", device="cpu", free_memory_bytes=free)
 
-    cfg = make_config("smoke", qat={"batch_size": 0, "max_len": 256, "grad_accum": 1})
+    cfg = QATConfig(batch_size=0, max_len=256, grad_accum=1)
     # needs(b) = 6 * 1000 + 15 * 4 * b * 256 * 100 = 6000 + 1536000 b; 60% of 12 MB holds b = 4, not 8
     assert qat_batch_size(cfg, size(12_000_000), 100) == 4
     assert qat_batch_size(cfg, size(10_000_000), 100) == 2
     assert qat_batch_size(cfg, size(10**12), 100) == 32  # capped
     assert qat_batch_size(cfg, size(1), 100) == 1  # the pre-flight check then refuses
-    assert qat_batch_size(make_config("smoke", qat={"batch_size": 6}), size(1), 100) == 6  # given: kept
+    assert qat_batch_size(QATConfig(batch_size=6), size(1), 100) == 6  # given: kept
 
 
 def test_batch_size_zero_is_chosen_once_and_used(tmp_path, forge_home):

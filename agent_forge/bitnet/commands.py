@@ -95,12 +95,11 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 
 
 def _agreement_rows(agree: dict | None) -> list[tuple[str, str]]:
-    label = "llama.cpp GGUF gives the ternary model's answer"
-    if not agree:
+    """The agreement row when it was measured; when not, the speed stage's "not measured" row
+    already says why the llama.cpp rows are missing (the reason is in the report too)."""
+    if not agree or not agree["measured"]:
         return []
-    if not agree["measured"]:
-        return [(label, f"not measured: {agree['why']}")]
-    return [(label + f" (target >= {100 * agree['target']:.0f}%)",
+    return [(f"llama.cpp GGUF gives the ternary model's answer (target >= {100 * agree['target']:.0f}%)",
              f"{_pct(agree['agreement'])}{_ci(agree['ci95'])} of {agree['n']}: {_met(agree['target_met'])}; "
              f"GGUF accuracy {_pct(agree['gguf_accuracy_on'])}, thinking closes {_pct(agree['gguf_closed_rate'])}")]
 

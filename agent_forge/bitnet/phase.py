@@ -200,25 +200,21 @@ def stage_validate_input(ctx: Context) -> dict:
         raise BitNetPhaseError(f"{cfg.model} is already ternary (BitLinear layers or a bitnet quantization_config)")
     size, vocab = measure_model(model, cfg.device), model.config.vocab_size
     out["model_size"] = size.to_dict()
-    out["qat_batch_size"] = qat_batch_size(cfg, size, vocab)
+    out["qat_batch_size"] = qat_batch_size(cfg.qat, size, vocab)
     qat = dataclasses.replace(cfg.qat, batch_size=out["qat_batch_size"])
-    out["preflight"] = check(ctx.out, qat_needs(dataclasses.replace(cfg, qat=qat), size.n_bytes, vocab),
-                             size.free_memory_bytes)
+    out["preflight"] = check(ctx.out, qat_needs(qat, size.n_bytes, vocab), size.free_memory_bytes)
     return out
 
 
-def qat_batch_size(cfg: BitNetConfig, size, vocab_size: int) -> int:
-    """cfg.qat.batch_size, or for 0 the largest power of two up to 32 sequences whose QAT needs
+def qat_batch_size(qat: QATConfig, size, vocab_size: int) -> int:
+    """qat.batch_size, or for 0 the largest power of two up to 32 sequences whose QAT needs
     (qat_needs) fit in 60% of the free memory: bigger models and vocabularies get smaller
     batches. At least 1 (the pre-flight check then says whether even that fits)."""
-    if cfg.qat.batch_size > 0:
-        return cfg.qat.batch_size
+    if qat.batch_size > 0:
+        return qat.batch_size
     batch = 32
-    while batch > 1:
-        qat = dataclasses.replace(cfg.qat, batch_size=batch)
-        if qat_needs(dataclasses.replace(cfg, qat=qat), size.n_bytes, vocab_size).memory_bytes \
-                <= 0.6 * size.free_memory_bytes:
-            break
+    while batch > 1 and qat_needs(dataclasses.replace(qat, batch_size=batch), size.n_bytes,
+                                  vocab_size).memory_bytes > 0.6 * size.free_memory_bytes:
         batch //= 2
     return batch
 
@@ -229,7 +225,7 @@ def qat_config(ctx: Context) -> QATConfig:
     return dataclasses.replace(ctx.cfg.qat, batch_size=chosen)
 
 
-def qat_needs(cfg: BitNetConfig, n_bytes: int, vocab_size: int):
+def qat_needs(qat: QATConfig, n_bytes: int, vocab_size: int):
     """Memory and disk QAT needs beyond the input model already loaded.
 
     Memory: 6 copies of the model (the student's weights, gradients, two AdamW moments, its
@@ -242,9 +238,9 @@ def qat_needs(cfg: BitNetConfig, n_bytes: int, vocab_size: int):
     model and the GGUFs (at most two more copies), plus a tenth."""
     from agent_forge.preflight import Needs, checkpoints_on_disk
 
-    micro = max(1, cfg.qat.batch_size // max(1, cfg.qat.grad_accum))
-    logits = 15 * 4 * micro * cfg.qat.max_len * vocab_size
-    copies = 3 * checkpoints_on_disk(cfg.qat.steps, cfg.qat.save_every) + 3
+    micro = max(1, qat.batch_size // max(1, qat.grad_accum))
+    logits = 15 * 4 * micro * qat.max_len * vocab_size
+    copies = 3 * checkpoints_on_disk(qat.steps, qat.save_every) + 3
     return Needs(disk_bytes=int(n_bytes * copies * 1.1), memory_bytes=6 * n_bytes + logits)
 
 
@@ -481,29 +477,17 @@ def stage_agreement(ctx: Context) -> dict:
     ok, why = llamacpp_status()
     if gguf is None:
         why = next((m for m in cpp["not_measured"] if m.startswith(TERNARY_ROW)), "no ternary GGUF was written")
+    if "answers_on" not in ctx.state.result("after"):
+        ok, why = False, "the after stage of this run predates the answers it records"
     if gguf is None or not ok:
         return {"measured": False, "why": why}
     items = eval_items(ctx)
     gens = generate_answers(LlamaCppModel(gguf["path"]), tok, [it.question for it in items],
                             thinking=thinking_mode(tok), max_new_tokens=cfg.max_new_tokens, batch_size=1,
                             progress=False)
-    result = answer_agreement(items, _ternary_answers(ctx, items), gens)
+    result = answer_agreement(items, ctx.state.result("after")["answers_on"], gens)
     return {"measured": True, **result, "target": cfg.min_gguf_agreement,
             "target_met": result["agreement"] >= cfg.min_gguf_agreement}
-
-
-def _ternary_answers(ctx: Context, items) -> list[dict]:
-    """The PyTorch ternary model's thinking-on answers from the after stage; generated again
-    for a run whose after stage predates the record."""
-    from agent_forge.inference import generate_answers
-
-    after = ctx.state.result("after")
-    if "answers_on" in after:
-        return after["answers_on"]
-    gens = generate_answers(trained_student(ctx), teacher(ctx)[1], [it.question for it in items],
-                            thinking=thinking_mode(teacher(ctx)[1]), max_new_tokens=ctx.cfg.max_new_tokens,
-                            batch_size=GENERATION_BATCH, progress=False)
-    return [{"id": it.id, "on": g.answer_text, "closed_on": g.closed} for it, g in zip(items, gens)]
 
 
 def answer_agreement(items, ours: list[dict], gens) -> dict:
