@@ -210,18 +210,34 @@ def test_task_vectors_from_the_stage1_model(taskvec):
 
 
 def test_task_vectors_from_a_common_ancestor():
-    """With a base and a linear stage 1, scale 1 gives exactly base + TIES(parent - base) (the
-    TIES paper's merge, not the plain task vector added twice); scale 0 gives stage 1."""
+    """With a base and a linear stage 1, lambda scales the sparsified task vector that
+    replaces stage 1's plain one: lambda 1 gives exactly base + TIES(parent - base) (the TIES
+    paper's merge, not the plain task vector added twice), lambda 2.5 two and a half times
+    that vector, and lambda 0 the base itself."""
     _, _, sa, sb = _states()
     k = "model.layers.0.self_attn.q_proj.weight"
     g = torch.Generator().manual_seed(3)
     base = {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in sa.items()}
     deltas = [sa[k] - base[k], sb[k] - base[k]]
-    g1 = Genome(interp="linear", taskvec="ties", weights=(0.3, 0.7), density=0.4, taskvec_scale=1.0)
-    out = merge_state_dicts(g1, [sa, sb], base_state=base)
-    assert torch.allclose(out[k], base[k] + ref_ties(deltas, [0.3, 0.7], 0.4), atol=1e-5)
-    g0 = Genome(interp="linear", taskvec="ties", weights=(0.3, 0.7), density=0.4, taskvec_scale=0.0)
-    assert torch.allclose(merge_state_dicts(g0, [sa, sb], base_state=base)[k], 0.3 * sa[k] + 0.7 * sb[k], atol=1e-6)
+    for lam in (1.0, 2.5, 0.0):
+        genome = Genome(interp="linear", taskvec="ties", weights=(0.3, 0.7), density=0.4, taskvec_scale=lam)
+        out = merge_state_dicts(genome, [sa, sb], base_state=base)
+        assert torch.allclose(out[k], base[k] + lam * ref_ties(deltas, [0.3, 0.7], 0.4), atol=1e-5), lam
+
+
+def test_lambda_n_with_equal_weights_is_task_arithmetic():
+    """Equal weights, density 1 and lambda = number of parents: base + the sum of every
+    parent's whole task vector (task arithmetic), for DARE (nothing dropped) and TIES on
+    vectors whose signs agree."""
+    _, _, sa, sb = _states()
+    k = "model.layers.0.mlp.up_proj.weight"
+    base = {n: t - 0.01 for n, t in sa.items()}
+    sb = {n: sa[n] + (t - sa[n]).abs() for n, t in sb.items()}  # both task vectors >= 0: TIES keeps all
+    for taskvec in ("dare", "ties"):
+        genome = Genome(interp="linear", taskvec=taskvec, weights=(0.5, 0.5), density=1.0, taskvec_scale=2.0)
+        out = merge_state_dicts(genome, [sa, sb], base_state=base)
+        expected = base[k] + (sa[k] - base[k]) + (sb[k] - base[k])
+        assert torch.allclose(out[k], expected, atol=1e-5), taskvec
 
 
 def test_dare_merge_is_seeded():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import importlib.util
 import itertools
@@ -68,13 +69,53 @@ def rows_without_time(history):
 @pytest.mark.parametrize("strategy", ["ga", "cma"])
 def test_first_generation_is_the_eight_combinations(strategy):
     fit = Counted(bowl)
-    res = run_search(SearchConfig(strategy=strategy, generations=1, n_parents=3), fit)
+    res = run_search(SearchConfig(strategy=strategy, generations=1, n_parents=3, n_layers=4), fit)
     genomes = [Genome.from_dict(e["genome"]) for e in res.evaluated.values()]
     assert {(g.interp, g.taskvec, g.layers) for g in genomes} == COMBOS
     assert all(g.weights == (1 / 3,) * 3 for g in genomes)
     assert sum(fit.calls.values()) == 8 and res.history[0]["n_evaluated"] == 8
     assert res.history[0]["cache_hits"] == 0
     assert res.best_fitness.value == max(bowl(g) for g in genomes)
+
+
+def test_first_generation_is_eight_distinct_models_when_the_depth_is_known():
+    """Frankenmerge stitches the parents' layers in blocks (3 parents over 7 layers: 1 1 1 2 2
+    3 3), DFS keeps the stage-2 path: eight keys. Unknown depth: identity routes, and each
+    frankenmerge/DFS pair is one model, so one key (evaluated once)."""
+    gen0 = first_generation(3, n_layers=7)
+    assert len({g.key() for g in gen0}) == 8
+    franken = [g for g in gen0 if g.layers == "frankenmerge"]
+    assert {g.route for g in franken} == {(1, 1, 1, 2, 2, 3, 3)}
+    assert all(g.route == () for g in gen0 if g.layers == "dfs")
+    assert len({g.key() for g in first_generation(3)}) == 4
+    cfg = SearchConfig(n_parents=3, n_layers=7)
+    assert all(genome_problems(g, cfg) == [] for g in gen0)
+
+
+def test_identity_routes_key_as_one_model_whatever_the_layer_technique():
+    same = [Genome(layers="frankenmerge"), Genome(layers="dfs")]
+    assert same[0].key() == same[1].key()
+    assert Genome(layers="frankenmerge", route=(1, 0)).key() != Genome(layers="dfs", route=((1, 0), (0, 1))).key()
+
+
+def test_scale_range_reaches_the_sum_of_task_vectors():
+    assert SearchConfig(n_parents=3).scale_bounds == (0.0, 3.0)
+    assert SearchConfig(n_parents=2).scale_bounds == (0.0, 2.0)
+    assert dataclasses.replace(SearchConfig(), n_parents=4).scale_bounds == (0.0, 4.0)  # as the phase fills it
+    assert SearchConfig(n_parents=3, scale_range=(0.5, 1.5)).scale_bounds == (0.5, 1.5)
+    cfg, rng = SearchConfig(n_parents=3, taskvec_scale_sigma=5.0, param_rate=1.0), np.random.default_rng(0)
+    scales = [mutate(Genome(weights=(1 / 3,) * 3), cfg, rng).taskvec_scale for _ in range(50)]
+    assert max(scales) > 2.0 and max(scales) <= 3.0 and min(scales) >= 0.0
+
+
+def test_a_state_from_the_previous_engine_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "s.json"
+    run_search(SearchConfig(generations=1), Counted(bowl), path)
+    state = json.loads(path.read_text())
+    state["version"] = 1
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="new output folder"):
+        run_search(SearchConfig(generations=1), Counted(bowl), path)
 
 
 # --------------------------------------------------------------------------- GA
@@ -225,7 +266,7 @@ def test_duplicate_genomes_in_a_population_are_evaluated_once():
 
     fit = Counted(bowl)
     ev = _Evaluator(fit, {}, lambda: None)
-    g = first_generation(2)
+    g = first_generation(2, n_layers=4)
     fits, new, hits = ev.evaluate([g[0], g[1], g[0], g[0]], generation=0)
     assert (new, hits, sum(fit.calls.values())) == (2, 2, 2)
     assert fits[0].value == fits[2].value == bowl(g[0])

@@ -15,7 +15,8 @@ binary combinations):
    reordered, as in Sakana AI's evolutionary merge.
 
 Floats are rounded in ``key()`` so a recipe and its cached fitness are found again after a
-JSON round trip.
+JSON round trip, and an empty route keys as one model whichever layer technique names it
+(frankenmerge and DFS with the identity route both give the stage-2 model unchanged).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class Genome:
     density: float = 0.5
     """Fraction of each task vector kept by TIES/DARE, in (0, 1]."""
     taskvec_scale: float = 1.0
-    """Lambda on the merged task vector; 0 turns stage 2 off."""
+    """Lambda on the merged task vector. With a base: base + lambda * TIES/DARE(task
+    vectors), the weights averaging them, so lambda = number of parents is task arithmetic's
+    sum of whole vectors; without a base: lambda times the vector added to stage 1."""
     route: tuple = ()
     """Frankenmerge: one source per layer (0 = stage-2 model, k = parent k); empty = all 0.
     DFS: (source, layer) pairs, the layers the hidden state flows through in order;
@@ -85,13 +88,22 @@ class Genome:
         """Identity for the fitness cache: rounded floats, label left out."""
         d = self.to_dict()
         d.pop("label")
+        if not d["route"]:
+            d["layers"] = "identity"  # both layer techniques leave the stage-2 model as it is
         d = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
         d["weights"] = [round(w, 4) for w in d["weights"]]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def first_generation(n_parents: int) -> list[Genome]:
-    """The 2^3 = 8 technique combinations with equal weights and default parameters."""
+def first_generation(n_parents: int, n_layers: int = 0) -> list[Genome]:
+    """The 2^3 = 8 technique combinations with equal weights and default parameters.
+
+    So that the eight are eight models, the frankenmerge ones stitch the parents' own layers
+    in contiguous blocks (parent 1's first, then parent 2's, ...: the classic passthrough
+    merge), while DFS starts from the stage-2 model's own path; with ``n_layers`` unknown
+    (0) both routes are the identity and each frankenmerge/DFS pair is one model (one key)."""
     equal = tuple([1.0 / n_parents] * n_parents)
-    return [Genome(interp=i, taskvec=t, layers=l, weights=equal, label="gen0")
+    blocks = tuple(1 + i * n_parents // n_layers for i in range(n_layers))
+    return [Genome(interp=i, taskvec=t, layers=l, weights=equal, label="gen0",
+                   route=blocks if l == "frankenmerge" else ())
             for i, t, l in itertools.product(INTERP, TASKVEC, LAYERS)]

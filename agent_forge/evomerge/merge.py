@@ -229,26 +229,29 @@ def merge_tensor(genome: Genome, name: str, tensors: list[torch.Tensor], weights
                  base: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """Stage 1 (interpolate the parents) then stage 2 (the merged task vector), in float32,
     cast back to parent 1's dtype. Without a base the task vectors are the parents' offsets
-    from the stage-1 model and are added to it. With a base (the common ancestor) the
-    stage-1 model already holds the plain weighted task vector sum(w_i (p_i - base)), so
-    stage 2 swaps it for the sparsified one by `taskvec_scale`: at 1 after a linear stage 1
-    the result is exactly base + TIES/DARE(p_i - base), the papers' merge; at 0, stage 1. Integer tensors come from parent 1. As the
-    genome says, SLERP reads slerp_t only; the weights weight linear and the task vectors."""
+    from the stage-1 model and `taskvec_scale` times their merge is added to it. With a
+    base (the common ancestor) the stage-1 model already holds the plain weighted task vector
+    sum(w_i (p_i - base)), so stage 2 replaces it with `taskvec_scale` times the sparsified
+    one: after a linear stage 1 the result is base + lambda * TIES/DARE(p_i - base), the
+    papers' merge at lambda 1 and task arithmetic's sum of whole vectors at lambda = N with
+    equal weights and density 1; at lambda 0, the base (a SLERP stage 1 minus its plain
+    vector). Integer tensors come from parent 1. As the genome says, SLERP reads slerp_t
+    only; the weights weight linear and the task vectors."""
     first = tensors[0]
     if not first.is_floating_point():
         return first
     work = [t.to(_work_dtype(first)) for t in tensors]
     merged = linear(work, weights) if genome.interp == "linear" else slerp_chain(work, genome.slerp_t)
+    anchor = merged if base is None else base.to(merged.dtype)
+    deltas = [t - anchor for t in work]
+    if base is not None:  # stage 1 already holds the plain weighted task vector: take it out
+        merged = merged - sum(w * d for w, d in zip(weights, deltas))
     if genome.taskvec_scale != 0:
-        anchor = merged if base is None else base.to(merged.dtype)
-        deltas = [t - anchor for t in work]
         if genome.taskvec == "ties":
             vector = ties(deltas, weights, genome.density)
         else:
             vector = sum(w * dare(d, genome.density, _generator(seed, name, k, d.device))
                          for k, (d, w) in enumerate(zip(deltas, weights)))
-        if base is not None:  # stage 1 already holds the plain weighted task vector: replace it
-            vector = vector - sum(w * d for w, d in zip(weights, deltas))
         merged = merged + genome.taskvec_scale * vector
     return merged.to(first.dtype)
 

@@ -143,7 +143,7 @@ def _mutate_once(g: Genome, cfg: SearchConfig, rng: np.random.Generator, label: 
         w = _normalise(w + rng.normal(0.0, cfg.weight_scale, w.size))
     slerp_t = _perturb(g.slerp_t, cfg.slerp_scale, 0.0, 1.0, cfg.param_rate, rng)
     density = _perturb(g.density, cfg.density_scale, cfg.density_min, 1.0, cfg.param_rate, rng)
-    scale = _perturb(g.taskvec_scale, cfg.taskvec_scale_sigma, *cfg.scale_range, cfg.param_rate, rng)
+    scale = _perturb(g.taskvec_scale, cfg.taskvec_scale_sigma, *cfg.scale_bounds, cfg.param_rate, rng)
     interp, taskvec = _flip(g.interp, INTERP, cfg.flip_prob, rng), _flip(g.taskvec, TASKVEC, cfg.flip_prob, rng)
     layers = _flip(g.layers, LAYERS, cfg.flip_prob, rng)
     route = _convert_route(g.route, g.layers, layers, cfg.n_layers)
@@ -167,7 +167,7 @@ def crossover(parents: Sequence[Genome], cfg: SearchConfig, rng: np.random.Gener
     return Genome(interp=interp, taskvec=taskvec, layers=donor.layers, weights=tuple(float(x) for x in w),
                   slerp_t=float(np.mean([p.slerp_t for p in parents])),
                   density=float(np.clip(np.mean([p.density for p in parents]), cfg.density_min, 1.0)),
-                  taskvec_scale=float(np.clip(np.mean([p.taskvec_scale for p in parents]), *cfg.scale_range)),
+                  taskvec_scale=float(np.clip(np.mean([p.taskvec_scale for p in parents]), *cfg.scale_bounds)),
                   route=canonical_route(donor.layers, route, cfg.n_layers), label=label)
 
 
@@ -189,8 +189,8 @@ def genome_problems(g: Genome, cfg: SearchConfig) -> list[str]:
         out.append(f"weights {g.weights} are not {cfg.n_parents} non-negative numbers summing to 1")
     if not cfg.density_min <= g.density <= 1.0:
         out.append(f"density {g.density} outside [{cfg.density_min}, 1]")
-    if not cfg.scale_range[0] <= g.taskvec_scale <= cfg.scale_range[1]:
-        out.append(f"taskvec_scale {g.taskvec_scale} outside {cfg.scale_range}")
+    if not cfg.scale_bounds[0] <= g.taskvec_scale <= cfg.scale_bounds[1]:
+        out.append(f"taskvec_scale {g.taskvec_scale} outside {cfg.scale_bounds}")
     if not 0.0 <= g.slerp_t <= 1.0:
         out.append(f"slerp_t {g.slerp_t} outside [0, 1]")
     return out + _route_problems(g, cfg)
@@ -218,7 +218,7 @@ def genome_distance(a: Genome, b: Genome, cfg: SearchConfig) -> float:
     scale_range (clipped at 1), and the route part: routes written as (source, layer) paths
     (frankenmerge layer i -> (route[i], i)), the fraction of positions that differ, a
     missing position counting as different."""
-    lo, hi = cfg.scale_range
+    lo, hi = cfg.scale_bounds
     parts = [float(a.interp != b.interp), float(a.taskvec != b.taskvec), float(a.layers != b.layers),
              0.5 * float(np.abs(parent_weights(a, cfg.n_parents) - parent_weights(b, cfg.n_parents)).sum()),
              abs(a.slerp_t - b.slerp_t),

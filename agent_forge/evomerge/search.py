@@ -47,7 +47,9 @@ from agent_forge.evaluation.metrics import bootstrap_ci, wilson_interval
 from agent_forge.evomerge.genome import Genome, first_generation
 from agent_forge.evomerge.operators import MAX_TRIES, _normalise, crossover, diversity, mutate, parent_weights
 
-STATE_VERSION = 1
+# 2: generation 0 stitches real frankenmerge routes, an empty route keys as one model, and
+# with a base taskvec_scale is task arithmetic's lambda: version-1 fitnesses do not carry over.
+STATE_VERSION = 2
 STRATEGIES = ("ga", "cma")
 DFS_OPS = ("swap", "repeat", "drop", "source")
 _RESUME_FREE = ("generations", "save_every_eval")  # config fields a resume may change
@@ -108,7 +110,8 @@ class SearchConfig:
     route_rate: float = 0.3  # probability that a mutation changes the route once
     dfs_ops: tuple = DFS_OPS  # DFS path edits a mutation may use
     density_min: float = 0.05  # density is kept in [density_min, 1]
-    scale_range: tuple = (0.0, 2.0)  # taskvec_scale is kept in this range
+    scale_range: tuple = ()  # taskvec_scale is kept in this range; empty = (0, max(2, n_parents)),
+    # so lambda reaches task arithmetic's sum of whole task vectors (the weights average them)
     cma_sigma: float = 0.2  # CMA-ES initial step size; every coordinate is scaled to [0, 1]
     save_every_eval: bool = True  # rewrite the state after each evaluation, not only per generation
 
@@ -117,6 +120,11 @@ class SearchConfig:
         problems = config_problems(self)
         if problems:
             raise ValueError("bad SearchConfig: " + "; ".join(problems))
+
+    @property
+    def scale_bounds(self) -> tuple[float, float]:
+        """The taskvec_scale range in force: scale_range, or (0, max(2, n_parents)) when empty."""
+        return self.scale_range or (0.0, float(max(2, self.n_parents)))
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -139,8 +147,8 @@ def config_problems(cfg: SearchConfig) -> list[str]:
               (cfg.n_parents >= 2, "n_parents must be >= 2"),
               (cfg.n_layers >= 0, "n_layers must be >= 0"),
               (0.0 < cfg.density_min <= 1.0, "density_min must be in (0, 1]"),
-              (len(cfg.scale_range) == 2 and cfg.scale_range[0] < cfg.scale_range[1],
-               "scale_range must be (lo, hi), lo < hi"),
+              (not cfg.scale_range or len(cfg.scale_range) == 2 and cfg.scale_range[0] < cfg.scale_range[1],
+               "scale_range must be (lo, hi), lo < hi, or empty for (0, max(2, n_parents))"),
               (set(cfg.dfs_ops) <= set(DFS_OPS) and len(cfg.dfs_ops) > 0,
                f"dfs_ops must be a non-empty subset of {DFS_OPS}"),
               (cfg.cma_sigma > 0, "cma_sigma must be > 0")]
@@ -188,7 +196,9 @@ def _open_state(path: Path | None, cfg: SearchConfig) -> dict:
         return _new_state(cfg)
     state = json.loads(path.read_text())
     if state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: state version {state.get('version')}, expected {STATE_VERSION}")
+        raise ValueError(f"{path}: made by search state version {state.get('version')}, this engine writes "
+                         f"{STATE_VERSION} (its generation 0 and task-vector scale differ, so the cached "
+                         f"fitnesses do not apply): start the search in a new output folder")
     mine = cfg.to_dict()
     diff = sorted(k for k in mine if k not in _RESUME_FREE and state["config"].get(k) != mine[k])
     if diff:
@@ -304,7 +314,7 @@ def _loser_groups(ranked: list[Genome], n_elites: int, cfg: SearchConfig) -> lis
 
 def encode(g: Genome, cfg: SearchConfig) -> list[float]:
     """The CMA-ES vector: weights, slerp_t, density, taskvec_scale, each scaled to [0, 1]."""
-    lo, hi = cfg.scale_range
+    lo, hi = cfg.scale_bounds
     x = [*parent_weights(g, cfg.n_parents), g.slerp_t,
          (g.density - cfg.density_min) / max(1e-12, 1.0 - cfg.density_min), (g.taskvec_scale - lo) / (hi - lo)]
     return [float(v) for v in np.clip(x, 0.0, 1.0)]
@@ -312,7 +322,7 @@ def encode(g: Genome, cfg: SearchConfig) -> list[float]:
 
 def decode(x: Sequence[float], base: Genome, cfg: SearchConfig) -> Genome:
     """``base`` (techniques, route) with the floats of ``x``; weights renormalised."""
-    x, n, (lo, hi) = np.clip(np.asarray(x, dtype=float), 0.0, 1.0), cfg.n_parents, cfg.scale_range
+    x, n, (lo, hi) = np.clip(np.asarray(x, dtype=float), 0.0, 1.0), cfg.n_parents, cfg.scale_bounds
     return dataclasses.replace(base, weights=tuple(float(v) for v in _normalise(x[:n])), slerp_t=float(x[n]),
                                density=float(cfg.density_min + x[n + 1] * (1.0 - cfg.density_min)),
                                taskvec_scale=float(lo + x[n + 2] * (hi - lo)), label="cma")
@@ -417,7 +427,7 @@ def run_search(cfg: SearchConfig, fitness: Callable[[Genome], Fitness], state_pa
         t0 = time.time()
         # only earlier generations' keys: those of a killed run's partial generation would change the replay
         evaluated = {k for k, e in state["cache"].items() if e["generation"] < generation}
-        pop = first_generation(cfg.n_parents) if generation == 0 else strategy.propose(pop, fits, evaluated)
+        pop = first_generation(cfg.n_parents, cfg.n_layers) if generation == 0 else strategy.propose(pop, fits, evaluated)
         fits, new, hits = ev.evaluate(pop, generation)
         strategy.observe(generation, pop, fits)
         row = {**_history_row(generation, pop, fits, new, hits, state["history"], cfg, time.time() - t0),
