@@ -242,6 +242,8 @@ def merge_tensor(genome: Genome, name: str, tensors: list[torch.Tensor], weights
         return first
     work = [t.to(_work_dtype(first)) for t in tensors]
     merged = linear(work, weights) if genome.interp == "linear" else slerp_chain(work, genome.slerp_t)
+    if base is None and genome.taskvec_scale == 0:
+        return merged.to(first.dtype)  # stage 2 off: no task vectors to compute
     anchor = merged if base is None else base.to(merged.dtype)
     deltas = [t - anchor for t in work]
     if base is not None:  # stage 1 already holds the plain weighted task vector: take it out
