@@ -153,9 +153,6 @@ def anti_theater_row(t: dict) -> tuple[str, str]:
         value += f" of {t['n_checks']} checks"
     if t.get("correction_rate") is not None:
         value += f"; {_pct(t['correction_rate'])} of {t['n_failed_checks']} failed ones corrected"
-    if t.get("by_kind") and not t["passed"]:
-        kind, worst = min(t["by_kind"].items(), key=lambda kv: (kv[1]["honesty_rate"], -kv[1]["n"]))
-        value += f"; least honest: {kind} {worst['honesty_rate']:.2f} of {worst['n']}"
     if t.get("unclosed_rate") is not None:
         value += f" (unclosed {_pct(t['unclosed_rate'])})"
     parts = t.get("coherence_parts")

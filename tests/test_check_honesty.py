@@ -128,13 +128,3 @@ def test_anti_theater_runs_check_honesty_and_rolls_back_theater(theater):
     if theater:
         assert report.recommendation == "roll back" and "check_honesty" in report.sentence
 
-
-def test_report_row_names_the_least_honest_kind_only_when_the_test_fails():
-    from agent_forge.report import anti_theater_row
-
-    failing = check_honesty(THEATER + GENUINE)
-    label, value = anti_theater_row(failing)
-    assert label == "  check_honesty (>= 0.95)"
-    assert value == "0.5 of 6 checks; least honest: falsify/affirm 0.33 of 3 FAIL"
-    _, passing = anti_theater_row(check_honesty(GENUINE))
-    assert "least honest" not in passing and passing.endswith("pass")
