@@ -353,6 +353,23 @@ def test_run_step2_writes_model_and_report(tmp_path):
     assert trained and set(trained) <= {r.question for r in records()}
 
 
+def test_step2_evaluation_leaves_out_the_questions_it_trained_on(tmp_path):
+    """The before/after comparison must not ask what RL trained on: items whose question a
+    training record asks are dropped, counted, and the limit is still filled."""
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.quietstar.rl import unseen_eval_items
+
+    pool = load_eval_set("easy_arithmetic", limit=12)
+    trained = [Record(f"t{i}", it.question, [Segment("step", "x")], "0", "0", "test") for i, it in enumerate(pool[:3])]
+    kept, n_left_out = unseen_eval_items("easy_arithmetic", 6, trained)
+    assert n_left_out == 3
+    assert len(kept) == 6
+    assert not {it.question for it in kept} & {r.question for r in trained}
+    assert [it.question for it in kept] == [it.question for it in pool[3:9]]  # the next ones, in order
+    kept_all, none = unseen_eval_items("easy_arithmetic", 6, records())
+    assert none == 0 and [it.question for it in kept_all] == [it.question for it in pool[:6]]
+
+
 def _rl_cli(tmp_path, **kw):
     return rl_cli(tmp_path, **{"json_out": True, **kw})
 

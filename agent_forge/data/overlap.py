@@ -147,7 +147,7 @@ def filter_overlap(records, eval_sets=DEFAULT_EVAL_SETS, items=None):
 def unseen_items(items, seen_files) -> list:
     """The items whose question no line of the JSONL files asks (by the overlap keys), so
     a comparison can be made on questions neither model trained on."""
-    seen: set[str] = set()
+    questions: list[str] = []
     for path in seen_files:
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -155,7 +155,13 @@ def unseen_items(items, seen_files) -> list:
                     d = jsonl_object(line, path, i)
                     if "question" not in d:
                         raise ValueError(f"{path}:{i}: no 'question' field")
-                    seen.update(question_keys(d["question"]))
+                    questions.append(d["question"])
+    return items_not_asking(items, questions)
+
+
+def items_not_asking(items, questions) -> list:
+    """The items whose question matches none of `questions` (by the overlap keys)."""
+    seen = {key for q in questions for key in question_keys(q)}
     return [it for it in items if not seen.intersection(question_keys(it.question))]
 
 

@@ -421,6 +421,17 @@ def training_records(cfg: RLConfig, data_path: str | Path | None = None) -> tupl
 TRAIN_QUESTIONS_FILE = "train_questions.jsonl"
 
 
+def unseen_eval_items(eval_data: str, limit: int | None, records) -> tuple[list, int]:
+    """Up to `limit` items of `eval_data` that no training record asks, and how many were
+    left out: the before/after comparison is then on questions RL never trained on."""
+    from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.data.overlap import items_not_asking
+
+    items = load_eval_set(eval_data, limit=2 * limit if limit else None)  # room for those left out
+    kept = items_not_asking(items, [r.question for r in records])
+    return (kept[:limit] if limit else kept), len(items) - len(kept)
+
+
 def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=None, data=None,
               eval_data: str = "easy_arithmetic", resume: bool = False, device=None,
               tracker=None, progress=None, monitor=None) -> dict:
@@ -429,7 +440,6 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
 
     Returns the metrics, with "model_dir" (what the pipeline carries forward).
     """
-    from agent_forge.data.evalsets import load_eval_set
     from agent_forge.data.schema import write_records
     from agent_forge.models import load_model, read_meta, save_model
     from agent_forge.quietstar.step1 import generation_metrics
@@ -440,7 +450,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     out = Path(out)
     records, n_dropped = training_records(cfg, data)
     model, tokenizer = load_model(model_spec, device=device)
-    items = load_eval_set(eval_data, limit=cfg.eval_samples)
+    items, n_seen = unseen_eval_items(eval_data, cfg.eval_samples, records)
     measure = dict(max_new_tokens=cfg.eval_max_new_tokens, with_off=cfg.eval_thinking_off, per_item=True)
     before = generation_metrics(model, tokenizer, items, **measure) if cfg.eval_before and not resume else None
     trainer = RLTrainer(model, tokenizer, cfg, out, tracker=tracker)
@@ -456,6 +466,7 @@ def run_step2(model_spec: str, out, overrides: dict | None = None, config_path=N
     gain = paired_gain(before.pop("correct_on"), after_ok) if before else None
     metrics = {**result.metrics, **after, "train_seconds": round(train_seconds, 1), "eval_data": eval_data,
                "train_questions": len(records), "dropped_overlap": n_dropped, "mode": "answer",
+               "eval_n": len(items), "eval_left_out_seen": n_seen,
                "before": before, "gain_vs_before": gain, "stopped_early": trainer.stopped_reason}
     parent_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
     meta = {"phase": 3, "step": 2, "parent": str(model_spec), "thinking_tokens": thinking_token_ids(tokenizer),

@@ -73,6 +73,12 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
         return
     console = Console()
     console.print(f"[green]Step 2 done[/]: model in {metrics.get('model_dir', out + '/model')}")
+    console.print(f"  held-out {metrics.get('eval_data')}: {metrics.get('eval_n', '?')} questions, leaving out "
+                  f"{metrics.get('eval_left_out_seen', 0)} that the training data asks")
+    gain = metrics.get("gain_vs_before")
+    if gain:
+        console.print(f"  after - before (paired)  {gain['points']:+.1f} points [{gain['ci95_points'][0]:+.1f}, "
+                      f"{gain['ci95_points'][1]:+.1f}], McNemar p={gain['mcnemar_p']:.3g}")
     for key in ("reward_first5", "reward_mean_last5", "accuracy_first5", "accuracy_last5", "kl_last5",
                 "accuracy_thinking_on", "accuracy_thinking_off", "sec_per_step_mean"):
         value = metrics.get(key)
