@@ -81,3 +81,32 @@ def test_specialist_parents_are_trained_once_and_reused(tmp_path):
     assert [m["cached"] for m in again] == [True, True]
     with pytest.raises(ValueError, match="two"):
         make_parents(str(tmp_path / "base"), tmp_path / "p1", ParentsConfig(families=("chain_sum",)))
+
+
+def test_control_repeats_the_parents_recipe_on_all_their_families(tmp_path):
+    """`--control` with given parents: the recipe is read back from their metadata, the
+    control starts from their common start with the summed data and steps; parents without a
+    recipe, or with different ones, are refused with the reason."""
+    from agent_forge.data.schema import read_records
+    from agent_forge.evomerge.parents import ParentsConfig, control_for, make_parents, recipe_of
+    from agent_forge.models import read_meta
+
+    tok = make_tiny_tokenizer()
+    save_model(make_tiny_model("llama", len(tok)), tok, tmp_path / "base")
+    cfg = ParentsConfig(families=("chain_sum", "simple_equations"), records=6, steps=1, batch_size=2)
+    paths = [m["path"] for m in make_parents(str(tmp_path / "base"), tmp_path / "parents", cfg)]
+    start, recipe = recipe_of(paths)
+    assert start == str(tmp_path / "parents" / "base" / "model")
+    assert recipe == cfg  # families in the parents' order, every other field as made
+    made = control_for(paths, tmp_path / "out")
+    settings = read_meta(made["path"])["evomerge_parent"]
+    assert settings["families"] == list(cfg.families) and settings["base"] == start
+    assert settings["records"] == 12 and settings["steps"] == 2
+    assert {r.family for r in read_records(tmp_path / "out" / "control" / "train.jsonl")} == set(cfg.families)
+    with pytest.raises(ValueError, match="not made by --make-parents"):
+        recipe_of([paths[0], str(tmp_path / "base")])
+    other = make_parents(str(tmp_path / "base"), tmp_path / "p2",
+                         ParentsConfig(families=("chain_sum", "basic_arithmetic"), records=6, steps=1, batch_size=2,
+                                       lr=1e-3))
+    with pytest.raises(ValueError, match="different settings \\(base, lr\\)"):
+        recipe_of([paths[0], other[1]["path"]])

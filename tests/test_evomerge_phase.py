@@ -2,6 +2,7 @@
 that Phase 3 accepts, lineage in the registry, the paired test report against a plain
 computation, resume, and the refusals (one parent, parents that cannot merge)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -131,3 +132,11 @@ def test_command_without_parents_says_what_to_give(tmp_path):
 
     res = CliRunner().invoke(app, ["evomerge", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "--models" in res.output
+
+
+def test_control_for_parents_without_a_recipe_is_refused_and_leaves_nothing(tmp_path):
+    base, parents = _family(tmp_path)
+    cfg = dataclasses.replace(_cfg(tmp_path, parents, base), control=True)
+    with pytest.raises(EvoMergePhaseError, match="not made by --make-parents"):
+        run_evomerge(cfg)
+    assert not (tmp_path / "out").exists()

@@ -18,8 +18,9 @@ def evomerge_cmd(models: Optional[str] = typer.Option(None, help="comma-separate
                                                    help="first fine-tune --base into one specialist per family"),
                  base: Optional[str] = typer.Option(None, help="the parents' common ancestor (TIES/DARE base); "
                                                     "with --make-parents the model they are trained from"),
-                 control: bool = typer.Option(False, help="with --make-parents: also train one model on all "
-                                              "families and compare the champion with it"),
+                 control: bool = typer.Option(False, help="also train one model on all the parents' families "
+                                              "with their summed budget (parents made by --make-parents) "
+                                              "and compare the champion with it"),
                  preset: str = typer.Option("quick", help="smoke (seconds), quick (<= 15 min CPU), standard (GPU)"),
                  config: Optional[Path] = typer.Option(None, help="YAML overriding EvoMergeConfig fields"),
                  strategy: Optional[str] = typer.Option(None, help="search: ga (the design's) or cma (CMA-ES)"),

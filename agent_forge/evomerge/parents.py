@@ -92,6 +92,41 @@ def make_parents(base: str, out: str | Path, cfg: ParentsConfig | None = None, p
 def make_control(base: str, out: str | Path, cfg: ParentsConfig | None = None, progress=None) -> dict:
     """The control: one model trained on every family with all the parents' data and steps."""
     cfg = cfg or ParentsConfig()
+    return _train_control(prepare_base(base, out), cfg, Path(out), progress)
+
+
+def _train_control(start: str, cfg: ParentsConfig, out: Path, progress=None) -> dict:
     n = len(cfg.families)
-    start = prepare_base(base, out)
-    return _train(start, tuple(cfg.families), cfg.records * n, cfg.steps * n, cfg, Path(out) / "control", progress)
+    return _train(start, tuple(cfg.families), cfg.records * n, cfg.steps * n, cfg, out / "control", progress)
+
+
+def recipe_of(paths) -> tuple[str, ParentsConfig]:
+    """(the common start, the ParentsConfig) that made these parents, read from their
+    `forge_meta.json`, so a control can repeat the recipe on all their families. A ValueError
+    naming the model when one was not made by `make_parents`, or the recipes differ."""
+    from agent_forge.models import read_meta
+
+    settings = []
+    for path in paths:
+        s = read_meta(path).get("evomerge_parent")
+        if not s:
+            raise ValueError(f"--control repeats the parents' training recipe on all their families, and {path} "
+                             "was not made by --make-parents (no evomerge_parent in its forge_meta.json); "
+                             "use --make-parents, or leave out --control")
+        settings.append(s)
+    shared = [{k: v for k, v in s.items() if k != "families"} for s in settings]
+    if any(s != shared[0] for s in shared[1:]):
+        diff = sorted(k for k in shared[0] if any(s.get(k) != shared[0][k] for s in shared[1:]))
+        raise ValueError(f"--control: the parents were made with different settings ({', '.join(diff)}), "
+                         "so there is no one recipe to repeat")
+    families = tuple(f for s in settings for f in s["families"])
+    fields = {k: v for k, v in shared[0].items() if k in ParentsConfig.__dataclass_fields__}
+    fields["eval_sets"] = tuple(fields.get("eval_sets", ParentsConfig.eval_sets))
+    return shared[0]["base"], ParentsConfig(**{**fields, "families": families})
+
+
+def control_for(paths, out: str | Path, progress=None) -> dict:
+    """The control for parents made earlier by `make_parents` (given as --models): one model
+    from their common start, on all their families, with their summed data and steps."""
+    start, cfg = recipe_of(paths)
+    return _train_control(start, cfg, Path(out), progress)

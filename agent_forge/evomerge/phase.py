@@ -147,7 +147,7 @@ def measure_path(ctx: Context, path: str, split: str) -> Fitness:
 def stage_parents(ctx: Context) -> dict:
     """The parents: given, or specialists of `base` trained here (cached by their settings);
     then the one check that they can merge (architecture, tokenizer)."""
-    from agent_forge.evomerge.parents import make_control, make_parents
+    from agent_forge.evomerge.parents import control_for, make_control, make_parents, recipe_of
 
     cfg, out = ctx.cfg, {}
     if cfg.make_parents:
@@ -161,7 +161,14 @@ def stage_parents(ctx: Context) -> dict:
         if len(cfg.models) < 2:
             raise EvoMergePhaseError("a merge needs at least two --models (or --make-parents)")
         out = {"paths": list(cfg.models), "base": cfg.base}
+        if cfg.control:
+            try:
+                recipe_of(cfg.models)  # refused before any work when there is no recipe to repeat
+            except ValueError as e:
+                raise EvoMergePhaseError(str(e)) from None
     ps = parent_set(ctx, out)
+    if cfg.control and not cfg.make_parents:
+        out["control"] = control_for(cfg.models, ctx.out / "parents", progress=ctx.progress)
     return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture}
 
 
