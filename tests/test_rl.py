@@ -370,6 +370,17 @@ def test_step2_evaluation_leaves_out_the_questions_it_trained_on(tmp_path):
     assert none == 0 and [it.question for it in kept_all] == [it.question for it in pool[:6]]
 
 
+def test_answer_mode_prints_what_it_left_out_and_the_paired_gain(capsys):
+    from agent_forge.quietstar.rl_commands import _print_answer
+
+    _print_answer({"model_dir": "o/model", "eval_data": "easy_arithmetic_fresh:1", "eval_n": 90,
+                   "eval_left_out_seen": 7, "accuracy_thinking_on": 0.5,
+                   "gain_vs_before": {"points": 6.5, "ci95_points": [1.5, 12.5], "mcnemar_p": 0.035}}, "o")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "easy_arithmetic_fresh:1: 90 questions, leaving out 7 that the training data asks" in text
+    assert "+6.5 points [+1.5, +12.5], McNemar p=0.035" in text
+
+
 def _rl_cli(tmp_path, **kw):
     return rl_cli(tmp_path, **{"json_out": True, **kw})
 

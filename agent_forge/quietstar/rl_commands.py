@@ -71,6 +71,11 @@ def rl_cmd(model: str = typer.Option(..., help="the Step 1 model: HF dir (or hub
     if mode == "token":
         _print_token(metrics)
         return
+    _print_answer(metrics, out)
+
+
+def _print_answer(metrics: dict, out: str) -> None:
+    """Answer mode's training metrics and its held-out comparison, as lines."""
     console = Console()
     console.print(f"[green]Step 2 done[/]: model in {metrics.get('model_dir', out + '/model')}")
     console.print(f"  held-out {metrics.get('eval_data')}: {metrics.get('eval_n', '?')} questions, leaving out "
