@@ -140,3 +140,25 @@ def test_control_for_parents_without_a_recipe_is_refused_and_leaves_nothing(tmp_
     with pytest.raises(EvoMergePhaseError, match="not made by --make-parents"):
         run_evomerge(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_command_with_given_parents_trains_and_reports_the_control(tmp_path, monkeypatch):
+    """`forge evomerge --models P1,P2 --control` on parents `make_parents` made: the control
+    is trained from their recipe and the table compares the champion with it."""
+    from agent_forge.cli import app
+    from agent_forge.evomerge.parents import ParentsConfig, make_parents
+
+    tok = make_tiny_tokenizer()
+    save_model(make_tiny_model("llama", len(tok)), tok, tmp_path / "base")
+    recipe = ParentsConfig(families=("chain_sum", "simple_equations"), records=6, steps=1, batch_size=2)
+    paths = [m["path"] for m in make_parents(str(tmp_path / "base"), tmp_path / "parents", recipe)]
+    monkeypatch.setenv("FORGE_HOME", str(tmp_path / "home"))
+    res = CliRunner().invoke(app, ["evomerge", "--models", ",".join(paths), "--base",
+                                   str(tmp_path / "parents" / "base" / "model"), "--control", "--out",
+                                   str(tmp_path / "cli"), "--preset", "smoke", "--tracking", "disabled"])
+    assert res.exit_code == 0, res.output
+    test = json.loads((tmp_path / "cli" / "evomerge_report.json").read_text())["stages"]["test"]
+    assert "control" in test and "gain_vs_control" in test
+    assert "champion vs control" in res.output
+    control = read_meta(tmp_path / "cli" / "parents" / "control" / "model")["evomerge_parent"]
+    assert control["families"] == list(recipe.families) and control["steps"] == 2

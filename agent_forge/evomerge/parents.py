@@ -38,8 +38,8 @@ def _bake_overrides(cfg: ParentsConfig, steps: int) -> dict:
             "save_every": 0, "eval_samples": 16, "eval_thinking_off": False, "eval_max_new_tokens": 96}
 
 
-def _train(base: str, families: tuple[str, ...], n_records: int, steps: int, cfg: ParentsConfig,
-           out: Path, progress=None) -> dict:
+def train_parent(base: str, families: tuple[str, ...], n_records: int, steps: int, cfg: ParentsConfig,
+                 out: Path, progress=None) -> dict:
     """One Step 1 bake of `base` on `families`; reuses `out/model` when its settings match."""
     from agent_forge.data.overlap import asked_by
     from agent_forge.data.procedural import build_gym_records
@@ -86,7 +86,7 @@ def make_parents(base: str, out: str | Path, cfg: ParentsConfig | None = None, p
         raise ValueError("a merge needs at least two parents: give two or more families")
     out = Path(out)
     start = prepare_base(base, out)
-    return [_train(start, (fam,), cfg.records, cfg.steps, cfg, out / fam, progress) for fam in cfg.families]
+    return [train_parent(start, (fam,), cfg.records, cfg.steps, cfg, out / fam, progress) for fam in cfg.families]
 
 
 def make_control(base: str, out: str | Path, cfg: ParentsConfig | None = None, progress=None) -> dict:
@@ -97,7 +97,7 @@ def make_control(base: str, out: str | Path, cfg: ParentsConfig | None = None, p
 
 def _train_control(start: str, cfg: ParentsConfig, out: Path, progress=None) -> dict:
     n = len(cfg.families)
-    return _train(start, tuple(cfg.families), cfg.records * n, cfg.steps * n, cfg, out / "control", progress)
+    return train_parent(start, tuple(cfg.families), cfg.records * n, cfg.steps * n, cfg, out / "control", progress)
 
 
 def recipe_of(paths) -> tuple[str, ParentsConfig]:
