@@ -88,7 +88,7 @@ def test_control_repeats_the_parents_recipe_on_all_their_families(tmp_path):
     control starts from their common start with the summed data and steps; parents without a
     recipe, or with different ones, are refused with the reason."""
     from agent_forge.data.schema import read_records
-    from agent_forge.evomerge.parents import ParentsConfig, control_for, make_parents, recipe_of
+    from agent_forge.evomerge.parents import ParentsConfig, make_parents, recipe_of, train_control
     from agent_forge.models import read_meta
 
     tok = make_tiny_tokenizer()
@@ -98,7 +98,7 @@ def test_control_repeats_the_parents_recipe_on_all_their_families(tmp_path):
     start, recipe = recipe_of(paths)
     assert start == str(tmp_path / "parents" / "base" / "model")
     assert recipe == cfg  # families in the parents' order, every other field as made
-    made = control_for(paths, tmp_path / "out")
+    made = train_control(start, recipe, tmp_path / "out")
     settings = read_meta(made["path"])["evomerge_parent"]
     assert settings["families"] == list(cfg.families) and settings["base"] == start
     assert settings["records"] == 12 and settings["steps"] == 2

@@ -343,7 +343,12 @@ def test_run_step2_writes_model_and_report(tmp_path):
     write_records(data, records())
     over = dict(steps=2, questions_per_step=2, samples_per_question=2, max_new_tokens=8, coherence=False,
                 eval_samples=3, eval_max_new_tokens=8)
-    metrics = run_step2(str(tmp_path / "baked"), tmp_path / "out", over, data=str(data))
+    asked = [{"question": r.question, "answer": r.gold} for r in records()[:2]]  # two it trains on
+    unseen = [{"question": f"{a} + 100 = ?", "answer": str(a + 100)} for a in range(4)]
+    eval_file = tmp_path / "held_out.jsonl"
+    eval_file.write_text("".join(json.dumps(d) + "\n" for d in asked + unseen))
+    metrics = run_step2(str(tmp_path / "baked"), tmp_path / "out", over, data=str(data), eval_data=str(eval_file))
+    assert metrics["eval_left_out_seen"] == 2 and metrics["eval_n"] == 3  # the limit filled from the rest
     meta = read_meta(tmp_path / "out" / "model")
     assert meta["phase"] == 3 and meta["step"] == 2 and meta["parent_meta"]["step"] == 1
     assert metrics["model_dir"] == str(tmp_path / "out" / "model")

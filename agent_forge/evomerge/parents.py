@@ -92,10 +92,11 @@ def make_parents(base: str, out: str | Path, cfg: ParentsConfig | None = None, p
 def make_control(base: str, out: str | Path, cfg: ParentsConfig | None = None, progress=None) -> dict:
     """The control: one model trained on every family with all the parents' data and steps."""
     cfg = cfg or ParentsConfig()
-    return _train_control(prepare_base(base, out), cfg, Path(out), progress)
+    return train_control(prepare_base(base, out), cfg, Path(out), progress)
 
 
-def _train_control(start: str, cfg: ParentsConfig, out: Path, progress=None) -> dict:
+def train_control(start: str, cfg: ParentsConfig, out: Path, progress=None) -> dict:
+    """`out/control/model`: `start` trained on all of `cfg.families` with n x the records and steps."""
     n = len(cfg.families)
     return train_parent(start, tuple(cfg.families), cfg.records * n, cfg.steps * n, cfg, out / "control", progress)
 
@@ -119,14 +120,7 @@ def recipe_of(paths) -> tuple[str, ParentsConfig]:
         diff = sorted(k for k in shared[0] if any(s.get(k) != shared[0][k] for s in shared[1:]))
         raise ValueError(f"--control: the parents were made with different settings ({', '.join(diff)}), "
                          "so there is no one recipe to repeat")
-    families = tuple(f for s in settings for f in s["families"])
     fields = {k: v for k, v in shared[0].items() if k in ParentsConfig.__dataclass_fields__}
-    fields["eval_sets"] = tuple(fields.get("eval_sets", ParentsConfig.eval_sets))
-    return shared[0]["base"], ParentsConfig(**{**fields, "families": families})
+    families = tuple(f for s in settings for f in s["families"])
+    return shared[0]["base"], ParentsConfig(**{**fields, "eval_sets": tuple(fields["eval_sets"]), "families": families})
 
-
-def control_for(paths, out: str | Path, progress=None) -> dict:
-    """The control for parents made earlier by `make_parents` (given as --models): one model
-    from their common start, on all their families, with their summed data and steps."""
-    start, cfg = recipe_of(paths)
-    return _train_control(start, cfg, Path(out), progress)

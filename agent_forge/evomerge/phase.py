@@ -147,9 +147,9 @@ def measure_path(ctx: Context, path: str, split: str) -> Fitness:
 def stage_parents(ctx: Context) -> dict:
     """The parents: given, or specialists of `base` trained here (cached by their settings);
     then the one check that they can merge (architecture, tokenizer)."""
-    from agent_forge.evomerge.parents import control_for, make_control, make_parents, recipe_of
+    from agent_forge.evomerge.parents import make_control, make_parents, train_control
 
-    cfg, out = ctx.cfg, {}
+    cfg, out, recipe = ctx.cfg, {}, None
     if cfg.make_parents:
         base = cfg.base or "default"
         made = make_parents(base, ctx.out / "parents", cfg.parents, progress=ctx.progress)
@@ -161,15 +161,21 @@ def stage_parents(ctx: Context) -> dict:
         if len(cfg.models) < 2:
             raise EvoMergePhaseError("a merge needs at least two --models (or --make-parents)")
         out = {"paths": list(cfg.models), "base": cfg.base}
-        if cfg.control:
-            try:
-                recipe_of(cfg.models)  # refused before any work when there is no recipe to repeat
-            except ValueError as e:
-                raise EvoMergePhaseError(str(e)) from None
+        recipe = _recipe(cfg.models) if cfg.control else None  # refused before any work
     ps = parent_set(ctx, out)
-    if cfg.control and not cfg.make_parents:
-        out["control"] = control_for(cfg.models, ctx.out / "parents", progress=ctx.progress)
+    if recipe:
+        out["control"] = train_control(*recipe, ctx.out / "parents", progress=ctx.progress)
     return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture}
+
+
+def _recipe(models):
+    """The given parents' recipe for the control, or the phase's error saying why there is none."""
+    from agent_forge.evomerge.parents import recipe_of
+
+    try:
+        return recipe_of(models)
+    except ValueError as e:
+        raise EvoMergePhaseError(str(e)) from None
 
 
 def _resolved(spec: str) -> str:
