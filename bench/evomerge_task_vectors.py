@@ -11,8 +11,9 @@ equations; none asked in training). Three arms:
   learned once), then the specialists from it, their task vectors taken against it;
 - `lr`: parents at another learning rate (`--lr`), from the base.
 
-Prints a table per arm, writes bench/results/evomerge_task_vectors.json. About 30 min per
-arm on the 2-core CPU.
+Prints a table per arm and each merge against the best single parent (paired over the same
+questions), writes bench/results/evomerge_task_vectors.json. About 30 min per arm on the
+2-core CPU; `--summarise` recomputes the paired comparisons from that JSON without training.
 
     python bench/evomerge_task_vectors.py --arms base,warm,lr --warm-steps 20 --lr 1e-4
 """
@@ -29,6 +30,7 @@ from agent_forge.evomerge.parents import ParentsConfig, prepare_base, train_pare
 
 RESULT = Path(__file__).parent / "results" / "evomerge_task_vectors.json"
 FAMILIES = ("chain_sum", "simple_equations")
+PARENTS = ("A (chain sums)", "E (equations)", "B (chain sums, seed 1)")  # the one-model recipes
 
 
 def arm_models(arm: str, out: Path, args) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
@@ -76,20 +78,48 @@ def score_recipes(models: dict[str, str], recipes: dict, items) -> dict:
     return out
 
 
+def vs_best_parent(recipes: dict) -> dict:
+    """Each merge minus the best single parent, paired over the same questions."""
+    from agent_forge.validation.stats import paired_gain
+
+    best = max((k for k in PARENTS if k in recipes), key=lambda k: recipes[k]["acc"])
+    out = {}
+    for name, r in recipes.items():
+        if name in PARENTS or name == "start":
+            continue
+        g = paired_gain(recipes[best]["correct"], r["correct"])
+        out[name] = {"vs": best, "points": g["points"], "ci95_points": g["ci95_points"], "mcnemar_p": g["mcnemar_p"]}
+        print(f"  {name:26s} - {best}: {g['points']:+.1f} points [{g['ci95_points'][0]:+.1f}, "
+              f"{g['ci95_points'][1]:+.1f}], McNemar p={g['mcnemar_p']:.2g}")
+    return out
+
+
+def summarise() -> None:
+    import json
+
+    for arm, rec in json.loads(RESULT.read_text()).items():
+        print(f"arm {arm}:")
+        save_result({**rec, "vs_best_parent": vs_best_parent(rec["recipes"])}, RESULT, arm)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", default="base,warm,lr")
     p.add_argument("--warm-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="runs/evomerge_task_vectors")
+    p.add_argument("--summarise", action="store_true", help="only the paired comparisons, from the JSON")
     args = p.parse_args()
+    if args.summarise:
+        return summarise()
     from agent_forge.data.evalsets import load_eval_set
 
     items = [it for it in load_eval_set("easy_arithmetic_val", limit=300) if it.family in FAMILIES][:120]
     for arm in args.arms.split(","):
         print(f"arm {arm}:", flush=True)
         models, recipes = arm_models(arm, Path(args.out), args)
-        rec = {"recipes": score_recipes(models, recipes, items), "models": models,
+        scored = score_recipes(models, recipes, items)
+        rec = {"recipes": scored, "vs_best_parent": vs_best_parent(scored), "models": models,
                "warm_steps": args.warm_steps if arm == "warm" else 0,
                "lr": args.lr if arm == "lr" else ParentsConfig.lr}
         save_result(rec, RESULT, arm)
