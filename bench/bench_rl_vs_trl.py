@@ -126,8 +126,10 @@ def measure(model, tokenizer, items, args) -> dict:
 def trl_reward(tokenizer, cfg, eos: list[int], vocab="default"):
     """A TRL reward function that is our RL's reward: our parse of the sampled ids (TRL's
     `completions` text has the thinking tokens stripped, so it reads `completion_ids`), our
-    answer check on the answer slot, our claim consistency, our combine_rewards."""
+    answer check on the answer slot, our claim consistency and check honesty, our
+    combine_rewards."""
     from agent_forge.quietstar.coherence import claim_consistency
+    from agent_forge.validation.check_honesty import honest_share
     from agent_forge.quietstar.rl_rollouts import _parse, combine_rewards, is_correct
     from agent_forge.vocab import get_vocab
 
@@ -138,7 +140,8 @@ def trl_reward(tokenizer, cfg, eos: list[int], vocab="default"):
         parsed = [_parse(tokenizer, list(ids), set(eos), close_id, vocab) for ids in completion_ids]
         correct = [float(is_correct(p[2] if p[3] else None, g)) for p, g in zip(parsed, gold)]
         consistency = [claim_consistency(p[1], vocab) for p in parsed]
-        return combine_rewards(correct, None, cfg, consistency)
+        honesty = [honest_share(p[1], vocab) for p in parsed]
+        return combine_rewards(correct, None, cfg, consistency, honesty)
 
     return forge_reward
 

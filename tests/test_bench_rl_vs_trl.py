@@ -21,12 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_rl_vs_trl as bench  # noqa: E402
 
 # A correct answer, a wrong one, a thought that never closes (cut at max_new_tokens, the
-# longest row), and a right answer after one false claim.
+# longest row), a right answer after one false claim, and a right answer with an honest check.
 COMPLETIONS = [
     ("<step> 2 + 3 = 5[/endthinking] 5", True),
     ("<step> 2 + 3 = 6[/endthinking] 6", True),
     ("<step> 2 + 3 = 5<step> and 5 is the sum of 2 and 3, so the answer", False),
     ("<step> 2 + 2 = 5<step> 2 + 3 = 5[/endthinking] 5", True),
+    ("<step> 2 + 3 = 5<doubt> 5 - 3 = 2, yes[/endthinking] 5", True),
 ]
 
 
@@ -59,13 +60,14 @@ def our_rewards(tok, model, cfg, record, rows: list[list[int]], tmp_path) -> lis
     return trainer.current["rewards"]
 
 
-@pytest.mark.parametrize("consistency_weight", [0.5, 0.0])
-def test_trl_reward_is_our_reward(tmp_path, consistency_weight):
+@pytest.mark.parametrize("consistency_weight,honesty_weight", [(0.5, 0.0), (0.0, 0.0), (0.5, 1.0)])
+def test_trl_reward_is_our_reward(tmp_path, consistency_weight, honesty_weight):
     tok, model = policy()
     eos = eos_ids(model, tok)
     rows = hand_ids(tok, tok.eos_token_id)
     cfg = RLConfig(questions_per_step=1, samples_per_question=len(rows), max_new_tokens=max(map(len, rows)),
-                   reward="correct", consistency_weight=consistency_weight, coherence=False, save_every=0)
+                   reward="correct", consistency_weight=consistency_weight, honesty_weight=honesty_weight,
+                   coherence=False, save_every=0)
     record = Record("r0", "2 + 3 = ?", [Segment("step", "2 + 3 = 5")], "5", "5", "test", family="sum")
     ours = our_rewards(tok, model, cfg, record, rows, tmp_path)
     # TRL hands the reward function the ids up to and including the first EOS
@@ -73,7 +75,8 @@ def test_trl_reward_is_our_reward(tmp_path, consistency_weight):
     theirs = bench.trl_reward(tok, cfg, eos)(prompts=[""] * len(rows), completions=[""] * len(rows),
                                                completion_ids=trl_ids, gold=["5"] * len(rows), trainer_state=None)
     assert theirs == pytest.approx(ours)
-    assert len(set(ours)) == (4 if consistency_weight else 2)  # the four cases really differ
+    # the cases really differ: right/wrong; + the claim shares 1, 1/2, 0; + an honest check
+    assert len(set(ours)) == 2 + bool(consistency_weight) * 2 + bool(honesty_weight)
 
 
 def test_answer_stop_generate_ends_rows_like_our_sampler():

@@ -79,6 +79,11 @@ def test_combine_rewards_modes():
     assert combine_rewards(correct, None, shaped, [1.0, 0.5, 0.0]) == pytest.approx([1.5, 0.25, 1.0])
     with pytest.raises(ValueError, match="consistency"):
         combine_rewards(correct, None, shaped)
+    honest = RLConfig(reward="correct", consistency_weight=0.5, honesty_weight=1.0)
+    assert combine_rewards(correct, None, honest, [1.0, 0.5, 0.0], [1.0, None, 0.5]) == pytest.approx(
+        [2.5, 0.25, 1.5])  # a thought without a judged check earns no honesty reward
+    with pytest.raises(ValueError, match="check honesty"):
+        combine_rewards(correct, None, honest, [1.0, 0.5, 0.0])
 
 
 def test_step_questions_pure_function_of_seed_and_step():

@@ -27,6 +27,10 @@ One optimiser step:
      earns 0 here (no step shown to hold), so it never outranks one with a slip, and RL
      is not paid to stop writing checkable steps; on tasks without arithmetic every
      sample earns 0 and the group baseline removes the term. Off by default.
+   - plus `honesty_weight` * check honesty (validation.check_honesty.honest_share: the share
+     of the thought's `<doubt>`/`<falsify>`/`<correct>` checks whose stated verdict agrees
+     with the arithmetic they state). A thought with no judged check earns 0, as does one
+     whose checks all lie: RL is paid for true checks, not for dropping them. Off by default.
 4. Advantage: reward minus the mean reward of the K samples of the same question; with
    `normalize_std` (default, GRPO) divided by (population std of the group + 1e-4).
 5. Loss = policy_coefficient * policy + kl_coefficient * KL + lm_coefficient * LM, where
@@ -57,7 +61,8 @@ Per-step metrics (tracker stage "rl"; the SPEC's list, then extras):
   anti_theater_ablation, anti_theater_correlation, anti_theater_check_honesty (None here; the pipeline fills them
   when it runs anti-theater), loss, grad_norm;
   extras: policy_loss, lm_loss, loglik_gain, closed_rate, groups_with_signal,
-  sec_per_step, and the step's time split: reward_seconds (answer check + loglik
+  claim_consistency / claim_rate and sample_check_honesty / check_rate (the samples' shares,
+  and the fraction of samples that have a claim / a judged check), sec_per_step, and the step's time split: reward_seconds (answer check + loglik
   forward), update_seconds (policy/reference forwards, backward, optimiser),
   coherence_seconds.
 
@@ -82,6 +87,7 @@ import torch
 
 from agent_forge.data.schema import Record
 from agent_forge.quietstar.coherence import claim_consistency
+from agent_forge.validation.check_honesty import honest_share
 from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, is_correct, loglik_gains, mean_or_none,
                                                sample)
 from agent_forge.training.batching import step_indices
@@ -111,6 +117,7 @@ class RLConfig:
     loglik_weight: float = 0.5  # weight of the clipped loglik gain in "both"
     loglik_clip: float = 2.0  # clip (nats) of the loglik gain in "both"
     consistency_weight: float = 0.0  # + this * share of the thought's arithmetic claims that hold (no gold needed)
+    honesty_weight: float = 0.0  # + this * share of the thought's checks whose verdict agrees with their arithmetic
     normalize_std: bool = True  # divide advantages by the group's std (GRPO)
     loss_norm: str = "token"  # "token" (sum over tokens / all tokens) | "sequence"
     kl_coefficient: float = 0.1  # weight of the KL to the frozen Step 1 model; 0 = off (no ref forward)
@@ -235,11 +242,12 @@ class RLTrainer(LoopTrainer):
         need_gain = cfg.reward in ("loglik", "both") or self.scorer is not None
         gains = loglik_gains(policy, self.tokenizer, s, golds, k, self.vocab) if need_gain else None
         consistency = [claim_consistency(t, self.vocab) for t in s.thoughts]  # None: no checkable claim
+        honesty = [honest_share(t, self.vocab) for t in s.thoughts]  # None: no judged check
         rewards = (self.reward_fn(s, batch) if self.reward_fn
-                   else combine_rewards(correct, gains, cfg, consistency))
+                   else combine_rewards(correct, gains, cfg, consistency, honesty))
         adv = group_advantages(torch.tensor(rewards), k, cfg.normalize_std).to(s.sequences.device)
         self.current = dict(idx=idx, batch=batch, s=s, rewards=rewards, correct=correct, gains=gains,
-                            adv=adv, consistency=consistency, t1=time.perf_counter(), t0=t0)
+                            adv=adv, consistency=consistency, honesty=honesty, t1=time.perf_counter(), t0=t0)
         micros = self.policy_micros(s, adv)
         if cfg.lm_coefficient > 0 and self.lm_examples:
             idx_mine = idx[acc.process_index::acc.num_processes]
@@ -298,11 +306,11 @@ class RLTrainer(LoopTrainer):
         row = {"loss": loss, "policy_loss": pol, "kl": kl, "lm_loss": lm, "questions": c["idx"],
                "reward_seconds": c["t1"] - c["t0"], "update_seconds": time.perf_counter() - c["t1"]}
         row.update(self._sample_metrics(c["s"], c["batch"], c["rewards"], c["correct"], c["gains"], c["adv"],
-                                        c["consistency"]))
+                                        c["consistency"], c["honesty"]))
         row["reward_rolling"] = rolling_mean(self.history, "reward_mean", row["reward_mean"], cfg.rolling_window)
         return row
 
-    def _sample_metrics(self, s: Samples, batch, rewards, correct, gains, adv, consistency) -> dict:
+    def _sample_metrics(self, s: Samples, batch, rewards, correct, gains, adv, consistency, honesty) -> dict:
         k, n = self.cfg.samples_per_question, len(rewards)
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
         groups = [[t.split() for t in s.thoughts[q * k:(q + 1) * k]] for q in range(n // k)]
@@ -312,6 +320,8 @@ class RLTrainer(LoopTrainer):
                "inference_seconds": s.seconds, "loglik_gain": mean(gains) if gains else None,
                "claim_consistency": mean_or_none([c for c in consistency if c is not None]),
                "claim_rate": mean([float(c is not None) for c in consistency]),
+               "sample_check_honesty": mean_or_none([h for h in honesty if h is not None]),
+               "check_rate": mean([float(h is not None) for h in honesty]),
                "groups_with_signal": mean([float(adv[q * k:(q + 1) * k].abs().max() > 0) for q in range(n // k)])}
         if self.scorer is not None:
             t0 = time.perf_counter()

@@ -167,14 +167,18 @@ class _GoldItem:
 
 
 def combine_rewards(correct: list[float], gains: list[float] | None, cfg,
-                    consistency: list[float] | None = None) -> list[float]:
-    """The `reward` of each sample, plus consistency_weight * consistency when given."""
-    base = _base_rewards(correct, gains, cfg)
-    if not cfg.consistency_weight:
-        return base
-    if consistency is None:
-        raise ValueError("consistency_weight > 0 needs the samples' claim consistency")
-    return [r + cfg.consistency_weight * (0.0 if c is None else c) for r, c in zip(base, consistency)]
+                    consistency: list[float] | None = None, honesty: list[float] | None = None) -> list[float]:
+    """The `reward` of each sample, plus consistency_weight * consistency and honesty_weight *
+    honesty when those weights are on (None, a thought with nothing to score, earns 0)."""
+    rewards = _base_rewards(correct, gains, cfg)
+    for name, weight, shares in (("claim consistency", cfg.consistency_weight, consistency),
+                                 ("check honesty", getattr(cfg, "honesty_weight", 0.0), honesty)):
+        if not weight:
+            continue
+        if shares is None:
+            raise ValueError(f"a {name} weight > 0 needs the samples' {name}")
+        rewards = [r + weight * (0.0 if c is None else c) for r, c in zip(rewards, shares)]
+    return rewards
 
 
 def _base_rewards(correct: list[float], gains: list[float] | None, cfg) -> list[float]:

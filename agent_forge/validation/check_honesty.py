@@ -162,6 +162,13 @@ def _corrected(segs: list[tuple[str, str]], i: int) -> bool:
     return bool(truths) and all(truths)
 
 
+def honest_share(thinking: str | None, vocab="default") -> float | None:
+    """Share of one thought's judged checks whose verdict agrees with their arithmetic; None
+    when it has no judged check (Step 2's honesty reward: it pays for checks that are true)."""
+    checks = parse_checks(thinking, vocab)
+    return sum(c.honest for c in checks) / len(checks) if checks else None
+
+
 def check_honesty(thinkings: list[str | None], threshold: float = THRESHOLD, vocab="default") -> dict:
     """The test row: honesty rate of every judged check over all thoughts, vs `threshold`."""
     per_thought = [parse_checks(t, vocab) for t in thinkings]
