@@ -2,7 +2,7 @@
 
 The write/read round trip needs only the `gguf` package and always runs. The tests that run
 llama.cpp skip, saying why, when llama-cpp-python is not installed (make setup LLAMACPP=yes).
-Tiny models: hidden 64 (its linears go to Q8_0 blocks of ternary codes), intermediate 256
+Tiny models: hidden 64 (its linears go to Q4_0 blocks of ternary codes), intermediate 256
 (down_proj fills whole 256-weight TQ blocks), so both storage paths are exercised.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from agent_forge.bitnet.convert import convert_to_bitnet, set_strength
-from agent_forge.bitnet.gguf_export import GGUFExportError, _rope_permute, read_tensor, write_gguf
+from agent_forge.bitnet.gguf_export import GGUFExportError, _rope_permute, q4_0_codes, read_tensor, write_gguf
 from agent_forge.llamacpp_engine import llamacpp_status
 from agent_forge.vocab import THINK_CLOSE, THINK_OPEN, add_thinking_tokens
 
@@ -81,6 +81,18 @@ LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v":
            "ffn_down": "mlp.down_proj"}
 
 
+def test_q4_0_codes_read_back_by_gguf():
+    """Our Q4_0 blocks against gguf's own dequantiser: every code in [-8, 7] at every position
+    of a block comes back as code x f16(scale)."""
+    import gguf
+
+    q = torch.randint(-8, 8, (6, 96), generator=torch.Generator().manual_seed(0))
+    blocks = q4_0_codes(q, 0.0123)
+    assert blocks.shape == (6, 96 // 32 * 18)  # 2 bytes of scale + 16 of nibbles per 32 weights
+    back = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0).reshape(6, 96)
+    np.testing.assert_array_equal(back, q.numpy() * np.float32(np.float16(0.0123)))
+
+
 @pytest.mark.parametrize("act_norm,weight_type,arch", [("shared", "tq2_0", "bitnet"), ("shared", "tq1_0", "bitnet"),
                                                        (False, "tq2_0", "llama")])
 def test_ternary_round_trip(tok, tmp_path, act_norm, weight_type, arch):
@@ -89,7 +101,7 @@ def test_ternary_round_trip(tok, tmp_path, act_norm, weight_type, arch):
     summary = write_gguf(student, tok, tmp_path / "m.gguf", weight_type)
     assert summary["arch"] == arch
     assert summary["tensor_types"][weight_type.upper()]["tensors"] == 2  # the two down_proj (in = 256)
-    assert summary["tensor_types"]["Q8_0 (ternary codes)"]["tensors"] == 12
+    assert summary["tensor_types"]["Q4_0 (ternary codes)"]["tensors"] == 12
     for i, layer in enumerate(student.model.layers):
         for g_name, hf_name in LINEARS.items():
             values, kind = read_tensor(tmp_path / "m.gguf", f"blk.{i}.{g_name}.weight")
@@ -98,7 +110,7 @@ def test_ternary_round_trip(tok, tmp_path, act_norm, weight_type, arch):
                 heads = 4 if g_name == "attn_q" else 2
                 q = _rope_permute(q, heads)
             scale = np.float32(np.float16(float(gamma)))
-            assert kind == (weight_type.upper() if g_name == "ffn_down" else "Q8_0")
+            assert kind == (weight_type.upper() if g_name == "ffn_down" else "Q4_0")
             np.testing.assert_array_equal(values / scale, q.numpy().astype(np.float32))  # codes exact
             np.testing.assert_allclose(values, q.numpy() * float(gamma), rtol=1e-3, atol=0)
 
@@ -296,3 +308,25 @@ def test_phase_measures_gguf_agreement(tok, tmp_path, forge_home):
     assert any(k.startswith("llama.cpp GGUF gives") for k, _ in summary_rows(report))
     assert agree["measured"] and agree["n"] == 8 == len(agree["agreed"])
     assert agree["agreement"] == sum(agree["agreed"]) / 8 and agree["target_met"] == (agree["agreement"] >= 0.9)
+
+
+def test_summary_states_the_gguf_size_against_fp32(tok, tmp_path):
+    """The ternary GGUF's row: its bytes on disk and the ratio to the fp32 bytes the HF
+    directory's ratio implies (4 bytes per original parameter), with the tensor-type split."""
+    from agent_forge.bitnet.commands import summary_rows
+    from agent_forge.llamacpp_engine import TERNARY_ROW
+
+    _, student = ternary_model(tok, "shared")
+    f = write_gguf(student, tok, tmp_path / "m.gguf", "tq2_0")
+    n_params = sum(p.numel() for p in tiny_llama(tok).parameters())
+    sizes = {"total": 1000, "packed_linears": 0, "embeddings": 0, "head": 0, "norms": 0}
+    save = {"sizes": sizes, "ratio_vs_fp32": 4 * n_params / 1000, "ratio_vs_bf16": 1.0, "ratio_target_vs_fp32": 6,
+            "size_category": "tiny", "sparsity": {"overall": 0.3}, "sparsity_target_met": True,
+            "reload": {"max_abs_logit_diff": 0.0, "closed_thinking": True}}
+    report = {"model": "m", "total_seconds": 1.0,
+              "stages": {"save": save, "speed": {"llamacpp": {"files": {TERNARY_ROW: f}}, "best_ternary_ratio": 1.0,
+                                                  "speed_target_met": False}}}
+    row = dict(summary_rows(report))["ternary GGUF on disk (llama.cpp)"]
+    assert f["bytes"] == (tmp_path / "m.gguf").stat().st_size
+    assert row.startswith(f"{f['bytes'] / 1e6:.1f} MB ({4 * n_params / f['bytes']:.2f}x fp32, ")
+    assert f"{100 * f['ternary_share']:.1f}% of linear weights TQ2_0, the rest Q4_0 codes" in row

@@ -85,13 +85,27 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                                                                      f"{_met(speed['ahead_of_q8_0'])}"))
         if speed.get("not_measured") not in (None, "nothing"):
             rows.append(("not measured", speed["not_measured"]))
-    rows += _agreement_rows(st.get("agreement")) + _curve_rows(st.get("qat", {}).get("curve"))
+    rows += _gguf_rows(speed, save) + _agreement_rows(st.get("agreement")) + _curve_rows(st.get("qat", {}).get("curve"))
     hand = st.get("handoff")
     if hand:
         rows.append(("Phase 4 handoff", "passed" if hand["ok"] else "FAILED: " + ", ".join(
             c["name"] for c in hand["checks"] if not c["ok"] and c["severity"] == "error")))
     rows.append(("time", f"{report['total_seconds']:.0f} s"))
     return rows
+
+
+def _gguf_rows(speed: dict, save: dict) -> list[tuple[str, str]]:
+    """The ternary GGUF's size beside the HF directory's: llama.cpp's file stores rows that do
+    not fill 256-weight TQ blocks as 4-bit codes, so its ratio is its own."""
+    from agent_forge.llamacpp_engine import TERNARY_ROW
+
+    f = (speed.get("llamacpp") or {}).get("files", {}).get(TERNARY_ROW)
+    if not f or not save:
+        return []
+    fp32 = save["sizes"]["total"] * save["ratio_vs_fp32"]
+    share = f.get("ternary_share")
+    kinds = "" if share is None else f", {_pct(share)} of linear weights {f['weight_type'].upper()}, the rest Q4_0 codes"
+    return [("ternary GGUF on disk (llama.cpp)", f"{_mb(f['bytes'])} ({fp32 / f['bytes']:.2f}x fp32{kinds})")]
 
 
 def _agreement_rows(agree: dict | None) -> list[tuple[str, str]]:

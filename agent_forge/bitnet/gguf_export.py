@@ -21,11 +21,11 @@ and up) and `ffn_sub_norm` (before down_proj); its LM head is the token embeddin
 
 Ternary tensors: TQ2_0 (or TQ1_0) blocks hold 256 weights of one row, so a linear whose
 in_features is not a multiple of 256 (SmolLM2-135M's hidden size is 576: every linear but
-down_proj) is written as Q8_0 blocks that hold the same ternary codes (int8 -1/0/1, block
-scale = gamma): exact, but 8.5 bits per weight and llama.cpp's int8 kernel. The summary
+down_proj) is written as Q4_0 blocks that hold the same ternary codes (nibbles 7/8/9, block
+scale = gamma): exact, but 4.5 bits per weight and llama.cpp's 4-bit kernel. The summary
 says how many weights got a ternary type. Either way the dequantised weight is
 code x f16(gamma). llama.cpp quantises activations per block of the row (Q8_K: 256, with
-scale 128/absmax; Q8_0: 32) where we quantise per token (127/absmax), so its logits differ
+scale 128/absmax; Q8_0 for a Q4_0 row: 32) where we quantise per token (127/absmax), so its logits differ
 from ours by that rounding; tests bound it.
 
 llama.cpp's `llama` architecture applies rotary embeddings to adjacent pairs, Hugging Face
@@ -43,8 +43,9 @@ import torch
 from agent_forge.bitnet.bitlinear import BitLinear
 from agent_forge.bitnet.convert import BitNetError
 
-QK_K, QK8_0 = 256, 32
+QK_K, QK8_0, QK4_0 = 256, 32, 32
 TERNARY_TYPES = ("tq2_0", "tq1_0")
+TERNARY_FALLBACK = "Q4_0 (ternary codes)"  # the type of ternary rows that do not fill 256-blocks
 # HF names inside a Llama decoder layer -> GGUF names inside blk.N
 LAYER_TENSORS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                  "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -92,11 +93,11 @@ def write_gguf(model, tokenizer, path: str | Path, weight_type: str = "tq2_0", n
 
 
 def _ternary_share(counts: dict, weight_type: str) -> float | None:
-    """Fraction of the linear weights stored with a ternary type (the rest: Q8_0 codes)."""
+    """Fraction of the linear weights stored with a ternary type (the rest: Q4_0 codes)."""
     if weight_type not in TERNARY_TYPES:
         return None
     tern = counts.get(weight_type.upper(), {}).get("weights", 0)
-    fallback = counts.get("Q8_0 (ternary codes)", {}).get("weights", 0)
+    fallback = counts.get(TERNARY_FALLBACK, {}).get("weights", 0)
     return tern / (tern + fallback) if tern + fallback else 0.0
 
 
@@ -341,10 +342,12 @@ def _linear_tensor(module, weight_type: str, permute_heads: int | None):
 
 
 def _ternary_blocks(q: torch.Tensor, gamma: torch.Tensor, weight_type: str):
-    """TQ2_0/TQ1_0 when a row fills whole 256-blocks, else Q8_0 blocks of the same codes.
+    """TQ2_0/TQ1_0 when a row fills whole 256-blocks, else Q4_0 blocks of the same codes.
 
     TQ: the quantiser's block scale is max|block| = gamma (exact in float32), so every code
-    comes back as written. Q8_0 blocks are built here: scale f16(gamma), int8 codes."""
+    comes back as written. Q4_0 blocks are built here (gguf's own Q4_0 quantiser scales by
+    the signed maximum / -8 and would turn -gamma into -7/8 gamma): scale f16(gamma), nibble
+    code + 8, so each weight dequantises to exactly code x f16(gamma) at 4.5 bits."""
     import gguf
 
     shape = list(q.shape)
@@ -352,13 +355,19 @@ def _ternary_blocks(q: torch.Tensor, gamma: torch.Tensor, weight_type: str):
         qt = gguf.GGMLQuantizationType[weight_type.upper()]
         values = q.float().numpy() * np.float32(gamma)
         return gguf.quants.quantize(values, qt), qt, shape, weight_type.upper()
-    if shape[-1] % QK8_0:
+    if shape[-1] % QK4_0:
         raise GGUFExportError(f"a ternary linear of {shape[-1]} inputs fits neither 256-weight TQ blocks nor "
-                              "32-weight Q8_0 blocks")
-    codes = q.numpy().astype(np.int8).reshape(-1, QK8_0).view(np.uint8)
-    scale = np.full((codes.shape[0], 1), float(gamma), dtype=np.float16).view(np.uint8)
-    blocks = np.concatenate([scale, codes], axis=1).reshape(shape[0], -1)
-    return blocks, gguf.GGMLQuantizationType.Q8_0, shape, "Q8_0 (ternary codes)"
+                              "32-weight Q4_0 blocks")
+    return q4_0_codes(q, float(gamma)), gguf.GGMLQuantizationType.Q4_0, shape, TERNARY_FALLBACK
+
+
+def q4_0_codes(q: torch.Tensor, scale: float) -> np.ndarray:
+    """ggml's block_q4_0 bytes of integer codes in [-8, 7]: per 32 weights an f16 scale, then
+    16 bytes whose low nibbles hold weights 0-15 (+8) and high nibbles weights 16-31 (+8)."""
+    codes = (q.numpy().astype(np.int16) + 8).astype(np.uint8).reshape(-1, QK4_0)
+    nibbles = codes[:, :QK4_0 // 2] | (codes[:, QK4_0 // 2:] << 4)
+    d = np.full((codes.shape[0], 1), scale, dtype=np.float16).view(np.uint8)
+    return np.concatenate([d, nibbles], axis=1).reshape(q.shape[0], -1)
 
 
 # ---------------------------------------------------------------------------------------
