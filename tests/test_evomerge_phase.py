@@ -96,6 +96,22 @@ def test_paired_report_matches_a_plain_computation():
         paired_report(before, Fitness(0.5, 0, 1, 2, {"correct": [1, 0]}))
 
 
+def test_budget_warning_only_when_every_model_scored_left_nearly_all_unanswered():
+    from agent_forge.evomerge.commands import summary_rows
+    from agent_forge.evomerge.phase import budget_warning
+
+    silent = Fitness(0.0, 0.0, 0.1, 4, {"no_answer_rate": 1.0, "correct": [0] * 4})
+    answering = Fitness(0.5, 0.1, 0.9, 4, {"no_answer_rate": 0.25, "correct": [1, 0, 1, 0]})
+    warning = budget_warning([silent, silent], 16)
+    assert "100%+ of test replies gave no answer" in warning and "max_new_tokens=16" in warning
+    assert budget_warning([silent, answering], 16) is None  # one model answers: the figures mean something
+    assert budget_warning([Fitness(0.5, 0.3, 0.7, 8, {})], 16) is None  # the likelihood proxy: no replies
+    report = {"config": {"fitness": {"loglik_weight": 0.0}}, "total_seconds": 1.0,
+              "stages": {"test": {"best_parent": silent.to_dict(), "champion": silent.to_dict(),
+                                  "gain": paired_report(silent, silent, 0.2), "budget_warning": warning}}}
+    assert dict(summary_rows(report))["WARNING"] == warning
+
+
 def test_one_parent_is_refused_and_leaves_nothing(tmp_path):
     base, parents = _family(tmp_path, n_children=1)
     with pytest.raises(EvoMergePhaseError, match="at least two"):

@@ -78,6 +78,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                                          f"{g['ci95_points'][1]:+.1f}], McNemar p={g['mcnemar_p']:.2g}"),
                  (f"relative gain (target >= {100 * g['target_relative']:.0f}%)",
                   f"{100 * g['relative_gain']:+.1f}%: {'met' if g['target_met'] else 'MISSED'}")]
+        if test.get("budget_warning"):
+            rows.append(("WARNING", test["budget_warning"]))
         if "control" in test:
             c = test["gain_vs_control"]
             rows += [("control: one model on all families (test)", _fit(test["control"])),

@@ -229,12 +229,25 @@ def stage_test(ctx: Context) -> dict:
     model = build_model(champion_state(ctx), merged_config(ps, genome))
     champion = measure(model, ps.tokenizer, items(ctx, "test"), accuracy_only(ctx.cfg.fitness))
     out = {"best_parent": best_parent.to_dict(), "champion": champion.to_dict(),
-           "gain": paired_report(best_parent, champion, ctx.cfg.target_relative_gain)}
+           "gain": paired_report(best_parent, champion, ctx.cfg.target_relative_gain),
+           "budget_warning": budget_warning([best_parent, champion], ctx.cfg.fitness.max_new_tokens)}
     if parents.get("control"):
         control = measure_path(ctx, parents["control"]["path"], "test")
         out["control"] = control.to_dict()
         out["gain_vs_control"] = paired_report(control, champion, 0.0)
     return out
+
+
+def budget_warning(scored: list, max_new_tokens: int, at_least: float = 0.9) -> str | None:
+    """A sentence when nearly every test reply of every model scored gave no answer: the
+    budget ended the thinking first (the smoke preset's 16 tokens on a real thinking model),
+    so the accuracies measure the budget, not the merge."""
+    rates = [f.details.get("no_answer_rate") for f in scored]
+    if not rates or any(r is None or r < at_least for r in rates):
+        return None
+    return (f"{100 * min(rates):.0f}%+ of test replies gave no answer within fitness.max_new_tokens="
+            f"{max_new_tokens}: too few tokens for these models to finish thinking, so the accuracies say "
+            "nothing about the merge (smoke is for tiny models; use --preset quick or raise max_new_tokens)")
 
 
 def stage_save(ctx: Context) -> dict:
