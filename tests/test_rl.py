@@ -391,6 +391,34 @@ def test_answer_mode_prints_what_it_left_out_and_the_paired_gain(capsys):
     assert "+6.5 points [+1.5, +12.5], McNemar p=0.035" in text
 
 
+def test_held_out_metrics_carry_the_honesty_of_the_thoughts_checks(monkeypatch, capsys):
+    """Step 2's before/after evaluation reports check honesty over its thinking-on replies:
+    the same figure check_honesty gives on those thoughts, printed before -> after."""
+    from agent_forge.data.evalsets import EvalItem
+    from agent_forge.evaluation import runner
+    from agent_forge.inference import Generation
+    from agent_forge.quietstar.rl_commands import _print_answer
+    from agent_forge.quietstar.step1 import generation_metrics
+    from agent_forge.validation.check_honesty import check_honesty
+
+    thoughts = ["<step> 6 * 7 = 42<doubt> 42 / 6 = 7, yes", "<step> 5 + 4 = 10<doubt> 10 - 4 = 5, yes",
+                "<step> 2 + 2 = 4"]
+
+    def fake(model, tokenizer, questions, **kw):
+        return [Generation(q, q, t, t, "1", True, 4, 0.0, "thinking") for q, t in zip(questions, thoughts)]
+
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **kw: real(*a, generate_fn=fake, loglik=False, **kw))
+    items = [EvalItem(f"q{i}", f"question {i}", "1", family="sum") for i in range(3)]
+    tok, _ = make_policy()
+    got = generation_metrics(None, tok, items, max_new_tokens=8, with_off=False)["check_honesty"]
+    want = check_honesty(thoughts)
+    assert got["honesty_rate"] == want["honesty_rate"] == 0.5 and got["n_checks"] == 2
+    _print_answer({"eval_data": "x", "check_honesty": got,
+                   "before": {"check_honesty": {**got, "honesty_rate": 0.25, "n_checks": 4}}}, "o")
+    assert "check honesty 0.25 of 4 checks -> 0.50 of 2 checks" in " ".join(capsys.readouterr().out.split())
+
+
 def _rl_cli(tmp_path, **kw):
     return rl_cli(tmp_path, **{"json_out": True, **kw})
 

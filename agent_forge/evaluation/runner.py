@@ -111,7 +111,8 @@ def evaluate(model, tokenizer, items, thinking: str = "auto", batch_size: int = 
 def _example_row(item, gen: Generation) -> dict:
     correct, pred = score(item, gen.answer_text if gen.closed else None)
     row = {"id": item.id, "correct": correct, "answer": pred, "gold": item.answer,
-           "family": item.family, "closed": gen.closed, "reply": gen.answer_text, "flexible": None}
+           "family": item.family, "closed": gen.closed, "reply": gen.answer_text, "thinking": gen.thinking,
+           "flexible": None}
     gold = gsm8k_gold(item.answer)
     if gen.mode == "direct" and not item.choices and is_numeric(gold):
         row["flexible"] = numbers_equal(gsm8k_flexible(cut_at_until(gen.completion)) or "", gold)

@@ -84,10 +84,21 @@ def _print_answer(metrics: dict, out: str) -> None:
     if gain:
         console.print(f"  after - before (paired)  {gain['points']:+.1f} points [{gain['ci95_points'][0]:+.1f}, "
                       f"{gain['ci95_points'][1]:+.1f}], McNemar p={gain['mcnemar_p']:.3g}")
+    _print_honesty(console, (metrics.get("before") or {}).get("check_honesty"), metrics.get("check_honesty"))
     for key in ("reward_first5", "reward_mean_last5", "accuracy_first5", "accuracy_last5", "kl_last5",
                 "accuracy_thinking_on", "accuracy_thinking_off", "sec_per_step_mean"):
         value = metrics.get(key)
         console.print(f"  {key:24s} {value:.4g}" if isinstance(value, (int, float)) else f"  {key:24s} -")
+
+
+def _print_honesty(console, before: dict | None, after: dict | None) -> None:
+    """Check honesty of the held-out thoughts, before and after: do the checks check?"""
+    def show(h):
+        if not h or h["honesty_rate"] is None:
+            return "no judged check"
+        return f"{h['honesty_rate']:.2f} of {h['n_checks']} checks"
+    if after:
+        console.print(f"  check honesty            {show(before) + ' -> ' if before else ''}{show(after)}")
 
 
 def _token_mode(model, out, data, given: dict, config, eval_data, device, tracker, progress, resume) -> dict:

@@ -19,14 +19,19 @@ def split_heldout(records: list, fraction: float = 0.05, minimum: int = 32) -> t
 def generation_metrics(model, tokenizer, items, max_new_tokens: int, batch_size: int = GENERATION_BATCH,
                        with_off: bool = True, per_item: bool = False) -> dict:
     """Task accuracy with thinking on (and forced off unless `with_off` is False: the pipeline
-    measures that on the test set anyway), and token usage, on held-out questions.
+    measures that on the test set anyway), token usage, and the honesty of the thoughts' checks
+    (validation.check_honesty) on held-out questions.
     `per_item` adds "correct_on", one bool per question, for paired before/after comparisons."""
     from agent_forge.evaluation.runner import evaluate
+    from agent_forge.validation.check_honesty import check_honesty
 
     on = evaluate(model, tokenizer, items, thinking="on", max_new_tokens=max_new_tokens, batch_size=batch_size)
     off = (evaluate(model, tokenizer, items, thinking="off", max_new_tokens=max_new_tokens, batch_size=batch_size)
            if with_off else None)
+    honesty = check_honesty([r["thinking"] for r in on.per_example])
     return {"accuracy_thinking_on": on.accuracy, "ci95_on": on.ci95,
+            "check_honesty": {k: honesty[k] for k in ("honesty_rate", "n_checks", "correction_rate",
+                                                      "n_failed_checks", "n_thoughts_with_checks")},
             "accuracy_thinking_off": off and off.accuracy, "ci95_off": off and off.ci95,
             "no_answer_rate": on.no_answer_rate, "per_family_on": on.per_family,
             "usage": on.usage, "ms_per_example_on": on.ms_per_example,
