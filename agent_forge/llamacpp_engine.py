@@ -15,6 +15,8 @@ without it everything here says so in one line instead of failing.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +35,42 @@ def llamacpp_status() -> tuple[bool, str]:
         import llama_cpp
     except Exception as e:  # ImportError, or a broken shared library (OSError)
         return False, f"llama-cpp-python not installed ({type(e).__name__}: {e}); {INSTALL_HINT}"
-    return True, f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}"
+    repack = "on" if weight_repacking() else "off (this CPU has AMX: see weight_repacking)"
+    return True, f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}, weight repacking {repack}"
+
+
+def weight_repacking() -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffer types. On a CPU with
+    AMX (amx_int8) the 0.3.36 build's repacked Q4_0/Q8_0 matmul segfaults on any prompt of two
+    or more tokens (F16 and TQ2_0 are unaffected: measured on this project's Xeon), so it is off
+    there, for every GGUF alike; FORGE_LLAMACPP_REPACK=1 or 0 decides instead."""
+    forced = os.environ.get("FORGE_LLAMACPP_REPACK")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return "amx_int8" not in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def _model_params(use_extra_bufts: bool):
+    """llama-cpp-python's Llama() takes no use_extra_bufts argument: set it on the default
+    model params it starts from, for the one construction."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = use_extra_bufts
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
 
 
 class LlamaCppModel:
@@ -51,8 +88,9 @@ class LlamaCppModel:
 
         self.path = str(path)
         threads = n_threads or torch.get_num_threads()
-        self.llm = Llama(model_path=self.path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         logits_all=False, verbose=False)
+        with _model_params(use_extra_bufts=weight_repacking()):
+            self.llm = Llama(model_path=self.path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                             logits_all=False, verbose=False)
         self.n_vocab = self.llm.n_vocab()
 
     # the bits of nn.Module the generation code touches

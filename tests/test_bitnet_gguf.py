@@ -330,3 +330,30 @@ def test_summary_states_the_gguf_size_against_fp32(tok, tmp_path):
     assert f["bytes"] == (tmp_path / "m.gguf").stat().st_size
     assert row.startswith(f"{f['bytes'] / 1e6:.1f} MB ({4 * n_params / f['bytes']:.2f}x fp32, ")
     assert f"{100 * f['ternary_share']:.1f}% of linear weights TQ2_0, the rest Q4_0 codes" in row
+
+
+def test_weight_repacking_follows_the_environment_then_the_cpu(monkeypatch):
+    from agent_forge.llamacpp_engine import weight_repacking
+
+    monkeypatch.setenv("FORGE_LLAMACPP_REPACK", "0")
+    assert weight_repacking() is False
+    monkeypatch.setenv("FORGE_LLAMACPP_REPACK", "1")
+    assert weight_repacking() is True
+    monkeypatch.delenv("FORGE_LLAMACPP_REPACK")
+    try:
+        amx = "amx_int8" in open("/proc/cpuinfo").read()
+    except OSError:
+        amx = False
+    assert weight_repacking() is (not amx)
+
+
+@needs_llamacpp
+def test_model_params_are_set_for_one_construction_only():
+    import llama_cpp.llama_cpp as lib
+
+    from agent_forge.llamacpp_engine import _model_params
+
+    default = lib.llama_model_default_params
+    with _model_params(use_extra_bufts=False):
+        assert lib.llama_model_default_params().use_extra_bufts is False
+    assert lib.llama_model_default_params is default and default().use_extra_bufts is True
