@@ -62,8 +62,8 @@ Per-step metrics (tracker stage "rl"; the SPEC's list, then extras):
   when it runs anti-theater), loss, grad_norm;
   extras: policy_loss, lm_loss, loglik_gain, closed_rate, groups_with_signal,
   claim_consistency / claim_rate and sample_check_honesty / check_rate (the samples' shares,
-  and the fraction of samples that have a claim / a judged check), sec_per_step, and the step's time split: reward_seconds (answer check + loglik
-  forward), update_seconds (policy/reference forwards, backward, optimiser),
+  and the fraction of samples that have a claim / a judged check), sec_per_step, and the
+  step's time split: reward_seconds (answer check + loglik forward), update_seconds (policy/reference forwards, backward, optimiser),
   coherence_seconds.
 
 Training runs on the shared loop (training/loop.py: Accelerate, schedule, clipping, NaN
@@ -87,7 +87,6 @@ import torch
 
 from agent_forge.data.schema import Record
 from agent_forge.quietstar.coherence import claim_consistency
-from agent_forge.validation.check_honesty import honest_share
 from agent_forge.quietstar.rl_rollouts import (Samples, combine_rewards, is_correct, loglik_gains, mean_or_none,
                                                sample)
 from agent_forge.training.batching import step_indices
@@ -95,6 +94,7 @@ from agent_forge.training.kl import kl_policy_to_ref
 from agent_forge.training.logprobs import sample_logits, token_logprobs
 from agent_forge.training.loop import LoopConfig, LoopTrainer, TrainingLoop, rolling_mean
 from agent_forge.training.policy_gradient import distinct_n, group_advantages, reinforce_per_token
+from agent_forge.validation.check_honesty import honest_share
 from agent_forge.vocab import add_thinking_tokens, get_vocab
 
 ANTI_THEATER_KEYS = ("anti_theater_divergence", "anti_theater_ablation", "anti_theater_correlation",
