@@ -63,8 +63,8 @@ Per-step metrics (tracker stage "rl"; the SPEC's list, then extras):
   extras: policy_loss, lm_loss, loglik_gain, closed_rate, groups_with_signal,
   claim_consistency / claim_rate and sample_check_honesty / check_rate (the samples' shares,
   and the fraction of samples that have a claim / a judged check), sec_per_step, and the
-  step's time split: reward_seconds (answer check + loglik forward), update_seconds (policy/reference forwards, backward, optimiser),
-  coherence_seconds.
+  step's time split: reward_seconds (answer check + loglik forward), update_seconds
+  (policy/reference forwards, backward, optimiser), coherence_seconds.
 
 Training runs on the shared loop (training/loop.py: Accelerate, schedule, clipping, NaN
 guard, checkpoints); RLTrainer supplies the sampling, the rewards and the loss. Sampling and
