@@ -60,7 +60,7 @@ def test_evaluate_counts_unclosed_as_no_answer_and_limit():
     assert res.n == 2 and res.accuracy == 0.5 and res.no_answer_rate == 0.5
     assert res.ms_per_example == pytest.approx(10.0)
     assert res.per_example[1] == {"id": "b", "correct": False, "answer": None, "gold": "6",
-                                  "family": "f", "closed": False, "reply": "6", "flexible": None}
+                                  "family": "f", "closed": False, "reply": "6", "thinking": "", "flexible": None}
 
 
 def test_flexible_accuracy_for_direct_replies():
