@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -64,8 +65,14 @@ def test_offline_mode_writes_wandb_run_dir(tmp_path):
     _check_local(run_dir, sent)
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
-    data = b"".join(p.read_bytes() for p in offline[0].glob("run-*.wandb"))
-    for key in (b"bake/loss", b"rl/per_strategy/doubt", b"rl/step", b"summary/final_acc"):
+    keys = (b"bake/loss", b"rl/per_strategy/doubt", b"rl/step", b"summary/final_acc")
+    deadline = time.monotonic() + 20  # W&B's service process may still be writing the file (seen under load)
+    while True:
+        data = b"".join(p.read_bytes() for p in offline[0].glob("run-*.wandb"))
+        if all(k in data for k in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in data, key  # W&B really received the stage-prefixed metrics
     everything = b"".join(p.read_bytes() for p in run_dir.rglob("*") if p.is_file())
     assert b"abcdefghijklmnop" not in everything  # the key never reached disk
