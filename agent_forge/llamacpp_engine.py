@@ -26,6 +26,7 @@ import torch
 
 TERNARY_ROW, F16_ROW, Q8_ROW = ("llama.cpp ternary TQ2_0 (output)", "llama.cpp F16 (input model)",
                                 "llama.cpp Q8_0 (input model)")
+CPUINFO = Path("/proc/cpuinfo")  # where weight_repacking looks for AMX
 INSTALL_HINT = "pip install -e '.[llamacpp]' (or make setup LLAMACPP=yes); it compiles llama.cpp"
 
 
@@ -48,7 +49,7 @@ def weight_repacking() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     try:
-        return "amx_int8" not in Path("/proc/cpuinfo").read_text()
+        return "amx_int8" not in CPUINFO.read_text()
     except OSError:
         return True
 

@@ -311,8 +311,8 @@ def test_phase_measures_gguf_agreement(tok, tmp_path, forge_home):
 
 
 def test_summary_states_the_gguf_size_against_fp32(tok, tmp_path):
-    """The ternary GGUF's row: its bytes on disk and the ratio to the fp32 bytes the HF
-    directory's ratio implies (4 bytes per original parameter), with the tensor-type split."""
+    """The ternary GGUF's row: its bytes on disk and the ratio to the original model's fp32
+    bytes (4 per parameter), with the tensor-type split."""
     from agent_forge.bitnet.commands import summary_rows
     from agent_forge.llamacpp_engine import TERNARY_ROW
 
@@ -320,7 +320,7 @@ def test_summary_states_the_gguf_size_against_fp32(tok, tmp_path):
     f = write_gguf(student, tok, tmp_path / "m.gguf", "tq2_0")
     n_params = sum(p.numel() for p in tiny_llama(tok).parameters())
     sizes = {"total": 1000, "packed_linears": 0, "embeddings": 0, "head": 0, "norms": 0}
-    save = {"sizes": sizes, "ratio_vs_fp32": 4 * n_params / 1000, "ratio_vs_bf16": 1.0, "ratio_target_vs_fp32": 6,
+    save = {"sizes": sizes, "fp32_bytes": 4 * n_params, "ratio_vs_fp32": 4 * n_params / 1000, "ratio_vs_bf16": 1.0, "ratio_target_vs_fp32": 6,
             "size_category": "tiny", "sparsity": {"overall": 0.3}, "sparsity_target_met": True,
             "reload": {"max_abs_logit_diff": 0.0, "closed_thinking": True}}
     report = {"model": "m", "total_seconds": 1.0,
@@ -332,19 +332,26 @@ def test_summary_states_the_gguf_size_against_fp32(tok, tmp_path):
     assert f"{100 * f['ternary_share']:.1f}% of linear weights TQ2_0, the rest Q4_0 codes" in row
 
 
-def test_weight_repacking_follows_the_environment_then_the_cpu(monkeypatch):
+def test_weight_repacking_follows_the_environment_then_the_cpu(monkeypatch, tmp_path):
+    from agent_forge import llamacpp_engine
     from agent_forge.llamacpp_engine import weight_repacking
 
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("flags\t\t: fpu avx2 avx512f amx_bf16 amx_int8 amx_tile\n")
+    plain.write_text("flags\t\t: fpu avx2 avx512f\n")
+    monkeypatch.delenv("FORGE_LLAMACPP_REPACK", raising=False)
+    monkeypatch.setattr(llamacpp_engine, "CPUINFO", amx)
+    assert weight_repacking() is False  # AMX: off
+    monkeypatch.setenv("FORGE_LLAMACPP_REPACK", "1")
+    assert weight_repacking() is True  # the environment decides first
+    monkeypatch.delenv("FORGE_LLAMACPP_REPACK")
+    monkeypatch.setattr(llamacpp_engine, "CPUINFO", plain)
+    assert weight_repacking() is True
     monkeypatch.setenv("FORGE_LLAMACPP_REPACK", "0")
     assert weight_repacking() is False
-    monkeypatch.setenv("FORGE_LLAMACPP_REPACK", "1")
-    assert weight_repacking() is True
     monkeypatch.delenv("FORGE_LLAMACPP_REPACK")
-    try:
-        amx = "amx_int8" in open("/proc/cpuinfo").read()
-    except OSError:
-        amx = False
-    assert weight_repacking() is (not amx)
+    monkeypatch.setattr(llamacpp_engine, "CPUINFO", tmp_path / "missing")
+    assert weight_repacking() is True  # no cpuinfo to read: llama.cpp's default
 
 
 @needs_llamacpp

@@ -102,7 +102,7 @@ def _gguf_rows(speed: dict, save: dict) -> list[tuple[str, str]]:
     f = (speed.get("llamacpp") or {}).get("files", {}).get(TERNARY_ROW)
     if not f or not save:
         return []
-    fp32 = save["sizes"]["total"] * save["ratio_vs_fp32"]
+    fp32 = save["fp32_bytes"]
     share = f.get("ternary_share")
     kinds = "" if share is None else f", {_pct(share)} of linear weights {f['weight_type'].upper()}, the rest Q4_0 codes"
     return [("ternary GGUF on disk (llama.cpp)", f"{_mb(f['bytes'])} ({fp32 / f['bytes']:.2f}x fp32{kinds})")]

@@ -172,7 +172,7 @@ def combine_rewards(correct: list[float], gains: list[float] | None, cfg,
     honesty when those weights are on (None, a thought with nothing to score, earns 0)."""
     rewards = _base_rewards(correct, gains, cfg)
     for name, weight, shares in (("claim consistency", cfg.consistency_weight, consistency),
-                                 ("check honesty", getattr(cfg, "honesty_weight", 0.0), honesty)):
+                                 ("check honesty", cfg.honesty_weight, honesty)):
         if not weight:
             continue
         if shares is None:
