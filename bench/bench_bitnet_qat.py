@@ -1,12 +1,14 @@
-"""BitNet QAT: what the learning rate and the number of steps buy, measured on held-out traces.
+"""BitNet QAT: what the learning rate, the weight scale and the steps buy, on held-out traces.
 
-For each learning rate, a fresh ternary student of `--model` is fine-tuned with `forge
+For each learning rate and weight scale (absmean, mse: bitnet/quantize.py), a fresh ternary student of `--model` is fine-tuned with `forge
 bitnet`'s own QAT (lambda warm-in, distillation from the model itself) for `--steps` steps;
 then, at full strength, it is measured on traces it never trained on (the distillation KL to
 the teacher and the next-token loss) and, with `--eval N`, on N validation questions with
-thinking on. Prints a table, writes bench/results/bitnet_qat.json.
+thinking on. The same held-out figures are taken once before training too, at full strength
+(what the conversion alone leaves). Prints a table, writes bench/results/bitnet_qat.json.
 
     python bench/bench_bitnet_qat.py --model runs/demo/quietstar/model --lrs 2e-4,1e-3,3e-3 --steps 40
+    python bench/bench_bitnet_qat.py --model runs/demo/quietstar/model --lrs 1e-3 --scales absmean,mse --steps 16
 """
 
 from __future__ import annotations
@@ -55,17 +57,18 @@ def accuracy(model, tok, n: int) -> dict:
     return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n}
 
 
-def run_one(teacher, tok, train, test, lr: float, args) -> dict:
+def run_one(teacher, tok, train, test, lr: float, scale: str, args) -> dict:
     cfg = QATConfig(steps=args.steps, batch_size=8, lr=lr, warmup_steps=max(1, args.steps // 10),
                     strength_warmup=args.steps // 2, save_every=10_000)
     student = copy.deepcopy(teacher).requires_grad_(True)
-    convert_to_bitnet(student, act_norm=args.act_norm)  # as `forge bitnet` converts, then calibrates
+    convert_to_bitnet(student, act_norm=args.act_norm, scale_method=scale)  # as `forge bitnet` converts, then calibrates
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     calibrate_act_norms(student, [collate(train[i * 8:(i + 1) * 8], pad) for i in range(4)])
+    start = held_out(student, teacher, test, pad, cfg)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         result = QATTrainer(student, teacher, tok, cfg, d).run(train)
-    row = {"lr": lr, "steps": args.steps, "tokens": result["tokens_seen"], "seconds": time.time() - t0,
+    row = {"lr": lr, "scale": scale, "kd_start": start["kd"], "lm_start": start["lm"], "steps": args.steps, "tokens": result["tokens_seen"], "seconds": time.time() - t0,
            "train_last": result["last"], **held_out(student, teacher, test, pad, cfg)}
     if args.eval:
         row.update(accuracy(student, tok, args.eval))
@@ -79,6 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a Phase 3 model directory (or any causal LM)")
     p.add_argument("--lrs", default="2e-4,1e-3", help="comma-separated peak learning rates")
+    p.add_argument("--scales", default="absmean", help="comma-separated weight scales (absmean, mse)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--held-out", type=int, default=48, help="traces kept out of training and measured")
     p.add_argument("--eval", type=int, default=0, help="validation questions answered with thinking (0: skip)")
@@ -90,11 +94,14 @@ def main() -> None:
                                exclude=asked_by(eval_sets_for("easy_arithmetic", "easy_arithmetic_val")))
     examples, _ = encode_records(records, tok, max_len=256)
     train, test = examples[:-args.held_out], examples[-args.held_out:]
-    rows = [run_one(teacher, tok, train, test, float(lr), args) for lr in args.lrs.split(",")]
-    print(f"{'lr':>8} {'steps':>6} {'held-out KL':>12} {'held-out LM':>12} {'accuracy':>10} {'s':>7}")
+    rows = [run_one(teacher, tok, train, test, float(lr), scale, args)
+            for lr in args.lrs.split(",") for scale in args.scales.split(",")]
+    print(f"{'lr':>8} {'scale':>8} {'steps':>6} {'KL at start':>12} {'held-out KL':>12} {'held-out LM':>12} "
+          f"{'accuracy':>16} {'s':>7}")
     for r in rows:
-        acc = f"{100 * r['accuracy_on']:.1f}%" if "accuracy_on" in r else "-"
-        print(f"{r['lr']:>8.0e} {r['steps']:>6} {r['kd']:>12.3f} {r['lm']:>12.3f} {acc:>10} {r['seconds']:>7.0f}")
+        acc = f"{100 * r['accuracy_on']:.1f}% (n={r['n']})" if "accuracy_on" in r else "-"
+        print(f"{r['lr']:>8.0e} {r['scale']:>8} {r['steps']:>6} {r['kd_start']:>12.3f} {r['kd']:>12.3f} "
+              f"{r['lm']:>12.3f} {acc:>16} {r['seconds']:>7.0f}")
     rec = {"model": args.model, "act_norm": args.act_norm, "rows": rows, "threads": torch.get_num_threads()}
     save_result(rec, Path(__file__).parent / "results" / "bitnet_qat.json", Path(args.model).name)
 

@@ -15,8 +15,8 @@ from agent_forge.bitnet.bitlinear import ActNorm, BitLinear, calibrate_act_norms
 from agent_forge.bitnet.convert import (DEFAULT_KEEP, BitNetError, bitlinears, convert_to_bitnet,
                                         is_ternary, set_strength, sparsity)
 from agent_forge.bitnet.export import compression, disk_sizes, load_plain, round_kept_matrices, save_hf_bitnet
-from agent_forge.bitnet.quantize import (EPS, absmean, act_int8, fake_quant_act, fake_quant_weight,
-                                         pack_ternary, ternary, unpack_ternary)
+from agent_forge.bitnet.quantize import (EPS, absmean, act_int8, fake_quant_act, fake_quant_weight, mse_scale,
+                                         pack_ternary, ternary, unpack_ternary, weight_scale)
 from agent_forge.models import META_FILE, measure_model
 from conftest import make_tiny_model
 
@@ -54,6 +54,44 @@ def test_ternary_matches_the_paper_by_hand():
 def test_ternary_values_only():
     q, _ = ternary(torch.randn(64, 48) * 5)
     assert set(q.unique().tolist()) <= {-1, 0, 1}
+
+
+def _rounding_error(w: torch.Tensor, gamma: float) -> float:
+    q = (w / gamma).round().clamp(-1, 1)
+    return float((w - gamma * q).pow(2).sum())
+
+
+@pytest.mark.parametrize("dist", ["normal", "laplace", "uniform"])
+def test_mse_scale_is_the_grid_search_minimum(dist):
+    """The slow, obviously-right version: try 4000 gammas, keep the least squared error."""
+    g = torch.Generator().manual_seed(3)
+    if dist == "normal":
+        w = torch.randn(4000, generator=g)
+    elif dist == "laplace":
+        u = torch.rand(4000, generator=g) - 0.5
+        w = -u.sign() * torch.log1p(-2 * u.abs())
+    else:
+        w = torch.rand(4000, generator=g) * 2 - 1
+    grid = torch.linspace(0.05, 4.0, 4000) * w.abs().mean()
+    best = min(_rounding_error(w, float(x)) for x in grid)
+    gamma = mse_scale(w)
+    assert _rounding_error(w, float(gamma)) <= best * 1.002
+    assert _rounding_error(w, float(gamma)) < _rounding_error(w, float(absmean(w))) * 0.95
+    q, got = ternary(w, "mse")
+    assert got.item() == gamma.item() and set(q.unique().tolist()) <= {-1, 0, 1}
+
+
+def test_mse_scale_by_hand():
+    # |w| = 0.1, 0.2, 1.0, 3.0; absmean 1.075: 1.0 and 3.0 round to +-1, gamma -> (1 + 3) / 2 = 2
+    # -> 1.0 / 2 = 0.5 rounds to 0 (half to even), gamma -> 3.0 / 1 = 3 -> a fixed point.
+    w = torch.tensor([0.1, -0.2, 1.0, -3.0])
+    assert mse_scale(w, iterations=1).item() == pytest.approx(2.0)
+    assert mse_scale(w).item() == pytest.approx(3.0)
+    assert _rounding_error(w, 3.0) < _rounding_error(w, 2.0) < _rounding_error(w, 1.075)
+    assert mse_scale(torch.zeros(5)).item() == pytest.approx(EPS)
+    assert weight_scale(w, "absmean").item() == pytest.approx(1.075)
+    with pytest.raises(ValueError, match="absmean, mse"):
+        weight_scale(w, "max")
 
 
 def test_act_int8_matches_the_paper_by_hand():
@@ -185,20 +223,21 @@ def test_strength_one_matches_slow_reference(act_norm):
     assert q.dtype == torch.int8 and gamma.item() == pytest.approx(layer.weight.abs().mean().item())
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_strength_one_path_is_the_plain_formula_with_its_gradients(bias):
+@pytest.mark.parametrize("bias,scale", [(True, "absmean"), (False, "absmean"), (True, "mse")])
+def test_strength_one_path_is_the_plain_formula_with_its_gradients(bias, scale):
     """At strength 1 BitLinear takes its exported-order path; value and straight-through
     gradients must be those of F.linear(fake_quant_act(x), fake_quant_weight(w), b)."""
     torch.manual_seed(2)
-    layer = BitLinear(16, 8, bias=bias, act_norm=False)
+    layer = BitLinear(16, 8, bias=bias, act_norm=False, scale_method=scale)
     x = torch.randn(2, 3, 16, requires_grad=True)
     grad_out = torch.randn(2, 3, 8)
     layer(x).backward(grad_out)
     fast = (x.grad.clone(), layer.weight.grad.clone(), None if not bias else layer.bias.grad.clone())
     x.grad = None
     layer.zero_grad()
-    plain = F.linear(fake_quant_act(x), fake_quant_weight(layer.weight), layer.bias)
+    plain = F.linear(fake_quant_act(x), fake_quant_weight(layer.weight, 1.0, scale), layer.bias)
     plain.backward(grad_out)
+    assert layer.ternary()[1].item() == weight_scale(layer.weight, scale).item()
     with torch.no_grad():
         assert torch.allclose(layer(x), plain, rtol=1e-6, atol=1e-6)
     assert torch.allclose(fast[0], x.grad, rtol=1e-6, atol=1e-6)
@@ -282,6 +321,9 @@ def test_convert_refuses_bad_input(tiny_llama):
         convert_to_bitnet(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(BitNetError, match="nothing|no linear"):
         convert_to_bitnet(tiny_llama, keep=("model",))
+    with pytest.raises(BitNetError, match="weight scale must be one of absmean, mse"):
+        convert_to_bitnet(tiny_llama, scale_method="max")
+    assert not is_ternary(tiny_llama)
     convert_to_bitnet(tiny_llama)
     with pytest.raises(BitNetError, match="already ternary"):
         convert_to_bitnet(tiny_llama)
@@ -343,13 +385,14 @@ def test_calibrate_sets_weight_to_mean_input_rms(tiny_llama, tiny_tokenizer):
 # Export to transformers' format and back
 
 
-@pytest.mark.parametrize("kind,act_norm", [("llama", True), ("qwen2", True), ("qwen2", False)])
-def test_hf_round_trip(kind, act_norm, tiny_tokenizer, tmp_path, no_dynamo):
+@pytest.mark.parametrize("kind,act_norm,scale", [("llama", True, "absmean"), ("qwen2", True, "absmean"),
+                                                ("qwen2", False, "absmean"), ("llama", True, "mse")])
+def test_hf_round_trip(kind, act_norm, scale, tiny_tokenizer, tmp_path, no_dynamo):
     from transformers import AutoModelForCausalLM
     from transformers.integrations.bitnet import BitLinear as HFBitLinear
 
     model = make_tiny_model(kind, len(tiny_tokenizer))
-    names = convert_to_bitnet(model, act_norm=act_norm)
+    names = convert_to_bitnet(model, act_norm=act_norm, scale_method=scale)
     if act_norm:
         calibrate_act_norms(model, [_padded_batch(tiny_tokenizer, ["calibrate me", "and me too"])])
     out = save_hf_bitnet(model, tiny_tokenizer, tmp_path / "bitnet", meta={"phase": 4})

@@ -35,6 +35,9 @@ def test_progressive_schedule_by_hand():
 def test_bad_progressive_schedule_fails_in_the_config():
     with pytest.raises(ValueError, match="qat.progressive"):
         make_config("smoke", qat={"progressive": "sideways"})
+    with pytest.raises(ValueError, match="weight_scale must be one of absmean, mse"):
+        make_config("smoke", weight_scale="absmax")
+    assert make_config("smoke", weight_scale="mse").weight_scale == "mse"
 
 
 def test_layer_groups_follow_the_decoder_layers_in_numeric_order():

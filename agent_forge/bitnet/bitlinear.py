@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent_forge.bitnet.quantize import act_int8, fake_quant_act, fake_quant_weight, ternary
+from agent_forge.bitnet.quantize import act_int8, fake_quant_act, fake_quant_weight, ternary, weight_scale
 
 
 class ActNorm(nn.Module):
@@ -43,10 +43,10 @@ class BitLinear(nn.Module):
     """A linear layer trained toward ternary weights and int8 inputs (BitNet b1.58).
 
     `strength` (0..1, set by the trainer, not saved) blends from the original linear (0)
-    to the fully quantised layer (1)."""
+    to the fully quantised layer (1). `scale_method` chooses gamma (quantize.WEIGHT_SCALES)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_norm: bool = True,
-                 eps: float = 1e-6, *, device=None, dtype=None):
+                 eps: float = 1e-6, *, scale_method: str = "absmean", device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
@@ -57,11 +57,14 @@ class BitLinear(nn.Module):
             self.register_parameter("bias", None)
         self.rms_norm = ActNorm(in_features, eps, device=device, dtype=dtype) if act_norm else None
         self.strength = 1.0
+        weight_scale(torch.ones(1), scale_method)  # an unknown method fails here, not mid-training
+        self.scale_method = scale_method
         self._frozen = None  # (weight version key, q_w as float, weight_scale): inference without grad
         self._blended = None  # (weight version key, strength, blended weight): the same below strength 1
 
     @classmethod
-    def from_module(cls, module: nn.Module, act_norm: bool = True, eps: float = 1e-6) -> "BitLinear":
+    def from_module(cls, module: nn.Module, act_norm: bool = True, eps: float = 1e-6,
+                    scale_method: str = "absmean") -> "BitLinear":
         """A BitLinear with the weights of an nn.Linear or a GPT-2 Conv1D (whose weight is (in, out))."""
         from transformers.pytorch_utils import Conv1D
 
@@ -73,7 +76,7 @@ class BitLinear(nn.Module):
             raise TypeError(f"BitLinear.from_module: cannot convert {type(module).__name__}")
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, module.bias is not None, act_norm, eps,
-                    device=weight.device, dtype=weight.dtype)
+                    scale_method=scale_method, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(weight)
             if module.bias is not None:
@@ -92,9 +95,9 @@ class BitLinear(nn.Module):
         if strength == 1.0 and not torch.is_grad_enabled():
             return _ternary_value(x, *act_int8(x), *self._frozen_ternary(), self.bias)
         if strength == 1.0:
-            return _TernaryLinear.apply(x, self.weight, self.bias)
+            return _TernaryLinear.apply(x, self.weight, self.bias, self.scale_method)
         x = fake_quant_act(x, strength)
-        weight = fake_quant_weight(self.weight, strength) if torch.is_grad_enabled() else self._blended_weight(strength)
+        weight = fake_quant_weight(self.weight, strength, self.scale_method) if torch.is_grad_enabled() else self._blended_weight(strength)
         return F.linear(x, weight, self.bias)
 
     def _weight_key(self) -> tuple:
@@ -106,7 +109,7 @@ class BitLinear(nn.Module):
         weight or the strength changes (evaluating mid warm-in decodes token by token too)."""
         key = self._weight_key()
         if self._blended is None or self._blended[:2] != (key, strength):
-            self._blended = (key, strength, fake_quant_weight(self.weight.detach(), strength))
+            self._blended = (key, strength, fake_quant_weight(self.weight.detach(), strength, self.scale_method))
         return self._blended[2]
 
     def _frozen_ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,17 +117,17 @@ class BitLinear(nn.Module):
         token at a time otherwise spends more time re-quantising the weight than multiplying."""
         w, key = self.weight, self._weight_key()
         if self._frozen is None or self._frozen[0] != key:
-            q_w, gamma = ternary(w.detach())
+            q_w, gamma = ternary(w.detach(), self.scale_method)
             self._frozen = (key, q_w.float(), (1.0 / gamma).to(w.dtype).float())
         return self._frozen[1], self._frozen[2]
 
     def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8, gamma) of the current weight: what export stores."""
-        return ternary(self.weight.detach())
+        return ternary(self.weight.detach(), self.scale_method)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, strength={self.strength}")
+                f"bias={self.bias is not None}, strength={self.strength}, scale={self.scale_method}")
 
 
 class _TernaryLinear(torch.autograd.Function):
@@ -136,8 +139,8 @@ class _TernaryLinear(torch.autograd.Function):
     Backward is the straight-through one of the plain formula."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        q_w, gamma = ternary(weight)
+    def forward(ctx, x, weight, bias, scale_method="absmean"):
+        q_w, gamma = ternary(weight, scale_method)
         q_x, input_scale = act_int8(x)
         y = _ternary_value(x, q_x, input_scale, q_w.float(), (1.0 / gamma).to(weight.dtype).float(), bias)
         ctx.save_for_backward((q_x / input_scale).to(x.dtype), (q_w.float() * gamma).to(weight.dtype))
@@ -155,7 +158,7 @@ class _TernaryLinear(torch.autograd.Function):
             grad_w = flat.t().matmul(x_fq.reshape(-1, x_fq.shape[-1]).to(grad.dtype)).to(w_fq.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 def _ternary_value(x, q_x: torch.Tensor, input_scale: torch.Tensor, q_w: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from agent_forge.bitnet.bitlinear import BitLinear
+from agent_forge.bitnet.quantize import WEIGHT_SCALES
 
 DEFAULT_KEEP = ("lm_head",)
 
@@ -69,14 +70,15 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 
 def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_norm: bool | str = True,
-                      eps: float = 1e-6) -> list[str]:
+                      eps: float = 1e-6, scale_method: str = "absmean") -> list[str]:
     """Replace every nn.Linear / Conv1D whose name contains no `keep` pattern by a BitLinear.
 
     act_norm: True (or "per_linear") gives every BitLinear its own RMSNorm; "shared" gives
     the linears that read one block norm's output (q/k/v, gate/up) one shared RMSNorm that
     takes over that block norm's gains (the block norm is frozen at ones), so the model is
     the BitNet b1.58 layout llama.cpp's `bitnet` architecture runs (see gguf_export.py);
-    False: no norm. Returns the converted names. Left alone whatever `keep` says: a linear
+    False: no norm. `scale_method` chooses each matrix's gamma (quantize.WEIGHT_SCALES).
+    Returns the converted names. Left alone whatever `keep` says: a linear
     sharing its weight with the input embedding (a tied head), and one whose output width is
     not a multiple of 4 (e.g. a Cognate memory's 3 gates), which transformers' packed
     format (four ternary values per byte along the output rows) cannot hold."""
@@ -85,6 +87,8 @@ def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_
     shared = act_norm == "shared"
     if shared:
         eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", None) or eps)
+    if scale_method not in WEIGHT_SCALES:
+        raise BitNetError(f"weight scale must be one of {', '.join(WEIGHT_SCALES)}, not {scale_method!r}")
     act_norm = act_norm not in (False, "none")
     _check_causal_lm(model)
     if is_ternary(model):
@@ -97,7 +101,7 @@ def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_
     if not targets:
         raise BitNetError(f"{type(model).__name__}: no linear layers to convert (keep={list(keep)})")
     for name, module in targets:
-        model.set_submodule(name, BitLinear.from_module(module, act_norm=act_norm, eps=eps))
+        model.set_submodule(name, BitLinear.from_module(module, act_norm=act_norm, eps=eps, scale_method=scale_method))
     if shared:
         share_block_norms(model, eps)
     return [name for name, _ in targets]

@@ -52,6 +52,9 @@ class BitNetConfig:
     # transformers and llama.cpp's bitnet architecture run (see bitnet/gguf_export.py).
     # true: one per linear (transformers only); false: none.
     act_norm: bool | str = "shared"
+    # gamma of each ternary matrix: "absmean" (the paper's mean|W|) or "mse" (the gamma that
+    # rounds the trained weights with the least squared error; see bitnet/quantize.py).
+    weight_scale: str = "absmean"
     store_dtype: str | None = "bfloat16"  # kept matrices (embeddings, head) on disk; the model evaluated is rounded alike
     calibrate_batches: int = 4  # batches that set each act-norm's initial scale
     eval_dataset: str | None = None  # test set; None: the one the Phase 3 run used (else easy_arithmetic)
@@ -93,8 +96,12 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
     """The preset, then the YAML, then the overrides; a bad schedule fails here, before any work."""
     from agent_forge.bitnet.qat import strengths_at
 
+    from agent_forge.bitnet.quantize import WEIGHT_SCALES
+
     cfg = preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
     strengths_at(0, cfg.qat.strength_warmup, 1, cfg.qat.progressive)
+    if cfg.weight_scale not in WEIGHT_SCALES:
+        raise ValueError(f"weight_scale must be one of {', '.join(WEIGHT_SCALES)}, not {cfg.weight_scale!r}")
     return cfg
 
 
@@ -127,7 +134,8 @@ def fresh_student(ctx: Context):
 
     model, _ = teacher(ctx)
     student = copy.deepcopy(model).requires_grad_(True)
-    convert_to_bitnet(student, keep=tuple(ctx.cfg.keep), act_norm=ctx.cfg.act_norm)
+    convert_to_bitnet(student, keep=tuple(ctx.cfg.keep), act_norm=ctx.cfg.act_norm,
+                      scale_method=ctx.cfg.weight_scale)
     return student
 
 
@@ -392,6 +400,7 @@ def stage_save(ctx: Context) -> dict:
     meta = {"phase": 4, "parent": cfg.model, "parent_meta": parent_meta,
             "thinking_tokens": parent_meta.get("thinking_tokens"),
             "bitnet": {"original_params": size.n_params, "keep": list(cfg.keep), "act_norm": cfg.act_norm,
+                       "weight_scale": cfg.weight_scale,
                        "store_dtype": cfg.store_dtype, "size_category": size.category},
             "metrics": _metrics_for_meta(ctx)}
     save_hf_bitnet(student, tok, dst, meta, store_dtype=cfg.store_dtype)
