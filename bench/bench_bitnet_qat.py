@@ -59,7 +59,7 @@ def accuracy(model, tok, n: int) -> dict:
 
 def run_one(teacher, tok, train, test, lr: float, scale: str, args) -> dict:
     cfg = QATConfig(steps=args.steps, batch_size=8, lr=lr, warmup_steps=max(1, args.steps // 10),
-                    strength_warmup=args.steps // 2, save_every=10_000)
+                    strength_warmup=args.steps // 2, save_every=10_000, seed=args.seed)
     student = copy.deepcopy(teacher).requires_grad_(True)
     convert_to_bitnet(student, act_norm=args.act_norm, scale_method=scale)  # as `forge bitnet` converts, then calibrates
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--lrs", default="2e-4,1e-3", help="comma-separated peak learning rates")
     p.add_argument("--scales", default="absmean", help="comma-separated weight scales (absmean, mse)")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0, help="QAT's seed (the order of its batches)")
     p.add_argument("--held-out", type=int, default=48, help="traces kept out of training and measured")
     p.add_argument("--eval", type=int, default=0, help="validation questions answered with thinking (0: skip)")
     p.add_argument("--act-norm", default="shared", help="shared (the phase default), per_linear or none")
@@ -102,8 +103,9 @@ def main() -> None:
         acc = f"{100 * r['accuracy_on']:.1f}% (n={r['n']})" if "accuracy_on" in r else "-"
         print(f"{r['lr']:>8.0e} {r['scale']:>8} {r['steps']:>6} {r['kd_start']:>12.3f} {r['kd']:>12.3f} "
               f"{r['lm']:>12.3f} {acc:>16} {r['seconds']:>7.0f}")
-    rec = {"model": args.model, "act_norm": args.act_norm, "rows": rows, "threads": torch.get_num_threads()}
-    save_result(rec, Path(__file__).parent / "results" / "bitnet_qat.json", Path(args.model).name)
+    rec = {"model": args.model, "act_norm": args.act_norm, "seed": args.seed, "rows": rows, "threads": torch.get_num_threads()}
+    key = f"{Path(args.model).name}_{args.steps}_steps_seed{args.seed}"  # one entry per model, length, seed
+    save_result(rec, Path(__file__).parent / "results" / "bitnet_qat.json", key)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,19 @@ def test_mse_scale_is_the_grid_search_minimum(dist):
     assert got.item() == gamma.item() and set(q.unique().tolist()) <= {-1, 0, 1}
 
 
+def test_mse_scale_on_a_sample_matches_the_full_fit():
+    """A large matrix is fitted on a strided sample; columns of very different sizes catch a
+    stride that would visit only some columns (a multiple of the row length would see one)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(256, 512, generator=g) * (1.0 + 2.0 * (torch.arange(512) % 2))  # odd columns 3x
+    full = mse_scale(w, sample=w.numel())
+    sampled = mse_scale(w, sample=4096)  # naive stride 32 divides 512: 16 columns only
+    assert sampled.item() != full.item()
+    assert _rounding_error(w, float(sampled)) <= _rounding_error(w, float(full)) * 1.005
+    aligned = w.reshape(-1)[::32]  # what a stride sharing the row length's factors fits on: even columns
+    assert mse_scale(aligned, sample=aligned.numel()).item() < 0.6 * full.item()
+
+
 def test_mse_scale_by_hand():
     # |w| = 0.1, 0.2, 1.0, 3.0; absmean 1.075: 1.0 and 3.0 round to +-1, gamma -> (1 + 3) / 2 = 2
     # -> 1.0 / 2 = 0.5 rounds to 0 (half to even), gamma -> 3.0 / 1 = 3 -> a fixed point.
