@@ -333,7 +333,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_models(tmp_path, forge_home)
 
     cfg = _config(tmp_path, out="ref")
     yaml = tmp_path / "long.yaml"
-    yaml.write_text("train:\n  specialise_steps: 60\n")
+    yaml.write_text("train:\n  specialise_steps: 16\n")  # the kill lands at step 2 of the first
     args = ["cognate", "--preset", "smoke", "--config", str(yaml), "--tokenizer", str(tmp_path / "tok"),
             "--tracking", "disabled", "--registry", str(cfg.registry)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

@@ -63,11 +63,14 @@ def test_forge_eval_default_on_easy_arithmetic(tmp_path):
 
 
 def test_smoke_pipeline_on_default_model(tmp_path):
+    """The stages `make demo` runs (its quick preset: no Step 2, no trace baking, one A/B
+    round), at smoke size on the real model; tests on tiny models cover the others."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n")
+    cfg.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n"
+                   "rl_enabled: false\ntrace_bake_questions: 0\nab_test_rounds: 1\n")
     _forge("bake-quietstar", "--model", "default", "--out", str(tmp_path / "run"), "--preset", "smoke",
            "--config", str(cfg))
     report = json.loads((tmp_path / "run" / "forge_report.json").read_text())
-    assert {"step1", "anti_theater", "ab_test", "handoff"} <= set(report["stages"])
+    assert {"step1", "anti_theater", "ab_test", "fresh_split", "general", "handoff"} <= set(report["stages"])
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     shutil.rmtree(tmp_path / "run")  # 1.1 GB of models when it ends; CI disks are small

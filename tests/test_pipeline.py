@@ -142,38 +142,36 @@ def _cli(args, stdout=subprocess.PIPE):
                             stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_then_resume(tmp_path, tiny_dir, extra_yaml: str, stage: str, steps: int):
-    """Run once uninterrupted; run again, SIGKILL it inside `stage` once it has a checkpoint,
-    resume; the two must end with the same report structure, batch log and registry rows."""
+@pytest.mark.slow
+def test_sigkill_mid_step1_and_mid_step2_then_resume_matches_uninterrupted(tmp_path, tiny_dir, forge_home):
+    """Run once uninterrupted; run again, SIGKILL it inside Step 1 once it has a checkpoint,
+    resume, SIGKILL it inside Step 2 likewise, resume; the two runs must end with the same
+    report structure, the same batch logs and one registry row each."""
+    stages = {"step1": 40, "step2": 10}  # steps; the kill lands at the first checkpoint
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n{extra_yaml}")
+    cfg_file.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n"
+                        f"bake:\n  steps: {stages['step1']}\n  save_every: 5\n"
+                        f"rl:\n  steps: {stages['step2']}\n  save_every: 2\n")
     args = ["bake-quietstar", "--model", str(tiny_dir), "--preset", "smoke", "--config", str(cfg_file)]
     ref = _cli([*args, "--out", str(tmp_path / "ref")], stdout=subprocess.DEVNULL)
     assert ref.wait(600) == 0
-    victim = _cli([*args, "--out", str(tmp_path / "run")], stdout=subprocess.DEVNULL)
-    sigkill_once_checkpointed(victim, tmp_path / "run" / stage / "checkpoints")
-    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
-    assert stage not in state["stages"]  # it really died inside that stage
-    resumed = _cli([*args, "--out", str(tmp_path / "run"), "--resume"])
-    out = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, out
+    log = open(tmp_path / "run.log", "a")  # a file: a full pipe would stall the run
+    victim = _cli([*args, "--out", str(tmp_path / "run")], stdout=log)
+    for stage in stages:
+        sigkill_once_checkpointed(victim, tmp_path / "run" / stage / "checkpoints")
+        state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+        assert stage not in state["stages"]  # it really died inside that stage
+        victim = _cli([*args, "--out", str(tmp_path / "run"), "--resume"], stdout=log)
+    assert victim.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    log.close()
     got = json.loads((tmp_path / "run" / "forge_report.json").read_text())
     want = json.loads((tmp_path / "ref" / "forge_report.json").read_text())
     assert got["stages"].keys() == want["stages"].keys()
-    assert got["stages"][stage]["steps"] == want["stages"][stage]["steps"] == steps
-    assert (tmp_path / "run" / stage / "batches.jsonl").read_text() == \
-        (tmp_path / "ref" / stage / "batches.jsonl").read_text()
-    assert len(Registry(tmp_path / "reg.sqlite").list_models(phase=3)) == 2  # none from the killed try
-
-
-@pytest.mark.slow
-def test_sigkill_mid_step1_then_resume_matches_uninterrupted(tmp_path, tiny_dir, forge_home):
-    _kill_then_resume(tmp_path, tiny_dir, "bake:\n  steps: 200\n  save_every: 5\n", "step1", 200)
-
-
-@pytest.mark.slow
-def test_sigkill_mid_step2_then_resume_matches_uninterrupted(tmp_path, tiny_dir, forge_home):
-    _kill_then_resume(tmp_path, tiny_dir, "rl:\n  steps: 30\n  save_every: 2\n", "step2", 30)
+    for stage, steps in stages.items():
+        assert got["stages"][stage]["steps"] == want["stages"][stage]["steps"] == steps
+        assert (tmp_path / "run" / stage / "batches.jsonl").read_text() == \
+            (tmp_path / "ref" / stage / "batches.jsonl").read_text()
+    assert len(Registry(tmp_path / "reg.sqlite").list_models(phase=3)) == 2  # none from the killed tries
 
 
 def test_a_stage_is_rolled_back_when_validation_accuracy_falls():

@@ -24,7 +24,7 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # A Step 1 small enough for a 2-core CPU: tiny model, few records, short evaluation.
-STEP1_STEPS = 120  # enough that a pause after the first checkpoint lands mid-run, even on a busy CPU
+STEP1_STEPS = 60  # enough that a pause after the first checkpoint (step 4) lands mid-run, even on a busy CPU
 SMALL = {"tracking": "disabled", "eval_samples": 4, "ab_test_rounds": 2, "max_new_tokens": 8,
          "data": {"n_records": 48},
          "bake": {"steps": STEP1_STEPS, "batch_size": 2, "save_every": 4, "eval_samples": 4, "eval_max_new_tokens": 8},
