@@ -156,8 +156,8 @@ def test_sigkill_inside_two_phases_then_resume_gives_the_uninterrupted_report(tm
     def forge(out, *extra):
         cfg = tmp_path / f"{out}.yaml"
         cfg.write_text(f"registry: {tmp_path / out / 'reg.sqlite'}\nquietstar:\n  fresh_seed: 7\n"  # not drawn per run
-                       "  trace_bake_questions: 0\n  ab_test_rounds: 1\n"
-                       "bitnet:\n  qat:\n    steps: 12\n    save_every: 2\n")
+                       "  trace_bake_questions: 0\n  ab_test_rounds: 1\n  rl_enabled: false\n"
+                       "bitnet:\n  qat:\n    steps: 8\n    save_every: 2\n")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
         args = ["run", "--from", "cognate", "--to", "bitnet", "--preset", "smoke", "--force", "--tracking",
                 "disabled", "--config", str(cfg), "--out", str(tmp_path / out)]

@@ -172,13 +172,18 @@ def test_anti_theater_and_ab_use_a_token_level_models_thoughts(monkeypatch, tmp_
     assert len(calls) == 2
 
 
-def test_eval_exclude_seen_leaves_out_trained_questions(monkeypatch, tmp_path):
+def test_eval_and_anti_theater_exclude_seen_leave_out_trained_questions(monkeypatch, tmp_path):
     seen = tmp_path / "train.jsonl"
     seen.write_text(json.dumps({"question": ITEMS[0].question}) + "\n")
     res = CliRunner().invoke(_app(monkeypatch), ["eval", "--model", "x", "--data", "y", "--thoughts", "on",
                                                  "--max-new-tokens", "24", "--exclude-seen", str(seen), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["n"] == len(ITEMS) - 1
+    # Anti-theater on the two items left (it runs on all three without the option: test above).
+    res = CliRunner().invoke(_app(monkeypatch), ["anti-theater", "--model", "x", "--data", "y",
+                                                 "--exclude-seen", str(seen)])
+    assert "left out 1 of 3 items" in res.output and "needs at least 3 items" in res.output
+    assert res.exit_code == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no question here"}\n')
     res = CliRunner().invoke(_app(monkeypatch), ["eval", "--model", "x", "--data", "y", "--exclude-seen", str(bad)])

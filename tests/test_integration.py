@@ -26,8 +26,10 @@ def test_forge_info_default_offline():
 
 
 def _eval_json(model: str, limit: int) -> dict:
-    """`forge eval --json` on the first `limit` easy_arithmetic items."""
-    out = _forge("eval", "--model", model, "--data", "easy_arithmetic", "--limit", str(limit), "--json")
+    """`forge eval --json` on the first `limit` easy_arithmetic items; 16 new tokens hold any
+    answer the model gives (48 by default: the shuffled model fills them all)."""
+    out = _forge("eval", "--model", model, "--data", "easy_arithmetic", "--limit", str(limit),
+                 "--max-new-tokens", "16", "--json")
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -67,7 +69,8 @@ def test_smoke_pipeline_on_default_model(tmp_path):
     round), at smoke size on the real model; tests on tiny models cover the others."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"registry: {tmp_path / 'reg.sqlite'}\ntracking: disabled\n"
-                   "rl_enabled: false\ntrace_bake_questions: 0\nab_test_rounds: 1\n")
+                   "rl_enabled: false\ntrace_bake_questions: 0\nab_test_rounds: 1\n"
+                   "eval_samples: 8\ngeneral_samples: 4\n")
     _forge("bake-quietstar", "--model", "default", "--out", str(tmp_path / "run"), "--preset", "smoke",
            "--config", str(cfg))
     report = json.loads((tmp_path / "run" / "forge_report.json").read_text())

@@ -194,6 +194,7 @@ def anti_theater_cmd(model: str = typer.Option(..., help=MODEL_HELP),
                      device: Optional[str] = typer.Option(None),
                      thought_positions: Optional[str] = typer.Option(None, help=POSITIONS_HELP),
                      max_new_tokens: Optional[int] = typer.Option(None, help=AT_TOKENS_HELP),
+                     exclude_seen: Optional[list[str]] = typer.Option(None, help=SEEN_HELP),
                      json_out: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Do the thoughts carry the answer? Divergence, ablation, coherence-utility correlation.
 
@@ -202,12 +203,13 @@ def anti_theater_cmd(model: str = typer.Option(..., help=MODEL_HELP),
     from agent_forge.validation.anti_theater import comparison, run_anti_theater, value_text
 
     [thought_mode] = _thought_modes([model], thought_positions)
+    items = _items(data, limit, exclude_seen, quiet=json_out)
     m, tok = _load(model, device)
     timer = _Timer()
     gen = _anti_theater_generate(m, tok, model, thought_mode, _batch(batch_size), not json_out, timer,
                                  max_new_tokens)
     try:
-        report = run_anti_theater(m, tok, _items(data, limit), generate_fn=gen, batch_size=_batch(batch_size),
+        report = run_anti_theater(m, tok, items, generate_fn=gen, batch_size=_batch(batch_size),
                                   progress=not json_out)
     except ValueError as e:
         _fail(str(e))
