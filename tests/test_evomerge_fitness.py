@@ -110,3 +110,41 @@ def test_control_repeats_the_parents_recipe_on_all_their_families(tmp_path):
                                        lr=1e-3))
     with pytest.raises(ValueError, match="different settings \\(base, lr\\)"):
         recipe_of([paths[0], other[1]["path"]])
+
+
+def test_a_made_parent_keeps_its_scores_and_other_models_are_measured_every_time(tiny, tmp_path):
+    """measure_dir: a model --make-parents made (evomerge_parent in its meta) is scored once
+    per (weights, items, settings), then read back with the same per-question results; new
+    weights, other items or another budget score again; a model we did not make is loaded
+    every time and nothing is written into its folder."""
+    from agent_forge.evomerge.fitness import SCORE_CACHE, measure_dir
+    from agent_forge.models import load_model, update_meta
+
+    model, tok, items = tiny
+    parent, other = save_model(model, tok, tmp_path / "parent"), save_model(model, tok, tmp_path / "other")
+    update_meta(parent, {"evomerge_parent": {"families": ["chain_sum"]}})
+    loads = []
+
+    def load(path):
+        loads.append(str(path))
+        return load_model(path)
+
+    cfg = FitnessConfig(max_new_tokens=8, batch_size=6)
+    first = measure_dir(parent, items, cfg, load)
+    again = measure_dir(parent, items, cfg, load)
+    assert len(loads) == 1 and again.details.pop("cached") is True
+    assert again.to_dict() == first.to_dict() and len(first.details["correct"]) == len(items)
+    measure_dir(parent, items[:4], cfg, load)
+    measure_dir(parent, items, FitnessConfig(max_new_tokens=9, batch_size=6), load)
+    assert len(loads) == 3
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    kept = (parent / SCORE_CACHE).read_text()
+    save_model(model, tok, parent)  # a new folder: the old scores put back beside new weights
+    update_meta(parent, {"evomerge_parent": {"families": ["chain_sum"]}})
+    (parent / SCORE_CACHE).write_text(kept)
+    measure_dir(parent, items, cfg, load)
+    assert len(loads) == 4
+    measure_dir(other, items, cfg, load)
+    measure_dir(other, items, cfg, load)
+    assert len(loads) == 6 and not (other / SCORE_CACHE).exists()

@@ -153,6 +153,36 @@ def test_trim_keeps_the_largest_magnitudes_like_mergekit(density):
     assert int((out != 0).sum()) == max(1, int(density * d.numel()))
 
 
+def test_trim_on_a_large_tensor_is_a_top_k_selection():
+    """Exactly k kept, each with its own value, and no dropped magnitude above a kept one."""
+    g = torch.Generator().manual_seed(8)
+    d = (torch.randn(600, 700, generator=g) * 64).round() / 64  # repeats at every threshold
+    for density in (0.1, 0.5, 0.8):
+        out = trim_magnitude(d, density)
+        kept = out != 0
+        assert int(kept.sum()) == int(density * d.numel())
+        assert torch.equal(out[kept], d[kept])
+        assert d[~kept].abs().max() <= d[kept].abs().min()
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.9])
+def test_trim_keeps_exactly_k_with_equal_magnitudes_and_zeros(density):
+    """The selection shortcut's two edge cases against the reference: magnitudes equal at
+    the threshold (topk then picks exactly k; which of the equal ones is free, so the check
+    is on the kept magnitudes) and a tensor mostly zero (every nonzero entry kept)."""
+    g = torch.Generator().manual_seed(6)
+    tied = torch.randint(-3, 4, (12, 10), generator=g).float()  # seven values, many repeats
+    out = trim_magnitude(tied, density)
+    k = max(1, int(density * tied.numel()))
+    assert int((out != 0).sum()) == min(k, int((tied != 0).sum()))
+    assert sorted(out.abs().flatten().tolist(), reverse=True)[:k] == \
+        sorted(tied.abs().flatten().tolist(), reverse=True)[:k]
+    assert torch.equal(out[out != 0], tied[out != 0])  # kept entries keep their sign and value
+    sparse = torch.zeros(50)
+    sparse[[3, 17, 40]] = torch.tensor([0.5, -2.0, 1.0])
+    assert torch.equal(trim_magnitude(sparse, density), torch.tensor(ref_trim(sparse, density)))
+
+
 @pytest.mark.parametrize("density", [0.3, 0.6, 1.0])
 def test_ties_matches_trim_elect_disjoint_mean(density):
     g = torch.Generator().manual_seed(4)

@@ -14,8 +14,11 @@ value = (1 - w) * accuracy + w * proxy. The test split is always scored by accur
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent_forge.evomerge.search import Fitness  # noqa: F401  (the one Fitness; re-exported)
 
@@ -75,6 +78,43 @@ def _accuracy(model, tokenizer, items, cfg: FitnessConfig) -> Fitness:
                                           "no_answer_rate": res.no_answer_rate})
 
 
+SCORE_CACHE = "evomerge_fitness_cache.json"
+
+
+def measure_dir(model_dir, items, cfg: FitnessConfig, load) -> Fitness:
+    """`measure` on a saved model (`load(dir)` gives (model, tokenizer)), reused when these
+    weights were already measured on these items with these settings.
+
+    A parent that `--make-parents` trained keeps its scores in its own directory
+    (SCORE_CACHE, keyed by the weights' digest, the items and the settings that change a
+    score), so a later search from the cached parents does not score them again: greedy
+    decoding of the same weights gives the same replies. Other models are measured every
+    time; their folders are not ours to write in."""
+    from agent_forge.models import read_meta
+
+    d = Path(model_dir)
+    if not (d.is_dir() and "evomerge_parent" in read_meta(d)):
+        return measure(*load(model_dir), items, cfg)
+    key, path = _score_key(d, items, cfg), d / SCORE_CACHE
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if key in cache:
+        return Fitness.from_dict({**cache[key], "details": {**cache[key]["details"], "cached": True}})
+    fit = measure(*load(model_dir), items, cfg)
+    cache[key] = fit.to_dict()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache))
+    tmp.replace(path)
+    return fit
+
+
+def _score_key(model_dir: Path, items, cfg: FitnessConfig) -> str:
+    from agent_forge.models import weights_digest
+
+    what = {"weights": weights_digest(model_dir), "items": [[it.id, it.question, it.answer] for it in items],
+            "settings": [cfg.thinking, cfg.max_new_tokens, cfg.batch_size, cfg.loglik_weight]}
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
 def trace_records(items):
     """The verified reference trace for each procedural item (its generator's metadata
     rebuilds it, as for training records); items with no trace builder are left out."""
@@ -92,25 +132,38 @@ def trace_records(items):
 
 def trace_likelihood(model, tokenizer, items, batch_size: int = 16) -> list[float]:
     """Per item: exp(mean log-prob of the reference trace and answer tokens), in (0, 1];
-    the held-out form of what Step 1 trains, one forward pass per batch, no generation."""
+    the held-out form of what Step 1 trains, one forward pass per batch, no generation.
+
+    Rows are batched by length and LEFT-padded, so the labelled tokens (everything after
+    the prompt) share the last columns and the LM head runs only there: on a 135M model
+    the head over a 49k vocabulary is a fifth of the forward pass, and the prompt's share
+    of it is skipped."""
     import torch
 
-    from agent_forge.quietstar.bake_data import IGNORE, collate, encode_records, shifted
+    from agent_forge.quietstar.bake_data import IGNORE, encode_records
+    from agent_forge.training.logprobs import sample_logits, token_logprobs
 
     examples, _ = encode_records(trace_records(items), tokenizer, max_len=384)
     if not examples:
         raise ValueError("no item has a reference trace: use loglik_weight 0 (accuracy) for this set")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores: list[float] = []
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    scores = [0.0] * len(examples)
     with torch.inference_mode():
-        for s in range(0, len(examples), batch_size):
-            batch = collate(examples[s:s + batch_size], pad)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            labels, _ = shifted(batch)
-            mask = labels != IGNORE
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-            per_item = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)
-            scores += per_item.exp().tolist()
+        for s in range(0, len(order), batch_size):
+            rows = [examples[i] for i in order[s:s + batch_size]]
+            width = max(len(e.input_ids) for e in rows)
+            n_new = max(len(e.input_ids) - e.prompt_len for e in rows)
+            left = [width - len(e.input_ids) for e in rows]
+            ids = torch.tensor([[pad] * k + e.input_ids for k, e in zip(left, rows)], device=device)
+            mask = torch.tensor([[0] * k + [1] * len(e.input_ids) for k, e in zip(left, rows)], device=device)
+            labels = torch.tensor([[IGNORE] * k + e.labels for k, e in zip(left, rows)], device=device)[:, -n_new:]
+            logp = token_logprobs(sample_logits(model, ids, mask, n_new), labels.clamp(min=0))
+            keep = labels != IGNORE
+            per_item = (logp * keep).sum(1) / keep.sum(1).clamp(min=1)
+            for i, v in zip(order[s:s + batch_size], per_item.exp().tolist()):
+                scores[i] = v
     return scores
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,7 +192,8 @@ def ties(deltas: list[torch.Tensor], weights: list[float], density: float) -> to
     weighted mass (mergekit's get_mask), average only the entries that agree with it."""
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 
-    weighted = torch.stack([trim_magnitude(d, density) for d in deltas])
+    with ThreadPoolExecutor(len(deltas)) as pool:  # topk runs on one core: trim the parents side by side
+        weighted = torch.stack(list(pool.map(lambda d: trim_magnitude(d, density), deltas)))
     w = torch.tensor(weights, dtype=weighted.dtype, device=weighted.device)
     w = w.reshape(-1, *([1] * (weighted.dim() - 1)))
     weighted.mul_(w)

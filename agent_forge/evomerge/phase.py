@@ -62,11 +62,13 @@ PRESETS: dict[str, dict] = {
     "smoke": {"search": {"generations": 2, "population": 8},
               "fitness": {"samples": 8, "test_samples": 12, "max_new_tokens": 16},
               "parents": {"records": 24, "steps": 2, "batch_size": 2}},
-    # <= 15 minutes on a 2-core CPU from the default model once the parents are cached.
-    # Selection by the trace-likelihood proxy (no generation: seconds per candidate); the
-    # champion and the best parent are then scored by accuracy on the test split.
-    # Parents: 40 steps each (~3 minutes apiece on 2 cores), built once and then reused.
-    "quick": {"search": {"generations": 3, "population": 8},
+    # <= 15 minutes on a 2-core CPU from the default model once the parents are cached
+    # (with their validation and test scores: fitness.measure_dir). Selection by the
+    # trace-likelihood proxy (no generation: ~20 s a candidate, ~10-30 s more to merge);
+    # generation 0 and one GA generation, 14 candidates. The champion and the best parent
+    # are then scored by accuracy on the test split (~5 minutes a model).
+    # Parents: 40 steps each (~5 minutes apiece on 2 cores), built once and then reused.
+    "quick": {"search": {"generations": 2, "population": 8},
               "fitness": {"samples": 90, "test_samples": 300, "max_new_tokens": 128, "loglik_weight": 1.0},
               "parents": {"records": 320, "steps": 40}},
     # a GPU's hours: the design's 50 generations.
@@ -132,12 +134,10 @@ def _load(path: str):
 
 
 def measure_path(ctx: Context, path: str, split: str) -> Fitness:
-    from agent_forge.evomerge.fitness import measure
+    from agent_forge.evomerge.fitness import accuracy_only, measure_dir
 
-    from agent_forge.evomerge.fitness import accuracy_only
-
-    model, tok = _load(path)
-    return measure(model, tok, items(ctx, split), ctx.cfg.fitness if split == "val" else accuracy_only(ctx.cfg.fitness))
+    cfg = ctx.cfg.fitness if split == "val" else accuracy_only(ctx.cfg.fitness)
+    return measure_dir(path, items(ctx, split), cfg, _load)
 
 
 # ---------------------------------------------------------------------------------------
