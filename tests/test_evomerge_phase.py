@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from agent_forge.evomerge.commands import summary_rows
 from agent_forge.evomerge.fitness import paired_report
 from agent_forge.evomerge.phase import STAGES, STATE_FILE, EvoMergePhaseError, make_config, run_evomerge
 from agent_forge.evomerge.search import Fitness
@@ -160,7 +161,8 @@ def test_control_for_parents_without_a_recipe_is_refused_and_leaves_nothing(tmp_
 
 def test_command_with_given_parents_trains_and_reports_the_control(tmp_path, monkeypatch):
     """`forge evomerge --models P1,P2 --control` on parents `make_parents` made: the control
-    is trained from their recipe and the table compares the champion with it."""
+    is trained from their recipe and the table compares the champion with it. A second run on
+    the same parents reads their validation and test scores back (same values, marked)."""
     from agent_forge.cli import app
     from agent_forge.evomerge.parents import ParentsConfig, make_parents
 
@@ -178,3 +180,16 @@ def test_command_with_given_parents_trains_and_reports_the_control(tmp_path, mon
     assert "champion vs control" in res.output
     control = read_meta(tmp_path / "cli" / "parents" / "control" / "model")["evomerge_parent"]
     assert control["families"] == list(recipe.families) and control["steps"] == 2
+    again = CliRunner().invoke(app, ["evomerge", "--models", ",".join(paths), "--base",
+                                     str(tmp_path / "parents" / "base" / "model"), "--out", str(tmp_path / "cli2"),
+                                     "--preset", "smoke", "--tracking", "disabled"])
+    assert again.exit_code == 0, again.output  # the same parents: their scores are read back, and say so
+    first = json.loads((tmp_path / "cli" / "evomerge_report.json").read_text())["stages"]
+    second = json.loads((tmp_path / "cli2" / "evomerge_report.json").read_text())["stages"]
+    assert [p["details"].get("cached") for p in second["baseline"]["parents"]] == [True, True]
+    assert [p["value"] for p in second["baseline"]["parents"]] == [p["value"] for p in first["baseline"]["parents"]]
+    assert second["test"]["best_parent"]["details"]["correct"] == first["test"]["best_parent"]["details"]["correct"]
+    assert second["test"]["best_parent"]["details"]["cached"]
+    rows = dict(summary_rows(json.loads((tmp_path / "cli2" / "evomerge_report.json").read_text())))
+    assert "scored by an earlier run" in rows["best parent (test accuracy)"]
+    assert "scored by an earlier run" not in rows["champion (test accuracy)"]

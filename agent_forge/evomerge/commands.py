@@ -52,7 +52,8 @@ def _pct(x) -> str:
 
 
 def _fit(f: dict) -> str:
-    return f"{_pct(f['value'])} [{_pct(f['low'])}, {_pct(f['high'])}] (n={f['n']})"
+    reused = ", scored by an earlier run of these weights" if f.get("details", {}).get("cached") else ""
+    return f"{_pct(f['value'])} [{_pct(f['low'])}, {_pct(f['high'])}] (n={f['n']}{reused})"
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
