@@ -98,7 +98,6 @@ def test_paired_report_matches_a_plain_computation():
 
 
 def test_budget_warning_only_when_every_model_scored_left_nearly_all_unanswered():
-    from agent_forge.evomerge.commands import summary_rows
     from agent_forge.evomerge.phase import budget_warning
 
     silent = Fitness(0.0, 0.0, 0.1, 4, {"no_answer_rate": 1.0, "correct": [0] * 4})
