@@ -63,6 +63,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     kind = "trace likelihood" if report["config"]["fitness"]["loglik_weight"] >= 1 else "fitness"
     for i, p in enumerate(st.get("baseline", {}).get("parents", [])):
         rows.append((f"parent {i + 1} (validation {kind})", f"{p['path']}: {_fit(p)}"))
+    plan = st.get("parents", {}).get("memory")
+    if plan:
+        rows.append(("memory plan", f"about {plan['need_bytes'] / 1e9:.1f} GB held, "
+                                    f"{plan['free_bytes'] / 1e9:.1f} GB free at the start"))
     search = st.get("search")
     if search:
         for h in search["history"]:

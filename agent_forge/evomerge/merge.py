@@ -97,6 +97,32 @@ def check_parents(paths, base=None) -> ParentSet:
     return ParentSet(paths, configs[0], tokenizers[0], Path(base) if base is not None else None)
 
 
+def memory_plan(parents: ParentSet, free_bytes: int | None = None) -> dict:
+    """What the search will hold, from the weight files' sizes before any is loaded: every
+    parent and the base as stored (ParentSet keeps them), then the merged state, the model
+    built from it and one more model's worth for the evaluation. `fits` compares that with
+    90% of the memory free now (or `free_bytes`). A hub id (not a local folder) counts
+    nothing here: its files sit in the hub cache."""
+    from agent_forge.models import free_memory
+
+    dirs = list(parents.paths) + ([parents.base] if parents.base is not None else [])
+    sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in dirs]
+    need = sum(sizes) + 3 * max(sizes)
+    free = free_memory("cpu") if free_bytes is None else int(free_bytes)
+    return {"weights_bytes": sizes, "need_bytes": need, "free_bytes": free, "fits": need <= 0.9 * free}
+
+
+def plan_problem(plan: dict, n_parents: int) -> str | None:
+    """One sentence when the plan does not fit, None when it does."""
+    if plan["fits"]:
+        return None
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    return (f"the merge search would hold about {gb(plan['need_bytes'])} ({n_parents} parents"
+            f"{' and the base' if len(plan['weights_bytes']) > n_parents else ''} at "
+            f"{gb(max(plan['weights_bytes']))} each, the merged model and its evaluation) and "
+            f"{gb(plan['free_bytes'])} is free: give fewer or smaller parents, or free memory")
+
+
 def _read(label: str, path: Path, kind: str):
     import transformers
 

@@ -146,7 +146,8 @@ def measure_path(ctx: Context, path: str, split: str) -> Fitness:
 
 def stage_parents(ctx: Context) -> dict:
     """The parents: given, or specialists of `base` trained here (cached by their settings);
-    then the one check that they can merge (architecture, tokenizer)."""
+    then the checks that they can merge (architecture, tokenizer) and that the search fits in
+    memory (merge.memory_plan), before the control is trained or any weight is loaded."""
     from agent_forge.evomerge.parents import make_control, make_parents, train_control
 
     cfg, out, recipe = ctx.cfg, {}, None
@@ -163,9 +164,21 @@ def stage_parents(ctx: Context) -> dict:
         out = {"paths": list(cfg.models), "base": cfg.base}
         recipe = _recipe(cfg.models) if cfg.control else None  # refused before any work
     ps = parent_set(ctx, out)
+    plan = _memory_plan(ps)
     if recipe:
         out["control"] = train_control(*recipe, ctx.out / "parents", progress=ctx.progress)
-    return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture}
+    return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture, "memory": plan}
+
+
+def _memory_plan(ps) -> dict:
+    """The search's memory plan, or the phase's error before any weight is loaded."""
+    from agent_forge.evomerge.merge import memory_plan, plan_problem
+
+    plan = memory_plan(ps)
+    problem = plan_problem(plan, len(ps))
+    if problem:
+        raise EvoMergePhaseError(problem)
+    return plan
 
 
 def _recipe(models):
