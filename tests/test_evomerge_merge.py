@@ -495,3 +495,25 @@ def test_other_families_merge_at_a_new_depth(kind, tmp_path):
 def test_unreadable_parent_is_named(saved, tmp_path):
     with pytest.raises(MergeError, match=r"parent 2 .*cannot read its config"):
         check_parents([saved["a"], tmp_path / "nowhere"])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_mapped_state_equals_the_loaded_state_and_refuses_foreign_names(kind, tmp_path):
+    """Streaming's views of the files against `load_state` (names in order, dtypes, values;
+    a tied head held once), and a checkpoint whose tensor names are not the model's is
+    refused rather than guessed."""
+    from safetensors.torch import load_file, save_file
+
+    from agent_forge.evomerge.merge import load_state, mapped_state
+
+    tok = make_tiny_tokenizer()
+    path = save_model(make_tiny_model(kind, len(tok)), tok, tmp_path / kind)
+    loaded, mapped = load_state(path), mapped_state(path)
+    assert list(mapped) == list(loaded)
+    assert all(mapped[k].dtype == loaded[k].dtype and torch.equal(mapped[k], loaded[k]) for k in loaded)
+    weights = load_file(path / "model.safetensors")
+    first = next(iter(weights))
+    weights["renamed." + first] = weights.pop(first)
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(MergeError, match="not named as the model's state dict"):
+        mapped_state(path)

@@ -119,24 +119,38 @@ def test_one_parent_is_refused_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_memory_plan_counts_the_weight_files_and_refuses_what_does_not_fit(tmp_path, monkeypatch):
-    """The plan by hand from the files on disk: parents and base as stored plus three more
-    models' worth; a machine with too little free memory gets one message with the numbers,
-    before any weight is loaded, and no directory."""
+def test_memory_plan_counts_the_weight_files_streams_or_refuses(tmp_path, monkeypatch):
+    """The plan by hand from the files on disk: in memory, parents and base as stored plus
+    three models' worth; streamed, the three alone. Too little memory for the first: the run
+    streams the parents and makes the same champion; too little for either: one message with
+    the numbers, before any weight is loaded, and no directory."""
     from agent_forge.evomerge import merge
 
     base, parents = _family(tmp_path)
     ps = merge.check_parents(parents, base=base)
     sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("child0", "child1", "base")]
     plan = merge.memory_plan(ps, free_bytes=10 ** 12)
-    assert plan["weights_bytes"] == sizes and plan["need_bytes"] == sum(sizes) + 3 * max(sizes) and plan["fits"]
-    tight = merge.memory_plan(ps, free_bytes=plan["need_bytes"])  # needs 90% of free at most
-    assert not tight["fits"] and "2 parents and the base" in merge.plan_problem(tight, 2)
-    monkeypatch.setattr("agent_forge.models.free_memory", lambda device: plan["need_bytes"] // 2)
+    assert plan["weights_bytes"] == sizes and plan["need_bytes"] == sum(sizes) + 3 * max(sizes)
+    assert plan["streamed_need_bytes"] == 3 * max(sizes) and plan["mode"] == "in memory"
+    assert merge.memory_plan(ps, free_bytes=plan["need_bytes"])["mode"] == "streamed"  # needs 90% of free at most
+    none = merge.memory_plan(ps, free_bytes=plan["streamed_need_bytes"])
+    assert none["mode"] is None and "2 parents and the base" in merge.plan_problem(none, 2)
+
+    in_memory = run_evomerge(_cfg(tmp_path, parents, base))
+    monkeypatch.setattr("agent_forge.models.free_memory", lambda device: plan["need_bytes"])
+    mapped, real_mapped = [], merge.mapped_state
+    monkeypatch.setattr(merge, "mapped_state", lambda path: mapped.append(path) or real_mapped(path))
+    streamed = run_evomerge(dataclasses.replace(_cfg(tmp_path, parents, base), out=str(tmp_path / "streamed")))
+    assert streamed["stages"]["parents"]["memory"]["mode"] == "streamed" and len(mapped) == 3  # 2 parents, base
+    assert streamed["stages"]["search"]["best"] == in_memory["stages"]["search"]["best"]
+    assert streamed["stages"]["test"]["champion"] == in_memory["stages"]["test"]["champion"]
+
+    monkeypatch.setattr("agent_forge.models.free_memory", lambda device: plan["streamed_need_bytes"])
     monkeypatch.setattr(merge, "load_state", lambda path: pytest.fail("weights loaded before the plan"))
-    with pytest.raises(EvoMergePhaseError, match="would hold about .* GB is free"):
-        run_evomerge(_cfg(tmp_path, parents, base))
-    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(merge, "mapped_state", lambda path: pytest.fail("weights mapped before the plan"))
+    with pytest.raises(EvoMergePhaseError, match="would hold about .* streaming the parents .* GB is free"):
+        run_evomerge(dataclasses.replace(_cfg(tmp_path, parents, base), out=str(tmp_path / "refused")))
+    assert not (tmp_path / "refused").exists()
 
 
 def test_parents_of_different_architectures_are_refused(tmp_path):
@@ -212,4 +226,4 @@ def test_command_with_given_parents_trains_and_reports_the_control(tmp_path, mon
     rows = dict(summary_rows(json.loads((tmp_path / "cli2" / "evomerge_report.json").read_text())))
     assert "scored by an earlier run" in rows["best parent (test accuracy)"]
     assert "scored by an earlier run" not in rows["champion (test accuracy)"]
-    assert rows["memory plan"].startswith("about ") and "GB free" in rows["memory plan"]
+    assert rows["memory plan"].startswith("parents in memory: about ") and "GB free" in rows["memory plan"]

@@ -53,6 +53,9 @@ class ParentSet:
     tokenizer: object
     """Parent 1's tokenizer; all parents share its vocabulary."""
     base: Path | None = None
+    stream: bool = False
+    """Map the weight files instead of loading them (`mapped_state`): what the memory plan
+    picks when the parents do not fit in memory together."""
     _states: list | None = field(default=None, repr=False)
     _base_state: dict | None = field(default=None, repr=False)
 
@@ -69,13 +72,16 @@ class ParentSet:
 
     def states(self) -> list[dict[str, torch.Tensor]]:
         if self._states is None:
-            self._states = [load_state(p) for p in self.paths]
+            self._states = [self._load(p) for p in self.paths]
         return self._states
 
     def base_state(self) -> dict[str, torch.Tensor] | None:
         if self.base is not None and self._base_state is None:
-            self._base_state = load_state(self.base)
+            self._base_state = self._load(self.base)
         return self._base_state
+
+    def _load(self, path: Path) -> dict[str, torch.Tensor]:
+        return mapped_state(path) if self.stream else load_state(path)
 
 
 def check_parents(paths, base=None) -> ParentSet:
@@ -98,18 +104,22 @@ def check_parents(paths, base=None) -> ParentSet:
 
 
 def memory_plan(parents: ParentSet, free_bytes: int | None = None) -> dict:
-    """What the search will hold, from the weight files' sizes before any is loaded: every
-    parent and the base as stored (ParentSet keeps them), then the merged state, the model
-    built from it and one more model's worth for the evaluation. `fits` compares that with
-    90% of the memory free now (or `free_bytes`). A hub id (not a local folder) counts
-    nothing here: its files sit in the hub cache."""
+    """What the search will hold, from the weight files' sizes before any is loaded. In
+    memory: every parent and the base as stored (ParentSet keeps them), then the merged
+    state, the model built from it and one more model's worth for the evaluation. Streamed
+    (`mapped_state`): those last three only, the parents' pages read from disk as the merge
+    touches them. `mode` is the first that fits in 90% of the memory free now (or
+    `free_bytes`), None when neither does. A hub id (not a local folder) counts nothing
+    here: its files sit in the hub cache."""
     from agent_forge.models import free_memory
 
     dirs = list(parents.paths) + ([parents.base] if parents.base is not None else [])
     sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in dirs]
-    need = sum(sizes) + 3 * max(sizes)
+    held, streamed = sum(sizes) + 3 * max(sizes), 3 * max(sizes)
     free = free_memory("cpu") if free_bytes is None else int(free_bytes)
-    return {"weights_bytes": sizes, "need_bytes": need, "free_bytes": free, "fits": need <= 0.9 * free}
+    mode = "in memory" if held <= 0.9 * free else "streamed" if streamed <= 0.9 * free else None
+    return {"weights_bytes": sizes, "need_bytes": held, "streamed_need_bytes": streamed, "free_bytes": free,
+            "mode": mode, "fits": mode is not None}
 
 
 def plan_problem(plan: dict, n_parents: int) -> str | None:
@@ -119,8 +129,9 @@ def plan_problem(plan: dict, n_parents: int) -> str | None:
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
     return (f"the merge search would hold about {gb(plan['need_bytes'])} ({n_parents} parents"
             f"{' and the base' if len(plan['weights_bytes']) > n_parents else ''} at "
-            f"{gb(max(plan['weights_bytes']))} each, the merged model and its evaluation) and "
-            f"{gb(plan['free_bytes'])} is free: give fewer or smaller parents, or free memory")
+            f"{gb(max(plan['weights_bytes']))} each, the merged model and its evaluation), or "
+            f"{gb(plan['streamed_need_bytes'])} streaming the parents from disk, and "
+            f"{gb(plan['free_bytes'])} is free: give smaller parents, or free memory")
 
 
 def _read(label: str, path: Path, kind: str):
@@ -174,6 +185,57 @@ def load_state(path) -> dict[str, torch.Tensor]:
         seen.add(ptr)
         state[name] = tensor.detach()
     return state
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mapped_state(path) -> dict[str, torch.Tensor]:
+    """`load_state`'s weights as views of the safetensors files mapped copy-on-write: a
+    tensor is read from disk when a merge touches it, and the OS may drop the pages again,
+    so parents that do not fit in memory together can still be merged. The file's names must
+    be the model's own (as `save_pretrained` writes them); a checkpoint named otherwise is
+    refused, since its tensors cannot be matched without loading it."""
+    import json
+    import mmap
+
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        n = int.from_bytes(buf[:8], "little")
+        for name, info in json.loads(buf[8:8 + n]).items():
+            if name == "__metadata__":
+                continue
+            dtype, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            flat = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start) \
+                if end > start else torch.empty(0, dtype=dtype)
+            state[name] = flat.reshape(info["shape"])
+    names = _state_names(path)
+    unknown, missing = sorted(set(state) - names["all"]), sorted(names["needed"] - set(state))
+    if unknown or missing:
+        raise MergeError(f"{path}: its weight files are not named as the model's state dict (unknown "
+                         f"{unknown[:3]}, missing {missing[:3]}), so it cannot be streamed")
+    return {k: state[k] for k in names["order"] if k in state}
+
+
+def _state_names(path) -> dict:
+    """The model's state-dict names (built on the meta device: no memory), in order, and
+    which of them is a head tied to the embedding (held once, under the embedding's name,
+    as `load_state` holds it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    params = model.state_dict(keep_vars=True)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = set()
+    if head is not None and embed is not None and head.weight is embed.weight:
+        own = next(f"{name}.weight" for name, m in model.named_modules() if m is embed)
+        tied = {k for k, v in params.items() if v is head.weight} - {own}
+    return {"order": [k for k in params if k not in tied], "all": set(params), "needed": set(params) - tied}
 
 
 # ---------------------------------------------------------------------------------------

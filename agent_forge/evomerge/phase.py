@@ -101,6 +101,7 @@ def parent_set(ctx: Context, rec: dict | None = None):
 
         rec = rec or ctx.state.result("parents")
         ctx.cache["parents"] = check_parents(rec["paths"], base=rec.get("base"))
+        ctx.cache["parents"].stream = rec.get("memory", {}).get("mode") == "streamed"
     return ctx.cache["parents"]
 
 
@@ -171,13 +172,15 @@ def stage_parents(ctx: Context) -> dict:
 
 
 def _memory_plan(ps) -> dict:
-    """The search's memory plan, or the phase's error before any weight is loaded."""
+    """The search's memory plan (parents held in memory, or streamed from their files when
+    they do not fit together), or the phase's error before any weight is loaded."""
     from agent_forge.evomerge.merge import memory_plan, plan_problem
 
     plan = memory_plan(ps)
     problem = plan_problem(plan, len(ps))
     if problem:
         raise EvoMergePhaseError(problem)
+    ps.stream = plan["mode"] == "streamed"
     return plan
 
 
