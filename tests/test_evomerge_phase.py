@@ -153,6 +153,30 @@ def test_memory_plan_counts_the_weight_files_streams_or_refuses(tmp_path, monkey
     assert not (tmp_path / "refused").exists()
 
 
+def test_sizes_adapt_to_parents_larger_than_the_default_model(tmp_path, monkeypatch):
+    """By hand: k times the default's parameters -> 1/k of the validation items (at least
+    30) and of the population (at least 4); smaller parents, or adapt_to_size off, keep the
+    preset. In a run the parents stage records it and the search uses it."""
+    from agent_forge.evomerge import phase
+
+    quick = make_config("quick")
+    ref = phase.REFERENCE_PARAMS
+    assert phase.size_adaptation(quick, int(2 * ref)) == {"fitness.samples": [90, 45], "search.population": [8, 4]}
+    assert phase.size_adaptation(quick, int(10 * ref)) == {"fitness.samples": [90, 30], "search.population": [8, 4]}
+    assert phase.size_adaptation(quick, int(ref / 2)) == {}
+    assert phase.size_adaptation(dataclasses.replace(quick, adapt_to_size=False), int(10 * ref)) == {}
+    assert phase.adapted(quick, {"fitness.samples": [90, 45]}).fitness.samples == 45
+
+    base, parents = _family(tmp_path)
+    n_params = sum(p.numel() for p in make_tiny_model("llama", len(make_tiny_tokenizer())).parameters())
+    monkeypatch.setattr(phase, "REFERENCE_PARAMS", n_params / 3)  # the tiny parents count as 3x the default
+    report = run_evomerge(_cfg(tmp_path, parents, base))
+    assert report["stages"]["parents"]["n_params"] == n_params
+    assert report["stages"]["parents"]["adapted"] == {"search.population": [8, 4]}  # smoke's 8 items stay
+    assert report["stages"]["search"]["config"]["population"] == 4
+    assert dict(summary_rows(report))["sized for 0M-parameter parents"] == "search.population 8 -> 4"
+
+
 def test_parents_of_different_architectures_are_refused(tmp_path):
     tok = make_tiny_tokenizer()
     save_model(make_tiny_model("llama", len(tok)), tok, tmp_path / "a")

@@ -68,6 +68,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         held = plan["need_bytes"] if plan.get("mode", "in memory") == "in memory" else plan["streamed_need_bytes"]
         rows.append(("memory plan", f"parents {plan.get('mode', 'in memory')}: about {held / 1e9:.1f} GB held, "
                                     f"{plan['free_bytes'] / 1e9:.1f} GB free at the start"))
+    changes = st.get("parents", {}).get("adapted")
+    if changes:
+        rows.append((f"sized for {st['parents']['n_params'] / 1e6:.0f}M-parameter parents",
+                     ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())))
     search = st.get("search")
     if search:
         for h in search["history"]:

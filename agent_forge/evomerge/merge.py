@@ -221,14 +221,19 @@ def mapped_state(path) -> dict[str, torch.Tensor]:
     return {k: state[k] for k in names["order"] if k in state}
 
 
+def meta_model(path):
+    """The model at `path` built on the meta device: its shapes and names, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
 def _state_names(path) -> dict:
     """The model's state-dict names (built on the meta device: no memory), in order, and
     which of them is a head tied to the embedding (held once, under the embedding's name,
     as `load_state` holds it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    model = meta_model(path)
     params = model.state_dict(keep_vars=True)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = set()

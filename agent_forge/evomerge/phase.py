@@ -48,6 +48,10 @@ class EvoMergeConfig:
     control: bool = False
     """Also train one model on all the parents' families with their summed budget, and
     measure it on the test split beside the champion: is merging better than that?"""
+    adapt_to_size: bool = True
+    """Scale the validation items and the population down for parents larger than the
+    default model the presets are sized for (a candidate's cost grows with the parameter
+    count), so a preset keeps its time; False keeps the sizes as given."""
     target_relative_gain: float = 0.20
     """The design's bar: the champion beats the best parent by this fraction on the test split."""
     tracking: str = "offline"
@@ -168,7 +172,43 @@ def stage_parents(ctx: Context) -> dict:
     plan = _memory_plan(ps)
     if recipe:
         out["control"] = train_control(*recipe, ctx.out / "parents", progress=ctx.progress)
-    return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture, "memory": plan}
+    n_params = _parameter_count(ps.paths[0])
+    changes = size_adaptation(cfg, n_params)
+    ctx.cfg = adapted(cfg, changes)
+    return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture, "memory": plan,
+            "n_params": n_params, "adapted": changes}
+
+
+def _parameter_count(path) -> int:
+    from agent_forge.evomerge.merge import meta_model
+
+    return sum(p.numel() for p in meta_model(path).parameters())
+
+
+REFERENCE_PARAMS = 135e6
+"""The default model's parameter count: what the presets' sizes are set for."""
+
+
+def size_adaptation(cfg: EvoMergeConfig, n_params: int) -> dict:
+    """{field: [preset value, adapted value]} for parents of `n_params` parameters: a model
+    k times the default's gets 1/k of the validation items (at least 30) and of the
+    population (at least 4). The test split is never shrunk: it carries the reported gain."""
+    ratio = REFERENCE_PARAMS / max(1, n_params)
+    if not cfg.adapt_to_size or ratio >= 1:
+        return {}
+    changes = {"fitness.samples": [cfg.fitness.samples, max(30, int(cfg.fitness.samples * ratio))],
+               "search.population": [cfg.search.population, max(4, int(cfg.search.population * ratio))]}
+    return {k: v for k, v in changes.items() if v[1] < v[0]}
+
+
+def adapted(cfg: EvoMergeConfig, changes: dict) -> EvoMergeConfig:
+    """`cfg` with the recorded adaptation applied (the parents stage records it, so a
+    resumed run searches with the same sizes)."""
+    out = cfg
+    for name, (_, value) in changes.items():
+        section, key = name.split(".")
+        out = dataclasses.replace(out, **{section: dataclasses.replace(getattr(out, section), **{key: value})})
+    return out
 
 
 def _memory_plan(ps) -> dict:
@@ -337,7 +377,11 @@ def run_evomerge(cfg: EvoMergeConfig, resume: bool = False, on_stage: Callable |
                  progress: Callable | None = None) -> dict:
     """Run (or resume) every stage; returns the report also written to out/evomerge_report.json."""
     out = Path(cfg.out)
-    state = run_phase(STAGES, out, STATE_FILE, resume, lambda st, tr: Context(cfg, out, st, tr, progress, resume),
+
+    def context(st, tr) -> Context:  # a resumed run searches with the sizes its parents stage chose
+        return Context(adapted(cfg, st.result("parents").get("adapted", {})), out, st, tr, progress, resume)
+
+    state = run_phase(STAGES, out, STATE_FILE, resume, context,
                       EvoMergePhaseError, cfg.tracking, cfg.to_dict(), on_stage,
                       stage_runner(EvoMergePhaseError, _user_errors()))
     per_stage, total = timings(state)
