@@ -243,6 +243,16 @@ def read_meta(model_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets; the metadata
+    entry dropped) and the byte where the tensor data begins (offsets count from there)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 def weights_digest(model_dir: str | Path) -> str:
     """sha256 over the directory's weight files (name and bytes): which weights these are,
     whatever the folder is called (a recorded evaluation is reused only for the same digest)."""

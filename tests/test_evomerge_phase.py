@@ -127,13 +127,13 @@ def test_memory_plan_counts_the_weight_files_streams_or_refuses(tmp_path, monkey
     from agent_forge.evomerge import merge
 
     base, parents = _family(tmp_path)
-    ps = merge.check_parents(parents, base=base)
+    dirs = [*parents, base]
     sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("child0", "child1", "base")]
-    plan = merge.memory_plan(ps, free_bytes=10 ** 12)
+    plan = merge.memory_plan(dirs, free_bytes=10 ** 12)
     assert plan["weights_bytes"] == sizes and plan["need_bytes"] == sum(sizes) + 3 * max(sizes)
     assert plan["streamed_need_bytes"] == 3 * max(sizes) and plan["mode"] == "in memory"
-    assert merge.memory_plan(ps, free_bytes=plan["need_bytes"])["mode"] == "streamed"  # needs 90% of free at most
-    none = merge.memory_plan(ps, free_bytes=plan["streamed_need_bytes"])
+    assert merge.memory_plan(dirs, free_bytes=plan["need_bytes"])["mode"] == "streamed"  # needs 90% of free at most
+    none = merge.memory_plan(dirs, free_bytes=plan["streamed_need_bytes"])
     assert none["mode"] is None and "2 parents and the base" in merge.plan_problem(none, 2)
 
     in_memory = run_evomerge(_cfg(tmp_path, parents, base))

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,7 +29,7 @@ from agent_forge import __version__
 from agent_forge.bitnet.bitlinear import BitLinear
 from agent_forge.bitnet.convert import BitNetError, bitlinears
 from agent_forge.bitnet.quantize import pack_ternary
-from agent_forge.models import META_FILE, _swap_into_place
+from agent_forge.models import META_FILE, _swap_into_place, safetensors_header
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -226,15 +225,6 @@ def _drop_tied(state: dict, model) -> dict:
 # Sizes
 
 
-def _header(path: Path) -> dict:
-    """The safetensors header: tensor name -> {dtype, shape, data_offsets}."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
 def _component(name: str, packed: set[str]) -> str:
     """Which part of the model a stored tensor belongs to, by its name."""
     parts = name.split(".")
@@ -257,7 +247,7 @@ def disk_sizes(model_dir: str | Path) -> dict:
         raise BitNetError(f"{model_dir}: no .safetensors weights found")
     entries = {}
     for f in files:
-        entries.update(_header(f))
+        entries.update(safetensors_header(f)[0])
     packed = {k.rsplit(".", 1)[0] for k, v in entries.items() if k.endswith(".weight") and v["dtype"] == "U8"}
     sizes = dict.fromkeys(("packed_linears", "embeddings", "norms", "head", "other"), 0)
     for name, info in entries.items():

@@ -65,8 +65,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append((f"parent {i + 1} (validation {kind})", f"{p['path']}: {_fit(p)}"))
     plan = st.get("parents", {}).get("memory")
     if plan:
-        held = plan["need_bytes"] if plan.get("mode", "in memory") == "in memory" else plan["streamed_need_bytes"]
-        rows.append(("memory plan", f"parents {plan.get('mode', 'in memory')}: about {held / 1e9:.1f} GB held, "
+        held = plan["need_bytes"] if plan["mode"] == "in memory" else plan["streamed_need_bytes"]
+        rows.append(("memory plan", f"parents {plan['mode']}: about {held / 1e9:.1f} GB held, "
                                     f"{plan['free_bytes'] / 1e9:.1f} GB free at the start"))
     changes = st.get("parents", {}).get("adapted")
     if changes:

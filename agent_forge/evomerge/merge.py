@@ -103,28 +103,27 @@ def check_parents(paths, base=None) -> ParentSet:
     return ParentSet(paths, configs[0], tokenizers[0], Path(base) if base is not None else None)
 
 
-def memory_plan(parents: ParentSet, free_bytes: int | None = None) -> dict:
+def memory_plan(dirs: list, free_bytes: int | None = None) -> dict:
     """What the search will hold, from the weight files' sizes before any is loaded. In
     memory: every parent and the base as stored (ParentSet keeps them), then the merged
     state, the model built from it and one more model's worth for the evaluation. Streamed
     (`mapped_state`): those last three only, the parents' pages read from disk as the merge
     touches them. `mode` is the first that fits in 90% of the memory free now (or
     `free_bytes`), None when neither does. A hub id (not a local folder) counts nothing
-    here: its files sit in the hub cache."""
+    here: its files sit in the hub cache. `dirs`: the parents, then the base if any."""
     from agent_forge.models import free_memory
 
-    dirs = list(parents.paths) + ([parents.base] if parents.base is not None else [])
     sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in dirs]
     held, streamed = sum(sizes) + 3 * max(sizes), 3 * max(sizes)
     free = free_memory("cpu") if free_bytes is None else int(free_bytes)
     mode = "in memory" if held <= 0.9 * free else "streamed" if streamed <= 0.9 * free else None
     return {"weights_bytes": sizes, "need_bytes": held, "streamed_need_bytes": streamed, "free_bytes": free,
-            "mode": mode, "fits": mode is not None}
+            "mode": mode}
 
 
 def plan_problem(plan: dict, n_parents: int) -> str | None:
     """One sentence when the plan does not fit, None when it does."""
-    if plan["fits"]:
+    if plan["mode"] is not None:
         return None
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
     return (f"the merge search would hold about {gb(plan['need_bytes'])} ({n_parents} parents"
@@ -198,19 +197,18 @@ def mapped_state(path) -> dict[str, torch.Tensor]:
     so parents that do not fit in memory together can still be merged. The file's names must
     be the model's own (as `save_pretrained` writes them); a checkpoint named otherwise is
     refused, since its tensors cannot be matched without loading it."""
-    import json
     import mmap
+
+    from agent_forge.models import safetensors_header
 
     state = {}
     for file in sorted(Path(path).glob("*.safetensors")):
+        header, data = safetensors_header(file)
         with open(file, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        n = int.from_bytes(buf[:8], "little")
-        for name, info in json.loads(buf[8:8 + n]).items():
-            if name == "__metadata__":
-                continue
+        for name, info in header.items():
             dtype, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            flat = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start) \
+            flat = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize, offset=data + start) \
                 if end > start else torch.empty(0, dtype=dtype)
             state[name] = flat.reshape(info["shape"])
     names = _state_names(path)

@@ -68,9 +68,9 @@ PRESETS: dict[str, dict] = {
               "parents": {"records": 24, "steps": 2, "batch_size": 2}},
     # <= 15 minutes on a 2-core CPU from the default model once the parents are cached
     # (with their validation and test scores: fitness.measure_dir). Selection by the
-    # trace-likelihood proxy (no generation: ~20 s a candidate, ~10-30 s more to merge);
+    # trace-likelihood proxy (no generation: ~20 s a candidate, 8-18 s more to merge);
     # generation 0 and one GA generation, 14 candidates. The champion and the best parent
-    # are then scored by accuracy on the test split (~5 minutes a model).
+    # are then scored by accuracy on the test split (2.5-4.5 minutes a model).
     # Parents: 40 steps each (~5 minutes apiece on 2 cores), built once and then reused.
     "quick": {"search": {"generations": 2, "population": 8},
               "fitness": {"samples": 90, "test_samples": 300, "max_new_tokens": 128, "loglik_weight": 1.0},
@@ -151,8 +151,8 @@ def measure_path(ctx: Context, path: str, split: str) -> Fitness:
 
 def stage_parents(ctx: Context) -> dict:
     """The parents: given, or specialists of `base` trained here (cached by their settings);
-    then the checks that they can merge (architecture, tokenizer) and that the search fits in
-    memory (merge.memory_plan), before the control is trained or any weight is loaded."""
+    then the checks that the search fits in memory (merge.memory_plan) and that they can
+    merge (architecture, tokenizer), before the control is trained or any weight is loaded."""
     from agent_forge.evomerge.parents import make_control, make_parents, train_control
 
     cfg, out, recipe = ctx.cfg, {}, None
@@ -168,15 +168,15 @@ def stage_parents(ctx: Context) -> dict:
             raise EvoMergePhaseError("a merge needs at least two --models (or --make-parents)")
         out = {"paths": list(cfg.models), "base": cfg.base}
         recipe = _recipe(cfg.models) if cfg.control else None  # refused before any work
+    out["memory"] = _memory_plan(out)
     ps = parent_set(ctx, out)
-    plan = _memory_plan(ps)
     if recipe:
         out["control"] = train_control(*recipe, ctx.out / "parents", progress=ctx.progress)
     n_params = _parameter_count(ps.paths[0])
     changes = size_adaptation(cfg, n_params)
     ctx.cfg = adapted(cfg, changes)
-    return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture, "memory": plan,
-            "n_params": n_params, "adapted": changes}
+    return {**out, "n_layers": ps.n_layers, "architecture": ps.architecture, "n_params": n_params,
+            "adapted": changes}
 
 
 def _parameter_count(path) -> int:
@@ -211,16 +211,17 @@ def adapted(cfg: EvoMergeConfig, changes: dict) -> EvoMergeConfig:
     return out
 
 
-def _memory_plan(ps) -> dict:
+def _memory_plan(parents: dict) -> dict:
     """The search's memory plan (parents held in memory, or streamed from their files when
-    they do not fit together), or the phase's error before any weight is loaded."""
+    they do not fit together; `parent_set` reads which), or the phase's error before any
+    weight is loaded."""
     from agent_forge.evomerge.merge import memory_plan, plan_problem
 
-    plan = memory_plan(ps)
-    problem = plan_problem(plan, len(ps))
+    dirs = list(parents["paths"]) + ([parents["base"]] if parents.get("base") else [])
+    plan = memory_plan(dirs)
+    problem = plan_problem(plan, len(parents["paths"]))
     if problem:
         raise EvoMergePhaseError(problem)
-    ps.stream = plan["mode"] == "streamed"
     return plan
 
 
