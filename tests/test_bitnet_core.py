@@ -15,6 +15,7 @@ from agent_forge.bitnet.bitlinear import ActNorm, BitLinear, calibrate_act_norms
 from agent_forge.bitnet.convert import (DEFAULT_KEEP, BitNetError, bitlinears, convert_to_bitnet,
                                         is_ternary, set_strength, sparsity)
 from agent_forge.bitnet.export import compression, disk_sizes, load_plain, round_kept_matrices, save_hf_bitnet
+from agent_forge.bitnet.phase import make_config
 from agent_forge.bitnet.quantize import (EPS, absmean, act_int8, fake_quant_act, fake_quant_weight, mse_scale,
                                          pack_ternary, ternary, unpack_ternary, weight_scale)
 from agent_forge.models import META_FILE, measure_model
@@ -485,28 +486,36 @@ def test_disk_sizes_and_compression(tiny_tokenizer, tmp_path):
     assert ratios["ratio_vs_fp32"] > 1
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_bf16_storage_reloads_the_rounded_model_exactly(kind, tiny_tokenizer, tmp_path, no_dynamo):
-    """Kept matrices stored in bfloat16: half their bytes, and the reloaded float32 model gives
-    the logits of the in-memory model rounded the same way (bit for bit)."""
+@pytest.mark.parametrize("kind,dtype,nbytes", [("llama", "bfloat16", 2), ("qwen2", "bfloat16", 2),
+                                               ("llama", "float8_e4m3fn", 1), ("qwen2", "float8_e4m3fn", 1)])
+def test_narrow_storage_reloads_the_rounded_model_exactly(kind, dtype, nbytes, tiny_tokenizer, tmp_path, no_dynamo):
+    """Kept matrices stored in bfloat16 (2 bytes) or float8_e4m3fn (1 byte): the reloaded
+    float32 model gives the logits of the in-memory model rounded the same way (bit for bit)."""
     model = make_tiny_model(kind, len(tiny_tokenizer))
     convert_to_bitnet(model)
     with pytest.raises(BitNetError, match="round_kept_matrices"):
-        save_hf_bitnet(model, tiny_tokenizer, tmp_path / "unrounded", store_dtype="bfloat16")
+        save_hf_bitnet(model, tiny_tokenizer, tmp_path / "unrounded", store_dtype=dtype)
     assert not (tmp_path / "unrounded").exists()
     before = model.model.embed_tokens.weight.detach().clone()
-    assert round_kept_matrices(model, "bfloat16") == (1 if kind == "llama" else 2)
+    assert round_kept_matrices(model, dtype) == (1 if kind == "llama" else 2)
     after = model.model.embed_tokens.weight.detach()
-    assert torch.equal(after, before.to(torch.bfloat16).float()) and not torch.equal(after, before)
-    out = save_hf_bitnet(model, tiny_tokenizer, tmp_path / "bf16", store_dtype="bfloat16")
+    assert torch.equal(after, before.to(getattr(torch, dtype)).float()) and not torch.equal(after, before)
+    out = save_hf_bitnet(model, tiny_tokenizer, tmp_path / dtype, store_dtype=dtype)
     sizes = disk_sizes(out)
-    assert sizes["embeddings"] == len(tiny_tokenizer) * 32 * 2
-    assert sizes["head"] == (0 if kind == "llama" else len(tiny_tokenizer) * 32 * 2)
+    assert sizes["embeddings"] == len(tiny_tokenizer) * 32 * nbytes
+    assert sizes["head"] == (0 if kind == "llama" else len(tiny_tokenizer) * 32 * nbytes)
     loaded = load_plain(out)
     assert loaded.model.embed_tokens.weight.dtype == torch.float32
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_a_store_dtype_outside_the_list_is_refused_before_any_work(tmp_path):
+    with pytest.raises(BitNetError, match="float8_e4m3fn"):
+        round_kept_matrices(make_tiny_model("llama", 300), "float8")
+    with pytest.raises(ValueError, match="store_dtype must be one of"):
+        make_config("smoke", store_dtype="int8")
 
 
 def test_inference_reuses_the_ternary_weight_until_it_changes():

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from agent_forge.bitnet.phase import STAGES, STATE_FILE, BitNetPhaseError, make_config, run_bitnet
 from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss, strength_at, strengths_at
-from agent_forge.models import save_model
+from agent_forge.models import safetensors_header, save_model
 from agent_forge.registry import Registry
 from agent_forge.vocab import add_thinking_tokens, thinking_token_ids
 
@@ -224,6 +224,13 @@ def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
     assert ch["n"] == st["before"]["n"] == st["after"]["n"] == 8
     assert ch["ci95_points"][0] <= ch["points"] <= ch["ci95_points"][1]
     assert st["save"]["reload"]["logits_match"], st["save"]["reload"]
+    # the storage's own cost: the input model with only the kept matrices (the embedding,
+    # its tied head) rounded to the stored float8, on the same questions
+    cost = st["store_cost"]
+    assert cost["measured"] and cost["store_dtype"] == "float8_e4m3fn" and cost["change"]["n"] == 8
+    assert "model.embed_tokens.weight" in cost["rounded"] and not any("proj" in n for n in cost["rounded"])
+    header, _ = safetensors_header(out / "model" / "model.safetensors")
+    assert header["model.embed_tokens.weight"]["dtype"] == "F8_E4M3"  # one byte a value on disk
     assert 0 <= st["save"]["sparsity"]["overall"] <= 1 and st["save"]["ratio_vs_fp32"] > 1
     assert all(r["tokens_per_s"] > 0 for r in st["speed"]["rows"])
     reg = Registry(tmp_path / "reg.sqlite")
@@ -304,7 +311,7 @@ def test_resume_after_kill_continues_from_the_first_unfinished_stage(tmp_path, f
     with pytest.raises(Crash):
         run_bitnet(cfg, progress=crash_at(3))  # inside QAT, after its step-2 checkpoint
     state = json.loads((tmp_path / "bn" / STATE_FILE).read_text())
-    assert list(state["stages"]) == ["validate_input", "data", "before"]
+    assert list(state["stages"]) == ["validate_input", "data", "before", "store_cost"]
     with pytest.raises(BitNetPhaseError, match="--resume"):
         run_bitnet(cfg)
     report = run_bitnet(cfg, resume=True)

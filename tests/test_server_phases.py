@@ -18,7 +18,7 @@ from agent_forge.registry import Registry
 from conftest import make_tiny_model, make_tiny_tokenizer
 from test_server import AUTH, Server, _wait
 
-BITNET_STAGES = ["validate_input", "data", "before", "qat", "after", "save", "speed", "agreement", "register", "handoff"]
+BITNET_STAGES = ["validate_input", "data", "before", "store_cost", "qat", "after", "save", "speed", "agreement", "register", "handoff"]
 QAT_STEPS = 120  # enough that a pause after the first checkpoint lands mid-QAT, even on a busy CPU
 
 
@@ -272,7 +272,7 @@ def test_run_job_pauses_mid_qat_and_resumes_from_its_checkpoint(server, root):
     assert c.post(f"/jobs/{job['id']}/pause", headers=AUTH).status_code == 409
     progress = paused["progress"]
     assert progress["stages_total"] == ["bitnet"] and progress["stages_done"] == [] and not progress["finished"]
-    assert progress["phase"] == {"phase": "bitnet", "stages_done": BITNET_STAGES[:3], "stages_total": BITNET_STAGES,
+    assert progress["phase"] == {"phase": "bitnet", "stages_done": BITNET_STAGES[:4], "stages_total": BITNET_STAGES,
                                  "stage": "qat"}
     steps_before = _log_steps(phase_dir, "bitnet_qat")
     assert progress["training"] == {"stage": "bitnet_qat", "step": steps_before[-1], "steps": QAT_STEPS}

@@ -65,6 +65,13 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                  ("ternary, thinking off", _pct(after["accuracy_off"]) + _ci(after["ci95_off"])),
                  ("ternary thinking closes", _pct(after["closed_rate"])),
                  ("anti-theater on the ternary model", after["anti_theater"]["sentence"])]
+    cost = st.get("store_cost") or {}
+    if cost.get("measured"):
+        ch = cost["change"]
+        rows.append((f"input model with its kept matrices in {cost['store_dtype']}",
+                     f"{_pct(cost['accuracy_on'])}{_ci(cost['ci95_on'])}: {ch['points']:+.1f} points "
+                     f"[{ch['ci95_points'][0]:+.1f}, {ch['ci95_points'][1]:+.1f}] vs before, McNemar "
+                     f"p={ch['mcnemar_p']:.2g} (the storage's own cost, inside the change above)"))
     if save:
         s = save["sizes"]
         rows += [("size on disk", f"{_mb(s['total'])} (packed linears {_mb(s['packed_linears'])}, embeddings "

@@ -5,9 +5,10 @@ The directory loads with plain `AutoModelForCausalLM.from_pretrained`: config.js
 BitLinear is stored as transformers' BitLinear expects it: `weight` ternary packed four to a
 byte (uint8, out/4 x in), `weight_scale` (1,) = 1 / gamma (its forward divides by it), bias,
 and `rms_norm.weight`. The kept weight matrices (embeddings, an untied head, linears left in
-full precision) can be stored in bfloat16: they are most of a small model's bytes. Round the
-in-memory model first (`round_kept_matrices`) so that what is evaluated is what is stored;
-the loader upcasts them to the config's float32 and reproduces the logits exactly. Everything
+full precision) can be stored in bfloat16, or in one byte as float8_e4m3fn: they are most of a
+small model's bytes once the linears are packed. Round the in-memory model first
+(`round_kept_matrices`) so that what is evaluated is what is stored; the loader upcasts them
+to the config's float32 and reproduces the logits exactly. Everything
 else (norms, biases, scales) is stored as is, a tied head once.
 """
 
@@ -32,6 +33,10 @@ from agent_forge.bitnet.quantize import pack_ternary
 from agent_forge.models import META_FILE, _swap_into_place, safetensors_header
 
 WEIGHTS_FILE = "model.safetensors"
+# Dtypes the kept matrices can be stored in. float8_e4m3fn: one byte, 3 mantissa bits, no
+# scale (a plain loader has nowhere to read one from); on the default model's embedding its
+# rounding error is 2.6% of the norm (bfloat16: 0.14%), see README "BitNet" for its cost.
+STORE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
 
 
 def save_hf_bitnet(model, tokenizer, out_dir: str | Path, meta: dict | None = None,
@@ -39,7 +44,7 @@ def save_hf_bitnet(model, tokenizer, out_dir: str | Path, meta: dict | None = No
     """Write `model` (converted, any strength: the export is the fully ternary model) as an HF
     BitNet directory plus forge_meta.json; atomic (a crash leaves the old dir or none).
 
-    store_dtype ("bfloat16", "float16"; None: as in memory) for the kept weight matrices;
+    store_dtype (STORE_DTYPES; None: as in memory) for the kept weight matrices;
     refused unless the model already holds values of that dtype (round_kept_matrices)."""
     layers = bitlinears(model)
     if store_dtype is not None:
@@ -141,8 +146,8 @@ def _export_config(model, layers: list[tuple[str, BitLinear]], kept: list[str]):
 
 
 def _dtype(name: str) -> torch.dtype:
-    if name not in ("bfloat16", "float16", "float32"):
-        raise BitNetError(f"store_dtype {name!r}: choose bfloat16, float16 or float32")
+    if name not in STORE_DTYPES:
+        raise BitNetError(f"store_dtype {name!r}: choose one of {', '.join(STORE_DTYPES)}")
     return getattr(torch, name)
 
 
@@ -155,13 +160,17 @@ def kept_matrices(model) -> dict[str, nn.Parameter]:
 
 
 @torch.no_grad()
-def round_kept_matrices(model, store_dtype: str | None) -> int:
+def round_kept_matrices(model, store_dtype: str | None, names: set[str] | None = None) -> int:
     """Round the kept matrices in place to `store_dtype` values (held in their own dtype), so
-    the model in memory is the model save_hf_bitnet(store_dtype=...) writes; returns how many."""
+    the model in memory is the model save_hf_bitnet(store_dtype=...) writes; returns how many.
+    names: round these parameters instead (a full-precision model rounded as its converted
+    copy would be, to measure what the storage alone costs)."""
     if store_dtype is None:
         return 0
     dtype, seen = _dtype(store_dtype), set()
-    for p in kept_matrices(model).values():
+    params = kept_matrices(model) if names is None else {
+        n: p for n, p in model.named_parameters(remove_duplicate=False) if n in names}
+    for p in params.values():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             p.copy_(p.to(dtype).to(p.dtype))

@@ -55,7 +55,9 @@ class BitNetConfig:
     # gamma of each ternary matrix: "absmean" (the paper's mean|W|) or "mse" (the gamma that
     # rounds the trained weights with the least squared error; see bitnet/quantize.py).
     weight_scale: str = "absmean"
-    store_dtype: str | None = "bfloat16"  # kept matrices (embeddings, head) on disk; the model evaluated is rounded alike
+    # kept matrices (embeddings, head) on disk, one of export.STORE_DTYPES; the model evaluated
+    # is rounded alike, and the store_cost stage measures what the rounding alone costs.
+    store_dtype: str | None = "float8_e4m3fn"
     calibrate_batches: int = 4  # batches that set each act-norm's initial scale
     eval_dataset: str | None = None  # test set; None: the one the Phase 3 run used (else easy_arithmetic)
     eval_samples: int = 150
@@ -96,12 +98,15 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
     """The preset, then the YAML, then the overrides; a bad schedule fails here, before any work."""
     from agent_forge.bitnet.qat import strengths_at
 
+    from agent_forge.bitnet.export import STORE_DTYPES
     from agent_forge.bitnet.quantize import WEIGHT_SCALES
 
     cfg = preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
     strengths_at(0, cfg.qat.strength_warmup, 1, cfg.qat.progressive)
     if cfg.weight_scale not in WEIGHT_SCALES:
         raise ValueError(f"weight_scale must be one of {', '.join(WEIGHT_SCALES)}, not {cfg.weight_scale!r}")
+    if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {', '.join(STORE_DTYPES)} (or null), not {cfg.store_dtype!r}")
     return cfg
 
 
@@ -297,6 +302,29 @@ def stage_before(ctx: Context) -> dict:
                  batch_size=GENERATION_BATCH, loglik=False)
     return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n, "ms_per_example": r.ms_per_example,
             "correct_on": [bool(x["correct"]) for x in r.per_example], "replayed": False}
+
+
+def stage_store_cost(ctx: Context) -> dict:
+    """What storing the kept matrices (embeddings, head) in store_dtype costs on its own: the
+    input model with exactly those matrices rounded, on the test questions (thinking on,
+    greedy), paired with 'before'. The ternary model's change includes this cost."""
+    import copy
+
+    from agent_forge.bitnet.export import kept_matrices, round_kept_matrices
+    from agent_forge.evaluation.runner import evaluate
+    from agent_forge.validation.stats import paired_gain
+
+    cfg, (model, tok) = ctx.cfg, teacher(ctx)
+    if cfg.store_dtype in (None, "float32"):
+        return {"measured": False, "reason": f"store_dtype {cfg.store_dtype}: the kept matrices are not rounded"}
+    names = set(kept_matrices(fresh_student(ctx)))
+    rounded = copy.deepcopy(model)
+    round_kept_matrices(rounded, cfg.store_dtype, names)
+    r = evaluate(rounded, tok, eval_items(ctx), thinking=thinking_mode(tok), max_new_tokens=cfg.max_new_tokens,
+                 batch_size=GENERATION_BATCH, loglik=False)
+    correct = [bool(x["correct"]) for x in r.per_example]
+    return {"measured": True, "store_dtype": cfg.store_dtype, "rounded": sorted(names), "accuracy_on": r.accuracy,
+            "ci95_on": r.ci95, "n": r.n, "change": paired_gain(ctx.state.result("before")["correct_on"], correct)}
 
 
 def phase3_greedy_on(cfg: BitNetConfig, items) -> list | None:
@@ -556,7 +584,7 @@ def stage_handoff(ctx: Context) -> dict:
 
 
 STAGES = [("validate_input", stage_validate_input), ("data", stage_data), ("before", stage_before),
-          ("qat", stage_qat), ("after", stage_after), ("save", stage_save), ("speed", stage_speed),
+          ("store_cost", stage_store_cost), ("qat", stage_qat), ("after", stage_after), ("save", stage_save), ("speed", stage_speed),
           ("agreement", stage_agreement), ("register", stage_register), ("handoff", stage_handoff)]
 
 

@@ -47,8 +47,8 @@ STAGE_ORDER = ("validate_input", "vocab", "data", "step1", "step2", "trace_bakin
                "fresh_split", "general", "save", "register", "handoff")
 # agent_forge.evomerge.phase.STAGES and agent_forge.bitnet.phase.STAGES, by name (tests check them too)
 EVOMERGE_STAGE_ORDER = ("parents", "baseline", "search", "test", "save", "plot", "register", "handoff")
-BITNET_STAGE_ORDER = ("validate_input", "data", "before", "qat", "after", "save", "speed", "agreement", "register",
-                      "handoff")
+BITNET_STAGE_ORDER = ("validate_input", "data", "before", "store_cost", "qat", "after", "save", "speed", "agreement",
+                      "register", "handoff")
 # agent_forge.cognate.phase.stages() of the quick preset (its one control); a run's other
 # stages (the independent-trunk control, other specialisations) join the list as they appear
 COGNATE_STAGE_ORDER = ("data", "foundation", "specialise_reasoning", "specialise_memory", "specialise_speed",
