@@ -1,6 +1,7 @@
 """BitNet QAT: what the learning rate, the weight scale and the steps buy, on held-out traces.
 
-For each learning rate and weight scale (absmean, mse: bitnet/quantize.py), a fresh ternary student of `--model` is fine-tuned with `forge
+For each learning rate, weight scale (absmean, mse: bitnet/quantize.py) and starting point
+(nearest rounding, or GPTQ's error-compensating rounding: bitnet/gptq.py), a fresh ternary student of `--model` is fine-tuned with `forge
 bitnet`'s own QAT (lambda warm-in, distillation from the model itself) for `--steps` steps;
 then, at full strength, it is measured on traces it never trained on (the distillation KL to
 the teacher and the next-token loss) and, with `--eval N`, on N validation questions with
@@ -9,6 +10,7 @@ thinking on. The same held-out figures are taken once before training too, at fu
 
     python bench/bench_bitnet_qat.py --model runs/demo/quietstar/model --lrs 2e-4,1e-3,3e-3 --steps 40
     python bench/bench_bitnet_qat.py --model runs/demo/quietstar/model --lrs 1e-3 --scales absmean,mse --steps 16
+    python bench/bench_bitnet_qat.py --model runs/demo/quietstar/model --lrs 1e-3 --inits nearest,gptq --steps 16 --eval 40
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from _common import save_result
 
 from agent_forge.bitnet.bitlinear import calibrate_act_norms
 from agent_forge.bitnet.convert import convert_to_bitnet, set_strength
+from agent_forge.bitnet.gptq import gptq_initialise
 from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss
 from agent_forge.models import load_model
 from agent_forge.quietstar.bake_data import collate, encode_records, shifted
@@ -57,18 +60,22 @@ def accuracy(model, tok, n: int) -> dict:
     return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n}
 
 
-def run_one(teacher, tok, train, test, lr: float, scale: str, args) -> dict:
+def run_one(teacher, tok, train, test, lr: float, scale: str, init: str, args) -> dict:
     cfg = QATConfig(steps=args.steps, batch_size=8, lr=lr, warmup_steps=max(1, args.steps // 10),
-                    strength_warmup=args.steps // 2, save_every=10_000, seed=args.seed)
+                    strength_warmup=args.steps // 2 if init == "nearest" else 0, save_every=10_000, seed=args.seed)
     student = copy.deepcopy(teacher).requires_grad_(True)
     convert_to_bitnet(student, act_norm=args.act_norm, scale_method=scale)  # as `forge bitnet` converts, then calibrates
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     calibrate_act_norms(student, [collate(train[i * 8:(i + 1) * 8], pad) for i in range(4)])
+    t0 = time.time()
+    if init == "gptq":  # GPTQ's codes from the start, so no lambda warm-in
+        gptq_initialise(student, [collate(train[i * 8:(i + 1) * 8], pad) for i in range(args.gptq_batches)])
+    init_seconds = time.time() - t0
     start = held_out(student, teacher, test, pad, cfg)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         result = QATTrainer(student, teacher, tok, cfg, d).run(train)
-    row = {"lr": lr, "scale": scale, "kd_start": start["kd"], "lm_start": start["lm"], "steps": args.steps, "tokens": result["tokens_seen"], "seconds": time.time() - t0,
+    row = {"lr": lr, "scale": scale, "init": init, "init_seconds": init_seconds, "kd_start": start["kd"], "lm_start": start["lm"], "steps": args.steps, "tokens": result["tokens_seen"], "seconds": time.time() - t0,
            "train_last": result["last"], **held_out(student, teacher, test, pad, cfg)}
     if args.eval:
         row.update(accuracy(student, tok, args.eval))
@@ -88,6 +95,10 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=48, help="traces kept out of training and measured")
     p.add_argument("--eval", type=int, default=0, help="validation questions answered with thinking (0: skip)")
     p.add_argument("--act-norm", default="shared", help="shared (the phase default), per_linear or none")
+    p.add_argument("--inits", default="nearest", help="comma-separated starting points: nearest (rounding, then "
+                                                      "a lambda warm-in over half the steps), gptq (bitnet/gptq.py, "
+                                                      "ternary from step 0)")
+    p.add_argument("--gptq-batches", type=int, default=8, help="calibration batches of 8 traces for gptq")
     args = p.parse_args()
     teacher, tok = load_model(args.model)
     teacher.eval().requires_grad_(False)
@@ -95,16 +106,17 @@ def main() -> None:
                                exclude=asked_by(eval_sets_for("easy_arithmetic", "easy_arithmetic_val")))
     examples, _ = encode_records(records, tok, max_len=256)
     train, test = examples[:-args.held_out], examples[-args.held_out:]
-    rows = [run_one(teacher, tok, train, test, float(lr), scale, args)
-            for lr in args.lrs.split(",") for scale in args.scales.split(",")]
-    print(f"{'lr':>8} {'scale':>8} {'steps':>6} {'KL at start':>12} {'held-out KL':>12} {'held-out LM':>12} "
+    rows = [run_one(teacher, tok, train, test, float(lr), scale, init, args)
+            for lr in args.lrs.split(",") for scale in args.scales.split(",") for init in args.inits.split(",")]
+    print(f"{'lr':>8} {'scale':>8} {'init':>8} {'steps':>6} {'KL at start':>12} {'held-out KL':>12} {'held-out LM':>12} "
           f"{'accuracy':>16} {'s':>7}")
     for r in rows:
         acc = f"{100 * r['accuracy_on']:.1f}% (n={r['n']})" if "accuracy_on" in r else "-"
-        print(f"{r['lr']:>8.0e} {r['scale']:>8} {r['steps']:>6} {r['kd_start']:>12.3f} {r['kd']:>12.3f} "
+        print(f"{r['lr']:>8.0e} {r['scale']:>8} {r['init']:>8} {r['steps']:>6} {r['kd_start']:>12.3f} {r['kd']:>12.3f} "
               f"{r['lm']:>12.3f} {acc:>16} {r['seconds']:>7.0f}")
     rec = {"model": args.model, "act_norm": args.act_norm, "seed": args.seed, "rows": rows, "threads": torch.get_num_threads()}
     key = f"{Path(args.model).name}_{args.steps}_steps_seed{args.seed}"  # one entry per model, length, seed
+    key += "" if args.inits == "nearest" else f"_inits_{args.inits.replace(',', '_')}"  # (and starting points)
     save_result(rec, Path(__file__).parent / "results" / "bitnet_qat.json", key)
 
 

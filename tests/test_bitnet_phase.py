@@ -38,6 +38,11 @@ def test_bad_progressive_schedule_fails_in_the_config():
     with pytest.raises(ValueError, match="weight_scale must be one of absmean, mse"):
         make_config("smoke", weight_scale="absmax")
     assert make_config("smoke", weight_scale="mse").weight_scale == "mse"
+    with pytest.raises(ValueError, match="qat.init must be one of nearest, gptq"):
+        make_config("smoke", qat={"init": "optimal"})
+    with pytest.raises(ValueError, match="strength_warmup"):
+        make_config("smoke", qat={"init": "gptq"})  # the smoke preset warms lambda in over 2 steps
+    assert make_config("smoke", qat={"init": "gptq", "strength_warmup": 0}).qat.init == "gptq"
 
 
 def test_layer_groups_follow_the_decoder_layers_in_numeric_order():
@@ -304,6 +309,28 @@ def test_refuses_another_phases_output(tmp_path, forge_home):
     with pytest.raises(BitNetPhaseError, match="phase 2 output"):
         run_bitnet(_config(tmp_path, _phase3_dir(tmp_path, phase=2)))
     assert not (tmp_path / "bn").exists()
+
+
+def test_gptq_start_runs_before_qat_and_not_again_on_resume(tmp_path, forge_home, monkeypatch):
+    """qat.init gptq: the student starts from GPTQ's codes (output error below nearest
+    rounding's, recorded); a run killed inside QAT resumes from its checkpoint without
+    refitting them, and ends where an uninterrupted run ends."""
+    import agent_forge.bitnet.gptq as gptq
+
+    over = {"qat": {"init": "gptq", "strength_warmup": 0, "steps": 4, "batch_size": 2, "save_every": 2,
+                    "warmup_steps": 1, "gptq_batches": 2}}
+    model = _phase3_dir(tmp_path)
+    whole = run_bitnet(_config(tmp_path, model, out="whole", **over))["stages"]["qat"]
+    assert whole["gptq"]["layers"] > 0 and whole["gptq"]["batches"] == 2
+    assert whole["gptq"]["output_error_gptq"] < whole["gptq"]["output_error_nearest"]
+    assert whole["first"]["strength"] == 1.0
+    cfg = _config(tmp_path, model, out="killed", **over)
+    with pytest.raises(Crash):
+        run_bitnet(cfg, progress=crash_at(3))  # inside QAT, after its step-2 checkpoint
+    monkeypatch.setattr(gptq, "gptq_initialise", lambda *a, **k: pytest.fail("refitted on resume"))
+    resumed = run_bitnet(cfg, resume=True)["stages"]["qat"]
+    assert resumed["gptq"] == {"skipped": "resumed from a checkpoint"}
+    assert resumed["last"]["loss"] == pytest.approx(whole["last"]["loss"], rel=1e-4)
 
 
 def test_resume_after_kill_continues_from_the_first_unfinished_stage(tmp_path, forge_home):

@@ -9,7 +9,7 @@ layer exports to it key for key.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -187,38 +187,13 @@ def calibrate_act_norms(model: nn.Module, batches: Iterable[dict]) -> int:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BitLinear) and m.rms_norm is not None
               and not m.rms_norm.absorbed]  # shared norms already hold the block norm's gains
     totals = {name: [0.0, 0] for name, _ in layers}
-    current = {"mask": None}
-    every = [(name, m) for name, m in model.named_modules() if isinstance(m, BitLinear)]
-    strengths = {name: m.strength for name, m in every}
-    was_training = model.training
 
-    def hook_for(name):
-        def hook(module, args):
-            x = args[0]
-            keep = _mask_for(x, current["mask"])
-            rms = x.float().pow(2).mean(-1).sqrt()
-            totals[name][0] += float(rms[keep].sum())
-            totals[name][1] += int(keep.sum())
-        return hook
+    def observe(name, module, x, keep):
+        rms = x.float().pow(2).mean(-1).sqrt()
+        totals[name][0] += float(rms[keep].sum())
+        totals[name][1] += int(keep.sum())
 
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers]
-    try:
-        model.eval()
-        for _, m in every:
-            m.strength = 0.0
-        device = next(model.parameters()).device
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            current["mask"] = mask
-            model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in handles:
-            h.remove()
-        for name, m in every:
-            m.strength = strengths[name]
-        model.train(was_training)
+    observe_inputs(model, batches, layers, observe)
     calibrated = 0
     for name, m in layers:
         total, count = totals[name]
@@ -226,3 +201,35 @@ def calibrate_act_norms(model: nn.Module, batches: Iterable[dict]) -> int:
             m.rms_norm.weight.fill_(total / count)
             calibrated += 1
     return calibrated
+
+
+def observe_inputs(model: nn.Module, batches: Iterable[dict], layers: list[tuple[str, nn.Module]],
+                   observe: Callable) -> None:
+    """Run each batch through `model` as the original (every BitLinear at strength 0, eval
+    mode, no grad) and call observe(name, module, x, keep) with the input x of each of
+    `layers` and keep, its real (non-padding) tokens; strengths and mode restored after."""
+    every = [m for m in model.modules() if isinstance(m, BitLinear)]
+    strengths, was_training = [m.strength for m in every], model.training
+    current = {"mask": None}
+
+    def hook_for(name):
+        return lambda module, args: observe(name, module, args[0], _mask_for(args[0], current["mask"]))
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers]
+    try:
+        model.eval()
+        for m in every:
+            m.strength = 0.0
+        device = next(model.parameters()).device
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            current["mask"] = torch.ones_like(ids) if mask is None else mask.to(device)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=current["mask"])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, strength in zip(every, strengths):
+            m.strength = strength
+        model.train(was_training)

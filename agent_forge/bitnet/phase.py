@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -103,6 +104,11 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
 
     cfg = preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
     strengths_at(0, cfg.qat.strength_warmup, 1, cfg.qat.progressive)
+    if cfg.qat.init not in QAT_INITS:
+        raise ValueError(f"qat.init must be one of {', '.join(QAT_INITS)}, not {cfg.qat.init!r}")
+    if cfg.qat.init == "gptq" and cfg.qat.strength_warmup:
+        raise ValueError("qat.init gptq starts from GPTQ's ternary codes, fully quantised: set qat.strength_warmup "
+                         f"to 0 (it is {cfg.qat.strength_warmup}; a warm-in would blend those codes with themselves)")
     if cfg.weight_scale not in WEIGHT_SCALES:
         raise ValueError(f"weight_scale must be one of {', '.join(WEIGHT_SCALES)}, not {cfg.weight_scale!r}")
     if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
@@ -110,6 +116,7 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
     return cfg
 
 
+QAT_INITS = ("nearest", "gptq")
 Context = PhaseContext  # the stages of this phase take one (agent_forge/stages.py)
 
 
@@ -363,14 +370,31 @@ def stage_qat(ctx: Context) -> dict:
     calib = [collate(examples[i * per:(i + 1) * per], pad) for i in range(cfg.calibrate_batches)
              if examples[i * per:(i + 1) * per]] if cfg.act_norm else []
     calibrated = calibrate_act_norms(student, calib) if calib else 0
+    start = _gptq_start(ctx, student, examples, qat, pad)
     trainer = QATTrainer(student, model, tok, qat, ctx.out / "qat", tracker=ctx.tracker,
                          evaluate=_curve_point(ctx) if qat.eval_every else None)
     result = trainer.run(examples, resume=ctx.resume, progress=ctx.progress)
     trained = trainer.loop.unwrapped()
     save_file(trainable_state(trained), ctx.out / "qat" / STUDENT_FILE)
     ctx.cache["student"] = _as_stored(ctx, trained.eval())
-    return {**result, "dropped_for_length": dropped, "calibrated_norms": calibrated,
+    return {**result, "dropped_for_length": dropped, "calibrated_norms": calibrated, "gptq": start,
             "converted_layers": len(bitlinears(trained)), "config": qat.to_dict()}
+
+
+def _gptq_start(ctx: Context, student, examples, qat: QATConfig, pad: int) -> dict | None:
+    """qat.init "gptq": the student starts from GPTQ's codes, fitted on the first gptq_batches
+    training batches. Not when resuming from a checkpoint, which holds the trained weights."""
+    from agent_forge.bitnet.gptq import gptq_initialise
+    from agent_forge.quietstar.bake_data import collate
+
+    if qat.init != "gptq":
+        return None
+    if ctx.resume and any((ctx.out / "qat").glob("**/step-*")):
+        return {"skipped": "resumed from a checkpoint"}
+    per, t0 = max(1, qat.batch_size), time.time()
+    batches = [collate(examples[i * per:(i + 1) * per], pad) for i in range(qat.gptq_batches)
+               if examples[i * per:(i + 1) * per]]
+    return {**gptq_initialise(student, batches), "batches": len(batches), "seconds": time.time() - t0}
 
 
 def _curve_point(ctx: Context):

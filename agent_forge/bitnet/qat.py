@@ -51,6 +51,11 @@ class QATConfig:
     # quantised one after another over the same strength_warmup steps (input side first, or
     # output side first), so the layers not yet quantised can adapt to the ones that are.
     progressive: str = "none"
+    # Where the ternary codes start. "nearest": every weight rounded on its own (the paper's
+    # recipe), eased in by the lambda warm-in. "gptq": GPTQ's error-compensating rounding on
+    # calibration traces (bitnet/gptq.py), fully ternary from step 0 (strength_warmup 0).
+    init: str = "nearest"
+    gptq_batches: int = 8  # calibration batches of batch_size traces for init "gptq"
     kd_weight: float = 1.0  # weight of KL(teacher || student) on trace and answer tokens
     lm_weight: float = 0.5  # weight of the next-token loss on the same tokens
     kl_top_k: int | None = 64  # top-k KL bound (bounded memory); None = exact over the vocabulary
