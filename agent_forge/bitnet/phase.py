@@ -97,9 +97,8 @@ PRESETS: dict[str, dict] = {
 
 def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **overrides) -> BitNetConfig:
     """The preset, then the YAML, then the overrides; a bad schedule fails here, before any work."""
-    from agent_forge.bitnet.qat import strengths_at
-
     from agent_forge.bitnet.export import STORE_DTYPES
+    from agent_forge.bitnet.qat import strengths_at
     from agent_forge.bitnet.quantize import WEIGHT_SCALES
 
     cfg = preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
@@ -608,8 +607,9 @@ def stage_handoff(ctx: Context) -> dict:
 
 
 STAGES = [("validate_input", stage_validate_input), ("data", stage_data), ("before", stage_before),
-          ("store_cost", stage_store_cost), ("qat", stage_qat), ("after", stage_after), ("save", stage_save), ("speed", stage_speed),
-          ("agreement", stage_agreement), ("register", stage_register), ("handoff", stage_handoff)]
+          ("store_cost", stage_store_cost), ("qat", stage_qat), ("after", stage_after), ("save", stage_save),
+          ("speed", stage_speed), ("agreement", stage_agreement), ("register", stage_register),
+          ("handoff", stage_handoff)]
 
 
 # ---------------------------------------------------------------------------------------
