@@ -356,7 +356,7 @@ def stage_qat(ctx: Context) -> dict:
     from agent_forge.bitnet.bitlinear import calibrate_act_norms
     from agent_forge.bitnet.convert import bitlinears
     from agent_forge.data.schema import read_records
-    from agent_forge.quietstar.bake_data import collate, encode_records
+    from agent_forge.quietstar.bake_data import encode_records
     from agent_forge.training.checkpoint import trainable_state
 
     cfg, (model, tok) = ctx.cfg, teacher(ctx)
@@ -365,9 +365,7 @@ def stage_qat(ctx: Context) -> dict:
                                        max_len=qat.max_len)
     student = fresh_student(ctx)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    per = max(1, qat.batch_size)
-    calib = [collate(examples[i * per:(i + 1) * per], pad) for i in range(cfg.calibrate_batches)
-             if examples[i * per:(i + 1) * per]] if cfg.act_norm else []
+    calib = first_batches(examples, qat.batch_size, cfg.calibrate_batches, pad) if cfg.act_norm else []
     calibrated = calibrate_act_norms(student, calib) if calib else 0
     start = _gptq_start(ctx, student, examples, qat, pad)
     trainer = QATTrainer(student, model, tok, qat, ctx.out / "qat", tracker=ctx.tracker,
@@ -380,19 +378,26 @@ def stage_qat(ctx: Context) -> dict:
             "converted_layers": len(bitlinears(trained)), "config": qat.to_dict()}
 
 
+def first_batches(examples, batch_size: int, n: int, pad: int) -> list[dict]:
+    """Up to n collated batches of the first training examples, in order: what act-norm
+    calibration and the GPTQ fit look at."""
+    from agent_forge.quietstar.bake_data import collate
+
+    per = max(1, batch_size)
+    return [collate(examples[i * per:(i + 1) * per], pad) for i in range(n) if examples[i * per:(i + 1) * per]]
+
+
 def _gptq_start(ctx: Context, student, examples, qat: QATConfig, pad: int) -> dict | None:
     """qat.init "gptq": the student starts from GPTQ's codes, fitted on the first gptq_batches
     training batches. Not when resuming from a checkpoint, which holds the trained weights."""
     from agent_forge.bitnet.gptq import gptq_initialise
-    from agent_forge.quietstar.bake_data import collate
 
     if qat.init != "gptq":
         return None
     if ctx.resume and any((ctx.out / "qat").glob("**/step-*")):
         return {"skipped": "resumed from a checkpoint"}
-    per, t0 = max(1, qat.batch_size), time.time()
-    batches = [collate(examples[i * per:(i + 1) * per], pad) for i in range(qat.gptq_batches)
-               if examples[i * per:(i + 1) * per]]
+    t0 = time.time()
+    batches = first_batches(examples, qat.batch_size, qat.gptq_batches, pad)
     return {**gptq_initialise(student, batches), "batches": len(batches), "seconds": time.time() - t0}
 
 
