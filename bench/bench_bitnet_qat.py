@@ -32,6 +32,7 @@ from agent_forge.models import load_model
 from agent_forge.quietstar.bake_data import collate, encode_records, shifted
 from agent_forge.quietstar.pipeline import DataConfig
 
+RESULTS = Path(__file__).parent / "results" / "bitnet_qat.json"
 
 @torch.no_grad()
 def held_out(student, teacher, examples, pad: int, cfg: QATConfig, batch: int = 8) -> dict:
@@ -82,7 +83,7 @@ def run_one(teacher, tok, train, test, lr: float, scale: str, init: str, args) -
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from agent_forge.data.general import build_mixture
     from agent_forge.data.overlap import asked_by, eval_sets_for
 
@@ -99,10 +100,11 @@ def main() -> None:
                                                       "a lambda warm-in over half the steps), gptq (bitnet/gptq.py, "
                                                       "ternary from step 0)")
     p.add_argument("--gptq-batches", type=int, default=8, help="calibration batches of 8 traces for gptq")
-    args = p.parse_args()
+    p.add_argument("--records", type=int, default=1200, help="procedural traces built (training + held out)")
+    args = p.parse_args(argv)
     teacher, tok = load_model(args.model)
     teacher.eval().requires_grad_(False)
-    records, _ = build_mixture(DataConfig(n_records=1200, seed=7),
+    records, _ = build_mixture(DataConfig(n_records=args.records, seed=7),
                                exclude=asked_by(eval_sets_for("easy_arithmetic", "easy_arithmetic_val")))
     examples, _ = encode_records(records, tok, max_len=256)
     train, test = examples[:-args.held_out], examples[-args.held_out:]
@@ -117,7 +119,7 @@ def main() -> None:
     rec = {"model": args.model, "act_norm": args.act_norm, "seed": args.seed, "rows": rows, "threads": torch.get_num_threads()}
     key = f"{Path(args.model).name}_{args.steps}_steps_seed{args.seed}"  # one entry per model, length, seed
     key += "" if args.inits == "nearest" else f"_inits_{args.inits.replace(',', '_')}"  # (and starting points)
-    save_result(rec, Path(__file__).parent / "results" / "bitnet_qat.json", key)
+    save_result(rec, RESULTS, key)
 
 
 if __name__ == "__main__":
