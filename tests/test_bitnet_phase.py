@@ -386,4 +386,4 @@ def test_the_curve_config_in_configs_loads():
     from pathlib import Path
 
     cfg = make_config("quick", Path(__file__).parents[1] / "configs" / "bitnet_curve_cpu.yaml")
-    assert (cfg.qat.steps, cfg.qat.eval_every, cfg.qat.eval_samples, cfg.eval_samples) == (200, 40, 40, 40)
+    assert (cfg.qat.steps, cfg.qat.eval_every, cfg.qat.eval_samples, cfg.eval_samples) == (200, 40, 40, 100)
