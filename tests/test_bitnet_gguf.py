@@ -289,7 +289,7 @@ def test_llamacpp_speed_rows(tok, tmp_path):
 
 
 @needs_llamacpp
-def test_phase_measures_gguf_agreement(tok, tmp_path, forge_home):
+def test_phase_measures_gguf_agreement(tok, tmp_path, forge_home, monkeypatch):
     """With llama.cpp, `forge bitnet` runs its ternary GGUF on the test questions and compares
     each answer with the PyTorch ternary model's: the agreement row of the report."""
     from agent_forge.bitnet.phase import make_config, run_bitnet
@@ -308,6 +308,25 @@ def test_phase_measures_gguf_agreement(tok, tmp_path, forge_home):
     assert any(k.startswith("llama.cpp GGUF gives") for k, _ in summary_rows(report))
     assert agree["measured"] and agree["n"] == 8 == len(agree["agreed"])
     assert agree["agreement"] == sum(agree["agreed"]) / 8 and agree["target_met"] == (agree["agreement"] >= 0.9)
+    _bench_gguf_agreement_reads_the_run(tmp_path / "bn", agree, monkeypatch)
+
+
+def _bench_gguf_agreement_reads_the_run(run, agree, monkeypatch):
+    """bench/bench_gguf_agreement.py on that run: the input model's F16 GGUF against fp32
+    PyTorch on the run's own test questions, beside the run's ternary row unchanged."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_gguf_agreement as bench
+
+    monkeypatch.setattr(bench, "RESULTS", run.parent / "agree.json")
+    bench.main(["--run", str(run), "--kinds", "F16"])
+    rows = json.loads((run.parent / "agree.json").read_text())["bn"]["rows"]
+    f16 = rows["llama.cpp F16 (input model) vs PyTorch fp32"]
+    assert f16["n"] == 8 and f16["agreement"] == sum(f16["agreed"]) / 8
+    assert rows["llama.cpp TQ2_0 (ternary) vs PyTorch BitLinear (the run's agreement stage)"] == agree
 
 
 def test_summary_states_the_gguf_size_against_fp32(tok, tmp_path):
