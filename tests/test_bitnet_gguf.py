@@ -322,11 +322,16 @@ def _bench_gguf_agreement_reads_the_run(run, agree, monkeypatch):
     import bench_gguf_agreement as bench
 
     monkeypatch.setattr(bench, "RESULTS", run.parent / "agree.json")
-    bench.main(["--run", str(run), "--kinds", "F16"])
-    rows = json.loads((run.parent / "agree.json").read_text())["bn"]["rows"]
+    bench.main(["--run", str(run), "--kinds", "F16", "--ternary"])
+    rows = json.loads((run.parent / "agree.json").read_text())["bn_ternary"]["rows"]
     f16 = rows["llama.cpp F16 (input model) vs PyTorch fp32"]
     assert f16["n"] == 8 and f16["agreement"] == sum(f16["agreed"]) / 8
     assert rows["llama.cpp TQ2_0 (ternary) vs PyTorch BitLinear (the run's agreement stage)"] == agree
+    # llama.cpp decodes deterministically: its second pass over the GGUF reproduces the stage
+    again = rows["llama.cpp TQ2_0 vs PyTorch BitLinear, per-token activations (the run's answers)"]
+    assert again["agreed"] == agree["agreed"]
+    blocks = rows["llama.cpp TQ2_0 vs PyTorch ternary, llama.cpp's activation blocks"]
+    assert blocks["n"] == 8 and 0 <= blocks["pytorch_accuracy_on"] <= 1
 
 
 def test_summary_states_the_gguf_size_against_fp32(tok, tmp_path):
