@@ -4,8 +4,8 @@
 ternary model does (target 90%). Two correct engines of the same weights still differ in
 rounding (llama.cpp quantises activations per block of 32 or 256 values, our BitLinear per
 token; F16 rounds weights and activations), and a greedy generation of 100+ tokens can turn
-on one flipped token. This script measures that for the *input* model, whose weights both
-engines hold exactly as in float: fp32 PyTorch against llama.cpp's F16 and Q8_0 GGUFs of it,
+on one flipped token. This script measures that for the float *input* model: fp32 PyTorch
+against llama.cpp's F16 and Q8_0 GGUFs of it (weights rounded to 16 bits, or to 8-bit blocks),
 on the same test questions as the run, thinking on, greedy, the same budget, scored with the
 phase's own answer_agreement. It prints those rows beside the run's ternary figure and
 writes bench/results/gguf_agreement.json.
