@@ -27,12 +27,14 @@ from _common import save_result
 from agent_forge.bitnet.bitlinear import calibrate_act_norms
 from agent_forge.bitnet.convert import convert_to_bitnet, set_strength
 from agent_forge.bitnet.gptq import gptq_initialise
+from agent_forge.bitnet.phase import first_batches
 from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss
 from agent_forge.models import load_model
 from agent_forge.quietstar.bake_data import collate, encode_records, shifted
 from agent_forge.quietstar.pipeline import DataConfig
 
 RESULTS = Path(__file__).parent / "results" / "bitnet_qat.json"
+
 
 @torch.no_grad()
 def held_out(student, teacher, examples, pad: int, cfg: QATConfig, batch: int = 8) -> dict:
@@ -67,10 +69,10 @@ def run_one(teacher, tok, train, test, lr: float, scale: str, init: str, args) -
     student = copy.deepcopy(teacher).requires_grad_(True)
     convert_to_bitnet(student, act_norm=args.act_norm, scale_method=scale)  # as `forge bitnet` converts, then calibrates
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    calibrate_act_norms(student, [collate(train[i * 8:(i + 1) * 8], pad) for i in range(4)])
+    calibrate_act_norms(student, first_batches(train, 8, 4, pad))
     t0 = time.time()
     if init == "gptq":  # GPTQ's codes from the start, so no lambda warm-in
-        gptq_initialise(student, [collate(train[i * 8:(i + 1) * 8], pad) for i in range(args.gptq_batches)])
+        gptq_initialise(student, first_batches(train, 8, args.gptq_batches, pad))
     init_seconds = time.time() - t0
     start = held_out(student, teacher, test, pad, cfg)
     t0 = time.time()
