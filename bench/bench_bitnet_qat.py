@@ -60,12 +60,14 @@ def accuracy(model, tok, n: int) -> dict:
 
     r = evaluate(model, tok, load_eval_set("easy_arithmetic_val", limit=n), thinking="on", max_new_tokens=128,
                  batch_size=GENERATION_BATCH, loglik=False, progress=False)
-    return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n}
+    closed = sum(bool(x["closed"]) for x in r.per_example) / max(1, r.n)
+    return {"accuracy_on": r.accuracy, "ci95_on": r.ci95, "n": r.n, "closed_on": closed}
 
 
-def run_one(teacher, tok, train, test, lr: float, scale: str, init: str, args) -> dict:
+def run_one(teacher, tok, train, test, lr: float, scale: str, init: str, hidden: float, args) -> dict:
     cfg = QATConfig(steps=args.steps, batch_size=8, lr=lr, warmup_steps=max(1, args.steps // 10),
-                    strength_warmup=args.steps // 2 if init == "nearest" else 0, save_every=10_000, seed=args.seed)
+                    strength_warmup=args.steps // 2 if init == "nearest" else 0, save_every=10_000, seed=args.seed,
+                    hidden_weight=hidden)
     student = copy.deepcopy(teacher).requires_grad_(True)
     convert_to_bitnet(student, act_norm=args.act_norm, scale_method=scale)  # as `forge bitnet` converts, then calibrates
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -78,7 +80,7 @@ def run_one(teacher, tok, train, test, lr: float, scale: str, init: str, args) -
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         result = QATTrainer(student, teacher, tok, cfg, d).run(train)
-    row = {"lr": lr, "scale": scale, "init": init, "init_seconds": init_seconds, "kd_start": start["kd"], "lm_start": start["lm"], "steps": args.steps, "tokens": result["tokens_seen"], "seconds": time.time() - t0,
+    row = {"lr": lr, "scale": scale, "init": init, "hidden_weight": hidden, "init_seconds": init_seconds, "kd_start": start["kd"], "lm_start": start["lm"], "steps": args.steps, "tokens": result["tokens_seen"], "seconds": time.time() - t0,
            "train_last": result["last"], **held_out(student, teacher, test, pad, cfg)}
     if args.eval:
         row.update(accuracy(student, tok, args.eval))
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inits", default="nearest", help="comma-separated starting points: nearest (rounding, then "
                                                       "a lambda warm-in over half the steps), gptq (bitnet/gptq.py, "
                                                       "ternary from step 0)")
+    p.add_argument("--hidden-weights", default="0", help="comma-separated qat.hidden_weight values (the layer-output "
+                                                           "distillation term; 0: off)")
     p.add_argument("--gptq-batches", type=int, default=8, help="calibration batches of 8 traces for gptq")
     p.add_argument("--records", type=int, default=1200, help="procedural traces built (training + held out)")
     args = p.parse_args(argv)
@@ -110,17 +114,20 @@ def main(argv: list[str] | None = None) -> None:
                                exclude=asked_by(eval_sets_for("easy_arithmetic", "easy_arithmetic_val")))
     examples, _ = encode_records(records, tok, max_len=256)
     train, test = examples[:-args.held_out], examples[-args.held_out:]
-    rows = [run_one(teacher, tok, train, test, float(lr), scale, init, args)
-            for lr in args.lrs.split(",") for scale in args.scales.split(",") for init in args.inits.split(",")]
-    print(f"{'lr':>8} {'scale':>8} {'init':>8} {'steps':>6} {'KL at start':>12} {'held-out KL':>12} {'held-out LM':>12} "
-          f"{'accuracy':>16} {'s':>7}")
+    rows = [run_one(teacher, tok, train, test, float(lr), scale, init, float(hidden), args)
+            for lr in args.lrs.split(",") for scale in args.scales.split(",") for init in args.inits.split(",")
+            for hidden in args.hidden_weights.split(",")]
+    print(f"{'lr':>8} {'scale':>8} {'init':>8} {'hidden':>6} {'steps':>6} {'KL at start':>12} {'held-out KL':>12} "
+          f"{'held-out LM':>12} {'accuracy':>16} {'closed':>7} {'s':>7}")
     for r in rows:
         acc = f"{100 * r['accuracy_on']:.1f}% (n={r['n']})" if "accuracy_on" in r else "-"
-        print(f"{r['lr']:>8.0e} {r['scale']:>8} {r['init']:>8} {r['steps']:>6} {r['kd_start']:>12.3f} {r['kd']:>12.3f} "
-              f"{r['lm']:>12.3f} {acc:>16} {r['seconds']:>7.0f}")
+        closed = f"{100 * r['closed_on']:.0f}%" if "closed_on" in r else "-"
+        print(f"{r['lr']:>8.0e} {r['scale']:>8} {r['init']:>8} {r['hidden_weight']:>6g} {r['steps']:>6} "
+              f"{r['kd_start']:>12.3f} {r['kd']:>12.3f} {r['lm']:>12.3f} {acc:>16} {closed:>7} {r['seconds']:>7.0f}")
     rec = {"model": args.model, "act_norm": args.act_norm, "seed": args.seed, "rows": rows, "threads": torch.get_num_threads()}
     key = f"{Path(args.model).name}_{args.steps}_steps_seed{args.seed}"  # one entry per model, length, seed
     key += "" if args.inits == "nearest" else f"_inits_{args.inits.replace(',', '_')}"  # (and starting points)
+    key += "" if args.hidden_weights == "0" else f"_hidden_{args.hidden_weights.replace(',', '_')}"  # (and terms)
     save_result(rec, RESULTS, key)
 
 

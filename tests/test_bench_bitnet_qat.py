@@ -65,7 +65,7 @@ def test_smoke_run_writes_one_row_per_setting(tmp_path, monkeypatch):
     assert [(r["lr"], r["scale"], r["init"]) for r in rows] == [(1e-3, "absmean", "nearest"), (1e-3, "absmean", "gptq")]
     for r in rows:
         assert r["steps"] == 2 and r["tokens"] > 0 and r["n"] == 2 and 0.0 <= r["accuracy_on"] <= 1.0
-        assert r["kd"] >= 0 and r["lm"] > 0
+        assert r["kd"] >= 0 and r["lm"] > 0 and r["hidden_weight"] == 0.0 and 0.0 <= r["closed_on"] <= 1.0
     # both arms start from the same converted model; only GPTQ's codes differ at the start
     assert rows[0]["kd_start"] != rows[1]["kd_start"]
     assert rows[0]["init_seconds"] < rows[1]["init_seconds"]

@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from agent_forge.bitnet.phase import STAGES, STATE_FILE, BitNetPhaseError, make_config, run_bitnet
-from agent_forge.bitnet.qat import QATConfig, QATTrainer, distill_loss, strength_at, strengths_at
+from agent_forge.bitnet.qat import (QATConfig, QATTrainer, distill_loss, hidden_distill_loss, strength_at,
+                                    strengths_at)
 from agent_forge.models import safetensors_header, save_model
 from agent_forge.registry import Registry
 from agent_forge.vocab import add_thinking_tokens, thinking_token_ids
@@ -118,6 +119,39 @@ def test_distill_loss_matches_plain_formulas():
     assert parts["kd"] == pytest.approx(kd, rel=1e-5) and parts["lm"] == pytest.approx(lm, rel=1e-5)
     assert float(loss) == pytest.approx(0.7 * kd + 0.3 * lm, rel=1e-5)
 
+
+
+def test_hidden_distill_loss_matches_a_plain_loop():
+    """Per layer, per unmasked token: |h_s - h_t|^2 / |h_t|^2; the mean over tokens, then layers."""
+    torch.manual_seed(1)
+    hs = [torch.randn(2, 4, 6) for _ in range(3)]
+    ht = [torch.randn(2, 4, 6) * (i + 1) for i in range(3)]
+    ht[1][0, 0] *= 1000  # a huge activation weighs as one token, not as a million
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1]])
+    per_layer = []
+    for s, t in zip(hs, ht):
+        vals = [float(((s[b, i] - t[b, i]) ** 2).sum() / (t[b, i] ** 2).sum())
+                for b in range(2) for i in range(4) if mask[b, i]]
+        per_layer.append(sum(vals) / len(vals))
+    assert float(hidden_distill_loss(hs, ht, mask)) == pytest.approx(sum(per_layer) / 3, rel=1e-5)
+    assert float(hidden_distill_loss(ht, ht, mask)) == 0.0
+    assert float(hidden_distill_loss(hs, ht, torch.zeros_like(mask))) == 0.0
+
+
+def test_qat_hidden_term_is_logged_and_pulls_layer_outputs_to_the_teacher(tmp_path):
+    """hidden_weight > 0: the term is in each step's row and, with the logit terms off,
+    training on it alone lowers it (so its gradient reaches the ternary layers)."""
+    student, teacher, tok = _student_teacher()
+    cfg = _qat(tmp_path, steps=10, strength_warmup=0, kd_weight=0.0, lm_weight=0.0, hidden_weight=1.0, lr=3e-3)
+    trainer = QATTrainer(student, teacher, tok, cfg, tmp_path / "q")
+    trainer.run(_examples(tok))
+    rows = [h for h in trainer.history if "loss" in h]
+    assert all("hidden" in r and r["loss"] == pytest.approx(r["hidden"], rel=1e-5) for r in rows)
+    assert rows[-1]["hidden"] < rows[0]["hidden"]
+    student2, teacher2, _ = _student_teacher()
+    plain = QATTrainer(student2, teacher2, tok, _qat(tmp_path, steps=2), tmp_path / "p")
+    plain.run(_examples(tok))
+    assert not any("hidden" in h for h in plain.history)
 
 def _examples(tok, n=12):
     from agent_forge.data.schema import Record, Segment

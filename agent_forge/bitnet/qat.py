@@ -9,7 +9,10 @@ reasoning traces with two terms:
 - distillation: KL(teacher || student) over the vocabulary at every trace and answer token,
   the teacher being the frozen Phase 3 model; this is what keeps the *thinking*, not only
   the answers (`training.kl.kl_ref_to_policy`);
-- the plain next-token loss on the same tokens.
+- the plain next-token loss on the same tokens;
+- optionally (`hidden_weight`), each decoder layer's output pulled towards the teacher's at
+  every token, as TernaryBERT distils hidden states: a per-layer signal, so a layer far down
+  the stack need not wait for the logits to tell it what broke.
 
 With `progressive` set, the decoder layers are quantised one after another within the same
 warm-in instead of all at once.
@@ -58,6 +61,9 @@ class QATConfig:
     gptq_batches: int = 8  # calibration batches of batch_size traces for init "gptq"
     kd_weight: float = 1.0  # weight of KL(teacher || student) on trace and answer tokens
     lm_weight: float = 0.5  # weight of the next-token loss on the same tokens
+    # weight of the layer-output term (hidden_distill_loss): each decoder layer's output vs the
+    # teacher's, squared error relative to the teacher's norm, per token; 0 = off
+    hidden_weight: float = 0.0
     kl_top_k: int | None = 64  # top-k KL bound (bounded memory); None = exact over the vocabulary
     optimizer: str = "adamw"  # adamw or mugrokfast
     weight_decay: float = 0.0
@@ -111,6 +117,22 @@ def distill_loss(student_logits, teacher_logits, labels, kd_weight: float, lm_we
     return kd_weight * kd + lm_weight * lm, {"kd": float(kd.detach()), "lm": float(lm.detach())}
 
 
+def hidden_distill_loss(student_hidden, teacher_hidden, mask) -> torch.Tensor:
+    """Mean over layers and over the tokens where `mask` is true of ||h_s - h_t||^2 / ||h_t||^2.
+
+    Relative per token, so the few tokens with very large activations (the attention sink)
+    weigh no more than any other. Hidden states are (B, T, D) per layer; pass the layer outputs
+    only (the embeddings are kept in full precision and are identical)."""
+    sel = mask.bool()
+    if not sel.any():
+        return student_hidden[0].sum() * 0.0
+    terms = []
+    for hs, ht in zip(student_hidden, teacher_hidden):
+        s, t = hs[sel].float(), ht[sel].float()
+        terms.append(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)).mean())
+    return torch.stack(terms).mean()
+
+
 class QATTrainer(LoopTrainer):
     """Fine-tunes a converted (BitLinear) student against a frozen teacher; resumable."""
 
@@ -145,17 +167,25 @@ class QATTrainer(LoopTrainer):
             yield {k: v.to(acc.device) for k, v in batch.items()}
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        student = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        ids, mask, hidden = batch["input_ids"], batch["attention_mask"], self.cfg.hidden_weight > 0
+        student = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
         with torch.no_grad():
-            teacher = self.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            teacher = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
         labels, _ = shifted(batch)
-        return distill_loss(student, teacher, labels, self.cfg.kd_weight, self.cfg.lm_weight, self.cfg.kl_top_k)
+        loss, parts = distill_loss(student.logits[:, :-1], teacher.logits[:, :-1], labels, self.cfg.kd_weight,
+                                   self.cfg.lm_weight, self.cfg.kl_top_k)
+        if hidden:
+            h = hidden_distill_loss(student.hidden_states[1:], teacher.hidden_states[1:], mask)
+            loss, parts["hidden"] = loss + self.cfg.hidden_weight * h, float(h.detach())
+        return loss, parts
 
     def step_row(self, step: int, sums: dict) -> dict:
         self.tokens_seen += self.step_tokens
         k = self.cfg.grad_accum
-        return {"kd": sums["kd"] / k, "lm": sums["lm"] / k, "strength": self.strength, "tokens": self.tokens_seen}
+        row = {"kd": sums["kd"] / k, "lm": sums["lm"] / k, "strength": self.strength, "tokens": self.tokens_seen}
+        if "hidden" in sums:
+            row["hidden"] = sums["hidden"] / k
+        return row
 
     def on_step_end(self, step: int, row: dict) -> bool:
         if self.evaluate is not None and self.cfg.eval_every and step % self.cfg.eval_every == 0:
