@@ -112,6 +112,7 @@ def test_ablation_needs_significance_not_just_points():
     assert not abl["passed"]
     assert "+3.1 points" in abl["detail"] and "McNemar p=1" in abl["detail"]
     assert "p=1; needs > 2.0 and p < 0.05" in rep.sentence
+    assert all(r["well_formed_on"] for r in rep.per_example)  # one block, closed, then an answer
 
 
 def _never_closes(questions, thinking):
@@ -127,6 +128,7 @@ def test_unclosed_thinking_does_not_buy_divergence():
     assert div["value"] == 0.0 and not div["passed"]  # the old code: distance("", "5") = 1.0, passed
     assert div["unclosed_rate"] == 1.0 and div["value_closed"] is None
     assert "unclosed 100.0%" in div["detail"]
+    assert not any(r["well_formed_on"] for r in rep.per_example)  # no answer after the block
 
 
 def test_real_tiny_model_logprob_utility():

@@ -91,15 +91,18 @@ def test_answer_agreement_by_hand():
             {"id": "2", "on": "5", "closed_on": False}, {"id": "3", "on": "8", "closed_on": True},
             {"id": "4", "on": "8", "closed_on": True}]
 
-    def gen(text, closed=True):
-        return Generation(prompt="", full_text="", completion="", thinking="", answer_text=text, closed=closed,
-                          n_new_tokens=1, seconds=0.0, mode="on")
+    def gen(text, closed=True, completion=None):
+        completion = f"[thinking]t[/endthinking]{text}" if completion is None else completion
+        return Generation(prompt="", full_text="", completion=completion, thinking="t", answer_text=text,
+                          closed=closed, n_new_tokens=1, seconds=0.0, mode="on")
 
-    theirs = [gen("7.0"), gen("6"), gen("9", closed=False), gen("8"), gen("x")]
+    # closed but not well-formed: a second opener inside the block (a broken model's output)
+    theirs = [gen("7.0"), gen("6"), gen("9", closed=False, completion="[thinking]t"), gen("8"),
+              gen("x", completion="[thinking][thinking]t[/endthinking]x")]
     r = answer_agreement(items[::-1], ours, theirs[::-1])  # matched by id, not by position
     assert r["agreed"] == [True, False, True, True, False][::-1] and r["n"] == 5  # in the order given
     assert r["agreement"] == 3 / 5 and r["ci95"][0] < 0.6 < r["ci95"][1]
-    assert r["gguf_accuracy_on"] == 1 / 5 and r["gguf_closed_rate"] == 4 / 5
+    assert r["gguf_accuracy_on"] == 1 / 5 and r["gguf_closed_rate"] == 4 / 5 and r["gguf_well_formed_rate"] == 3 / 5
 
 
 def test_distill_loss_matches_plain_formulas():
@@ -263,6 +266,8 @@ def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
     assert ch["n"] == st["before"]["n"] == st["after"]["n"] == 8
     assert ch["ci95_points"][0] <= ch["points"] <= ch["ci95_points"][1]
     assert st["save"]["reload"]["logits_match"], st["save"]["reload"]
+    assert isinstance(st["save"]["reload"]["well_formed_thinking"], bool)
+    assert 0.0 <= st["after"]["well_formed_rate"] <= st["after"]["closed_rate"]
     # the storage's own cost: the input model with only the kept matrices (the embedding,
     # its tied head) rounded to the stored float8, on the same questions
     cost = st["store_cost"]

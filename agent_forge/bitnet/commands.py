@@ -63,7 +63,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                  ("relative drop (target < 10%)", (_pct(after["relative_drop"]) if after["relative_drop"] is not None
                                                    else "n/a") + f": {_met(after['drop_target_met'])}"),
                  ("ternary, thinking off", _pct(after["accuracy_off"]) + _ci(after["ci95_off"])),
-                 ("ternary thinking closes", _pct(after["closed_rate"])),
+                 ("ternary thinking closes / well-formed", _pct(after["closed_rate"]) + " / "
+                  + _pct(after.get("well_formed_rate"))),
                  ("anti-theater on the ternary model", after["anti_theater"]["sentence"])]
     cost = st.get("store_cost") or {}
     if cost.get("measured"):
@@ -81,7 +82,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                  ("compression vs bf16", f"{save['ratio_vs_bf16']:.2f}x"),
                  ("sparsity (target > 30%)", f"{_pct(save['sparsity']['overall'])}: {_met(save['sparsity_target_met'])}"),
                  ("reload with plain transformers", f"max |logit diff| {save['reload']['max_abs_logit_diff']:.2e}, "
-                                                    f"thinking closed: {save['reload']['closed_thinking']}")]
+                                                    f"thinking closed: {save['reload']['closed_thinking']}, well-formed: "
+                                                    f"{save['reload'].get('well_formed_thinking', 'n/a')}")]
     for r in speed.get("rows", []):
         rows.append((f"decode tok/s: {r['name']}", f"{r['tokens_per_s']:.1f} ({r['ratio']:.2f}x fp32)"))
     if speed:
@@ -122,7 +124,8 @@ def _agreement_rows(agree: dict | None) -> list[tuple[str, str]]:
         return []
     return [(f"llama.cpp GGUF gives the ternary model's answer (target >= {100 * agree['target']:.0f}%)",
              f"{_pct(agree['agreement'])}{_ci(agree['ci95'])} of {agree['n']}: {_met(agree['target_met'])}; "
-             f"GGUF accuracy {_pct(agree['gguf_accuracy_on'])}, thinking closes {_pct(agree['gguf_closed_rate'])}")]
+             f"GGUF accuracy {_pct(agree['gguf_accuracy_on'])}, thinking closes {_pct(agree['gguf_closed_rate'])}"
+             f" (well-formed {_pct(agree.get('gguf_well_formed_rate'))})")]
 
 
 def _curve_rows(curve: list[dict] | None) -> list[tuple[str, str]]:

@@ -438,6 +438,8 @@ def stage_after(ctx: Context) -> dict:
             "ci95_off": off_sum["ci95"], "n": len(on), "change": gain, "relative_drop": drop,
             "drop_target_met": drop is not None and drop < ctx.cfg.max_relative_drop,
             "closed_rate": sum(r["closed_on"] for r in report.per_example) / max(len(on), 1),
+            # closed is not enough: a broken model can close a block full of openers and noise
+            "well_formed_rate": sum(r["well_formed_on"] for r in report.per_example) / max(len(on), 1),
             "answers_on": [{k: r[k] for k in ("id", "on", "closed_on")} for r in report.per_example],
             "anti_theater": report.to_dict()}
 
@@ -487,6 +489,7 @@ def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int) -> d
     our in-memory ternary model on a probe, and whether it writes a closed thinking block."""
     from agent_forge.bitnet.export import eager, load_plain
     from agent_forge.inference import generate_answers
+    from agent_forge.vocab import is_well_formed
 
     plain = load_plain(model_dir)
     ids = tokenizer(["Question: What is 12 + 7?", "Question: Solve x + 3 = 10."], return_tensors="pt",
@@ -499,6 +502,7 @@ def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int) -> d
     mask = ids["attention_mask"].bool()
     diff = float((a - b).abs()[mask].max())
     return {"max_abs_logit_diff": diff, "logits_match": diff < 1e-3, "closed_thinking": gen.closed,
+            "well_formed_thinking": is_well_formed(gen.completion),
             "sample": gen.completion[:300], "loaded_class": type(plain).__name__}
 
 
@@ -560,6 +564,7 @@ def answer_agreement(items, ours: list[dict], gens) -> dict:
     gave (`ours`: rows with "id", "on" (the answer slot's text), "closed_on"), with its interval."""
     from agent_forge.evaluation.runner import score
     from agent_forge.validation.stats import wilson_interval
+    from agent_forge.vocab import is_well_formed
 
     by_id = {r["id"]: r for r in ours}
     same, correct = [], []
@@ -571,7 +576,8 @@ def answer_agreement(items, ours: list[dict], gens) -> dict:
         correct.append(theirs_ok)
     n, k = len(same), sum(same)
     return {"agreement": k / n, "ci95": list(wilson_interval(k, n)), "n": n, "agreed": same,
-            "gguf_accuracy_on": sum(correct) / n, "gguf_closed_rate": sum(g.closed for g in gens) / n}
+            "gguf_accuracy_on": sum(correct) / n, "gguf_closed_rate": sum(g.closed for g in gens) / n,
+            "gguf_well_formed_rate": sum(is_well_formed(g.completion) for g in gens) / n}
 
 
 def _same_answer(a: str | None, b: str | None) -> bool:

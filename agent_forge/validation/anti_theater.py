@@ -40,7 +40,7 @@ from agent_forge.evaluation.metrics import wilson_interval
 from agent_forge.quietstar.coherence import PARTS, ThoughtCoherence, anti_theater_coherence
 from agent_forge.validation.check_honesty import check_honesty
 from agent_forge.validation.stats import mcnemar_exact, pearson
-from agent_forge.vocab import get_vocab
+from agent_forge.vocab import get_vocab, is_well_formed
 
 THRESHOLDS = {"divergence": 0.30, "ablation": 2.0, "ablation_alpha": 0.05, "correlation": 0.5,
               "check_honesty": 0.95}
@@ -89,7 +89,8 @@ def run_anti_theater(model, tokenizer, items, *, generate_fn: GenerateFn | None 
     tests = [_divergence(on, off, th["divergence"]), _ablation(ok_on, ok_off, th["ablation"], th["ablation_alpha"]),
              _correlation(coh, util, utility, th["correlation"], parts),
              check_honesty([g.thinking for g in on], th["check_honesty"], vocab)]
-    rows = [{"id": it.id, "on": g1.answer_text, "off": g0.answer_text, "closed_on": g1.closed, "correct_on": a,
+    rows = [{"id": it.id, "on": g1.answer_text, "off": g0.answer_text, "closed_on": g1.closed,
+             "well_formed_on": is_well_formed(g1.completion, vocab), "correct_on": a,
              "correct_off": b, "coherence": c, "utility": u}
             for it, g1, g0, a, b, c, u in zip(items, on, off, ok_on, ok_off, coh, util)]
     return _report(tests, rows)
