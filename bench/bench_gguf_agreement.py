@@ -33,6 +33,7 @@ from _common import save_result
 from agent_forge.bitnet.export import eager, load_plain
 from agent_forge.bitnet.phase import REPORT_FILE, STATE_FILE, answer_agreement, thinking_mode
 from agent_forge.data.evalsets import load_eval_set
+from agent_forge.evaluation.runner import score
 from agent_forge.inference import GENERATION_BATCH, generate_answers
 from agent_forge.llamacpp_engine import LlamaCppModel
 from agent_forge.models import load_model
@@ -77,8 +78,6 @@ def ternary_rows(run: Path, stages: dict, items, tok, gen: dict) -> dict:
                                       batch_size=GENERATION_BATCH, **gen)
     finally:
         hf_bitnet.BitLinear.activation_quant = original
-    from agent_forge.evaluation.runner import score
-
     rows["llama.cpp TQ2_0 vs PyTorch ternary, llama.cpp's activation blocks"] = {
         **answer_agreement(items, answer_rows(items, blocks), gguf),
         "pytorch_accuracy_on": sum(score(it, g.answer_text if g.closed else None)[0]

@@ -486,7 +486,8 @@ def _metrics_for_meta(ctx: Context) -> dict:
 
 def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int) -> dict:
     """Plain `AutoModelForCausalLM.from_pretrained(dir)`: the largest logit difference from
-    our in-memory ternary model on a probe, and whether it writes a closed thinking block."""
+    our in-memory ternary model on a probe, and whether it writes a closed thinking block and
+    a well-formed one (closed alone passes a block full of openers and noise)."""
     from agent_forge.bitnet.export import eager, load_plain
     from agent_forge.inference import generate_answers
     from agent_forge.vocab import is_well_formed
