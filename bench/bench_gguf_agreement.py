@@ -32,6 +32,7 @@ from _common import save_result
 
 from agent_forge.bitnet.export import eager, load_plain
 from agent_forge.bitnet.phase import REPORT_FILE, STATE_FILE, answer_agreement, thinking_mode
+from agent_forge.bitnet.quantize import act_llamacpp
 from agent_forge.data.evalsets import load_eval_set
 from agent_forge.evaluation.runner import score
 from agent_forge.inference import GENERATION_BATCH, generate_answers
@@ -47,20 +48,6 @@ def answer_rows(items, gens) -> list[dict]:
     return [{"id": it.id, "on": g.answer_text, "closed_on": g.closed} for it, g in zip(items, gens, strict=True)]
 
 
-def llamacpp_blocks(x: torch.Tensor, num_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' BitLinear.activation_quant, as llama.cpp rounds a matmul's input instead:
-    per block of 256 (Q8_K, for TQ2_0: widths that are a multiple of 256) or of 32 (Q8_0, its
-    scale stored in fp16), absmax to 127. Returns the rounded values and a scale of 1."""
-    width = x.shape[-1]
-    block = 256 if width % 256 == 0 else 32
-    xb = x.float().reshape(*x.shape[:-1], width // block, block)
-    d = xb.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(d > 0, (xb / d).round(), torch.zeros_like(xb))
-    if block == 32:
-        d = d.half().float()
-    return (q * d).reshape(x.shape).to(x.dtype), torch.ones(*x.shape[:-1], 1, dtype=x.dtype)
-
-
 def ternary_rows(run: Path, stages: dict, items, tok, gen: dict) -> dict:
     """The run's answers and the saved model with llama.cpp's activation blocks, each against
     one llama.cpp pass over the ternary GGUF."""
@@ -71,7 +58,7 @@ def ternary_rows(run: Path, stages: dict, items, tok, gen: dict) -> dict:
     rows = {"llama.cpp TQ2_0 vs PyTorch BitLinear, per-token activations (the run's answers)":
             answer_agreement(items, stages["after"]["answers_on"], gguf)}
     original = hf_bitnet.BitLinear.activation_quant
-    hf_bitnet.BitLinear.activation_quant = lambda self, x, num_bits=8: llamacpp_blocks(x, num_bits)
+    hf_bitnet.BitLinear.activation_quant = lambda self, x, num_bits=8: act_llamacpp(x)
     try:
         with eager():
             blocks = generate_answers(load_plain(run / "model"), tok, [it.question for it in items],

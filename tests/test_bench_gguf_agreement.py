@@ -1,16 +1,13 @@
-"""bench/bench_gguf_agreement.py: llama.cpp's activation rounding as the bench imitates it,
-against a plain loop over blocks (its smoke run on a phase output is in test_bitnet_gguf.py,
+"""llama.cpp's activation rounding as bench/bench_gguf_agreement.py and `act_quant: llamacpp`
+use it (quantize.act_llamacpp), on batched inputs of the default model's widths, against a
+numpy loop over blocks (the bench's smoke run on a phase output is in test_bitnet_gguf.py,
 where llama.cpp is installed)."""
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import bench_gguf_agreement as bench  # noqa: E402
+from agent_forge.bitnet.quantize import act_llamacpp
 
 
 def slow_blocks(row: np.ndarray, block: int) -> np.ndarray:
@@ -29,7 +26,7 @@ def slow_blocks(row: np.ndarray, block: int) -> np.ndarray:
 def test_blocks_match_the_plain_loop(width, block):
     x = torch.randn(3, 2, width, generator=torch.Generator().manual_seed(width)) * 4
     x[0, 0, :block] = 0  # an all-zero block stays zero
-    got, scale = bench.llamacpp_blocks(x)
+    got, scale = act_llamacpp(x)
     assert scale.shape == (3, 2, 1) and bool((scale == 1).all())
     for i in range(3):
         for j in range(2):

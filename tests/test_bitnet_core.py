@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from agent_forge.bitnet.bitlinear import ActNorm, BitLinear, calibrate_act_norms
-from agent_forge.bitnet.convert import (DEFAULT_KEEP, BitNetError, bitlinears, convert_to_bitnet,
+from agent_forge.bitnet.convert import (DEFAULT_KEEP, BitNetError, activation_rounding, bitlinears, convert_to_bitnet,
                                         is_ternary, set_strength, sparsity)
 from agent_forge.bitnet.export import compression, disk_sizes, load_plain, round_kept_matrices, save_hf_bitnet
 from agent_forge.bitnet.phase import make_config
-from agent_forge.bitnet.quantize import (EPS, absmean, act_int8, fake_quant_act, fake_quant_weight, mse_scale,
-                                         pack_ternary, ternary, unpack_ternary, weight_scale)
+from agent_forge.bitnet.quantize import (EPS, absmean, act_int8, act_llamacpp, act_quant, fake_quant_act,
+                                         fake_quant_weight, mse_scale, pack_ternary, ternary, unpack_ternary,
+                                         weight_scale)
 from agent_forge.models import META_FILE, measure_model
 from conftest import make_tiny_model
 
@@ -120,6 +121,44 @@ def test_act_int8_matches_the_paper_by_hand():
     assert torch.allclose(fake_quant_act(x), q / scale)
     big = act_int8(torch.randn(4, 100) * 30)[0]
     assert big.min() >= -128 and big.max() <= 127 and torch.equal(big, big.round())
+
+
+def _llamacpp_rounding_by_loop(x: torch.Tensor, block: int) -> torch.Tensor:
+    """ggml's quantize_row_q8_0 (block 32, fp16 scale) / quantize_row_q8_K (block 256, fp32
+    scale), one row and one block at a time: d = max|b| / 127, q = round(b * 127 / max|b|)
+    with ties to even, value q * d (all zero for an all-zero block)."""
+    out = torch.zeros_like(x)
+    for r in range(x.shape[0]):
+        for start in range(0, x.shape[1], block):
+            b = x[r, start:start + block]
+            amax = b.abs().max()
+            if amax == 0:
+                continue
+            iscale = torch.tensor(127.0) / amax
+            d = (amax / 127).half().float() if block == 32 else 1 / iscale
+            out[r, start:start + block] = torch.round(b * iscale) * d
+    return out
+
+
+@pytest.mark.parametrize("width,block", [(64, 32), (96, 32), (512, 256)])
+def test_llamacpp_activation_rounding_matches_a_block_loop(width, block):
+    torch.manual_seed(width)
+    x = torch.randn(5, width) * torch.linspace(0.1, 30, width)  # blocks of very different ranges
+    x[1, :block] = 0.0  # an all-zero block
+    x[2, 3] = 1e3  # one huge value flattens only its own block
+    q, scale = act_llamacpp(x)
+    assert torch.equal(scale, torch.ones(5, 1))
+    assert torch.allclose(q, _llamacpp_rounding_by_loop(x, block), rtol=0, atol=1e-6 * x.abs().max())
+    assert torch.equal(q[1, :block], torch.zeros(block))
+    # per block, not per token: the huge value leaves the rest of its row at full precision
+    other = slice(block, 2 * block)
+    assert (q[2, other] - x[2, other]).abs().max() <= x[2, other].abs().max() / 127
+    assert (act_int8(x)[0][2] / act_int8(x)[1][2] - x[2])[other].abs().max() > (q[2, other] - x[2, other]).abs().max()
+    assert torch.equal(act_quant(x, "llamacpp")[0], q) and torch.equal(act_quant(x, "token")[0], act_int8(x)[0])
+    with pytest.raises(ValueError, match="token, llamacpp"):
+        act_quant(x, "block")
+    with pytest.raises(ValueError, match="blocks of 32"):
+        act_llamacpp(torch.randn(2, 40))
 
 
 @pytest.mark.parametrize("strength", [0.0, 0.3, 1.0])
@@ -237,19 +276,20 @@ def test_strength_one_matches_slow_reference(act_norm):
     assert q.dtype == torch.int8 and gamma.item() == pytest.approx(layer.weight.abs().mean().item())
 
 
-@pytest.mark.parametrize("bias,scale", [(True, "absmean"), (False, "absmean"), (True, "mse")])
-def test_strength_one_path_is_the_plain_formula_with_its_gradients(bias, scale):
+@pytest.mark.parametrize("bias,scale,act", [(True, "absmean", "token"), (False, "absmean", "token"),
+                                            (True, "mse", "token"), (True, "absmean", "llamacpp")])
+def test_strength_one_path_is_the_plain_formula_with_its_gradients(bias, scale, act):
     """At strength 1 BitLinear takes its exported-order path; value and straight-through
     gradients must be those of F.linear(fake_quant_act(x), fake_quant_weight(w), b)."""
     torch.manual_seed(2)
-    layer = BitLinear(16, 8, bias=bias, act_norm=False, scale_method=scale)
-    x = torch.randn(2, 3, 16, requires_grad=True)
+    layer = BitLinear(64, 8, bias=bias, act_norm=False, scale_method=scale, act_method=act)
+    x = torch.randn(2, 3, 64, requires_grad=True)
     grad_out = torch.randn(2, 3, 8)
     layer(x).backward(grad_out)
     fast = (x.grad.clone(), layer.weight.grad.clone(), None if not bias else layer.bias.grad.clone())
     x.grad = None
     layer.zero_grad()
-    plain = F.linear(fake_quant_act(x), fake_quant_weight(layer.weight, 1.0, scale), layer.bias)
+    plain = F.linear(fake_quant_act(x, 1.0, act), fake_quant_weight(layer.weight, 1.0, scale), layer.bias)
     plain.backward(grad_out)
     assert layer.ternary()[1].item() == weight_scale(layer.weight, scale).item()
     with torch.no_grad():
@@ -258,6 +298,34 @@ def test_strength_one_path_is_the_plain_formula_with_its_gradients(bias, scale):
     assert torch.allclose(fast[1], layer.weight.grad, rtol=1e-6, atol=1e-6)
     if bias:
         assert torch.allclose(fast[2], layer.bias.grad)
+    if act == "llamacpp":  # the rounding is really another one, at full and at blended strength
+        per_token = F.linear(fake_quant_act(x), fake_quant_weight(layer.weight, 1.0, scale), layer.bias)
+        assert not torch.allclose(plain, per_token, rtol=1e-4, atol=1e-4)
+        layer.strength = 0.4
+        with torch.no_grad():
+            blended = F.linear(fake_quant_act(x, 0.4, act), fake_quant_weight(layer.weight, 0.4, scale), layer.bias)
+            assert torch.allclose(layer(x), blended, rtol=1e-6, atol=1e-6)
+
+
+def test_llamacpp_rounding_converts_whole_blocks_and_switches_back(tiny_llama):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    odd = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(BitNetError, match=r"q_proj has 40 inputs, not a multiple of 32"):
+        convert_to_bitnet(odd, act_method="llamacpp")
+    with pytest.raises(BitNetError, match="token, llamacpp"):
+        convert_to_bitnet(tiny_llama, act_method="blocks")
+    convert_to_bitnet(tiny_llama, act_method="llamacpp")
+    set_strength(tiny_llama, 1.0)
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        blocks = tiny_llama(ids).logits
+        with activation_rounding(tiny_llama, "token"):
+            assert {layer.act_method for _, layer in bitlinears(tiny_llama)} == {"token"}
+            per_token = tiny_llama(ids).logits
+        assert {layer.act_method for _, layer in bitlinears(tiny_llama)} == {"llamacpp"}
+        assert torch.equal(tiny_llama(ids).logits, blocks) and not torch.equal(blocks, per_token)
 
 
 def test_converted_model_trains_at_full_strength(tiny_qwen2):

@@ -241,6 +241,26 @@ def test_llamacpp_logits_match_ternary_model(tok, tmp_path):
 
 
 @needs_llamacpp
+def test_llamacpp_rounding_computes_what_the_gguf_computes(tok, tmp_path):
+    """With act_quant llamacpp our model rounds each matmul's input as llama.cpp does (Q8_0
+    blocks beside the Q4_0-coded linears of width 64, Q8_K beside down_proj's TQ2_0 rows of
+    256), so what is left between the two engines is float arithmetic: far closer than the
+    per-token rounding gets, on the same weights and the same GGUF."""
+    from agent_forge.bitnet.convert import activation_rounding
+    from agent_forge.llamacpp_engine import LlamaCppModel
+
+    _, student = ternary_model(tok)
+    write_gguf(student, tok, tmp_path / "t.gguf")
+    llm = LlamaCppModel(tmp_path / "t.gguf", n_ctx=256, n_threads=1)
+    ids = tok(f"Question: 12+30?{THINK_OPEN}12 plus 30 is 42{THINK_CLOSE}Answer: 42\n")["input_ids"]
+    top1_token, rel_token = _agreement(student, llm, ids)
+    with activation_rounding(student, "llamacpp"):
+        top1_blocks, rel_blocks = _agreement(student, llm, ids)
+    assert top1_blocks >= top1_token and rel_blocks < 0.01 and rel_blocks < rel_token / 3, \
+        (top1_token, rel_token, top1_blocks, rel_blocks)
+
+
+@needs_llamacpp
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_llamacpp_input_model_matches(tok, tmp_path, kind):
     """The comparison rows' GGUFs (llama arch, q/k permuted for its rotary layout) compute the input model."""

@@ -265,8 +265,11 @@ def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
     ch = st["after"]["change"]
     assert ch["n"] == st["before"]["n"] == st["after"]["n"] == 8
     assert ch["ci95_points"][0] <= ch["points"] <= ch["ci95_points"][1]
-    assert st["save"]["reload"]["logits_match"], st["save"]["reload"]
-    assert isinstance(st["save"]["reload"]["well_formed_thinking"], bool)
+    reload = st["save"]["reload"]
+    assert reload["logits_match"] and reload["rounding_logit_diff"] == reload["max_abs_logit_diff"], reload
+    # the reload answers the first test questions, each read against ours from the after stage
+    assert reload["probes"] == 4 and 0.0 <= reload["well_formed_rate"] <= reload["closed_rate"] <= 1.0
+    assert reload["well_formed_thinking"] == (reload["well_formed_rate"] == 1.0)
     assert 0.0 <= st["after"]["well_formed_rate"] <= st["after"]["closed_rate"]
     # the storage's own cost: the input model with only the kept matrices (the embedding,
     # its tied head) rounded to the stored float8, on the same questions
@@ -287,6 +290,30 @@ def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
     from agent_forge.bitnet.commands import summary_rows
     rows = dict(summary_rows(report))
     assert "no merges" in rows["not measured"] and not any("GGUF gives" in k for k in rows)  # said once
+    assert "on 4 test questions: same answer as ours" in rows["reload with plain transformers"]
+    assert "llama.cpp" not in rows["test accuracy, thinking on: ternary"]
+
+
+def test_llamacpp_rounding_phase_checks_the_file_per_token(tmp_path, forge_home):
+    """act_quant llamacpp: the model trains and is measured with llama.cpp's activation blocks;
+    the HF file holds the same weights (exact against our model rounding per token, as the
+    file runs) and the reload row states the rounding's own difference."""
+    import dataclasses
+
+    cfg = _config(tmp_path, _phase3_dir(tmp_path), act_quant="llamacpp")
+    cfg = dataclasses.replace(cfg, eval_samples=4, speed_tokens=2)
+    cfg.qat.steps = 2
+    report = run_bitnet(cfg)
+    reload = report["stages"]["save"]["reload"]
+    assert reload["logits_match"] and reload["rounding_logit_diff"] > 100 * max(reload["max_abs_logit_diff"], 1e-6)
+    meta = json.loads((tmp_path / "bn" / "model" / "forge_meta.json").read_text())
+    assert meta["bitnet"]["act_quant"] == "llamacpp" and report["stages"]["handoff"]["ok"]
+    from agent_forge.bitnet.commands import summary_rows
+    rows = dict(summary_rows(report))
+    assert "from the trained rounding" in rows["reload with plain transformers"]
+    assert "llama.cpp's blocks" in rows["test accuracy, thinking on: ternary"]
+    with pytest.raises(ValueError, match="act_quant must be one of token, llamacpp"):
+        _config(tmp_path, "x", act_quant="block")
 
 
 def test_refuses_a_failed_phase3_handoff_unless_forced(tmp_path, forge_home):

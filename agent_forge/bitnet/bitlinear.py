@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent_forge.bitnet.quantize import act_int8, fake_quant_act, fake_quant_weight, ternary, weight_scale
+from agent_forge.bitnet.quantize import ACT_QUANTS, act_quant, fake_quant_act, fake_quant_weight, ternary, weight_scale
 
 
 class ActNorm(nn.Module):
@@ -43,10 +43,12 @@ class BitLinear(nn.Module):
     """A linear layer trained toward ternary weights and int8 inputs (BitNet b1.58).
 
     `strength` (0..1, set by the trainer, not saved) blends from the original linear (0)
-    to the fully quantised layer (1). `scale_method` chooses gamma (quantize.WEIGHT_SCALES)."""
+    to the fully quantised layer (1). `scale_method` chooses gamma (quantize.WEIGHT_SCALES),
+    `act_method` how the input is rounded (quantize.ACT_QUANTS)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_norm: bool = True,
-                 eps: float = 1e-6, *, scale_method: str = "absmean", device=None, dtype=None):
+                 eps: float = 1e-6, *, scale_method: str = "absmean", act_method: str = "token",
+                 device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
@@ -59,12 +61,15 @@ class BitLinear(nn.Module):
         self.strength = 1.0
         weight_scale(torch.ones(1), scale_method)  # an unknown method fails here, not mid-training
         self.scale_method = scale_method
+        if act_method not in ACT_QUANTS:
+            raise ValueError(f"act_quant must be one of {', '.join(ACT_QUANTS)}, not {act_method!r}")
+        self.act_method = act_method
         self._frozen = None  # (weight version key, q_w as float, weight_scale): inference without grad
         self._blended = None  # (weight version key, strength, blended weight): the same below strength 1
 
     @classmethod
     def from_module(cls, module: nn.Module, act_norm: bool = True, eps: float = 1e-6,
-                    scale_method: str = "absmean") -> "BitLinear":
+                    scale_method: str = "absmean", act_method: str = "token") -> "BitLinear":
         """A BitLinear with the weights of an nn.Linear or a GPT-2 Conv1D (whose weight is (in, out))."""
         from transformers.pytorch_utils import Conv1D
 
@@ -76,7 +81,7 @@ class BitLinear(nn.Module):
             raise TypeError(f"BitLinear.from_module: cannot convert {type(module).__name__}")
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, module.bias is not None, act_norm, eps,
-                    scale_method=scale_method, device=weight.device, dtype=weight.dtype)
+                    scale_method=scale_method, act_method=act_method, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(weight)
             if module.bias is not None:
@@ -93,10 +98,10 @@ class BitLinear(nn.Module):
         if strength == 0.0:  # the original linear exactly (fake_quant_* at 0 return their input)
             return F.linear(x, self.weight, self.bias)
         if strength == 1.0 and not torch.is_grad_enabled():
-            return _ternary_value(x, *act_int8(x), *self._frozen_ternary(), self.bias)
+            return _ternary_value(x, *act_quant(x, self.act_method), *self._frozen_ternary(), self.bias)
         if strength == 1.0:
-            return _TernaryLinear.apply(x, self.weight, self.bias, self.scale_method)
-        x = fake_quant_act(x, strength)
+            return _TernaryLinear.apply(x, self.weight, self.bias, self.scale_method, self.act_method)
+        x = fake_quant_act(x, strength, self.act_method)
         weight = fake_quant_weight(self.weight, strength, self.scale_method) if torch.is_grad_enabled() else self._blended_weight(strength)
         return F.linear(x, weight, self.bias)
 
@@ -127,7 +132,8 @@ class BitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, strength={self.strength}, scale={self.scale_method}")
+                f"bias={self.bias is not None}, strength={self.strength}, scale={self.scale_method}, "
+                f"act={self.act_method}")
 
 
 class _TernaryLinear(torch.autograd.Function):
@@ -139,9 +145,9 @@ class _TernaryLinear(torch.autograd.Function):
     Backward is the straight-through one of the plain formula."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale_method="absmean"):
+    def forward(ctx, x, weight, bias, scale_method="absmean", act_method="token"):
         q_w, gamma = ternary(weight, scale_method)
-        q_x, input_scale = act_int8(x)
+        q_x, input_scale = act_quant(x, act_method)
         y = _ternary_value(x, q_x, input_scale, q_w.float(), (1.0 / gamma).to(weight.dtype).float(), bias)
         ctx.save_for_backward((q_x / input_scale).to(x.dtype), (q_w.float() * gamma).to(weight.dtype))
         ctx.has_bias = bias is not None
@@ -158,7 +164,7 @@ class _TernaryLinear(torch.autograd.Function):
             grad_w = flat.t().matmul(x_fq.reshape(-1, x_fq.shape[-1]).to(grad.dtype)).to(w_fq.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _ternary_value(x, q_x: torch.Tensor, input_scale: torch.Tensor, q_w: torch.Tensor,

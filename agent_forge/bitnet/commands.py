@@ -57,7 +57,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ch = after["change"]
         rows += [("test accuracy, thinking on: before", _pct(before["accuracy_on"]) + _ci(before["ci95_on"])
                   + f" (n={before['n']}" + ("; Phase 3's own greedy pass" if before.get("replayed") else "") + ")"),
-                 ("test accuracy, thinking on: ternary", _pct(after["accuracy_on"]) + _ci(after["ci95_on"])),
+                 ("test accuracy, thinking on: ternary", _pct(after["accuracy_on"]) + _ci(after["ci95_on"])
+                  + _rounding_note(report)),
                  ("change (paired)", f"{ch['points']:+.1f} points [{ch['ci95_points'][0]:+.1f}, "
                                      f"{ch['ci95_points'][1]:+.1f}], McNemar p={ch['mcnemar_p']:.2g}"),
                  ("relative drop (target < 10%)", (_pct(after["relative_drop"]) if after["relative_drop"] is not None
@@ -81,9 +82,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                   f"{save['ratio_vs_fp32']:.2f}x: {_met(save['ratio_vs_fp32'] >= save['ratio_target_vs_fp32'])}"),
                  ("compression vs bf16", f"{save['ratio_vs_bf16']:.2f}x"),
                  ("sparsity (target > 30%)", f"{_pct(save['sparsity']['overall'])}: {_met(save['sparsity_target_met'])}"),
-                 ("reload with plain transformers", f"max |logit diff| {save['reload']['max_abs_logit_diff']:.2e}, "
-                                                    f"thinking closed: {save['reload']['closed_thinking']}, well-formed: "
-                                                    f"{save['reload'].get('well_formed_thinking', 'n/a')}")]
+                 ("reload with plain transformers", _reload_text(save["reload"]))]
     for r in speed.get("rows", []):
         rows.append((f"decode tok/s: {r['name']}", f"{r['tokens_per_s']:.1f} ({r['ratio']:.2f}x fp32)"))
     if speed:
@@ -101,6 +100,25 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             c["name"] for c in hand["checks"] if not c["ok"] and c["severity"] == "error")))
     rows.append(("time", f"{report['total_seconds']:.0f} s"))
     return rows
+
+
+def _rounding_note(report: dict) -> str:
+    """Which activation rounding the ternary model ran with, when it is not the paper's per token."""
+    method = report.get("config", {}).get("act_quant", "token")
+    return "" if method == "token" else " (activations rounded in llama.cpp's blocks: the GGUF's arithmetic)"
+
+
+def _reload_text(reload: dict) -> str:
+    """The reload row: the logit check, then the reloaded model's answers to a few test questions
+    (a run saved before those probes existed says only whether one probe's thinking closed)."""
+    text = f"max |logit diff| {reload['max_abs_logit_diff']:.2e}"
+    if reload.get("rounding_logit_diff", 0.0) > reload["max_abs_logit_diff"]:
+        text += f" (activations per token, as the file runs; {reload['rounding_logit_diff']:.2e} from the trained rounding)"
+    if "probes" not in reload:
+        return text + f", thinking closed: {reload['closed_thinking']}"
+    return (text + f"; on {reload['probes']} test questions: same answer as ours {_pct(reload['same_answer_rate'])}, "
+            f"correct {_pct(reload['accuracy_on'])}, thinking closes / well-formed {_pct(reload['closed_rate'])} / "
+            f"{_pct(reload['well_formed_rate'])}")
 
 
 def _gguf_rows(speed: dict, save: dict) -> list[tuple[str, str]]:

@@ -6,13 +6,14 @@ in high precision by default, and a head tied to the input embedding is never to
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from agent_forge.bitnet.bitlinear import BitLinear
-from agent_forge.bitnet.quantize import WEIGHT_SCALES
+from agent_forge.bitnet.quantize import ACT_QUANTS, QK8_0, WEIGHT_SCALES
 
 DEFAULT_KEEP = ("lm_head",)
 
@@ -70,14 +71,15 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 
 def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_norm: bool | str = True,
-                      eps: float = 1e-6, scale_method: str = "absmean") -> list[str]:
+                      eps: float = 1e-6, scale_method: str = "absmean", act_method: str = "token") -> list[str]:
     """Replace every nn.Linear / Conv1D whose name contains no `keep` pattern by a BitLinear.
 
     act_norm: True (or "per_linear") gives every BitLinear its own RMSNorm; "shared" gives
     the linears that read one block norm's output (q/k/v, gate/up) one shared RMSNorm that
     takes over that block norm's gains (the block norm is frozen at ones), so the model is
     the BitNet b1.58 layout llama.cpp's `bitnet` architecture runs (see gguf_export.py);
-    False: no norm. `scale_method` chooses each matrix's gamma (quantize.WEIGHT_SCALES).
+    False: no norm. `scale_method` chooses each matrix's gamma (quantize.WEIGHT_SCALES),
+    `act_method` how each input is rounded (quantize.ACT_QUANTS).
     Returns the converted names. Left alone whatever `keep` says: a linear
     sharing its weight with the input embedding (a tied head), and one whose output width is
     not a multiple of 4 (e.g. a Cognate memory's 3 gates), which transformers' packed
@@ -89,6 +91,8 @@ def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_
         eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", None) or eps)
     if scale_method not in WEIGHT_SCALES:
         raise BitNetError(f"weight scale must be one of {', '.join(WEIGHT_SCALES)}, not {scale_method!r}")
+    if act_method not in ACT_QUANTS:
+        raise BitNetError(f"act_quant must be one of {', '.join(ACT_QUANTS)}, not {act_method!r}")
     act_norm = act_norm not in (False, "none")
     _check_causal_lm(model)
     if is_ternary(model):
@@ -100,11 +104,24 @@ def convert_to_bitnet(model: nn.Module, keep: Iterable[str] = DEFAULT_KEEP, act_
                and not _shares_storage(module.weight, embedding) and _out_features(module) % 4 == 0]
     if not targets:
         raise BitNetError(f"{type(model).__name__}: no linear layers to convert (keep={list(keep)})")
+    if act_method == "llamacpp":
+        _check_llamacpp_widths(targets)
     for name, module in targets:
-        model.set_submodule(name, BitLinear.from_module(module, act_norm=act_norm, eps=eps, scale_method=scale_method))
+        model.set_submodule(name, BitLinear.from_module(module, act_norm=act_norm, eps=eps, scale_method=scale_method,
+                                                        act_method=act_method))
     if shared:
         share_block_norms(model, eps)
     return [name for name, _ in targets]
+
+
+def _check_llamacpp_widths(targets: list[tuple[str, nn.Module]]) -> None:
+    """llama.cpp rounds a matmul's input per block of 32 (or 256) values: every input width
+    must hold whole blocks, or act_quant llamacpp has nothing to mirror."""
+    for name, module in targets:
+        width = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+        if width % QK8_0:
+            raise BitNetError(f"act_quant llamacpp: {name} has {width} inputs, not a multiple of {QK8_0}, "
+                              "the block llama.cpp rounds activations in; use act_quant token")
 
 
 # (block norm, the linears reading its output) in a Llama-family decoder layer
@@ -172,6 +189,21 @@ def set_strength(model: nn.Module, s: float) -> None:
         raise BitNetError(f"quantisation strength must be in [0, 1], got {s}")
     for _, layer in bitlinears(model):
         layer.strength = s
+
+
+@contextmanager
+def activation_rounding(model: nn.Module, method: str):
+    """Every BitLinear rounds its input by `method` (quantize.ACT_QUANTS) inside the block:
+    e.g. "token", as transformers' BitNet format runs a saved model."""
+    layers = [layer for _, layer in bitlinears(model)]
+    before = [layer.act_method for layer in layers]
+    try:
+        for layer in layers:
+            layer.act_method = method
+        yield model
+    finally:
+        for layer, m in zip(layers, before):
+            layer.act_method = m
 
 
 @torch.no_grad()

@@ -25,8 +25,9 @@ down_proj) is written as Q4_0 blocks that hold the same ternary codes (nibbles 7
 scale = gamma): exact, but 4.5 bits per weight and llama.cpp's 4-bit kernel. The summary
 says how many weights got a ternary type. Either way the dequantised weight is
 code x f16(gamma). llama.cpp quantises activations per block of the row (Q8_K: 256, with
-scale 128/absmax; Q8_0 for a Q4_0 row: 32) where we quantise per token (127/absmax), so its logits differ
-from ours by that rounding; tests bound it.
+Q8_0 for a Q4_0 row: 32; both 127/absmax) where the paper and transformers quantise per token,
+so its logits differ from a model trained with `act_quant: token` by that rounding (tests
+bound it); `act_quant: llamacpp` trains and measures with llama.cpp's blocks instead.
 
 llama.cpp's `llama` architecture applies rotary embeddings to adjacent pairs, Hugging Face
 to the two halves of each head, so q/k rows are permuted for it; `bitnet` uses halves.
@@ -42,8 +43,9 @@ import torch
 
 from agent_forge.bitnet.bitlinear import BitLinear
 from agent_forge.bitnet.convert import BitNetError
+from agent_forge.bitnet.quantize import QK8_0, QK_K
 
-QK_K, QK8_0, QK4_0 = 256, 32, 32
+QK4_0 = 32
 TERNARY_TYPES = ("tq2_0", "tq1_0")
 TERNARY_FALLBACK = "Q4_0 (ternary codes)"  # the type of ternary rows that do not fill 256-blocks
 # HF names inside a Llama decoder layer -> GGUF names inside blk.N

@@ -31,6 +31,7 @@ from agent_forge.stages import PhaseContext, run_phase, stage_runner, timings
 STATE_FILE = "bitnet_state.json"
 REPORT_FILE = "bitnet_report.json"
 STUDENT_FILE = "student.safetensors"
+RELOAD_PROBES = 4  # test questions the saved model, reloaded with plain transformers, answers
 # Design targets for the compression ratio against fp32, by model size (seeds/ design notes).
 RATIO_TARGETS = {"tiny": 6.0, "small": 8.0, "medium": 10.0, "large": 12.0}
 
@@ -56,6 +57,11 @@ class BitNetConfig:
     # gamma of each ternary matrix: "absmean" (the paper's mean|W|) or "mse" (the gamma that
     # rounds the trained weights with the least squared error; see bitnet/quantize.py).
     weight_scale: str = "absmean"
+    # how each ternary matmul's input is rounded to 8 bits: "token" (the paper's per-token
+    # absmax, which the saved HF file runs exactly) or "llamacpp" (per block, as the GGUF runs
+    # it: the model trained and measured is the GGUF's arithmetic, and the HF file's logits
+    # differ by the rounding, which the reload row reports). See bitnet/quantize.py.
+    act_quant: str = "token"
     # kept matrices (embeddings, head) on disk, one of export.STORE_DTYPES; the model evaluated
     # is rounded alike, and the store_cost stage measures what the rounding alone costs.
     store_dtype: str | None = "float8_e4m3fn"
@@ -99,7 +105,7 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
     """The preset, then the YAML, then the overrides; a bad schedule fails here, before any work."""
     from agent_forge.bitnet.export import STORE_DTYPES
     from agent_forge.bitnet.qat import strengths_at
-    from agent_forge.bitnet.quantize import WEIGHT_SCALES
+    from agent_forge.bitnet.quantize import ACT_QUANTS, WEIGHT_SCALES
 
     cfg = preset_config(BitNetConfig(preset=preset), PRESETS, preset, yaml_path, overrides, "bitnet config")
     strengths_at(0, cfg.qat.strength_warmup, 1, cfg.qat.progressive)
@@ -110,6 +116,8 @@ def make_config(preset: str = "quick", yaml_path: str | Path | None = None, **ov
                          f"to 0 (it is {cfg.qat.strength_warmup}; a warm-in would blend those codes with themselves)")
     if cfg.weight_scale not in WEIGHT_SCALES:
         raise ValueError(f"weight_scale must be one of {', '.join(WEIGHT_SCALES)}, not {cfg.weight_scale!r}")
+    if cfg.act_quant not in ACT_QUANTS:
+        raise ValueError(f"act_quant must be one of {', '.join(ACT_QUANTS)}, not {cfg.act_quant!r}")
     if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {', '.join(STORE_DTYPES)} (or null), not {cfg.store_dtype!r}")
     return cfg
@@ -146,7 +154,7 @@ def fresh_student(ctx: Context):
     model, _ = teacher(ctx)
     student = copy.deepcopy(model).requires_grad_(True)
     convert_to_bitnet(student, keep=tuple(ctx.cfg.keep), act_norm=ctx.cfg.act_norm,
-                      scale_method=ctx.cfg.weight_scale)
+                      scale_method=ctx.cfg.weight_scale, act_method=ctx.cfg.act_quant)
     return student
 
 
@@ -458,7 +466,7 @@ def stage_save(ctx: Context) -> dict:
     meta = {"phase": 4, "parent": cfg.model, "parent_meta": parent_meta,
             "thinking_tokens": parent_meta.get("thinking_tokens"),
             "bitnet": {"original_params": size.n_params, "keep": list(cfg.keep), "act_norm": cfg.act_norm,
-                       "weight_scale": cfg.weight_scale,
+                       "weight_scale": cfg.weight_scale, "act_quant": cfg.act_quant,
                        "store_dtype": cfg.store_dtype, "size_category": size.category},
             "metrics": _metrics_for_meta(ctx)}
     save_hf_bitnet(student, tok, dst, meta, store_dtype=cfg.store_dtype)
@@ -468,7 +476,8 @@ def stage_save(ctx: Context) -> dict:
     out = {"model_dir": str(dst), "sizes": sizes, **ratios, "size_category": size.category,
            "ratio_target_vs_fp32": RATIO_TARGETS[size.category], "sparsity": sparse,
            "sparsity_target_met": sparse["overall"] > cfg.min_sparsity,
-           "reload": _reload_check(dst, student, tok, cfg.max_new_tokens)}
+           "reload": _reload_check(dst, student, tok, cfg.max_new_tokens, eval_items(ctx)[:RELOAD_PROBES],
+                                   ctx.state.result("after")["answers_on"])}
     meta["metrics"].update({"ratio_vs_fp32": ratios["ratio_vs_fp32"], "ratio_vs_bf16": ratios["ratio_vs_bf16"],
                             "total_bytes": sizes["total"], "sparsity": sparse["overall"]})
     update_meta(dst, meta)
@@ -484,27 +493,38 @@ def _metrics_for_meta(ctx: Context) -> dict:
             "forced_past_handoff": ctx.state.result("validate_input").get("forced", False)}
 
 
-def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int) -> dict:
-    """Plain `AutoModelForCausalLM.from_pretrained(dir)`: the largest logit difference from
-    our in-memory ternary model on a probe, and whether it writes a closed thinking block and
-    a well-formed one (closed alone passes a block full of openers and noise)."""
+def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int, items, ours: list[dict]) -> dict:
+    """Plain `AutoModelForCausalLM.from_pretrained(dir)` against our in-memory ternary model.
+
+    Logits on a probe, ours with activations rounded per token as the HF file runs them: this
+    checks the stored weights (`rounding_logit_diff`: against the rounding the model trained
+    with, non-zero under act_quant llamacpp). Then the reload answers `items` (a few test
+    questions, one batch), each answer compared with ours (`ours`, the after stage's rows),
+    and how often its thinking closes and is well-formed (closed alone passes a block full of
+    openers and noise)."""
+    from agent_forge.bitnet.convert import activation_rounding
     from agent_forge.bitnet.export import eager, load_plain
     from agent_forge.inference import generate_answers
-    from agent_forge.vocab import is_well_formed
 
     plain = load_plain(model_dir)
     ids = tokenizer(["Question: What is 12 + 7?", "Question: Solve x + 3 = 10."], return_tensors="pt",
                     padding=True)
     with torch.no_grad(), eager():
         a = plain(**ids).logits
-        b = student(**ids).logits
-        gen = generate_answers(plain, tokenizer, ["What is 12 + 7?"], thinking=thinking_mode(tokenizer),
-                               max_new_tokens=max_new_tokens, batch_size=1, progress=False)[0]
+        trained = student(**ids).logits
+        with activation_rounding(student, "token"):
+            b = student(**ids).logits
+        gens = generate_answers(plain, tokenizer, [it.question for it in items], thinking=thinking_mode(tokenizer),
+                                max_new_tokens=max_new_tokens, batch_size=len(items), progress=False)
     mask = ids["attention_mask"].bool()
     diff = float((a - b).abs()[mask].max())
-    return {"max_abs_logit_diff": diff, "logits_match": diff < 1e-3, "closed_thinking": gen.closed,
-            "well_formed_thinking": is_well_formed(gen.completion),
-            "sample": gen.completion[:300], "loaded_class": type(plain).__name__}
+    agree = answer_agreement(items, ours, gens)
+    return {"max_abs_logit_diff": diff, "logits_match": diff < 1e-3,
+            "rounding_logit_diff": float((a - trained).abs()[mask].max()), "probes": len(items),
+            "same_answer_rate": agree["agreement"], "accuracy_on": agree["gguf_accuracy_on"],
+            "closed_rate": agree["gguf_closed_rate"], "well_formed_rate": agree["gguf_well_formed_rate"],
+            "closed_thinking": all(g.closed for g in gens), "well_formed_thinking": agree["gguf_well_formed_rate"] == 1,
+            "sample": gens[0].completion[:300], "loaded_class": type(plain).__name__}
 
 
 def stage_speed(ctx: Context) -> dict:

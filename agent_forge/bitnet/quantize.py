@@ -3,6 +3,7 @@
 Weights: absmean scale gamma = mean|W|, W_q = clamp(round(W / gamma), -1, 1).
 (Or, converting a trained model, the gamma that minimises the rounding error: `WEIGHT_SCALES`.)
 Activations: per-token absmax to int8, x_q = clamp(round(x * 127 / max|x|), -128, 127).
+(Or as llama.cpp rounds the input of our GGUF's ternary matmuls: `ACT_QUANTS`.)
 Training uses straight-through fake quantisation blended by a strength lambda in [0, 1];
 export packs the ternary weights four to a byte in transformers' layout.
 """
@@ -23,6 +24,14 @@ VALUES_PER_BYTE = 4
 # weights 2.0 x (0.26 vs 0.39). Either way the result is codes and one scale per matrix, the
 # format transformers and llama.cpp read.
 WEIGHT_SCALES = ("absmean", "mse")
+# How a ternary matmul's input is rounded to 8 bits. "token": the paper's absmax per token,
+# which transformers' BitNet format runs, so the saved HF file reproduces our logits exactly.
+# "llamacpp": as llama.cpp rounds it for the GGUF we write: absmax per block of 256 values
+# (Q8_K, beside TQ2_0 rows) or of 32 with an fp16 scale (Q8_0, beside the Q4_0-coded rows
+# of widths that are not a multiple of 256), so the model trained and measured is the GGUF's
+# arithmetic; the HF file then differs from it by that rounding.
+ACT_QUANTS = ("token", "llamacpp")
+QK_K, QK8_0 = 256, 32  # llama.cpp's block widths: TQ2_0 / Q8_K, and Q8_0
 MSE_ITERATIONS = 10
 MSE_SAMPLE = 1 << 16  # weights a gamma is fitted on (see mse_scale)
 
@@ -82,6 +91,32 @@ def act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def act_llamacpp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x rounded as llama.cpp rounds it, a scale of 1): per block of 256 (width a multiple of
+    256: Q8_K, fp32 scale) or of 32 (Q8_0, fp16 scale), q = round(x * 127 / max|block|) with
+    ties to even (ggml's rounding), value q * d, d = max|block| / 127. The block scales
+    cannot be taken out of the matmul, so the first element holds the rounded values."""
+    width = x.shape[-1]
+    block = QK_K if width % QK_K == 0 else QK8_0
+    if width % block:
+        raise ValueError(f"llama.cpp rounds activations in blocks of {QK8_0}; a width of {width} has none")
+    xb = x.float().reshape(*x.shape[:-1], width // block, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = (xb * inverse).round()
+    d = 1.0 / inverse.clamp(min=EPS) if block == QK_K else (amax / 127.0).half().float()
+    return (q * d).reshape(x.shape), torch.ones((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+
+
+def act_quant(x: torch.Tensor, method: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) with x ~ q / scale, rounded by `method` (see ACT_QUANTS)."""
+    if method == "token":
+        return act_int8(x)
+    if method == "llamacpp":
+        return act_llamacpp(x)
+    raise ValueError(f"act_quant must be one of {', '.join(ACT_QUANTS)}, not {method!r}")
+
+
 def _straight_through(x: torch.Tensor, target: torch.Tensor, strength: float) -> torch.Tensor:
     """x + strength * (target - x), with the gradient w.r.t. x the identity.
 
@@ -101,10 +136,10 @@ def fake_quant_weight(w: torch.Tensor, strength: float = 1.0, method: str = "abs
     return _straight_through(w, target, strength)
 
 
-def fake_quant_act(x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """Activations blended toward their int8 round trip q / scale, gradient passed straight."""
+def fake_quant_act(x: torch.Tensor, strength: float = 1.0, method: str = "token") -> torch.Tensor:
+    """Activations blended toward their 8-bit round trip q / scale, gradient passed straight."""
     with torch.no_grad():
-        q, scale = act_int8(x)
+        q, scale = act_quant(x, method)
         target = q / scale
     return _straight_through(x, target, strength)
 
