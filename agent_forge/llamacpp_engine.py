@@ -28,6 +28,7 @@ TERNARY_ROW, F16_ROW, Q8_ROW = ("llama.cpp ternary TQ2_0 (output)", "llama.cpp F
                                 "llama.cpp Q8_0 (input model)")
 CPUINFO = Path("/proc/cpuinfo")  # where weight_repacking looks for AMX
 INSTALL_HINT = "pip install -e '.[llamacpp]' (or make setup LLAMACPP=yes); it compiles llama.cpp"
+GGML_TYPE_F32 = 0  # ggml_type of an fp32 tensor (llama.cpp caches keys and values as fp16, type 1)
 
 
 def llamacpp_status() -> tuple[bool, str]:
@@ -81,7 +82,9 @@ class LlamaCppModel:
     training = False
     generation_config = None
 
-    def __init__(self, path: str | Path, n_ctx: int = 2048, n_threads: int | None = None):
+    def __init__(self, path: str | Path, n_ctx: int = 2048, n_threads: int | None = None, f32_cache: bool = False):
+        """f32_cache: keys and values cached in fp32 instead of llama.cpp's default fp16 (tests
+        that compare logits with PyTorch's to the last rounding)."""
         ok, why = llamacpp_status()
         if not ok:
             raise RuntimeError(why)
@@ -90,8 +93,9 @@ class LlamaCppModel:
         self.path = str(path)
         threads = n_threads or torch.get_num_threads()
         with _model_params(use_extra_bufts=weight_repacking()):
+            cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
             self.llm = Llama(model_path=self.path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                             logits_all=False, verbose=False)
+                             logits_all=False, verbose=False, **cache)
         self.n_vocab = self.llm.n_vocab()
 
     # the bits of nn.Module the generation code touches

@@ -280,7 +280,8 @@ def test_strength_one_matches_slow_reference(act_norm):
                                             (True, "mse", "token"), (True, "absmean", "llamacpp")])
 def test_strength_one_path_is_the_plain_formula_with_its_gradients(bias, scale, act):
     """At strength 1 BitLinear takes its exported-order path; value and straight-through
-    gradients must be those of F.linear(fake_quant_act(x), fake_quant_weight(w), b)."""
+    gradients must be those of F.linear(fake_quant_act(x), fake_quant_weight(w), b) (with
+    llama.cpp's rounding: its activation blocks, gamma in fp16)."""
     torch.manual_seed(2)
     layer = BitLinear(64, 8, bias=bias, act_norm=False, scale_method=scale, act_method=act)
     x = torch.randn(2, 3, 64, requires_grad=True)
@@ -289,7 +290,13 @@ def test_strength_one_path_is_the_plain_formula_with_its_gradients(bias, scale, 
     fast = (x.grad.clone(), layer.weight.grad.clone(), None if not bias else layer.bias.grad.clone())
     x.grad = None
     layer.zero_grad()
-    plain = F.linear(fake_quant_act(x, 1.0, act), fake_quant_weight(layer.weight, 1.0, scale), layer.bias)
+    w = layer.weight
+    if act == "token":
+        w_fq = fake_quant_weight(w, 1.0, scale)
+    else:  # llama.cpp multiplies by the fp16 block scale the GGUF stores
+        q, gamma = ternary(w.detach(), scale)
+        w_fq = w + (q.float() * gamma.half().float() - w).detach()
+    plain = F.linear(fake_quant_act(x, 1.0, act), w_fq, layer.bias)
     plain.backward(grad_out)
     assert layer.ternary()[1].item() == weight_scale(layer.weight, scale).item()
     with torch.no_grad():

@@ -242,16 +242,20 @@ def test_llamacpp_logits_match_ternary_model(tok, tmp_path):
 
 @needs_llamacpp
 def test_llamacpp_rounding_computes_what_the_gguf_computes(tok, tmp_path):
-    """With act_quant llamacpp our model rounds each matmul's input as llama.cpp does (Q8_0
-    blocks beside the Q4_0-coded linears of width 64, Q8_K beside down_proj's TQ2_0 rows of
-    256), so what is left between the two engines is float arithmetic: far closer than the
-    per-token rounding gets, on the same weights and the same GGUF."""
+    """With act_quant llamacpp our model computes as llama.cpp computes the GGUF (inputs in
+    Q8_0 blocks beside the Q4_0-coded linears of width 64, Q8_K beside down_proj's TQ2_0 rows
+    of 256; gamma in fp16), so with the embedding as the GGUF stores it (fp16; the phase's
+    float8 store is exact in fp16) and llama.cpp's cache in fp32, what is left is float
+    summation order: far closer than the per-token rounding gets, same weights, same GGUF."""
     from agent_forge.bitnet.convert import activation_rounding
     from agent_forge.llamacpp_engine import LlamaCppModel
 
     _, student = ternary_model(tok)
+    with torch.no_grad():
+        embedding = student.get_input_embeddings().weight
+        embedding.copy_(embedding.half().float())
     write_gguf(student, tok, tmp_path / "t.gguf")
-    llm = LlamaCppModel(tmp_path / "t.gguf", n_ctx=256, n_threads=1)
+    llm = LlamaCppModel(tmp_path / "t.gguf", n_ctx=256, n_threads=1, f32_cache=True)
     ids = tok(f"Question: 12+30?{THINK_OPEN}12 plus 30 is 42{THINK_CLOSE}Answer: 42\n")["input_ids"]
     top1_token, rel_token = _agreement(student, llm, ids)
     with activation_rounding(student, "llamacpp"):

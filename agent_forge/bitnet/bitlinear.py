@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent_forge.bitnet.quantize import ACT_QUANTS, act_quant, fake_quant_act, fake_quant_weight, ternary, weight_scale
+from agent_forge.bitnet.quantize import (ACT_QUANTS, act_quant, engine_scale, fake_quant_act, fake_quant_weight,
+                                         ternary, weight_scale)
 
 
 class ActNorm(nn.Module):
@@ -107,7 +108,7 @@ class BitLinear(nn.Module):
 
     def _weight_key(self) -> tuple:
         w = self.weight
-        return (w._version, w.data_ptr(), w.device, w.dtype)
+        return (w._version, w.data_ptr(), w.device, w.dtype, self.act_method)
 
     def _blended_weight(self, strength: float) -> torch.Tensor:
         """fake_quant_weight(weight, strength) for a no-grad forward, recomputed only when the
@@ -123,6 +124,7 @@ class BitLinear(nn.Module):
         w, key = self.weight, self._weight_key()
         if self._frozen is None or self._frozen[0] != key:
             q_w, gamma = ternary(w.detach(), self.scale_method)
+            gamma = engine_scale(gamma, self.act_method)
             self._frozen = (key, q_w.float(), (1.0 / gamma).to(w.dtype).float())
         return self._frozen[1], self._frozen[2]
 
@@ -147,6 +149,7 @@ class _TernaryLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale_method="absmean", act_method="token"):
         q_w, gamma = ternary(weight, scale_method)
+        gamma = engine_scale(gamma, act_method)
         q_x, input_scale = act_quant(x, act_method)
         y = _ternary_value(x, q_x, input_scale, q_w.float(), (1.0 / gamma).to(weight.dtype).float(), bias)
         ctx.save_for_backward((q_x / input_scale).to(x.dtype), (q_w.float() * gamma).to(weight.dtype))

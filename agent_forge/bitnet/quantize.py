@@ -26,10 +26,11 @@ VALUES_PER_BYTE = 4
 WEIGHT_SCALES = ("absmean", "mse")
 # How a ternary matmul's input is rounded to 8 bits. "token": the paper's absmax per token,
 # which transformers' BitNet format runs, so the saved HF file reproduces our logits exactly.
-# "llamacpp": as llama.cpp rounds it for the GGUF we write: absmax per block of 256 values
+# "llamacpp": as llama.cpp computes the GGUF we write: inputs rounded per block of 256 values
 # (Q8_K, beside TQ2_0 rows) or of 32 with an fp16 scale (Q8_0, beside the Q4_0-coded rows
-# of widths that are not a multiple of 256), so the model trained and measured is the GGUF's
-# arithmetic; the HF file then differs from it by that rounding.
+# of widths that are not a multiple of 256), and each matrix's gamma in fp16, as both block
+# types store it; so the model trained and measured is the GGUF's arithmetic, and the HF
+# file differs from it by that rounding.
 ACT_QUANTS = ("token", "llamacpp")
 QK_K, QK8_0 = 256, 32  # llama.cpp's block widths: TQ2_0 / Q8_K, and Q8_0
 MSE_ITERATIONS = 10
@@ -115,6 +116,12 @@ def act_quant(x: torch.Tensor, method: str = "token") -> tuple[torch.Tensor, tor
     if method == "llamacpp":
         return act_llamacpp(x)
     raise ValueError(f"act_quant must be one of {', '.join(ACT_QUANTS)}, not {method!r}")
+
+
+def engine_scale(gamma: torch.Tensor, method: str = "token") -> torch.Tensor:
+    """gamma as the engine that `method` mirrors multiplies by it: fp16 for llama.cpp (the
+    block scale of TQ2_0 and Q4_0 rows), as computed for transformers' format."""
+    return gamma.half().float() if method == "llamacpp" else gamma
 
 
 def _straight_through(x: torch.Tensor, target: torch.Tensor, strength: float) -> torch.Tensor:
