@@ -1,6 +1,7 @@
 """`forge bitnet`: the QAT loss and schedule against plain formulas, exact resume, the phase
 end to end on a tiny model, and the refusals (failed handoff, already ternary, wrong phase)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -451,5 +452,9 @@ def test_phase3_greedy_pass_is_replayed_only_for_the_same_weights_and_budget(tmp
 def test_the_curve_config_in_configs_loads():
     from pathlib import Path
 
-    cfg = make_config("quick", Path(__file__).parents[1] / "configs" / "bitnet_curve_cpu.yaml")
+    configs = Path(__file__).parents[1] / "configs"
+    cfg = make_config("quick", configs / "bitnet_curve_cpu.yaml")
     assert (cfg.qat.steps, cfg.qat.eval_every, cfg.qat.eval_samples, cfg.eval_samples) == (200, 40, 40, 100)
+    blocks = make_config("quick", configs / "bitnet_curve_llamacpp_cpu.yaml")  # the same run in llama.cpp's rounding
+    assert blocks.act_quant == "llamacpp" and cfg.act_quant == "token"
+    assert dataclasses.asdict(blocks.qat) == dataclasses.asdict(cfg.qat) and blocks.eval_samples == cfg.eval_samples
