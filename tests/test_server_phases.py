@@ -120,7 +120,8 @@ def test_every_path_field_of_a_phase_config_is_checked():
 
     not_paths = {
         "bitnet": {"data.difficulty", "data.families", "data.general_train_sets", "qat.optimizer", "qat.progressive",
-                   "qat.mixed_precision", "qat.init", "keep", "store_dtype", "act_norm", "weight_scale", "tracking"},
+                   "qat.mixed_precision", "qat.init", "keep", "store_dtype", "act_norm", "weight_scale",
+                   "act_quant", "tracking"},
         "evomerge": {"parents.families", "search.strategy", "fitness.thinking", "tracking"},
         "cognate": {"data.families", "controls", "train.optimizer", "train.mixed_precision", "tracking"},
         "run": {"start", "stop", "tracking"},
