@@ -116,7 +116,10 @@ def _reload_text(reload: dict) -> str:
         text += f" (activations per token, as the file runs; {reload['rounding_logit_diff']:.2e} from the trained rounding)"
     if "probes" not in reload:
         return text + f", thinking closed: {reload['closed_thinking']}"
-    return (text + f"; on {reload['probes']} test questions: same answer as ours {_pct(reload['same_answer_rate'])}, "
+    same = f"same answer as ours {_pct(reload['same_answer_rate'])}"
+    if "same_text_rate" in reload:  # ours in the same batch (earlier runs: the after stage's)
+        same += f" (same text {_pct(reload['same_text_rate'])})"
+    return (text + f"; on {reload['probes']} test questions, one batch: {same}, "
             f"correct {_pct(reload['accuracy_on'])}, thinking closes / well-formed {_pct(reload['closed_rate'])} / "
             f"{_pct(reload['well_formed_rate'])}")
 

@@ -476,8 +476,7 @@ def stage_save(ctx: Context) -> dict:
     out = {"model_dir": str(dst), "sizes": sizes, **ratios, "size_category": size.category,
            "ratio_target_vs_fp32": RATIO_TARGETS[size.category], "sparsity": sparse,
            "sparsity_target_met": sparse["overall"] > cfg.min_sparsity,
-           "reload": _reload_check(dst, student, tok, cfg.max_new_tokens, eval_items(ctx)[:RELOAD_PROBES],
-                                   ctx.state.result("after")["answers_on"])}
+           "reload": _reload_check(dst, student, tok, cfg.max_new_tokens, eval_items(ctx)[:RELOAD_PROBES])}
     meta["metrics"].update({"ratio_vs_fp32": ratios["ratio_vs_fp32"], "ratio_vs_bf16": ratios["ratio_vs_bf16"],
                             "total_bytes": sizes["total"], "sparsity": sparse["overall"]})
     update_meta(dst, meta)
@@ -493,18 +492,17 @@ def _metrics_for_meta(ctx: Context) -> dict:
             "forced_past_handoff": ctx.state.result("validate_input").get("forced", False)}
 
 
-def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int, items, ours: list[dict]) -> dict:
+def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int, items) -> dict:
     """Plain `AutoModelForCausalLM.from_pretrained(dir)` against our in-memory ternary model.
 
     Logits on a probe, ours with activations rounded per token as the HF file runs them: this
     checks the stored weights (`rounding_logit_diff`: against the rounding the model trained
-    with, non-zero under act_quant llamacpp). Then the reload answers `items` (a few test
-    questions, one batch), each answer compared with ours (`ours`, the after stage's rows),
-    and how often its thinking closes and is well-formed (closed alone passes a block full of
-    openers and noise)."""
+    with, non-zero under act_quant llamacpp). Then both answer `items` (a few test questions)
+    in the same single batch, ours again rounding per token, so that any answer that differs
+    is the file's doing, not batch layout's; and how often the reload's thinking closes and
+    is well-formed (closed alone passes a block full of openers and noise)."""
     from agent_forge.bitnet.convert import activation_rounding
     from agent_forge.bitnet.export import eager, load_plain
-    from agent_forge.inference import generate_answers
 
     plain = load_plain(model_dir)
     ids = tokenizer(["Question: What is 12 + 7?", "Question: Solve x + 3 = 10."], return_tensors="pt",
@@ -514,17 +512,27 @@ def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int, item
         trained = student(**ids).logits
         with activation_rounding(student, "token"):
             b = student(**ids).logits
-        gens = generate_answers(plain, tokenizer, [it.question for it in items], thinking=thinking_mode(tokenizer),
-                                max_new_tokens=max_new_tokens, batch_size=len(items), progress=False)
+            ours = _answers(student, tokenizer, items, max_new_tokens)
+        gens = _answers(plain, tokenizer, items, max_new_tokens)
     mask = ids["attention_mask"].bool()
     diff = float((a - b).abs()[mask].max())
-    agree = answer_agreement(items, ours, gens)
+    agree = answer_agreement(items, [{"id": it.id, "on": g.answer_text, "closed_on": g.closed}
+                                     for it, g in zip(items, ours)], gens)
     return {"max_abs_logit_diff": diff, "logits_match": diff < 1e-3,
             "rounding_logit_diff": float((a - trained).abs()[mask].max()), "probes": len(items),
             "same_answer_rate": agree["agreement"], "accuracy_on": agree["gguf_accuracy_on"],
+            "same_text_rate": sum(g.completion == o.completion for g, o in zip(gens, ours)) / len(items),
             "closed_rate": agree["gguf_closed_rate"], "well_formed_rate": agree["gguf_well_formed_rate"],
             "closed_thinking": all(g.closed for g in gens), "well_formed_thinking": agree["gguf_well_formed_rate"] == 1,
             "sample": gens[0].completion[:300], "loaded_class": type(plain).__name__}
+
+
+def _answers(model, tokenizer, items, max_new_tokens: int) -> list:
+    """Greedy thinking-on answers to `items`, all in one batch."""
+    from agent_forge.inference import generate_answers
+
+    return generate_answers(model, tokenizer, [it.question for it in items], thinking=thinking_mode(tokenizer),
+                            max_new_tokens=max_new_tokens, batch_size=len(items), progress=False)
 
 
 def stage_speed(ctx: Context) -> dict:
