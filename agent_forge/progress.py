@@ -31,7 +31,8 @@ class StageDisplay:
             self.console.log(f"[cyan]stage[/] {name} ...")
         elif event == "done":
             secs = (result or {}).get("stage_seconds")
-            self.console.log(f"[green]stage[/] {name} done in {secs}s")
+            since = " since the resume" if (result or {}).get("stage_resumed") else ""
+            self.console.log(f"[green]stage[/] {name} done in {secs}s{since}")
             self._close_task()
         else:
             self.console.log(f"[dim]stage {name}: {event}[/]")

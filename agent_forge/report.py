@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from agent_forge.progress import print_rows
+from agent_forge.stages import resumed_note
 
 
 def _pct(x) -> str:
@@ -90,7 +91,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     rows += general_rows(st.get("general") or {})
     if ho:
         rows.append(("Phase 3 -> 4 handoff", "passed" if ho.get("ok") else "failed"))
-    rows.append(("total time", f"{report.get('total_seconds', 0) / 60:.1f} min"))
+    rows.append(("total time", f"{report.get('total_seconds', 0) / 60:.1f} min{resumed_note(st)}"))
     return flag_gsm8k(rows, report)
 
 

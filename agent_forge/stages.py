@@ -29,8 +29,20 @@ class StageState:
     def result(self, stage: str) -> dict:
         return self.data["stages"].get(stage, {})
 
+    def begin(self, stage: str) -> bool:
+        """Mark `stage` as running; True when an earlier run had started it (killed midway),
+        so this run resumes it and its seconds count from the resume only."""
+        resumed = self.data.get("running") == stage
+        self.data["running"] = stage
+        self._write()
+        return resumed
+
     def record(self, stage: str, result: dict) -> None:
         self.data["stages"][stage] = result
+        self.data.pop("running", None)
+        self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
         tmp.replace(self.path)
@@ -61,9 +73,11 @@ def run_stages(stages: list[Stage], ctx, state: StageState, on_stage: Callable |
             notify(on_stage, name, "skipped (done)", state.result(name))
             continue
         notify(on_stage, name, "start", None)
-        t0 = time.time()
+        t0, resumed = time.time(), state.begin(name)
         result = run_one(name, fn, ctx) if run_one is not None else fn(ctx)
         result["stage_seconds"] = round(time.time() - t0, 1)
+        if resumed:
+            result["stage_resumed"] = True
         state.record(name, result)
         if after is not None:
             after(name)
@@ -80,6 +94,12 @@ def timings(state: StageState) -> tuple[dict, float]:
     stages = state.data["stages"]
     per = {k: v.get("stage_seconds") for k, v in stages.items()}
     return per, round(sum(v or 0 for v in per.values()), 1)
+
+
+def resumed_note(stages: dict) -> str:
+    """What a total time leaves out: the part of a resumed stage run before its kill."""
+    names = [k for k, v in stages.items() if isinstance(v, dict) and v.get("stage_resumed")]
+    return f" (resumed: {', '.join(names)} counted from the resume)" if names else ""
 
 
 def stage_runner(phase_error: type[Exception], user_errors: tuple[type[Exception], ...],

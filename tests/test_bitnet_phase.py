@@ -431,6 +431,10 @@ def test_resume_after_kill_continues_from_the_first_unfinished_stage(tmp_path, f
         run_bitnet(cfg)
     report = run_bitnet(cfg, resume=True)
     assert report["stages"]["qat"]["steps"] == cfg.qat.steps
+    # QAT's seconds count from the resume, and the time row says so
+    assert report["stages"]["qat"]["stage_resumed"] and "stage_resumed" not in report["stages"]["after"]
+    from agent_forge.bitnet.commands import summary_rows
+    assert dict(summary_rows(report))["time"].endswith("(resumed: qat counted from the resume)")
 
 
 def test_cli_bad_input_is_one_clear_error(tmp_path, forge_home):

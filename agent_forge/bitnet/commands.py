@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from agent_forge.progress import print_rows
+from agent_forge.stages import resumed_note
 
 
 def bitnet_cmd(model: str = typer.Option(..., help="Phase 3 output dir (or any HF causal LM: hub id, dir, default)"),
@@ -98,7 +99,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if hand:
         rows.append(("Phase 4 handoff", "passed" if hand["ok"] else "FAILED: " + ", ".join(
             c["name"] for c in hand["checks"] if not c["ok"] and c["severity"] == "error")))
-    rows.append(("time", f"{report['total_seconds']:.0f} s"))
+    rows.append(("time", f"{report['total_seconds']:.0f} s{resumed_note(st)}"))
     return rows
 
 
