@@ -1,8 +1,40 @@
-"""Resumable stages: a stage killed midway and resumed says its seconds count from the resume."""
+"""stages: how every phase turns the errors a user can act on into its own error, and marks a
+stage killed midway and resumed (its seconds count from the resume)."""
 
 import pytest
 
-from agent_forge.stages import PhaseContext, StageState, resumed_note, run_stages
+from agent_forge.stages import PhaseContext, StageState, resumed_note, run_stages, stage_runner
+
+
+class PhaseError(RuntimeError):
+    pass
+
+
+def _raise(exc):
+    def stage(ctx):
+        raise exc
+    return stage
+
+
+def test_user_errors_become_the_phase_error_and_others_pass_through():
+    run = stage_runner(PhaseError, (ValueError,), "qat.lr", name_stage=True)
+    assert run("data", lambda ctx: {"ok": ctx}, 1) == {"ok": 1}
+    with pytest.raises(PhaseError, match=r"^stage data: bad input$") as info:
+        run("data", _raise(ValueError("bad input")), None)
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(KeyError):  # a bug, not the user's problem: not dressed up
+        run("data", _raise(KeyError("x")), None)
+    with pytest.raises(PhaseError, match=r"^bad input$"):
+        stage_runner(PhaseError, (ValueError,))("data", _raise(ValueError("bad input")), None)
+
+
+def test_a_stopped_training_says_how_to_resume_only_when_the_phase_names_its_lr():
+    stopped = _raise(FloatingPointError("loss is nan at step 7"))
+    with pytest.raises(PhaseError, match=r"stage qat stopped: loss is nan at step 7\. Rerun with --resume after "
+                                         r"lowering qat\.lr in --config"):
+        stage_runner(PhaseError, (ValueError,), "qat.lr")("qat", stopped, None)
+    with pytest.raises(FloatingPointError):
+        stage_runner(PhaseError, (ValueError,))("qat", stopped, None)
 
 
 def test_a_stage_killed_midway_is_marked_resumed_and_no_other(tmp_path):
