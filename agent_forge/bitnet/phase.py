@@ -523,7 +523,6 @@ def _reload_check(model_dir: Path, student, tokenizer, max_new_tokens: int, item
             "same_answer_rate": agree["agreement"], "accuracy_on": agree["gguf_accuracy_on"],
             "same_text_rate": sum(g.completion == o.completion for g, o in zip(gens, ours)) / len(items),
             "closed_rate": agree["gguf_closed_rate"], "well_formed_rate": agree["gguf_well_formed_rate"],
-            "closed_thinking": all(g.closed for g in gens), "well_formed_thinking": agree["gguf_well_formed_rate"] == 1,
             "sample": gens[0].completion[:300], "loaded_class": type(plain).__name__}
 
 
