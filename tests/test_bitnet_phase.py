@@ -237,6 +237,19 @@ def test_qat_curve_points_reach_the_tracker(tmp_path):
     assert [(r["step"], r["val_accuracy_on"]) for r in logged] == [(2, 0.2), (4, 0.4)]
 
 
+def test_qat_curve_point_at_a_checkpoint_step_survives_a_crash(tmp_path):
+    """The evaluation at a checkpoint step is in that checkpoint: a run killed after it and
+    resumed keeps the point (it was once lost, the step-40 point of the hour run)."""
+    student, teacher, tok = _student_teacher()
+    cfg = _qat(tmp_path, steps=4, eval_every=2)
+    crashed = QATTrainer(student, teacher, tok, cfg, tmp_path / "q", evaluate=lambda step, m: {"val": step})
+    with pytest.raises(Crash):
+        crashed.run(_examples(tok), progress=crash_at(3))  # checkpoint and point at step 2
+    student2, teacher2, _ = _student_teacher()
+    resumed = QATTrainer(student2, teacher2, tok, cfg, tmp_path / "q", evaluate=lambda step, m: {"val": step})
+    assert [p["step"] for p in resumed.run(_examples(tok), resume=True)["curve"]] == [2, 4]
+
+
 def test_qat_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     student, teacher, tok = _student_teacher()
     full = QATTrainer(student, teacher, tok, _qat(tmp_path), tmp_path / "full")

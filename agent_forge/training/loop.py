@@ -165,8 +165,9 @@ class TrainingLoop:
     # -- the loop -------------------------------------------------------------------------
     def run(self, stage: Stage, start: int, end: int | None = None, progress: Callable | None = None) -> int:
         """Steps start .. end-1 (default: to cfg.steps); returns the step reached (less than
-        `end` when the stage's on_step_end asked to stop). Each step: train, log, guard,
-        checkpoint, progress(step, total, row), then the stage's on_step_end."""
+        `end` when the stage's on_step_end asked to stop). Each step: train, log, guard, the
+        stage's on_step_end (an evaluation it records goes into the checkpoint's state, so a
+        resume keeps it), checkpoint, progress(step, total, row)."""
         cfg = self.cfg
         end = cfg.steps if end is None else end
         step, started = start, time.time()
@@ -178,11 +179,12 @@ class TrainingLoop:
                 self.first_loss = row["loss"]
             first = self.first_loss if cfg.explode_factor else None
             check_loss(row["loss"], first, step, self.ckpt_dir, cfg.explode_factor or 0.0)  # before saving
+            stop = _hook(stage, "on_step_end", step, row)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 self.save(step, stage)
             if progress is not None:
                 progress(step, cfg.steps, row)
-            if _hook(stage, "on_step_end", step, row):
+            if stop:
                 break
         return step
 
