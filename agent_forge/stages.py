@@ -31,10 +31,12 @@ class StageState:
 
     def begin(self, stage: str) -> bool:
         """Mark `stage` as running; True when an earlier run had started it (killed midway),
-        so this run resumes it and its seconds count from the resume only."""
+        so this run resumes it and its seconds count from the resume only. Written only once a
+        stage has been recorded: a run refused by its first stage leaves nothing behind."""
         resumed = self.data.get("running") == stage
         self.data["running"] = stage
-        self._write()
+        if self.path.exists():
+            self._write()
         return resumed
 
     def record(self, stage: str, result: dict) -> None:

@@ -119,7 +119,7 @@ def test_resume_from_another_directory_finds_what_the_phases_made(tmp_path, monk
 
 # Wall-clock figures, throughput, the machine's free memory and disk, and where a resumed
 # training run picked up: no two runs share them. BitNet's speed stage is decode tok/s.
-VARYING = ("second", "timing", "ms_per", "sec_per", "tokens_per_s", "free", "resumed_from", "speed_target")
+VARYING = ("second", "timing", "ms_per", "sec_per", "tokens_per_s", "free", "resumed_from", "stage_resumed", "speed_target")
 VARYING_PATHS = ("/reports/bitnet/stages/speed",)
 
 
