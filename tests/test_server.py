@@ -213,6 +213,9 @@ def test_step1_job_pause_resume_complete(server, root):
     steps = _bake_steps(run)
     restart = steps[len(steps_before)]
     assert restart == max(saved) + 1 and steps[-1] == STEP1_STEPS
+    # Recorded as `forge bake-quietstar --resume` records it: the paused stage is marked resumed.
+    recorded = json.loads((run / "pipeline_state.json").read_text())["stages"]
+    assert recorded["step1"].get("stage_resumed") is True and "stage_resumed" not in recorded["data"]
     assert any("worker: done" in line for line in c.get(f"/jobs/{job['id']}/log", headers=AUTH).json()["lines"])
     assert [j["id"] for j in c.get("/jobs", params={"kind": "step1"}, headers=AUTH).json()] == [job["id"]]
 

@@ -369,7 +369,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable |
             shutil.rmtree(out / name / "checkpoints", ignore_errors=True)  # resume is per stage now
 
     try:
-        run_stages(STAGES, ctx, state, on_stage, run_one=_run_stage, after=drop_checkpoints)
+        run_stages(STAGES, ctx, state, on_stage, run_one=run_stage, after=drop_checkpoints)
     finally:
         tracker.finish()
     report = build_report(cfg, state)
@@ -377,7 +377,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable |
     return report
 
 
-def _run_stage(name: str, fn, ctx: Context) -> dict:
+def run_stage(name: str, fn, ctx: Context) -> dict:
     """Run one stage; turn the problems a user can act on into one clear PipelineError."""
     from agent_forge.preflight import PreflightError
 

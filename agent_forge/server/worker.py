@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 KIND_STAGES: dict[str, tuple[str, ...]] = {
@@ -68,9 +67,17 @@ def _printer(every: int = 20):
 
 
 def run_stages(cfg, names: tuple[str, ...], rerun: tuple[str, ...] = ()) -> dict:
-    """Run the named stages (pipeline order) that are not yet done in cfg.out."""
-    from agent_forge.quietstar.pipeline import STAGES, Context, PipelineState
+    """Run the named stages (pipeline order) that are not yet done in cfg.out, recorded as
+    `forge bake-quietstar` records them (seconds, and a stage killed midway marked resumed)."""
+    from agent_forge.quietstar.pipeline import STAGES, Context, PipelineState, run_stage
+    from agent_forge.stages import run_stages as run_recorded
     from agent_forge.tracking import Tracker
+
+    def run_available(name: str, fn, ctx) -> dict:
+        result = run_stage(name, fn, ctx)
+        if result.get("status") == "not_implemented":
+            raise StageUnavailable(result.get("note") or f"stage {name} is not available")
+        return result
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,24 +87,15 @@ def run_stages(cfg, names: tuple[str, ...], rerun: tuple[str, ...] = ()) -> dict
     tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
     ctx = Context(cfg, out, state, tracker, _printer(), True)
     try:
-        for name, fn in STAGES:
-            if name not in names or state.done(name):
-                continue
-            print(f"stage {name} ...", flush=True)
-            t0 = time.time()
-            result = fn(ctx)
-            if result.get("status") == "not_implemented":
-                raise StageUnavailable(result.get("note") or f"stage {name} is not available")
-            result["stage_seconds"] = round(time.time() - t0, 1)
-            state.record(name, result)
-            print(f"stage {name} done in {result['stage_seconds']}s", flush=True)
+        run_recorded([(n, fn) for n, fn in STAGES if n in names], ctx, state, _on_stage, run_one=run_available)
     finally:
         tracker.finish()
     return state.data
 
 
 def _on_stage(name: str, event: str, result) -> None:
-    print(f"stage {name} {event}", flush=True)
+    done = event == "done" and isinstance(result, dict) and "stage_seconds" in result
+    print(f"stage {name} done in {result['stage_seconds']}s" if done else f"stage {name} {event}", flush=True)
 
 
 def run_job(spec: dict) -> None:
