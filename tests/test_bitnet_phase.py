@@ -106,6 +106,21 @@ def test_answer_agreement_by_hand():
     assert r["gguf_accuracy_on"] == 1 / 5 and r["gguf_closed_rate"] == 4 / 5 and r["gguf_well_formed_rate"] == 3 / 5
 
 
+def test_agreement_row_says_when_its_interval_spans_the_target():
+    """91 of 100 meets 90% by the point estimate only (Wilson [83.8, 95.2]); 99 of 100 settles it."""
+    from agent_forge.bitnet.commands import _agreement_rows
+    from agent_forge.evaluation.metrics import wilson_interval
+
+    def row(k, n=100):
+        agree = {"measured": True, "agreement": k / n, "ci95": list(wilson_interval(k, n)), "n": n, "target": 0.9,
+                 "target_met": k / n >= 0.9, "gguf_accuracy_on": 0.1, "gguf_closed_rate": 1.0}
+        return _agreement_rows(agree)[0][1]
+
+    assert "91.0% [83.8, 95.2] of 100: met by the point estimate; its 95% interval spans 90%" in row(91)
+    assert "85.0% [76.7, 90.7] of 100: MISSED by the point estimate; its 95% interval spans 90%" in row(85)
+    assert "of 100: met; " in row(99) and "of 100: MISSED; " in row(60)
+
+
 def test_distill_loss_matches_plain_formulas():
     torch.manual_seed(0)
     s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)

@@ -49,6 +49,14 @@ def _met(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def _met_within(ok: bool, ci, target: float) -> str:
+    """met / MISSED by the point estimate, and said so when the 95% interval holds the target:
+    then the sample does not settle which side of it the model is on."""
+    if ci and ci[0] < target <= ci[1]:
+        return f"{_met(ok)} by the point estimate; its 95% interval spans {100 * target:.0f}%"
+    return _met(ok)
+
+
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     """(what, measured) rows for the terminal and the README; every target says met or MISSED."""
     st = report["stages"]
@@ -145,7 +153,8 @@ def _agreement_rows(agree: dict | None) -> list[tuple[str, str]]:
     if not agree or not agree["measured"]:
         return []
     return [(f"llama.cpp GGUF gives the ternary model's answer (target >= {100 * agree['target']:.0f}%)",
-             f"{_pct(agree['agreement'])}{_ci(agree['ci95'])} of {agree['n']}: {_met(agree['target_met'])}; "
+             f"{_pct(agree['agreement'])}{_ci(agree['ci95'])} of {agree['n']}: "
+             f"{_met_within(agree['target_met'], agree['ci95'], agree['target'])}; "
              f"GGUF accuracy {_pct(agree['gguf_accuracy_on'])}, thinking closes {_pct(agree['gguf_closed_rate'])}"
              f" (well-formed {_pct(agree.get('gguf_well_formed_rate'))})")]
 
