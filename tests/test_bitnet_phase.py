@@ -121,6 +121,17 @@ def test_agreement_row_says_when_its_interval_spans_the_target():
     assert "of 100: met; " in row(99) and "of 100: MISSED; " in row(60)
 
 
+def test_relative_drop_row_carries_its_interval():
+    from agent_forge.bitnet.commands import _drop_text
+
+    after = {"relative_drop": 0.857, "relative_drop_ci95": [0.75, 0.95], "drop_target_met": False}
+    assert _drop_text(after, 0.10) == "85.7% [75.0, 95.0]: MISSED"
+    near = {"relative_drop": 0.05, "relative_drop_ci95": [-0.06, 0.17], "drop_target_met": True}
+    assert _drop_text(near, 0.10) == "5.0% [-6.0, 17.0]: met by the point estimate; its 95% interval spans 10%"
+    old = {"relative_drop": 0.5, "drop_target_met": False}  # a report from before the interval
+    assert _drop_text(old, 0.10) == "50.0%: MISSED"
+
+
 def test_distill_loss_matches_plain_formulas():
     torch.manual_seed(0)
     s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)

@@ -104,3 +104,30 @@ def test_paired_gain_by_hand():
     assert 0 < lo < g["points"] < hi  # a clear gain: the interval excludes zero
     same = paired_gain(before, before)
     assert same["points"] == 0 and same["ci95_points"] == [0.0, 0.0] and same["mcnemar_p"] == 1.0
+
+
+def test_relative_drop_matches_the_delta_method():
+    """1 - (right after / right before) over 400 paired questions: the percentile bootstrap
+    interval is close to the delta method's R +- 1.96 sd(y - R x) / (sqrt(n) mean(x)), the
+    textbook interval of a ratio of paired means; edge cases say what they do not know."""
+    from agent_forge.validation.stats import relative_drop
+
+    r = random.Random(3)
+    before = [r.random() < 0.6 for _ in range(400)]
+    after = [b and r.random() < 0.8 or (not b and r.random() < 0.1) for b in before]
+    x, y = np.array(before, float), np.array(after, float)
+    ratio = y.mean() / x.mean()
+    half = 1.959963984540054 * (y - ratio * x).std(ddof=1) / (math.sqrt(x.size) * x.mean())
+    res = relative_drop(before, after, n_boot=4000, seed=2)
+    assert res["drop"] == pytest.approx(1 - y.sum() / x.sum())
+    assert res["ci95"][0] == pytest.approx(1 - ratio - half, abs=0.1 * half)
+    assert res["ci95"][1] == pytest.approx(1 - ratio + half, abs=0.1 * half)
+    assert relative_drop(before, before) == {"drop": 0.0, "ci95": [0.0, 0.0]}
+    assert relative_drop([False] * 5, [True] * 5) == {"drop": None, "ci95": None}
+    # nothing right after (22 of 40 before): not "exactly 100%", the model may still get up to
+    # Wilson's 8.8% of questions right
+    wiped = relative_drop([True] * 22 + [False] * 18, [False] * 40)
+    assert wiped["drop"] == 1.0 and wiped["ci95"][1] == 1.0
+    assert wiped["ci95"][0] == pytest.approx(1 - 0.0876 / 0.55, abs=2e-3)
+    with pytest.raises(ValueError):
+        relative_drop([True, False], [True])

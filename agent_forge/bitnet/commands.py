@@ -63,15 +63,14 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     inp, before, after, save, speed = (st.get(k, {}) for k in ("validate_input", "before", "after", "save", "speed"))
     rows = [("input", f"{report['model']}" + (" (FORCED past a failed 3->4 handoff)" if inp.get("forced") else ""))]
     if after:
-        ch = after["change"]
+        ch, target = after["change"], report.get("config", {}).get("max_relative_drop", 0.10)
         rows += [("test accuracy, thinking on: before", _pct(before["accuracy_on"]) + _ci(before["ci95_on"])
                   + f" (n={before['n']}" + ("; Phase 3's own greedy pass" if before.get("replayed") else "") + ")"),
                  ("test accuracy, thinking on: ternary", _pct(after["accuracy_on"]) + _ci(after["ci95_on"])
                   + _rounding_note(report)),
                  ("change (paired)", f"{ch['points']:+.1f} points [{ch['ci95_points'][0]:+.1f}, "
                                      f"{ch['ci95_points'][1]:+.1f}], McNemar p={ch['mcnemar_p']:.2g}"),
-                 ("relative drop (target < 10%)", (_pct(after["relative_drop"]) if after["relative_drop"] is not None
-                                                   else "n/a") + f": {_met(after['drop_target_met'])}"),
+                 (f"relative drop (target < {100 * target:g}%)", _drop_text(after, target)),
                  ("ternary, thinking off", _pct(after["accuracy_off"]) + _ci(after["ci95_off"])),
                  ("ternary thinking closes / well-formed", _pct(after["closed_rate"]) + " / "
                   + _pct(after.get("well_formed_rate"))),
@@ -109,6 +108,14 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             c["name"] for c in hand["checks"] if not c["ok"] and c["severity"] == "error")))
     rows.append(("time", f"{report['total_seconds']:.0f} s{resumed_note(st)}"))
     return rows
+
+
+def _drop_text(after: dict, target: float) -> str:
+    """The relative drop with its paired bootstrap interval (runs before it had none: no interval)."""
+    if after["relative_drop"] is None:
+        return f"n/a (nothing right before): {_met(after['drop_target_met'])}"
+    ci = after.get("relative_drop_ci95")
+    return f"{_pct(after['relative_drop'])}{_ci(ci)}: {_met_within(after['drop_target_met'], ci, target)}"
 
 
 def _rounding_note(report: dict) -> str:

@@ -430,7 +430,7 @@ def stage_after(ctx: Context) -> dict:
     thinking-on pass is the paired 'after' of the accuracy comparison."""
     from agent_forge.evaluation.metrics import accuracy_summary
     from agent_forge.validation.anti_theater import run_anti_theater
-    from agent_forge.validation.stats import paired_gain
+    from agent_forge.validation.stats import paired_gain, relative_drop
 
     student, tok = trained_student(ctx), ctx.cache["tokenizer"]
     report = run_anti_theater(student, tok, eval_items(ctx), batch_size=GENERATION_BATCH,
@@ -440,11 +440,12 @@ def stage_after(ctx: Context) -> dict:
     off = [bool(r["correct_off"]) for r in report.per_example]
     before = ctx.state.result("before")
     gain = paired_gain(before["correct_on"], on)
-    drop = (before["accuracy_on"] - gain["after"]) / before["accuracy_on"] if before["accuracy_on"] else None
+    drop = relative_drop(before["correct_on"], on)
     on_sum, off_sum = accuracy_summary(on), accuracy_summary(off)
     return {"accuracy_on": on_sum["accuracy"], "ci95_on": on_sum["ci95"], "accuracy_off": off_sum["accuracy"],
-            "ci95_off": off_sum["ci95"], "n": len(on), "change": gain, "relative_drop": drop,
-            "drop_target_met": drop is not None and drop < ctx.cfg.max_relative_drop,
+            "ci95_off": off_sum["ci95"], "n": len(on), "change": gain, "relative_drop": drop["drop"],
+            "relative_drop_ci95": drop["ci95"],
+            "drop_target_met": drop["drop"] is not None and drop["drop"] < ctx.cfg.max_relative_drop,
             "closed_rate": sum(r["closed_on"] for r in report.per_example) / max(len(on), 1),
             # closed is not enough: a broken model can close a block full of openers and noise
             "well_formed_rate": sum(r["well_formed_on"] for r in report.per_example) / max(len(on), 1),

@@ -17,7 +17,7 @@ from scipy import stats as _st
 
 from agent_forge.evaluation.metrics import bootstrap_ci, wilson_interval
 
-__all__ = ["sign_test", "mcnemar_exact", "pearson", "bootstrap_mean_diff",
+__all__ = ["sign_test", "mcnemar_exact", "pearson", "bootstrap_mean_diff", "relative_drop",
            "wilson_interval"]
 
 
@@ -72,3 +72,22 @@ def paired_gain(before: Sequence[bool], after: Sequence[bool], seed: int = 0, n_
             "mcnemar_p": mcnemar_exact(before, after)["p"], "n": len(before),
             "before": sum(map(bool, before)) / max(len(before), 1),
             "after": sum(map(bool, after)) / max(len(after), 1)}
+
+
+def relative_drop(before: Sequence[bool], after: Sequence[bool], seed: int = 0, n_boot: int = 2000) -> dict:
+    """1 - accuracy after / accuracy before on the same questions, with a seeded percentile
+    bootstrap 95% interval (questions resampled as pairs; a resample with nothing right before
+    has no ratio and is left out). None when nothing was right before. With nothing right
+    after, every resample says 100%: the interval's low end then comes from the Wilson upper
+    bound of 0 of n (what the model may still get right) over the accuracy before."""
+    x, y = _pair([float(bool(v)) for v in before], [float(bool(v)) for v in after])
+    if x.sum() == 0:
+        return {"drop": None, "ci95": None}
+    if y.sum() == 0:
+        return {"drop": 1.0, "ci95": [float(1.0 - wilson_interval(0, x.size)[1] / x.mean()), 1.0]}
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    right_before, right_after = x[idx].sum(axis=1), y[idx].sum(axis=1)
+    keep = right_before > 0
+    ratios = 1.0 - right_after[keep] / right_before[keep]
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return {"drop": float(1.0 - y.sum() / x.sum()), "ci95": [float(lo), float(hi)]}
