@@ -489,6 +489,7 @@ def _metrics_for_meta(ctx: Context) -> dict:
     return {"accuracy_before_on": before["accuracy_on"], "accuracy_on": after["accuracy_on"],
             "accuracy_off": after["accuracy_off"], "change_points": after["change"]["points"],
             "change_ci95_points": after["change"]["ci95_points"], "relative_drop": after["relative_drop"],
+            "relative_drop_ci95": after.get("relative_drop_ci95"),
             "anti_theater_passed": after["anti_theater"]["passed"],
             "forced_past_handoff": ctx.state.result("validate_input").get("forced", False)}
 
