@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 Stage = tuple[str, Callable[[Any], dict]]
+# Settings a resume may change: where the run computes, how it is tracked and registered, and
+# `force`, which only the input gate reads. Any other change would leave a report whose
+# finished stages were computed under one setting and the rest under another.
+RESUME_FREE = ("device", "tracking", "registry", "force")
 
 
 class StageState:
@@ -28,6 +32,16 @@ class StageState:
 
     def result(self, stage: str) -> dict:
         return self.data["stages"].get(stage, {})
+
+    def adopt_config(self, config: dict) -> list[str]:
+        """Keep the settings the run began with in the state; on a resume, what differs from
+        them (`config_changes`). A state from before settings were kept adopts these."""
+        config = json.loads(json.dumps(config, default=str))
+        saved = self.data.get("config")
+        if saved is None:
+            self.data["config"] = config
+            return []
+        return config_changes(saved, config)
 
     def begin(self, stage: str) -> bool:
         """Mark `stage` as running; True when an earlier run had started it (killed midway),
@@ -48,6 +62,28 @@ class StageState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
         tmp.replace(self.path)
+
+
+def config_changes(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """'field: old -> new' for each setting that differs (nested fields dotted), except the
+    top-level ones in RESUME_FREE."""
+    changes = []
+    for key in sorted(set(saved) | set(new)):
+        if not prefix and key in RESUME_FREE:
+            continue
+        old, now = saved.get(key), new.get(key)
+        if isinstance(old, dict) and isinstance(now, dict):
+            changes += config_changes(old, now, f"{prefix}{key}.")
+        elif old != now:
+            changes.append(f"{prefix}{key}: {old!r} -> {now!r}")
+    return changes
+
+
+def resume_refusal(out: Path, changes: list[str]) -> str:
+    """The one-line error for a resume whose settings differ from the run's."""
+    shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+    return (f"{out} was started with other settings ({shown}); --resume continues a run only with the "
+            "settings it began with: pass the same --preset, --config and options, or choose another --out")
 
 
 @dataclass
@@ -139,6 +175,9 @@ def run_phase(stages: list[Stage], out: Path, state_file: str, resume: bool, mak
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     state = StageState(out, resume, state_file)
+    changes = state.adopt_config(config)
+    if changes:
+        raise error(resume_refusal(out, changes))
     tracker = Tracker(out, mode=tracking, config=config)
     try:
         run_stages(stages, make_ctx(state, tracker), state, on_stage, run_one=run_one)

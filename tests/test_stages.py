@@ -58,3 +58,44 @@ def test_a_stage_killed_midway_is_marked_resumed_and_no_other(tmp_path):
     assert "stage_resumed" not in st["stages"]["a"] and "stage_resumed" not in st["stages"]["c"]
     assert resumed_note(st["stages"]) == " (resumed: b counted from the resume)"
     assert resumed_note({"a": {"stage_seconds": 1.0}}) == ""
+
+
+def test_config_changes_names_each_differing_setting_but_the_free_ones():
+    from agent_forge.stages import RESUME_FREE, config_changes
+
+    saved = {"preset": "hour", "qat": {"steps": 200, "lr": 1e-3, "sub": {"k": 1}}, "keep": ["lm_head"],
+             "device": "cpu", "tracking": "offline", "force": False}
+    new = {"preset": "quick", "qat": {"steps": 16, "lr": 1e-3, "sub": {"k": 2}}, "keep": ["lm_head"],
+           "device": "cuda", "tracking": "disabled", "force": True, "added": 1}
+    assert config_changes(saved, new) == ["added: None -> 1", "preset: 'hour' -> 'quick'", "qat.steps: 200 -> 16",
+                                          "qat.sub.k: 1 -> 2"]
+    assert set(RESUME_FREE) >= {"device", "tracking", "force"}
+    assert config_changes(saved, saved) == []
+
+
+def test_a_resume_with_other_settings_is_refused_before_any_stage(tmp_path):
+    from agent_forge.stages import run_phase
+
+    ran = []
+
+    def stage(name, fail=False):
+        def fn(ctx):
+            ran.append(name)
+            if fail:
+                raise PhaseError("killed")
+            return {"ok": True}
+        return fn
+
+    def run(config, stages, resume):
+        return run_phase(stages, tmp_path / "run", "state.json", resume, lambda st, tr: PhaseContext(None, tmp_path, st, tr),
+                         PhaseError, "disabled", config)
+
+    config = {"preset": "hour", "qat": {"steps": 200}, "device": "cpu"}
+    with pytest.raises(PhaseError, match="killed"):
+        run(config, [("a", stage("a")), ("b", stage("b", fail=True))], resume=False)
+    with pytest.raises(PhaseError, match=r"was started with other settings \(preset: 'hour' -> 'quick'; "
+                                         r"qat\.steps: 200 -> 16\); --resume continues a run only with"):
+        run({**config, "preset": "quick", "qat": {"steps": 16}}, [("a", stage("a")), ("b", stage("b"))], resume=True)
+    assert ran == ["a", "b"]  # nothing ran on the refused resume
+    state = run({**config, "device": "cuda"}, [("a", stage("a")), ("b", stage("b"))], resume=True)
+    assert ran == ["a", "b", "b"] and state.data["config"] == config  # the settings it began with

@@ -30,7 +30,7 @@ from agent_forge.quietstar.pipeline_checks import (GREEDY_ON_FILE, Context, anti
                                                    stage_anti_theater, stage_fresh_split, stage_general)
 # The settings live in pipeline_config.py; importers of the pipeline get them from here too.
 from agent_forge.quietstar.pipeline_config import PRESETS, DataConfig, PipelineConfig, make_config  # noqa: F401
-from agent_forge.stages import StageState, run_stages, timings
+from agent_forge.stages import StageState, resume_refusal, run_stages, timings
 
 STATE_FILE = "pipeline_state.json"
 REPORT_FILE = "forge_report.json"
@@ -358,9 +358,12 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, on_stage: Callable |
     from agent_forge.tracking import Tracker
 
     out = Path(cfg.out)
+    state = PipelineState(out, resume)
+    changes = state.adopt_config(cfg.to_dict())
+    if changes:
+        raise PipelineError(resume_refusal(out, changes))
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-    state = PipelineState(out, resume)
     tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
     ctx = Context(cfg, out, state, tracker, progress, resume)
 

@@ -302,5 +302,6 @@ def phase_errors() -> tuple[type[Exception], ...]:
     from agent_forge.chain import ChainError
     from agent_forge.cognate.phase import CognatePhaseError
     from agent_forge.evomerge.phase import EvoMergePhaseError
+    from agent_forge.quietstar.pipeline import PipelineError
 
-    return BitNetPhaseError, ChainError, CognatePhaseError, EvoMergePhaseError
+    return BitNetPhaseError, ChainError, CognatePhaseError, EvoMergePhaseError, PipelineError

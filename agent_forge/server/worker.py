@@ -69,8 +69,8 @@ def _printer(every: int = 20):
 def run_stages(cfg, names: tuple[str, ...], rerun: tuple[str, ...] = ()) -> dict:
     """Run the named stages (pipeline order) that are not yet done in cfg.out, recorded as
     `forge bake-quietstar` records them (seconds, and a stage killed midway marked resumed)."""
-    from agent_forge.quietstar.pipeline import STAGES, Context, PipelineState, run_stage
-    from agent_forge.stages import run_stages as run_recorded
+    from agent_forge.quietstar.pipeline import STAGES, Context, PipelineError, PipelineState, run_stage
+    from agent_forge.stages import resume_refusal, run_stages as run_recorded
     from agent_forge.tracking import Tracker
 
     def run_available(name: str, fn, ctx) -> dict:
@@ -82,6 +82,9 @@ def run_stages(cfg, names: tuple[str, ...], rerun: tuple[str, ...] = ()) -> dict
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state = PipelineState(out, resume=True)
+    changes = state.adopt_config(cfg.to_dict())
+    if changes:
+        raise PipelineError(resume_refusal(out, changes))
     for name in rerun:
         state.data["stages"].pop(name, None)
     tracker = Tracker(out, mode=cfg.tracking, config=cfg.to_dict())
@@ -132,9 +135,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     spec = json.loads(argv[0])
     print(f"worker: job {spec.get('job_id')} kind {spec['kind']} out {spec['out']}", flush=True)
-    from agent_forge.server.phases import PHASE_KINDS, phase_errors
+    from agent_forge.server.phases import phase_errors
 
-    errors = phase_errors() if spec["kind"] in PHASE_KINDS else ()
+    errors = phase_errors()
     try:
         run_job(spec)
     except StageUnavailable as e:
