@@ -54,6 +54,22 @@ def test_piecewise_encoding_equals_whole_string_and_masks_question():
     assert tok.decode(answer_ids).strip() == rec.answer
 
 
+def test_direct_encoding_is_the_direct_prompt_then_the_answer():
+    """A tokenizer without thinking tokens: the evaluation's direct-answer prompt, unlabelled,
+    then the answer and EOS as the only targets (no opener or strategy ids, which it lacks)."""
+    from agent_forge.inference import build_prompt
+    from agent_forge.quietstar.bake_data import encode_direct
+
+    tok, rec = make_tiny_tokenizer(), RECORDS[0]
+    ex = encode_direct(rec, tok, max_len=512)
+    prompt, _ = build_prompt(tok, rec.question, "direct")
+    assert ex.input_ids == tok(prompt + " " + rec.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex.labels[:ex.prompt_len] == [IGNORE] * ex.prompt_len and ex.labels[ex.prompt_len:] == ex.input_ids[ex.prompt_len:]
+    assert tok.decode(ex.input_ids[ex.prompt_len:-1]).strip() == rec.answer
+    assert set(ex.group[ex.prompt_len:]) == {ANSWER} and None not in ex.input_ids
+    assert encode_direct(rec, tok, max_len=ex.prompt_len) is None
+
+
 def test_too_long_records_are_dropped():
     tok, _ = tok_with_vocab()
     assert encode_record(RECORDS[0], tok, max_len=10) is None

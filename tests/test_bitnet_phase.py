@@ -377,6 +377,26 @@ def test_llamacpp_rounding_phase_checks_the_file_per_token(tmp_path, forge_home)
         _config(tmp_path, "x", act_quant="block")
 
 
+def test_a_plain_causal_lm_without_thinking_tokens_is_measured_answering_directly(tmp_path, forge_home):
+    """Any HF causal LM: with no thinking tokens the after stage cannot ask for thoughts (it
+    raised before); it answers directly, paired with before, and says anti-theater did not run."""
+    tok = make_tiny_tokenizer()
+    plain = save_model(make_tiny_model("llama", len(tok)), tok, tmp_path / "plain", {})
+    cfg = dataclasses.replace(_config(tmp_path, plain), eval_samples=4, speed_tokens=2)
+    cfg.qat.steps = 2
+    report = run_bitnet(cfg)
+    after = report["stages"]["after"]
+    assert after["n"] == 4 and after["change"]["n"] == 4 and after["accuracy_off"] is None
+    assert after["anti_theater"]["passed"] is None and len(after["answers_on"]) == 4
+    assert report["stages"]["qat"]["dropped_for_length"] == 0  # trained on direct-answer records
+    from agent_forge.bitnet.commands import summary_rows
+    rows = dict(summary_rows(report))
+    assert "not run: the model has no thinking tokens" in rows["anti-theater on the ternary model"]
+    assert "test accuracy, answering directly (no thinking tokens): ternary" in rows
+    assert not any("thinking off" in k or "closes" in k for k in rows)
+    assert "closes" not in rows["reload with plain transformers"]
+
+
 def test_refuses_a_failed_phase3_handoff_unless_forced(tmp_path, forge_home):
     model = _phase3_dir(tmp_path, passed=False)
     with pytest.raises(BitNetPhaseError, match="anti_theater_passed|--force"):

@@ -58,23 +58,26 @@ def _met_within(ok: bool, ci, target: float) -> str:
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
-    """(what, measured) rows for the terminal and the README; every target says met or MISSED."""
+    """(what, measured) rows for the terminal and the README; every target says met or MISSED,
+    or why it cannot be judged."""
     st = report["stages"]
     inp, before, after, save, speed = (st.get(k, {}) for k in ("validate_input", "before", "after", "save", "speed"))
     rows = [("input", f"{report['model']}" + (" (FORCED past a failed 3->4 handoff)" if inp.get("forced") else ""))]
     if after:
         ch, target = after["change"], report.get("config", {}).get("max_relative_drop", 0.10)
-        rows += [("test accuracy, thinking on: before", _pct(before["accuracy_on"]) + _ci(before["ci95_on"])
+        how = "thinking on" if after["accuracy_off"] is not None else "answering directly (no thinking tokens)"
+        rows += [(f"test accuracy, {how}: before", _pct(before["accuracy_on"]) + _ci(before["ci95_on"])
                   + f" (n={before['n']}" + ("; Phase 3's own greedy pass" if before.get("replayed") else "") + ")"),
-                 ("test accuracy, thinking on: ternary", _pct(after["accuracy_on"]) + _ci(after["ci95_on"])
+                 (f"test accuracy, {how}: ternary", _pct(after["accuracy_on"]) + _ci(after["ci95_on"])
                   + _rounding_note(report)),
                  ("change (paired)", f"{ch['points']:+.1f} points [{ch['ci95_points'][0]:+.1f}, "
                                      f"{ch['ci95_points'][1]:+.1f}], McNemar p={ch['mcnemar_p']:.2g}"),
                  (f"relative drop (target < {100 * target:g}%)", _drop_text(after, target)),
-                 ("ternary, thinking off", _pct(after["accuracy_off"]) + _ci(after["ci95_off"])),
-                 ("ternary thinking closes / well-formed", _pct(after["closed_rate"]) + " / "
-                  + _pct(after.get("well_formed_rate"))),
                  ("anti-theater on the ternary model", after["anti_theater"]["sentence"])]
+        if after["accuracy_off"] is not None:  # a model with thinking tokens
+            rows[-1:-1] = [("ternary, thinking off", _pct(after["accuracy_off"]) + _ci(after["ci95_off"])),
+                           ("ternary thinking closes / well-formed", _pct(after["closed_rate"]) + " / "
+                            + _pct(after.get("well_formed_rate")))]
     cost = st.get("store_cost") or {}
     if cost.get("measured"):
         ch = cost["change"]
@@ -90,7 +93,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                   f"{save['ratio_vs_fp32']:.2f}x: {_met(save['ratio_vs_fp32'] >= save['ratio_target_vs_fp32'])}"),
                  ("compression vs bf16", f"{save['ratio_vs_bf16']:.2f}x"),
                  ("sparsity (target > 30%)", f"{_pct(save['sparsity']['overall'])}: {_met(save['sparsity_target_met'])}"),
-                 ("reload with plain transformers", _reload_text(save["reload"]))]
+                 ("reload with plain transformers", _reload_text(save["reload"], _thinks(after)))]
     for r in speed.get("rows", []):
         rows.append((f"decode tok/s: {r['name']}", f"{r['tokens_per_s']:.1f} ({r['ratio']:.2f}x fp32)"))
     if speed:
@@ -101,7 +104,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                                                                      f"{_met(speed['ahead_of_q8_0'])}"))
         if speed.get("not_measured") not in (None, "nothing"):
             rows.append(("not measured", speed["not_measured"]))
-    rows += _gguf_rows(speed, save) + _agreement_rows(st.get("agreement")) + _curve_rows(st.get("qat", {}).get("curve"))
+    rows += _gguf_rows(speed, save) + _agreement_rows(st.get("agreement"), _thinks(after)) + _curve_rows(st.get("qat", {}).get("curve"))
     hand = st.get("handoff")
     if hand:
         rows.append(("Phase 4 handoff", "passed" if hand["ok"] else "FAILED: " + ", ".join(
@@ -113,7 +116,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 def _drop_text(after: dict, target: float) -> str:
     """The relative drop with its paired bootstrap interval (runs before it had none: no interval)."""
     if after["relative_drop"] is None:
-        return f"n/a (nothing right before): {_met(after['drop_target_met'])}"
+        return "n/a: nothing was right before, so there is no drop to measure"
     ci = after.get("relative_drop_ci95")
     return f"{_pct(after['relative_drop'])}{_ci(ci)}: {_met_within(after['drop_target_met'], ci, target)}"
 
@@ -124,7 +127,12 @@ def _rounding_note(report: dict) -> str:
     return "" if method == "token" else " (activations rounded in llama.cpp's blocks: the GGUF's arithmetic)"
 
 
-def _reload_text(reload: dict) -> str:
+def _thinks(after: dict) -> bool:
+    """Whether the model has thinking tokens (its after stage measured thinking off)."""
+    return not after or after.get("accuracy_off") is not None
+
+
+def _reload_text(reload: dict, thinks: bool = True) -> str:
     """The reload row: the logit check, then the reloaded model's answers to a few test questions
     (a run saved before those probes existed says only whether one probe's thinking closed)."""
     text = f"max |logit diff| {reload['max_abs_logit_diff']:.2e}"
@@ -135,9 +143,9 @@ def _reload_text(reload: dict) -> str:
     same = f"same answer as ours {_pct(reload['same_answer_rate'])}"
     if "same_text_rate" in reload:  # ours in the same batch (earlier runs: the after stage's)
         same += f" (same text {_pct(reload['same_text_rate'])})"
-    return (text + f"; on {reload['probes']} test questions, one batch: {same}, "
-            f"correct {_pct(reload['accuracy_on'])}, thinking closes / well-formed {_pct(reload['closed_rate'])} / "
-            f"{_pct(reload['well_formed_rate'])}")
+    thinking = (f", thinking closes / well-formed {_pct(reload['closed_rate'])} / {_pct(reload['well_formed_rate'])}"
+                if thinks else "")
+    return text + f"; on {reload['probes']} test questions, one batch: {same}, correct {_pct(reload['accuracy_on'])}{thinking}"
 
 
 def _gguf_rows(speed: dict, save: dict) -> list[tuple[str, str]]:
@@ -154,7 +162,7 @@ def _gguf_rows(speed: dict, save: dict) -> list[tuple[str, str]]:
     return [("ternary GGUF on disk (llama.cpp)", f"{_mb(f['bytes'])} ({fp32 / f['bytes']:.2f}x fp32{kinds})")]
 
 
-def _agreement_rows(agree: dict | None) -> list[tuple[str, str]]:
+def _agreement_rows(agree: dict | None, thinks: bool = True) -> list[tuple[str, str]]:
     """The agreement row when it was measured; when not, the speed stage's "not measured" row
     already says why the llama.cpp rows are missing (the reason is in the report too)."""
     if not agree or not agree["measured"]:
@@ -162,8 +170,9 @@ def _agreement_rows(agree: dict | None) -> list[tuple[str, str]]:
     return [(f"llama.cpp GGUF gives the ternary model's answer (target >= {100 * agree['target']:.0f}%)",
              f"{_pct(agree['agreement'])}{_ci(agree['ci95'])} of {agree['n']}: "
              f"{_met_within(agree['target_met'], agree['ci95'], agree['target'])}; "
-             f"GGUF accuracy {_pct(agree['gguf_accuracy_on'])}, thinking closes {_pct(agree['gguf_closed_rate'])}"
-             f" (well-formed {_pct(agree.get('gguf_well_formed_rate'))})")]
+             f"GGUF accuracy {_pct(agree['gguf_accuracy_on'])}" + (
+                 f", thinking closes {_pct(agree['gguf_closed_rate'])} (well-formed "
+                 f"{_pct(agree.get('gguf_well_formed_rate'))})" if thinks else ""))]
 
 
 def _curve_rows(curve: list[dict] | None) -> list[tuple[str, str]]:

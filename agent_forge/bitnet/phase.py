@@ -365,12 +365,13 @@ def stage_qat(ctx: Context) -> dict:
     from agent_forge.bitnet.convert import bitlinears
     from agent_forge.data.schema import read_records
     from agent_forge.quietstar.bake_data import encode_records
+    from agent_forge.vocab import has_thinking_tokens
     from agent_forge.training.checkpoint import trainable_state
 
     cfg, (model, tok) = ctx.cfg, teacher(ctx)
     qat = qat_config(ctx)
     examples, dropped = encode_records(list(read_records(ctx.state.result("data")["path"])), tok,
-                                       max_len=qat.max_len)
+                                       max_len=qat.max_len, direct=not has_thinking_tokens(tok))
     student = fresh_student(ctx)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     calib = first_batches(examples, qat.batch_size, cfg.calibrate_batches, pad) if cfg.act_norm else []
@@ -427,30 +428,54 @@ def _curve_point(ctx: Context):
 
 def stage_after(ctx: Context) -> dict:
     """Anti-theater on the ternary model (thinking on and off, the same test questions); its
-    thinking-on pass is the paired 'after' of the accuracy comparison."""
+    thinking-on pass is the paired 'after' of the accuracy comparison. A model without
+    thinking tokens (any HF causal LM) answers directly, and there are no thoughts to test."""
     from agent_forge.evaluation.metrics import accuracy_summary
     from agent_forge.validation.anti_theater import run_anti_theater
-    from agent_forge.validation.stats import paired_gain, relative_drop
+    from agent_forge.vocab import has_thinking_tokens
 
     student, tok = trained_student(ctx), ctx.cache["tokenizer"]
+    if not has_thinking_tokens(tok):
+        return _after_without_thinking(ctx, student, tok)
     report = run_anti_theater(student, tok, eval_items(ctx), batch_size=GENERATION_BATCH,
                               max_new_tokens=ctx.cfg.max_new_tokens,
                               thresholds={"check_honesty": ctx.cfg.check_honesty_threshold})
-    on = [bool(r["correct_on"]) for r in report.per_example]
-    off = [bool(r["correct_off"]) for r in report.per_example]
-    before = ctx.state.result("before")
-    gain = paired_gain(before["correct_on"], on)
-    drop = relative_drop(before["correct_on"], on)
-    on_sum, off_sum = accuracy_summary(on), accuracy_summary(off)
-    return {"accuracy_on": on_sum["accuracy"], "ci95_on": on_sum["ci95"], "accuracy_off": off_sum["accuracy"],
-            "ci95_off": off_sum["ci95"], "n": len(on), "change": gain, "relative_drop": drop["drop"],
-            "relative_drop_ci95": drop["ci95"],
-            "drop_target_met": drop["drop"] is not None and drop["drop"] < ctx.cfg.max_relative_drop,
-            "closed_rate": sum(r["closed_on"] for r in report.per_example) / max(len(on), 1),
+    rows = report.per_example
+    off = accuracy_summary([bool(r["correct_off"]) for r in rows])
+    return {**_paired_after(ctx, [bool(r["correct_on"]) for r in rows]),
+            "accuracy_off": off["accuracy"], "ci95_off": off["ci95"],
+            "closed_rate": sum(r["closed_on"] for r in rows) / max(len(rows), 1),
             # closed is not enough: a broken model can close a block full of openers and noise
-            "well_formed_rate": sum(r["well_formed_on"] for r in report.per_example) / max(len(on), 1),
-            "answers_on": [{k: r[k] for k in ("id", "on", "closed_on")} for r in report.per_example],
+            "well_formed_rate": sum(r["well_formed_on"] for r in rows) / max(len(rows), 1),
+            "answers_on": [{k: r[k] for k in ("id", "on", "closed_on")} for r in rows],
             "anti_theater": report.to_dict()}
+
+
+def _after_without_thinking(ctx: Context, student, tok) -> dict:
+    """The 'after' of a model that cannot think: its direct answers, paired with 'before'."""
+    from agent_forge.evaluation.runner import evaluate
+
+    r = evaluate(student, tok, eval_items(ctx), thinking="auto", max_new_tokens=ctx.cfg.max_new_tokens,
+                 batch_size=GENERATION_BATCH, loglik=False, progress=False)
+    rows = r.per_example
+    return {**_paired_after(ctx, [bool(x["correct"]) for x in rows]),
+            "accuracy_off": None, "ci95_off": None, "closed_rate": None, "well_formed_rate": None,
+            "answers_on": [{"id": x["id"], "on": x["reply"], "closed_on": x["closed"]} for x in rows],
+            "anti_theater": {"passed": None, "sentence": "not run: the model has no thinking tokens, so it "
+                                                         "answers directly and has no thoughts to test"}}
+
+
+def _paired_after(ctx: Context, on: list[bool]) -> dict:
+    """Accuracy after on the test questions, its change from 'before' (paired) and the
+    relative drop against the target."""
+    from agent_forge.evaluation.metrics import accuracy_summary
+    from agent_forge.validation.stats import paired_gain, relative_drop
+
+    before = ctx.state.result("before")["correct_on"]
+    drop, summary = relative_drop(before, on), accuracy_summary(on)
+    return {"accuracy_on": summary["accuracy"], "ci95_on": summary["ci95"], "n": len(on),
+            "change": paired_gain(before, on), "relative_drop": drop["drop"], "relative_drop_ci95": drop["ci95"],
+            "drop_target_met": drop["drop"] is not None and drop["drop"] < ctx.cfg.max_relative_drop}
 
 
 def stage_save(ctx: Context) -> dict:

@@ -69,11 +69,27 @@ def _slip_masked(piece: list[int], segments, i: int) -> list[int]:
     return [piece[0]] + [IGNORE] * (len(piece) - 1)
 
 
-def encode_records(records, tokenizer, vocab="default", max_len: int = 256, prefix: str = ""):
-    """Encode many; returns (examples, n_dropped_for_length)."""
+def encode_direct(record: Record, tokenizer, max_len: int = 256) -> Example | None:
+    """A record as a model without thinking tokens is asked it (the direct-answer prompt the
+    evaluation uses), then the answer and EOS, the loss on those: for distilling such a model
+    (BitNet on any causal LM), whose vocabulary has no opener, closer or strategy tokens."""
+    from agent_forge.inference import build_prompt
+
+    text, _ = build_prompt(tokenizer, record.question, "direct")
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    lead = "" if text[-1:].isspace() else " "
+    answer = tokenizer(lead + record.answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt) + len(answer) > max_len:
+        return None
+    return Example(prompt + answer, [IGNORE] * len(prompt) + answer, [OTHER] * len(prompt) + [ANSWER] * len(answer),
+                   len(prompt))
+
+
+def encode_records(records, tokenizer, vocab="default", max_len: int = 256, prefix: str = "", direct: bool = False):
+    """Encode many (`direct`: as encode_direct); returns (examples, n_dropped_for_length)."""
     out, dropped = [], 0
     for r in records:
-        ex = encode_record(r, tokenizer, vocab, max_len, prefix)
+        ex = encode_direct(r, tokenizer, max_len) if direct else encode_record(r, tokenizer, vocab, max_len, prefix)
         if ex is None:
             dropped += 1
         else:
