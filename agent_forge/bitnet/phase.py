@@ -365,8 +365,8 @@ def stage_qat(ctx: Context) -> dict:
     from agent_forge.bitnet.convert import bitlinears
     from agent_forge.data.schema import read_records
     from agent_forge.quietstar.bake_data import encode_records
-    from agent_forge.vocab import has_thinking_tokens
     from agent_forge.training.checkpoint import trainable_state
+    from agent_forge.vocab import has_thinking_tokens
 
     cfg, (model, tok) = ctx.cfg, teacher(ctx)
     qat = qat_config(ctx)
