@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from agent_forge.figures import ci_text, pct
 from agent_forge.progress import print_rows
 from agent_forge.stages import resumed_note
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(ci) -> str:
-    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 CARRYING_STAGES = ("trace_baking", "step2")  # newest first; Step 1's model is the fallback
@@ -53,10 +46,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     st = report.get("stages", {})
     s1, s2, at, ho = (st.get(k, {}) for k in ("step1", "step2", "anti_theater", "handoff"))
     h = headline(report)
-    rows = [(f"TEST accuracy, thinking on (n={h['n']})", _pct(h["accuracy_on"]) + _ci(h["ci95_on"])),
-            ("TEST accuracy, thinking forced off", _pct(h["accuracy_off"]) + _ci(h["ci95_off"])
+    rows = [(f"TEST accuracy, thinking on (n={h['n']})", pct(h["accuracy_on"]) + ci_text(h["ci95_on"])),
+            ("TEST accuracy, thinking forced off", pct(h["accuracy_off"]) + ci_text(h["ci95_off"])
              + (f"  (McNemar p={h['on_vs_off_p']:.2g})" if h["on_vs_off_p"] is not None else "")),
-            ("TEST input model, answering directly", _pct(h["input_accuracy_greedy"]) + " (A/B greedy round)")]
+            ("TEST input model, answering directly", pct(h["input_accuracy_greedy"]) + " (A/B greedy round)")]
     if h["greedy_gain_points"] is not None:
         lo, hi = h["greedy_gain_ci_points"]
         rows.append(("TEST thinking model - input (greedy)",
@@ -69,14 +62,14 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                      f"{h['ab_diff_points']:+.1f} points [{lo:+.1f}, {hi:+.1f}], p={h['ab_p']:.2g}, winner: {h['ab_winner']}"))
     elif h["ab_winner"] is not None:
         rows.append(("A/B winner (greedy round)", str(h["ab_winner"])))
-    rows += [("val: Step 1 accuracy, thinking on", _pct(s1.get("accuracy_thinking_on")) + _ci(s1.get("ci95_on"))),
+    rows += [("val: Step 1 accuracy, thinking on", pct(s1.get("accuracy_thinking_on")) + ci_text(s1.get("ci95_on"))),
              ("Step 1 held-out token accuracy (converged?)",
-              f"{_pct(s1.get('baking_accuracy'))} ({s1.get('convergence', {}).get('converged')})"),
-             ("well-formed thinking (Step 1, val)", _pct((s1.get("usage") or {}).get("well_formed_rate")))]
+              f"{pct(s1.get('baking_accuracy'))} ({s1.get('convergence', {}).get('converged')})"),
+             ("well-formed thinking (Step 1, val)", pct((s1.get("usage") or {}).get("well_formed_rate")))]
     if s2.get("status") == "skipped":
         rows.append(("Step 2 (Quiet-STaR RL)", "skipped: " + s2.get("note", "")))
     if s2.get("accuracy_thinking_on") is not None:
-        rows.append(("val: Step 2 accuracy, thinking on", _pct(s2.get("accuracy_thinking_on")) + _ci(s2.get("ci95_on"))
+        rows.append(("val: Step 2 accuracy, thinking on", pct(s2.get("accuracy_thinking_on")) + ci_text(s2.get("ci95_on"))
                      + ("  kept" if s2.get("kept") else "  ROLLED BACK")))
     tb = st.get("trace_baking", {})
     if tb.get("status") == "skipped":
@@ -84,7 +77,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if tb.get("val_accuracy_after") is not None:
         verdict = "kept" if tb.get("kept") else "ROLLED BACK"
         rows.append(("val: after trace baking, thinking on",
-                     f"{_pct(tb['val_accuracy_after'])} ({verdict}; {tb.get('kept_traces')} verified traces)"))
+                     f"{pct(tb['val_accuracy_after'])} ({verdict}; {tb.get('kept_traces')} verified traces)"))
     if at:
         rows.append(("anti-theater", f"{'passed' if at.get('passed') else 'FAILED'}: {at.get('recommendation', '')}"))
         rows += [anti_theater_row(t) for t in at.get("tests", [])]
@@ -105,9 +98,9 @@ def fresh_rows(fr: dict) -> list[tuple[str, str]]:
     if "accuracy_on" not in fr:
         return []
     return [(f"FRESH accuracy, thinking on (n={fr['n']}, {fr['eval_set']})",
-             _pct(fr["accuracy_on"]) + _ci(fr["ci95_on"])),
+             pct(fr["accuracy_on"]) + ci_text(fr["ci95_on"])),
             ("FRESH thinking model - input (greedy)",
-             f"{_gain(fr['gain'])}; input {_pct(fr['input_accuracy'])}")]
+             f"{_gain(fr['gain'])}; input {pct(fr['input_accuracy'])}")]
 
 
 def general_rows(gen: dict) -> list[tuple[str, str]]:
@@ -119,10 +112,10 @@ def general_rows(gen: dict) -> list[tuple[str, str]]:
     for name, r in gen["sets"].items():
         ll = r.get("loglik") or {}
         rows.append((f"  {name} (n={r['n']}), thinking on",
-                     f"{_pct(r['accuracy_on'])} vs input {_pct(r['input_accuracy'])}: {_gain(r['gain'])}; "
-                     f"closed {_pct(r['closed_rate'])}"))
+                     f"{pct(r['accuracy_on'])} vs input {pct(r['input_accuracy'])}: {_gain(r['gain'])}; "
+                     f"closed {pct(r['closed_rate'])}"))
         if ll:
-            rows.append((f"  {name} log-likelihood acc", f"{_pct(ll['acc'])} vs input {_pct(ll['input_acc'])}: "
+            rows.append((f"  {name} log-likelihood acc", f"{pct(ll['acc'])} vs input {pct(ll['input_acc'])}: "
                          f"{_gain(ll['gain'])}"))
     return rows
 
@@ -153,9 +146,9 @@ def anti_theater_row(t: dict) -> tuple[str, str]:
     if t.get("n_checks") is not None:
         value += f" of {t['n_checks']} checks"
     if t.get("correction_rate") is not None:
-        value += f"; {_pct(t['correction_rate'])} of {t['n_failed_checks']} failed ones corrected"
+        value += f"; {pct(t['correction_rate'])} of {t['n_failed_checks']} failed ones corrected"
     if t.get("unclosed_rate") is not None:
-        value += f" (unclosed {_pct(t['unclosed_rate'])})"
+        value += f" (unclosed {pct(t['unclosed_rate'])})"
     parts = t.get("coherence_parts")
     if parts:
         value += " (parts: " + ", ".join(f"{k} {parts[k]}" for k in ("semantic", "structure", "claims")) \

@@ -330,7 +330,7 @@ def test_smoke_phase_runs_every_stage_and_measures(tmp_path, forge_home):
     # same weights, every answer must be the same (a file check, free of batch layout)
     assert reload["probes"] == 4 and reload["same_answer_rate"] == reload["same_text_rate"] == 1.0, reload
     assert 0.0 <= reload["well_formed_rate"] <= reload["closed_rate"] <= 1.0
-    assert 0.0 <= st["after"]["well_formed_rate"] <= st["after"]["closed_rate"]
+    assert 0.0 <= st["after"]["well_formed_rate"] <= st["after"]["closed_rate"] and st["after"]["thinking"]
     # the storage's own cost: the input model with only the kept matrices (the embedding,
     # its tied head) rounded to the stored float8, on the same questions
     cost = st["store_cost"]
@@ -387,6 +387,7 @@ def test_a_plain_causal_lm_without_thinking_tokens_is_measured_answering_directl
     report = run_bitnet(cfg)
     after = report["stages"]["after"]
     assert after["n"] == 4 and after["change"]["n"] == 4 and after["accuracy_off"] is None
+    assert after["thinking"] is False
     assert after["anti_theater"]["passed"] is None and len(after["answers_on"]) == 4
     assert report["stages"]["qat"]["dropped_for_length"] == 0  # trained on direct-answer records
     from agent_forge.bitnet.commands import summary_rows

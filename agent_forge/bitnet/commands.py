@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from agent_forge.figures import ci_text, met, met_within, pct
 from agent_forge.progress import print_rows
 from agent_forge.stages import resumed_note
 
@@ -34,27 +35,11 @@ def bitnet_cmd(model: str = typer.Option(..., help="Phase 3 output dir (or any H
 
 
 def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(ci) -> str:
-    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return pct(x, missing="n/a")
 
 
 def _mb(n) -> str:
     return f"{n / 1e6:.1f} MB"
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
-
-def _met_within(ok: bool, ci, target: float) -> str:
-    """met / MISSED by the point estimate, and said so when the 95% interval holds the target:
-    then the sample does not settle which side of it the model is on."""
-    if ci and ci[0] < target <= ci[1]:
-        return f"{_met(ok)} by the point estimate; its 95% interval spans {100 * target:.0f}%"
-    return _met(ok)
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
@@ -65,24 +50,24 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     rows = [("input", f"{report['model']}" + (" (FORCED past a failed 3->4 handoff)" if inp.get("forced") else ""))]
     if after:
         ch, target = after["change"], report.get("config", {}).get("max_relative_drop", 0.10)
-        how = "thinking on" if after["accuracy_off"] is not None else "answering directly (no thinking tokens)"
-        rows += [(f"test accuracy, {how}: before", _pct(before["accuracy_on"]) + _ci(before["ci95_on"])
+        how = "thinking on" if _thinks(after) else "answering directly (no thinking tokens)"
+        rows += [(f"test accuracy, {how}: before", _pct(before["accuracy_on"]) + ci_text(before["ci95_on"])
                   + f" (n={before['n']}" + ("; Phase 3's own greedy pass" if before.get("replayed") else "") + ")"),
-                 (f"test accuracy, {how}: ternary", _pct(after["accuracy_on"]) + _ci(after["ci95_on"])
+                 (f"test accuracy, {how}: ternary", _pct(after["accuracy_on"]) + ci_text(after["ci95_on"])
                   + _rounding_note(report)),
                  ("change (paired)", f"{ch['points']:+.1f} points [{ch['ci95_points'][0]:+.1f}, "
                                      f"{ch['ci95_points'][1]:+.1f}], McNemar p={ch['mcnemar_p']:.2g}"),
                  (f"relative drop (target < {100 * target:g}%)", _drop_text(after, target)),
                  ("anti-theater on the ternary model", after["anti_theater"]["sentence"])]
-        if after["accuracy_off"] is not None:  # a model with thinking tokens
-            rows[-1:-1] = [("ternary, thinking off", _pct(after["accuracy_off"]) + _ci(after["ci95_off"])),
+        if _thinks(after):
+            rows[-1:-1] = [("ternary, thinking off", _pct(after["accuracy_off"]) + ci_text(after["ci95_off"])),
                            ("ternary thinking closes / well-formed", _pct(after["closed_rate"]) + " / "
                             + _pct(after.get("well_formed_rate")))]
     cost = st.get("store_cost") or {}
     if cost.get("measured"):
         ch = cost["change"]
         rows.append((f"input model with its kept matrices in {cost['store_dtype']}",
-                     f"{_pct(cost['accuracy_on'])}{_ci(cost['ci95_on'])}: {ch['points']:+.1f} points "
+                     f"{_pct(cost['accuracy_on'])}{ci_text(cost['ci95_on'])}: {ch['points']:+.1f} points "
                      f"[{ch['ci95_points'][0]:+.1f}, {ch['ci95_points'][1]:+.1f}] vs before, McNemar "
                      f"p={ch['mcnemar_p']:.2g} (the storage's own cost, inside the change above)"))
     if save:
@@ -90,18 +75,18 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows += [("size on disk", f"{_mb(s['total'])} (packed linears {_mb(s['packed_linears'])}, embeddings "
                                   f"{_mb(s['embeddings'])}, head {_mb(s['head'])}, norms {_mb(s['norms'])})"),
                  (f"compression vs fp32 (target {save['ratio_target_vs_fp32']:.0f}x, {save['size_category']})",
-                  f"{save['ratio_vs_fp32']:.2f}x: {_met(save['ratio_vs_fp32'] >= save['ratio_target_vs_fp32'])}"),
+                  f"{save['ratio_vs_fp32']:.2f}x: {met(save['ratio_vs_fp32'] >= save['ratio_target_vs_fp32'])}"),
                  ("compression vs bf16", f"{save['ratio_vs_bf16']:.2f}x"),
-                 ("sparsity (target > 30%)", f"{_pct(save['sparsity']['overall'])}: {_met(save['sparsity_target_met'])}"),
+                 ("sparsity (target > 30%)", f"{_pct(save['sparsity']['overall'])}: {met(save['sparsity_target_met'])}"),
                  ("reload with plain transformers", _reload_text(save["reload"], _thinks(after)))]
     for r in speed.get("rows", []):
         rows.append((f"decode tok/s: {r['name']}", f"{r['tokens_per_s']:.1f} ({r['ratio']:.2f}x fp32)"))
     if speed:
         rows.append(("ternary >= 2x fp32 PyTorch", f"best {speed['best_ternary_ratio']:.2f}x: "
-                                                  f"{_met(speed['speed_target_met'])}"))
+                                                  f"{met(speed['speed_target_met'])}"))
         if "ternary_vs_q8_0" in speed:
             rows.append(("llama.cpp ternary ahead of llama.cpp Q8_0", f"{speed['ternary_vs_q8_0']:.2f}x: "
-                                                                     f"{_met(speed['ahead_of_q8_0'])}"))
+                                                                     f"{met(speed['ahead_of_q8_0'])}"))
         if speed.get("not_measured") not in (None, "nothing"):
             rows.append(("not measured", speed["not_measured"]))
     rows += _gguf_rows(speed, save) + _agreement_rows(st.get("agreement"), _thinks(after)) + _curve_rows(st.get("qat", {}).get("curve"))
@@ -118,7 +103,7 @@ def _drop_text(after: dict, target: float) -> str:
     if after["relative_drop"] is None:
         return "n/a: nothing was right before, so there is no drop to measure"
     ci = after.get("relative_drop_ci95")
-    return f"{_pct(after['relative_drop'])}{_ci(ci)}: {_met_within(after['drop_target_met'], ci, target)}"
+    return f"{_pct(after['relative_drop'])}{ci_text(ci)}: {met_within(after['drop_target_met'], ci, target)}"
 
 
 def _rounding_note(report: dict) -> str:
@@ -128,8 +113,9 @@ def _rounding_note(report: dict) -> str:
 
 
 def _thinks(after: dict) -> bool:
-    """Whether the model has thinking tokens (its after stage measured thinking off)."""
-    return not after or after.get("accuracy_off") is not None
+    """Whether the model has thinking tokens, as its after stage recorded (reports written before
+    that field: it measured thinking off). No after stage yet: assume so."""
+    return not after or after.get("thinking", after.get("accuracy_off") is not None)
 
 
 def _reload_text(reload: dict, thinks: bool = True) -> str:
@@ -168,8 +154,8 @@ def _agreement_rows(agree: dict | None, thinks: bool = True) -> list[tuple[str, 
     if not agree or not agree["measured"]:
         return []
     return [(f"llama.cpp GGUF gives the ternary model's answer (target >= {100 * agree['target']:.0f}%)",
-             f"{_pct(agree['agreement'])}{_ci(agree['ci95'])} of {agree['n']}: "
-             f"{_met_within(agree['target_met'], agree['ci95'], agree['target'])}; "
+             f"{_pct(agree['agreement'])}{ci_text(agree['ci95'])} of {agree['n']}: "
+             f"{met_within(agree['target_met'], agree['ci95'], agree['target'])}; "
              f"GGUF accuracy {_pct(agree['gguf_accuracy_on'])}" + (
                  f", thinking closes {_pct(agree['gguf_closed_rate'])} (well-formed "
                  f"{_pct(agree.get('gguf_well_formed_rate'))})" if thinks else ""))]
@@ -180,7 +166,7 @@ def _curve_rows(curve: list[dict] | None) -> list[tuple[str, str]]:
     if not curve:
         return []
     points = "; ".join(f"{p['tokens'] / 1000:.0f}k tokens (step {p['step']}, lambda {p['strength']:.2f}): "
-                       f"{_pct(p['val_accuracy_on'])}{_ci(p['val_ci95_on'])}" for p in curve)
+                       f"{_pct(p['val_accuracy_on'])}{ci_text(p['val_ci95_on'])}" for p in curve)
     return [(f"QAT curve: validation accuracy, thinking on (n={curve[0]['val_n']})", points)]
 
 

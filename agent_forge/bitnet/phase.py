@@ -442,7 +442,7 @@ def stage_after(ctx: Context) -> dict:
                               thresholds={"check_honesty": ctx.cfg.check_honesty_threshold})
     rows = report.per_example
     off = accuracy_summary([bool(r["correct_off"]) for r in rows])
-    return {**_paired_after(ctx, [bool(r["correct_on"]) for r in rows]),
+    return {**_paired_after(ctx, [bool(r["correct_on"]) for r in rows]), "thinking": True,
             "accuracy_off": off["accuracy"], "ci95_off": off["ci95"],
             "closed_rate": sum(r["closed_on"] for r in rows) / max(len(rows), 1),
             # closed is not enough: a broken model can close a block full of openers and noise
@@ -458,7 +458,7 @@ def _after_without_thinking(ctx: Context, student, tok) -> dict:
     r = evaluate(student, tok, eval_items(ctx), thinking="auto", max_new_tokens=ctx.cfg.max_new_tokens,
                  batch_size=GENERATION_BATCH, loglik=False, progress=False)
     rows = r.per_example
-    return {**_paired_after(ctx, [bool(x["correct"]) for x in rows]),
+    return {**_paired_after(ctx, [bool(x["correct"]) for x in rows]), "thinking": False,
             "accuracy_off": None, "ci95_off": None, "closed_rate": None, "well_formed_rate": None,
             "answers_on": [{"id": x["id"], "on": x["reply"], "closed_on": x["closed"]} for x in rows],
             "anti_theater": {"passed": None, "sentence": "not run: the model has no thinking tokens, so it "

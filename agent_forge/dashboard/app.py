@@ -19,7 +19,8 @@ import streamlit as st
 
 from agent_forge.dashboard import data, lineage
 from agent_forge.dashboard.phase_views import bitnet_view, cognate_view, evomerge_view
-from agent_forge.dashboard.widgets import QUIETSTAR_LABELS, chart, handoff_checks, pct, run_header, summary_table
+from agent_forge.dashboard.widgets import QUIETSTAR_LABELS, chart, handoff_checks, run_header, summary_table
+from agent_forge.figures import pct
 
 
 def sidebar(runs_dir: Path, registry: str | None):

@@ -9,6 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from agent_forge.dashboard import data
+from agent_forge.figures import pct
 
 # Each phase's stage names as a person reads them (a name not listed shows as itself).
 QUIETSTAR_LABELS = {"validate_input": "input check", "vocab": "vocabulary", "data": "data",
@@ -27,10 +28,6 @@ COGNATE_LABELS = {"data": "curriculum", "foundation": "trunk", "specialise_reaso
                   "evaluate": "evaluate", "register": "register"}
 STAGE_LABELS = {"quietstar": QUIETSTAR_LABELS, "evomerge": EVOMERGE_LABELS, "bitnet": BITNET_LABELS,
                 "cognate": COGNATE_LABELS}
-
-
-def pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def interval(low, high) -> str:

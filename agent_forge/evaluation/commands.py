@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agent_forge.figures import pct
+
 console = Console(stderr=False)
 MODEL_HELP = "hub id, HF dir, .gguf, .pt, or 'default'"
 BATCH_HELP = "questions generated together (default: inference.GENERATION_BATCH, 32)"
@@ -67,10 +69,6 @@ def _items(data: str, limit: Optional[int], exclude_seen: Optional[list[str]] = 
     if not items:
         _fail(f"eval set {data!r} is empty")
     return items
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _batch(batch_size: int | None) -> int:
@@ -165,22 +163,22 @@ def _print_eval(out: dict, res) -> None:
     for col in ("family", "n", "accuracy", "95% CI"):
         table.add_column(col)
     for fam, s in res.per_family.items():
-        table.add_row(fam, str(s["n"]), _pct(s["accuracy"]), f"{_pct(s['ci95'][0])} - {_pct(s['ci95'][1])}")
-    table.add_row("[bold]all", str(res.n), f"[bold]{_pct(res.accuracy)}",
-                  f"{_pct(res.ci95[0])} - {_pct(res.ci95[1])}")
+        table.add_row(fam, str(s["n"]), pct(s["accuracy"]), f"{pct(s['ci95'][0])} - {pct(s['ci95'][1])}")
+    table.add_row("[bold]all", str(res.n), f"[bold]{pct(res.accuracy)}",
+                  f"{pct(res.ci95[0])} - {pct(res.ci95[1])}")
     console.print(table)
     if out.get("note"):
         console.print(out["note"])
     mode = None if out["thought_positions"] == "none" else out["thought_positions"]
-    console.print(f"{_thought_line(mode, res.ms_per_example)}   no answer {_pct(res.no_answer_rate)}")
+    console.print(f"{_thought_line(mode, res.ms_per_example)}   no answer {pct(res.no_answer_rate)}")
     if res.usage:
-        console.print(f"thinking closed {_pct(res.usage['closed_rate'])}, "
-                      f"well-formed {_pct(res.usage['well_formed_rate'])}")
+        console.print(f"thinking closed {pct(res.usage['closed_rate'])}, "
+                      f"well-formed {pct(res.usage['well_formed_rate'])}")
     if res.flexible_accuracy is not None:
-        console.print(f"lm-eval flexible match (last number of reply): {_pct(res.flexible_accuracy)}")
+        console.print(f"lm-eval flexible match (last number of reply): {pct(res.flexible_accuracy)}")
     if res.loglik:
-        console.print(f"log-likelihood choice: acc {_pct(res.loglik['acc'])}, "
-                      f"acc_norm {_pct(res.loglik['acc_norm'])}")
+        console.print(f"log-likelihood choice: acc {pct(res.loglik['acc'])}, "
+                      f"acc_norm {pct(res.loglik['acc_norm'])}")
 
 
 AT_TOKENS_HELP = ("new tokens per reply (default: 256 thinking on, 48 off); the pipeline's anti-theater "
@@ -281,7 +279,7 @@ def ab_cmd(baseline: str = typer.Option(..., help=MODEL_HELP),
     for col in ("arm", "mean accuracy", "std over rounds", "per round", "silent thoughts", "ms/example"):
         table.add_column(col)
     for role, arm in (("baseline", report.baseline), ("candidate", report.candidate)):
-        table.add_row(arm["name"], _pct(arm["mean"]), f"{100 * arm['std']:.1f}",
-                      ", ".join(_pct(a) for a in arm["per_round"]), thoughts[role], f"{timer.ms()[role]:.0f}")
+        table.add_row(arm["name"], pct(arm["mean"]), f"{100 * arm['std']:.1f}",
+                      ", ".join(pct(a) for a in arm["per_round"]), thoughts[role], f"{timer.ms()[role]:.0f}")
     console.print(table)
     console.print(report.sentence)
