@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from agent_forge.evomerge.commands import summary_rows
+from agent_forge.evomerge.commands import _relative_gain_text, summary_rows
 from agent_forge.evomerge.fitness import paired_report
 from agent_forge.evomerge.phase import STAGES, STATE_FILE, EvoMergePhaseError, make_config, run_evomerge
 from agent_forge.evomerge.search import Fitness
@@ -83,6 +83,11 @@ def test_resume_after_the_run_repeats_nothing(tmp_path):
     assert json.loads(json.dumps(again["stages"])) == first["stages"]
 
 
+def drop_ci_high(before: Fitness, after: Fitness) -> float:
+    from agent_forge.validation.stats import relative_drop
+    return relative_drop(before.details["correct"], after.details["correct"])["ci95"][1]
+
+
 def test_paired_report_matches_a_plain_computation():
     before = Fitness(0.5, 0.3, 0.7, 8, {"correct": [1, 1, 0, 0, 1, 0, 1, 0]})
     after = Fitness(0.75, 0.4, 0.9, 8, {"correct": [1, 1, 1, 0, 1, 1, 1, 0]})
@@ -93,6 +98,13 @@ def test_paired_report_matches_a_plain_computation():
     # McNemar: 2 discordant pairs, both for `after`: exact two-sided p = 2 * 0.5^2
     assert r["mcnemar_p"] == pytest.approx(0.5)
     assert not r["target_met"]  # +50% relative, but the interval reaches 0 on 8 items
+    # the relative gain's interval is the relative drop's (tested against the delta method in
+    # test_stats.py), negated and in order; the row says why the +50% point estimate is MISSED
+    lo, hi = r["relative_gain_ci95"]
+    assert -drop_ci_high(before, after) == pytest.approx(lo) and lo <= 0.5 <= hi
+    text = _relative_gain_text(r)
+    assert text.startswith(f"+50.0% [{100 * lo:+.1f}, {100 * hi:+.1f}]: MISSED (the point estimate reaches it")
+    assert text.endswith("its 95% interval spans 20%")
     with pytest.raises(ValueError, match="same test items"):
         paired_report(before, Fitness(0.5, 0, 1, 2, {"correct": [1, 0]}))
 

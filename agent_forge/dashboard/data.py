@@ -382,7 +382,8 @@ def evomerge_headline(stages: dict, history: list[dict]) -> dict:
             "best_parent_test": _num((test.get("best_parent") or {}).get("value")),
             "champion_test": _num((test.get("champion") or {}).get("value")),
             "gain_points": _num(gain.get("points")), "gain_ci_points": gain.get("ci95_points"),
-            "relative_gain": _num(gain.get("relative_gain")), "target_relative": _num(gain.get("target_relative")),
+            "relative_gain": _num(gain.get("relative_gain")), "relative_gain_ci": gain.get("relative_gain_ci95"),
+            "target_relative": _num(gain.get("target_relative")),
             "target_met": None if not gain else bool(gain.get("target_met")),
             "handoff_ok": None if hand is None else bool(hand.get("ok"))}
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import streamlit as st
 
 from agent_forge.dashboard import data, lineage
-from agent_forge.dashboard.widgets import (EVOMERGE_LABELS, chart, handoff_checks, interval, pct, run_header,
+from agent_forge.dashboard.widgets import (EVOMERGE_LABELS, chart, handoff_checks, interval, run_header,
                                            stage_marks, stages_bar, summary_table)
+from agent_forge.figures import pct
 
 
 # ---------------------------------------------------------------------------------------
@@ -53,7 +54,8 @@ def evomerge_headline_section(stages: dict, history: list[dict]) -> None:
     cols[2].metric(f"Target{target}", {None: "-", True: "met", False: "MISSED"}[h["target_met"]],
                    delta=None if h["relative_gain"] is None else f"{100 * h['relative_gain']:+.1f}% relative",
                    help="the champion's relative gain over the best parent on the test split, with the "
-                        "gain's 95% interval above 0")
+                        "gain's 95% interval above 0" + ("" if not h["relative_gain_ci"] else
+                        f"; the relative gain's 95% interval {interval(*h['relative_gain_ci'])}"))
     cols[3].metric("Handoff 2→3", {None: "-", True: "passed", False: "failed"}[h["handoff_ok"]])
 
 

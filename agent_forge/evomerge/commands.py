@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from agent_forge.figures import met, pct
 from agent_forge.progress import print_rows
 
 
@@ -47,13 +48,23 @@ def evomerge_cmd(models: Optional[str] = typer.Option(None, help="comma-separate
     run_phase_command(run_evomerge, cfg, resume, EvoMergePhaseError, print_summary)
 
 
-def _pct(x) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def _fit(f: dict) -> str:
     reused = ", scored by an earlier run of these weights" if f.get("details", {}).get("cached") else ""
-    return f"{_pct(f['value'])} [{_pct(f['low'])}, {_pct(f['high'])}] (n={f['n']}{reused})"
+    return f"{pct(f['value'])} [{pct(f['low'])}, {pct(f['high'])}] (n={f['n']}{reused})"
+
+
+def _relative_gain_text(g: dict) -> str:
+    """The relative gain with its paired bootstrap interval (reports before it had none), and
+    the verdict: met needs the point estimate at the target and the gain's interval above 0;
+    an interval that holds the target is said, as the sample does not settle that side."""
+    ci, target = g.get("relative_gain_ci95"), g["target_relative"]
+    text = f"{100 * g['relative_gain']:+.1f}%" + ("" if not ci else f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]")
+    text += f": {met(g['target_met'])}"
+    if not g["target_met"] and g["relative_gain"] >= target and g["ci95_points"][0] <= 0:
+        text += " (the point estimate reaches it, but the gain's interval reaches 0)"
+    if ci and ci[0] < target <= ci[1]:
+        text += f"; its 95% interval spans {100 * target:.0f}%"
+    return text
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
@@ -76,7 +87,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if search:
         for h in search["history"]:
             rows.append((f"generation {h['generation']} (validation {kind})",
-                         f"best {_pct(h['best'])}, mean {_pct(h['mean'])}, diversity {h['diversity']:.2f}, "
+                         f"best {pct(h['best'])}, mean {pct(h['mean'])}, diversity {h['diversity']:.2f}, "
                          f"{h.get('n_evaluated', 0)} newly evaluated, {h.get('cache_hits', 0)} cached"))
         rows.append(("champion recipe", search["best"].get("label", "") + " " + _combo(search["best"])))
     test = st.get("test")
@@ -86,8 +97,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                  ("champion (test accuracy)", _fit(test["champion"])),
                  ("gain (paired, test)", f"{g['points']:+.1f} points [{g['ci95_points'][0]:+.1f}, "
                                          f"{g['ci95_points'][1]:+.1f}], McNemar p={g['mcnemar_p']:.2g}"),
-                 (f"relative gain (target >= {100 * g['target_relative']:.0f}%)",
-                  f"{100 * g['relative_gain']:+.1f}%: {'met' if g['target_met'] else 'MISSED'}")]
+                 (f"relative gain (target >= {100 * g['target_relative']:.0f}%)", _relative_gain_text(g))]
         if test.get("budget_warning"):
             rows.append(("WARNING", test["budget_warning"]))
         if "control" in test:

@@ -170,15 +170,17 @@ def trace_likelihood(model, tokenizer, items, batch_size: int = 16) -> list[floa
 def paired_report(best_parent: Fitness, champion: Fitness, target_relative: float = 0.20) -> dict:
     """The champion against the best parent on the same test items: the gain in points with
     a bootstrap interval and McNemar's p, and whether the relative target was met."""
-    from agent_forge.validation.stats import paired_gain
+    from agent_forge.validation.stats import paired_gain, relative_drop
 
     before, after = best_parent.details["correct"], champion.details["correct"]
     if len(before) != len(after):
         raise ValueError("paired comparison needs the same test items for both models")
-    gain = paired_gain(before, after)
+    gain, drop = paired_gain(before, after), relative_drop(before, after)
     base = gain["before"]
     relative = (gain["after"] - base) / base if base > 0 else math.inf if gain["after"] > 0 else 0.0
-    return {**gain, "relative_gain": relative, "target_relative": target_relative,
+    # the gain is the drop's negative, and so is its interval (None when nothing was right before)
+    ci = None if drop["ci95"] is None else [0.0 - drop["ci95"][1], 0.0 - drop["ci95"][0]]  # no -0.0
+    return {**gain, "relative_gain": relative, "relative_gain_ci95": ci, "target_relative": target_relative,
             "target_met": relative >= target_relative and gain["ci95_points"][0] > 0}
 
 
