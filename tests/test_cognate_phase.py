@@ -13,7 +13,7 @@ import torch
 from conftest import Crash, make_tiny_tokenizer, sigkill_once_checkpointed
 
 from agent_forge.cognate.data import pack, record_text, split_blocks, unigram_cross_entropy
-from agent_forge.cognate.metrics import average_weights, diversity, halting_histogram
+from agent_forge.cognate.metrics import average_weights, diversity, diversity_ci, halting_histogram
 from agent_forge.cognate.phase import STATE_FILE, CognatePhaseError, make_config, run_cognate
 from agent_forge.registry import Registry
 
@@ -30,6 +30,22 @@ def test_diversity_on_hand_made_predictions():
     assert div["pairs"]["a-c"]["score"] == 0.0
     assert div["diversity"] == pytest.approx(1 / 3)
     assert div["mean_disagreement"] == pytest.approx(1 / 3) and div["mean_halting_distance"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("n_blocks,positions", [(2000, 1), (400, 10)])
+def test_diversity_interval_matches_the_normal_interval_of_whole_blocks(n_blocks, positions):
+    """Two models halting alike, so diversity = disagreement / 2. A block's positions all agree
+    or all disagree: the interval must be the normal one of a proportion over n_blocks (not
+    over the n_blocks x positions tokens, which a token-level resample would give: sqrt(10)
+    narrower in the second case)."""
+    gen = torch.Generator().manual_seed(1)
+    differs = (torch.rand(n_blocks, generator=gen) < 0.3).repeat_interleave(positions)
+    preds = {"a": torch.zeros(n_blocks * positions, dtype=torch.long), "b": differs.long()}
+    steps = {"a": torch.ones(n_blocks * positions, dtype=torch.long), "b": torch.ones(n_blocks * positions, dtype=torch.long)}
+    p = float(differs.double().mean())
+    half = 1.96 * math.sqrt(p * (1 - p) / n_blocks) / 2
+    lo, hi = diversity_ci(preds, steps, n_blocks)
+    assert lo == pytest.approx(p / 2 - half, abs=0.2 * half) and hi == pytest.approx(p / 2 + half, abs=0.2 * half)
 
 
 def test_halting_histogram_counts_steps_from_one():

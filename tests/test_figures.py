@@ -17,3 +17,4 @@ def test_a_verdict_says_when_its_interval_holds_the_target():
     assert met_within(False, [0.755, 0.945], 0.10) == "MISSED"
     assert met_within(True, [0.90, 0.95], 0.90) == "met"
     assert met_within(True, None, 0.90) == "met"
+    assert met_within(True, [0.28, 0.35], 0.3, shown="0.3").endswith("its 95% interval spans 0.3")

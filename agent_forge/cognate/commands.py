@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from agent_forge.figures import met_within
 from agent_forge.progress import print_rows
 
 
@@ -48,8 +49,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             rows.append((f"{name}: easy arithmetic accuracy",
                          f"{100 * acc['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={acc['n']})"))
     div = ev["diversity"]
-    verdict = "met" if ev["diversity_target_met"] else "MISSED"
-    rows.append(("diversity (target > 0.3)", f"{div['diversity']:.3f}: {verdict} (disagreement "
+    ci = div.get("ci95")  # runs before the interval: none
+    interval = "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    verdict = met_within(ev["diversity_target_met"], ci, 0.3, shown="0.3")
+    rows.append(("diversity (target > 0.3)", f"{div['diversity']:.3f}{interval}: {verdict} (disagreement "
                                              f"{div['mean_disagreement']:.3f}, halting distance "
                                              f"{div['mean_halting_distance']:.3f})"))
     merge = ev["merge"]

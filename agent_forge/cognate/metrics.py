@@ -84,6 +84,23 @@ def diversity(predictions: dict[str, torch.Tensor], halting_steps: dict[str, tor
             "mean_halting_distance": mean("halting_distance"), "diversity": mean("score")}
 
 
+def diversity_ci(predictions: dict[str, torch.Tensor], halting_steps: dict[str, torch.Tensor], n_blocks: int,
+                 n_boot: int = 500, seed: int = 0) -> list[float]:
+    """A percentile bootstrap 95% interval of the diversity score, resampling whole validation
+    blocks (a block's tokens are not independent of each other): every model's predictions
+    and halting steps (flattened, N = n_blocks x positions) are indexed by the same blocks."""
+    rows = lambda t: t.reshape(n_blocks, -1)  # noqa: E731
+    preds, steps = ({n: rows(t) for n, t in d.items()} for d in (predictions, halting_steps))
+    gen = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(n_boot):
+        idx = torch.randint(0, n_blocks, (n_blocks,), generator=gen)
+        scores.append(diversity({n: t[idx].flatten() for n, t in preds.items()},
+                                {n: t[idx].flatten() for n, t in steps.items()})["diversity"])
+    lo, hi = torch.tensor(scores, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return [float(lo), float(hi)]
+
+
 def average_weights(model_a, model_b, weight: float = 0.5):
     """A copy of model_a (its config) whose floating-point weights are weight * a + (1 - weight) * b."""
     merged = copy.deepcopy(model_a)

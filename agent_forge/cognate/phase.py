@@ -274,7 +274,7 @@ def validation_blocks(ctx: Context) -> torch.Tensor:
 def stage_evaluate(ctx: Context) -> dict:
     """Every model on the same validation blocks and questions; diversity of the
     specialisations; a merge (and the controls when on)."""
-    from agent_forge.cognate.metrics import diversity, evaluate_model, merge_check, reasoning_accuracy
+    from agent_forge.cognate.metrics import diversity, diversity_ci, evaluate_model, merge_check, reasoning_accuracy
     from agent_forge.cognate.model import CognateForCausalLM
     from agent_forge.data.evalsets import load_eval_set
     from agent_forge.models import update_meta
@@ -294,6 +294,7 @@ def stage_evaluate(ctx: Context) -> dict:
                                                                 cfg.eval_max_new_tokens, cfg.eval_batch_size)
     specialists = {n: models[n] for n in cfg.specialisations}
     div = diversity({n: preds[n] for n in specialists}, {n: steps[n] for n in specialists})
+    div["ci95"] = diversity_ci({n: preds[n] for n in specialists}, {n: steps[n] for n in specialists}, len(blocks))
     merge = merge_check(specialists, blocks, cfg.eval_batch_size, unigram)
     for name in cfg.specialisations:
         update_meta(dirs[name], {"metrics": {**figures[name], "unigram_val_loss": unigram,
