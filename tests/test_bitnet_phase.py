@@ -543,3 +543,5 @@ def test_the_curve_config_in_configs_loads():
     blocks = make_config("quick", configs / "bitnet_curve_llamacpp_cpu.yaml")  # the same run in llama.cpp's rounding
     assert blocks.act_quant == "llamacpp" and cfg.act_quant == "token"
     assert dataclasses.asdict(blocks.qat) == dataclasses.asdict(cfg.qat) and blocks.eval_samples == cfg.eval_samples
+    long = make_config("quick", configs / "bitnet_long_cpu.yaml")  # three times the steps, four times the traces
+    assert (long.qat.steps, long.qat.eval_every, long.data.n_records, long.act_quant) == (600, 100, 4800, "llamacpp")
