@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP) $(if $(filter yes,$(LLAMACPP)),$(LLAMASTAMP))
-	@[ "$(LLAMACPP)" = yes ] || echo "LLAMACPP=no: llama-cpp-python not installed; its tests skip (make setup LLAMACPP=yes adds it)"
+	@[ "$(LLAMACPP)" = yes ] || [ -f $(LLAMASTAMP) ] || echo "LLAMACPP=no: llama-cpp-python not installed; its tests skip (make setup LLAMACPP=yes adds it)"
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
