@@ -18,10 +18,17 @@ def met(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def met_within(ok: bool, ci, target: float, shown: str | None = None) -> str:
-    """met / MISSED by the point estimate, and said so when the 95% interval holds the target:
-    then the sample does not settle which side of it the model is on. `shown`: the target as
-    the row writes it (default: a percentage)."""
+def spans(ci, target: float, shown: str | None = None) -> str:
+    """"; its 95% interval spans <target>" when the interval holds the target (the sample does
+    not settle which side of it the model is on), else "". `shown`: the target as the row
+    writes it (default: a percentage)."""
     if ci and ci[0] < target <= ci[1]:
-        return f"{met(ok)} by the point estimate; its 95% interval spans {shown or f'{100 * target:.0f}%'}"
-    return met(ok)
+        return f"; its 95% interval spans {shown or f'{100 * target:.0f}%'}"
+    return ""
+
+
+def met_within(ok: bool, ci, target: float, shown: str | None = None) -> str:
+    """met / MISSED, and "by the point estimate" with the interval's span when the 95% interval
+    holds the target."""
+    clause = spans(ci, target, shown)
+    return f"{met(ok)} by the point estimate{clause}" if clause else met(ok)

@@ -328,6 +328,12 @@ def test_evomerge_finished_run(tmp_path):
     assert "generation 2 (validation trace likelihood)" in summary and summary["time"] == "170 s"
     h = data.evomerge_headline(data.load_stages(run), data.evomerge_history(run))
     assert (h["champion_test"], h["gain_points"], h["target_met"], h["handoff_ok"]) == (0.58, 13.0, True, True)
+    assert h["relative_gain_ci"] is None  # a report from before the relative gain had an interval
+    stages = data.load_stages(run)
+    stages["test"]["gain"]["relative_gain_ci95"] = [0.05, 0.6]
+    assert data.evomerge_headline(stages, [])["relative_gain_ci"] == [0.05, 0.6]
+    assert dict(data.evomerge_test_rows(stages))["relative gain (target >= 20%)"] == \
+        "+28.9% [+5.0, +60.0]: met; its 95% interval spans 20%"
     tree = lineage.evomerge_family_tree(data.load_stages(run), None)  # the registry the run recorded
     assert tree["name"] == "evomerge:merge" and len(tree["parents"]) == 3
 

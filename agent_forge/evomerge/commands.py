@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from agent_forge.figures import met, pct
+from agent_forge.figures import met, pct, spans
 from agent_forge.progress import print_rows
 
 
@@ -62,9 +62,7 @@ def _relative_gain_text(g: dict) -> str:
     text += f": {met(g['target_met'])}"
     if not g["target_met"] and g["relative_gain"] >= target and g["ci95_points"][0] <= 0:
         text += " (the point estimate reaches it, but the gain's interval reaches 0)"
-    if ci and ci[0] < target <= ci[1]:
-        text += f"; its 95% interval spans {100 * target:.0f}%"
-    return text
+    return text + spans(ci, target)
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
