@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import Crash, make_tiny_tokenizer, sigkill_once_checkpointed
 
-from agent_forge.cognate.data import pack, record_text, split_blocks, unigram_cross_entropy
+from agent_forge.cognate.data import pack, record_text, split_blocks, unigram_block_losses, unigram_cross_entropy
 from agent_forge.cognate.metrics import average_weights, diversity, diversity_ci, halting_histogram
 from agent_forge.cognate.phase import STATE_FILE, CognatePhaseError, make_config, run_cognate
 from agent_forge.registry import Registry
@@ -57,6 +57,38 @@ def test_unigram_cross_entropy_by_hand():
     val = torch.tensor([[2, 0, 1]])  # targets 0 and 1
     want = -(math.log(4 / 7) + math.log(2 / 7)) / 2
     assert unigram_cross_entropy(train, val, vocab_size=3) == pytest.approx(want)
+
+
+def test_unigram_per_block_by_hand_and_its_mean_is_the_baseline():
+    train = torch.tensor([[0, 0, 0, 1]])  # probabilities 4/7, 2/7, 1/7
+    val = torch.tensor([[2, 0, 1], [0, 2, 2]])  # targets (0, 1) and (2, 2)
+    got = unigram_block_losses(train, val, vocab_size=3)
+    want = [-(math.log(4 / 7) + math.log(2 / 7)) / 2, -math.log(1 / 7)]
+    assert got.tolist() == pytest.approx(want)
+    assert unigram_cross_entropy(train, val, 3) == pytest.approx(sum(want) / 2)
+
+
+def test_block_losses_average_to_the_models_own_loss():
+    """Per-block cross-entropy from the logits: each block's equals the model's lm_loss on that
+    block alone, and evaluate_model's val_loss is their mean, with a t interval around it."""
+    from agent_forge.cognate.metrics import block_losses, evaluate_model
+    from agent_forge.cognate.model import CognateConfig, CognateForCausalLM
+
+    torch.manual_seed(0)
+    model = CognateForCausalLM(CognateConfig(vocab_size=40, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                             intermediate_size=64, memory_dim=8, memory_hidden_size=16,
+                                             memory_chunk_size=3, sliding_window=4, recursion_after_layer=2,
+                                             recursion_intermediate_size=48, max_recursion_steps=3)).eval()
+    blocks = torch.randint(0, 40, (5, 12))
+    with torch.no_grad():
+        got = block_losses(model(input_ids=blocks).logits, blocks)
+        alone = [float(model(input_ids=b[None], labels=b[None]).lm_loss) for b in blocks]
+    assert got.tolist() == pytest.approx(alone, rel=1e-5)
+    figures, _, _ = evaluate_model(model, blocks, batch_size=2)
+    assert figures["block_losses"] == pytest.approx(alone, rel=1e-5)
+    assert figures["val_loss"] == pytest.approx(sum(alone) / 5, rel=1e-5)
+    lo, hi = figures["val_loss_ci95"]
+    assert lo < figures["val_loss"] < hi
 
 
 def test_pack_joins_with_eos_and_cuts_full_blocks():
@@ -180,6 +212,27 @@ def test_control_rows_say_whether_the_architecture_beats_the_plain_transformer()
     assert control_rows({}, models) == []
 
 
+def test_control_and_merge_rows_pair_the_blocks():
+    """With block losses the verdicts follow the paired interval: a steady 0.05 nats lower
+    loss on every block beats the transformer; a noisy difference whose interval holds 0
+    cannot be told from it, although its point estimate is lower."""
+    from agent_forge.cognate.commands import control_rows, merge_row
+
+    plain = [2.0, 2.4, 1.8, 2.2, 2.1, 1.9]
+    steady = [x - 0.05 for x in plain]
+    noisy = [x + d for x, d in zip(plain, [-0.5, 0.4, -0.3, 0.3, -0.2, 0.1])]
+    controls = {"transformer_val_loss": sum(plain) / 6, "transformer_val_loss_ci95": [1.9, 2.2],
+                "transformer_block_losses": plain}
+    for losses, verdict in ((steady, "beats it: -0.050 [-0.050, -0.050] nats"), (noisy, "cannot be told from it")):
+        models = {"foundation": {"val_loss": 9.0}, "speed": {"val_loss": sum(losses) / 6, "block_losses": losses}}
+        text = dict(control_rows(controls, models))["same-size plain transformer (control)"]
+        assert text.startswith("val loss 2.067 [1.900, 2.200]: the best specialisation (speed, ") and verdict in text
+    merge = {"parents": ["a", "b"], "merged_val_loss": 2.5, "merged_val_loss_ci95": [2.4, 2.6],
+             "vs_better_parent": {"parent": "b", "mean": 0.3, "ci95": [0.2, 0.4]}}
+    assert merge_row(merge) == ("50/50 merge of a + b", "val loss 2.500 [2.400, 2.600]; above the better parent "
+                                                        "(b): +0.300 [+0.200, +0.400] nats")
+
+
 # ---------------------------------------------------------------------------------------
 # The phase end to end
 
@@ -217,6 +270,12 @@ def test_smoke_phase_makes_three_mergeable_measured_models(smoke_run):
         assert sum(figures["halting_histogram"]) == pytest.approx(1.0)
         assert figures["easy_accuracy"]["n"] == 4 and 0 <= figures["easy_accuracy"]["accuracy"] <= 1
     assert 0 <= report["diversity"] <= 1 and "merged_val_loss" in ev["merge"]
+    n = ev["eval_blocks"]
+    assert len(ev["unigram_block_losses"]) == n and ev["unigram_val_loss_all"] > 0
+    for figures in ev["models"].values():  # paired with the unigram baseline over the same blocks
+        assert len(figures["block_losses"]) == n
+        assert figures["vs_unigram"]["mean"] == pytest.approx(figures["val_loss"] - ev["unigram_val_loss"])
+    assert ev["merge"]["vs_better_parent"]["parent"] in ev["merge"]["parents"]
     controls = ev["controls"]
     assert controls["shared_trunk_merge_val_loss"] == ev["merge"]["merged_val_loss"]
     assert controls["independent_merge_val_loss"] > 0 and controls["transformer_val_loss"] > 0

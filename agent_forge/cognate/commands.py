@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from agent_forge.evaluation.metrics import difference_verdict, paired_difference
 from agent_forge.figures import met_within
 from agent_forge.progress import print_rows
 
@@ -33,14 +34,18 @@ def cognate_cmd(out: Path = typer.Option(..., help="output directory (models/, c
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
-    """(what, measured) rows: every model's validation loss against the unigram baseline,
-    halting, throughput, diversity against its 0.3 target, the merge check."""
+    """(what, measured) rows: every model's validation loss (with its 95% interval over the
+    blocks) against the unigram baseline on the same blocks, halting, throughput, diversity
+    against its 0.3 target, the merge check and the controls, paired where compared."""
     ev = report["stages"]["evaluate"]
     unigram = ev["unigram_val_loss"]
-    rows = [("unigram baseline (val loss, nats)", f"{unigram:.3f}"), batch_row(report)]
+    every = ev.get("unigram_val_loss_all")  # runs before the paired comparisons: none
+    rows = [("unigram baseline (val loss, nats)",
+             f"{unigram:.3f}" + (f" on the {ev['eval_blocks']} evaluated blocks ({every:.3f} on all validation "
+                                 f"blocks)" if every is not None else "")), batch_row(report)]
     for name, m in ev["models"].items():
-        rows.append((f"{name}: val loss", f"{m['val_loss']:.3f} ({'beats' if m['beats_unigram'] else 'does NOT beat'}"
-                                          f" unigram), halting {m['mean_halting_steps']:.2f}/"
+        rows.append((f"{name}: val loss", f"{loss_text(m['val_loss'], m.get('val_loss_ci95'))} "
+                                          f"({unigram_verdict(m)}), halting {m['mean_halting_steps']:.2f}/"
                                           f"{m['max_recursion_steps']} steps, "
                                           f"{m['forward_tokens_per_s'] or 0:.0f} tok/s forward"))
         if "easy_accuracy" in m:
@@ -55,8 +60,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     rows.append(("diversity (target > 0.3)", f"{div['diversity']:.3f}{interval}: {verdict} (disagreement "
                                              f"{div['mean_disagreement']:.3f}, halting distance "
                                              f"{div['mean_halting_distance']:.3f})"))
-    merge = ev["merge"]
-    rows.append((f"50/50 merge of {' + '.join(merge['parents'])}", f"val loss {merge['merged_val_loss']:.3f}"))
+    rows.append(merge_row(ev["merge"]))
     rows += control_rows(ev.get("controls") or {}, ev["models"])
     for name, path in report["models"].items():
         rows.append((f"model: {name}", path))
@@ -64,21 +68,63 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def loss_text(loss: float, ci) -> str:
+    """A loss in nats with its 95% interval when measured: "2.322 [2.301, 2.343]"."""
+    return f"{loss:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def diff_text(diff: dict) -> str:
+    """A paired loss difference in nats with its interval: "-1.317 [-1.352, -1.282] nats"."""
+    ci = diff.get("ci95")
+    return f"{diff['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + " nats"
+
+
+def unigram_verdict(m: dict) -> str:
+    """Whether a model's loss is below the unigram baseline's, paired over the same blocks."""
+    if "vs_unigram" not in m:  # runs before the paired comparison: the point estimates
+        return f"{'beats' if m['beats_unigram'] else 'does NOT beat'} unigram"
+    diff = m["vs_unigram"]
+    word = difference_verdict(diff, "beats", "does NOT beat", "cannot be told from")
+    return f"{word} unigram: {diff_text(diff)}"
+
+
+def merge_row(merge: dict) -> tuple[str, str]:
+    """The 50/50 merge's loss and, paired, how far it is from the better of its parents."""
+    text = f"val loss {loss_text(merge['merged_val_loss'], merge.get('merged_val_loss_ci95'))}"
+    if "vs_better_parent" in merge:
+        diff = merge["vs_better_parent"]
+        word = difference_verdict(diff, "below", "above", "not told apart from")
+        text += f"; {word} the better parent ({diff['parent']}): {diff_text(diff)}"
+    return f"50/50 merge of {' + '.join(merge['parents'])}", text
+
+
 def control_rows(controls: dict, models: dict) -> list[tuple[str, str]]:
     """The controls the run trained: the independent-trunk merge, the plain transformer
-    against the best specialisation."""
+    against the best specialisation, each paired over the same blocks when measured so."""
     rows = []
     if "independent_merge_val_loss" in controls:
+        diff = controls.get("shared_minus_independent")
+        better = (difference_verdict(diff, "better", "NOT better (worse)", "NOT shown better") if diff
+                  else "better" if controls["shared_trunk_merges_better"] else "NOT better")
         rows.append(("merge of two independent trunks (control)",
-                     f"val loss {controls['independent_merge_val_loss']:.3f} (shared-trunk merge "
-                     f"{'better' if controls['shared_trunk_merges_better'] else 'NOT better'})"))
+                     f"val loss {controls['independent_merge_val_loss']:.3f} (shared-trunk merge {better}"
+                     + (f": {diff_text(diff)}" if diff else "") + ")"))
     if "transformer_val_loss" in controls:
-        plain = controls["transformer_val_loss"]
-        best = min((m["val_loss"], n) for n, m in models.items() if n != "foundation")
-        verdict = "beats" if best[0] < plain else "does NOT beat"
-        rows.append(("same-size plain transformer (control)",
-                     f"val loss {plain:.3f}: the best specialisation ({best[1]}, {best[0]:.3f}) {verdict} it"))
+        rows.append(("same-size plain transformer (control)", transformer_text(controls, models)))
     return rows
+
+
+def transformer_text(controls: dict, models: dict) -> str:
+    """The plain transformer's loss against the best specialisation's (the lower point
+    estimate), paired over the blocks when both have block losses."""
+    plain = controls["transformer_val_loss"]
+    loss, best = min((m["val_loss"], n) for n, m in models.items() if n != "foundation")
+    text = f"val loss {loss_text(plain, controls.get('transformer_val_loss_ci95'))}: the best specialisation ({best}, {loss:.3f})"
+    if "transformer_block_losses" in controls and "block_losses" in models[best]:
+        diff = paired_difference(models[best]["block_losses"], controls["transformer_block_losses"])
+        verdict = difference_verdict(diff, "beats", "does NOT beat", "cannot be told from")
+        return f"{text} {verdict} it: {diff_text(diff)}"
+    return f"{text} {'beats' if loss < plain else 'does NOT beat'} it"
 
 
 def batch_row(report: dict) -> tuple[str, str]:

@@ -68,46 +68,56 @@ def stage_control_transformer(ctx) -> dict:
 
 
 @torch.no_grad()
-def plain_val_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy of any causal LM on the blocks."""
+def plain_block_losses(model, blocks: torch.Tensor, batch_size: int) -> list[float]:
+    """Mean next-token cross-entropy of any causal LM on each of the blocks."""
+    from agent_forge.cognate.metrics import block_losses
+
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    per_block = []
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size].to(device)
-        n = ids[:, 1:].numel()
-        total += float(model(input_ids=ids, labels=ids).loss) * n
-        count += n
-    return total / count
+        per_block += block_losses(model(input_ids=ids).logits, ids).tolist()
+    return per_block
 
 
-def evaluate_controls(ctx, specialists: dict, blocks: torch.Tensor, merged_loss: float) -> dict:
-    """For each control the run trained: the merge of the two independent trunks against the
-    merge of two specialisations; the plain transformer's validation loss."""
+def evaluate_controls(ctx, specialists: dict, blocks: torch.Tensor, merge: dict) -> dict:
+    """For each control the run trained: the merge of the two independent trunks against
+    `merge`, the merge of two specialisations (paired over the blocks); the plain
+    transformer's validation loss, per block too (the summary pairs it with the best
+    specialisation's)."""
+    from agent_forge.evaluation.metrics import mean_interval
+
     bs, out = ctx.cfg.eval_batch_size, {}
     if "independent" in ctx.cfg.controls:
-        out.update(_independent_merge(ctx, blocks, merged_loss))
+        out.update(_independent_merge(ctx, blocks, merge))
     if "transformer" in ctx.cfg.controls:
         from transformers import AutoModelForCausalLM
 
         from agent_forge.cognate.phase import device
 
         plain = AutoModelForCausalLM.from_pretrained(ctx.out / "control" / "transformer" / "model").to(device(ctx))
-        out["transformer_val_loss"] = plain_val_loss(plain, blocks, bs)
+        per_block = plain_block_losses(plain, blocks, bs)
+        summary = mean_interval(per_block)
+        out.update({"transformer_val_loss": summary["mean"], "transformer_val_loss_ci95": summary["ci95"],
+                    "transformer_block_losses": per_block})
     return out
 
 
-def _independent_merge(ctx, blocks: torch.Tensor, merged_loss: float) -> dict:
+def _independent_merge(ctx, blocks: torch.Tensor, merge: dict) -> dict:
     from agent_forge.cognate.metrics import average_weights, evaluate_model
     from agent_forge.cognate.model import CognateForCausalLM
     from agent_forge.cognate.phase import device
+    from agent_forge.evaluation.metrics import paired_difference
 
     bs, dev = ctx.cfg.eval_batch_size, device(ctx)
     trunk = CognateForCausalLM.from_pretrained(ctx.out / "foundation" / "model").to(dev)
     other = CognateForCausalLM.from_pretrained(ctx.out / "control" / "independent" / "model").to(dev)
     independent, _, _ = evaluate_model(average_weights(trunk, other), blocks, bs)
     other_alone, _, _ = evaluate_model(other, blocks, bs)
+    diff = paired_difference(merge["merged_block_losses"], independent["block_losses"])
     return {"independent_trunk_val_loss": other_alone["val_loss"],
             "independent_merge_val_loss": independent["val_loss"],
-            "shared_trunk_merge_val_loss": merged_loss,
-            "shared_trunk_merges_better": merged_loss < independent["val_loss"]}
+            "shared_trunk_merge_val_loss": merge["merged_val_loss"],
+            "shared_minus_independent": diff,  # paired over the blocks: < 0 favours the shared trunk
+            "shared_trunk_merges_better": merge["merged_val_loss"] < independent["val_loss"]}

@@ -118,12 +118,18 @@ def split_blocks(blocks: torch.Tensor, val_fraction: float, seed: int) -> tuple[
     return blocks[order[n_val:]], blocks[order[:n_val]]
 
 
-def unigram_cross_entropy(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> float:
-    """Mean cross-entropy (nats) on the validation next-token targets of the add-one-smoothed
-    unigram distribution of the training tokens."""
+def unigram_block_losses(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Cross-entropy (nats) of the add-one-smoothed unigram distribution of the training
+    tokens on each validation block's next-token targets, averaged per block."""
     counts = torch.bincount(train.flatten(), minlength=vocab_size).double() + 1.0
     log_probs = torch.log(counts / counts.sum())
-    return float(-log_probs[val[:, 1:].flatten()].mean())
+    return -log_probs[val[:, 1:]].mean(-1)
+
+
+def unigram_cross_entropy(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> float:
+    """Mean unigram cross-entropy over all validation targets (blocks have one length, so the
+    mean of the block means)."""
+    return float(unigram_block_losses(train, val, vocab_size).mean())
 
 
 def build_curriculum(cfg: CognateDataConfig, tokenizer, out_dir: Path, exclude=None) -> dict:

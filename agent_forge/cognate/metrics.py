@@ -29,35 +29,45 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 
 @torch.no_grad()
 def evaluate_model(model, blocks: torch.Tensor, batch_size: int = 8) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """(figures, greedy predictions (N,), halting steps (N,)) over the next-token positions of
-    `blocks` (rows of token ids): mean validation loss (LM only), perplexity, mean ponder cost,
-    mean halting steps and their histogram, forward tokens per second."""
+    `blocks` (rows of token ids): mean validation loss (LM only) with its 95% interval over
+    blocks and each block's loss (`block_losses`, for paired comparisons on the same blocks),
+    perplexity, mean ponder cost, mean halting steps and their histogram, forward tokens per second."""
+    from agent_forge.evaluation.metrics import mean_interval
+
     model.eval()
     device = next(model.parameters()).device
-    loss_sum, ponder_sum, count, preds, steps = 0.0, 0.0, 0, [], []
+    ponder_sum, per_block, preds, steps = 0.0, [], [], []
     started = time.perf_counter()
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size].to(device)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        n = ids[:, 1:].numel()
-        loss_sum += float(out.lm_loss) * n
+        out = model(input_ids=ids, use_cache=False)
+        per_block.append(block_losses(out.logits, ids).cpu())
         ponder_sum += float(out.ponder_cost) * ids.numel()
-        count += n
         preds.append(out.logits[:, :-1].argmax(-1).flatten().cpu())
         steps.append(out.halting_steps[:, :-1].flatten().cpu())
     seconds = time.perf_counter() - started
-    preds, steps = torch.cat(preds), torch.cat(steps)
-    loss = loss_sum / count
-    figures = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "ponder": ponder_sum / blocks.numel(),
+    preds, steps, per_block = torch.cat(preds), torch.cat(steps), torch.cat(per_block)
+    loss = float(per_block.mean())  # every block has the same length: the mean over tokens
+    figures = {"val_loss": loss, "val_loss_ci95": mean_interval(per_block.tolist())["ci95"],
+               "block_losses": per_block.tolist(), "val_perplexity": math.exp(min(loss, 50.0)),
+               "ponder": ponder_sum / blocks.numel(),
                "mean_halting_steps": float(steps.float().mean()),
                "halting_histogram": halting_histogram(steps, model.config.max_recursion_steps).tolist(),
-               "max_recursion_steps": model.config.max_recursion_steps, "val_tokens": count,
+               "max_recursion_steps": model.config.max_recursion_steps, "val_tokens": blocks[:, 1:].numel(),
                "forward_tokens_per_s": blocks.numel() / seconds if seconds > 0 else None}
     return figures, preds, steps
+
+
+def block_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each row of `ids` under `logits` (batch, length, vocab)."""
+    tokens = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return tokens.view(len(ids), -1).mean(1)
 
 
 def halting_histogram(steps: torch.Tensor, max_steps: int) -> torch.Tensor:
@@ -110,13 +120,24 @@ def average_weights(model_a, model_b, weight: float = 0.5):
     return merged
 
 
-def merge_check(models: dict, blocks: torch.Tensor, batch_size: int, unigram_loss: float) -> dict:
-    """Validation loss of the 50/50 merge of the first two models against its parents'."""
+def merge_check(models: dict, blocks: torch.Tensor, batch_size: int, unigram_loss: float,
+                parent_losses: dict[str, list[float]] | None = None) -> dict:
+    """Validation loss of the 50/50 merge of the first two models, with its interval, and
+    (given the parents' block losses) its paired difference from the better parent."""
+    from agent_forge.evaluation.metrics import paired_difference
+
     a, b = sorted(models)[:2]
     merged_figures, _, _ = evaluate_model(average_weights(models[a], models[b]), blocks, batch_size)
-    return {"parents": [a, b], "merged_val_loss": merged_figures["val_loss"],
-            "merged_mean_halting_steps": merged_figures["mean_halting_steps"],
-            "unigram_val_loss": unigram_loss, "better_than_unigram": merged_figures["val_loss"] < unigram_loss}
+    out = {"parents": [a, b], "merged_val_loss": merged_figures["val_loss"],
+           "merged_val_loss_ci95": merged_figures["val_loss_ci95"],
+           "merged_block_losses": merged_figures["block_losses"],
+           "merged_mean_halting_steps": merged_figures["mean_halting_steps"],
+           "unigram_val_loss": unigram_loss, "better_than_unigram": merged_figures["val_loss"] < unigram_loss}
+    if parent_losses:
+        best = min((a, b), key=lambda n: sum(parent_losses[n]))
+        out["vs_better_parent"] = {"parent": best, **paired_difference(merged_figures["block_losses"],
+                                                                       parent_losses[best])}
+    return out
 
 
 def extract_answer(completion: str) -> str | None:

@@ -273,21 +273,26 @@ def validation_blocks(ctx: Context) -> torch.Tensor:
 
 def stage_evaluate(ctx: Context) -> dict:
     """Every model on the same validation blocks and questions; diversity of the
-    specialisations; a merge (and the controls when on)."""
+    specialisations; a merge (and the controls when on). Losses come with 95% intervals over
+    the blocks, and comparisons (against the unigram baseline, a merge's parent, a control)
+    are paired over the same blocks."""
     from agent_forge.cognate.metrics import diversity, diversity_ci, evaluate_model, merge_check, reasoning_accuracy
     from agent_forge.cognate.model import CognateForCausalLM
     from agent_forge.data.evalsets import load_eval_set
+    from agent_forge.evaluation.metrics import paired_difference
     from agent_forge.models import update_meta
 
     cfg, blocks = ctx.cfg, validation_blocks(ctx)
     questions = load_eval_set("easy_arithmetic_val", limit=cfg.eval_questions) if cfg.eval_questions else []
-    unigram = ctx.state.result("data")["unigram_val_loss"]
+    unigram_blocks = unigram_on(ctx, blocks)
+    unigram = float(sum(unigram_blocks) / len(unigram_blocks))
     dirs = {"foundation": ctx.out / "foundation" / "model",
             **{n: ctx.out / "models" / n for n in cfg.specialisations}}
     models, figures, preds, steps = {}, {}, {}, {}
     for name, path in dirs.items():
         models[name] = CognateForCausalLM.from_pretrained(path).to(device(ctx)).eval()
         figures[name], preds[name], steps[name] = evaluate_model(models[name], blocks, cfg.eval_batch_size)
+        figures[name]["vs_unigram"] = paired_difference(figures[name]["block_losses"], unigram_blocks)
         figures[name]["beats_unigram"] = figures[name]["val_loss"] < unigram
         if cfg.eval_questions:
             figures[name]["easy_accuracy"] = reasoning_accuracy(models[name], tokenizer(ctx), questions,
@@ -295,17 +300,28 @@ def stage_evaluate(ctx: Context) -> dict:
     specialists = {n: models[n] for n in cfg.specialisations}
     div = diversity({n: preds[n] for n in specialists}, {n: steps[n] for n in specialists})
     div["ci95"] = diversity_ci({n: preds[n] for n in specialists}, {n: steps[n] for n in specialists}, len(blocks))
-    merge = merge_check(specialists, blocks, cfg.eval_batch_size, unigram)
+    merge = merge_check(specialists, blocks, cfg.eval_batch_size, unigram,
+                        {n: figures[n]["block_losses"] for n in specialists})
     for name in cfg.specialisations:
-        update_meta(dirs[name], {"metrics": {**figures[name], "unigram_val_loss": unigram,
-                                              "diversity": div["diversity"]}})
-    result = {"unigram_val_loss": unigram, "eval_blocks": len(blocks), "models": figures, "diversity": div,
-              "merge": merge, "diversity_target_met": div["diversity"] > 0.3}
+        kept = {k: v for k, v in figures[name].items() if k != "block_losses"}
+        update_meta(dirs[name], {"metrics": {**kept, "unigram_val_loss": unigram, "diversity": div["diversity"]}})
+    result = {"unigram_val_loss": unigram, "unigram_block_losses": unigram_blocks,
+              "unigram_val_loss_all": ctx.state.result("data")["unigram_val_loss"], "eval_blocks": len(blocks),
+              "models": figures, "diversity": div, "merge": merge, "diversity_target_met": div["diversity"] > 0.3}
     if cfg.controls:
         from agent_forge.cognate.controls import evaluate_controls
 
-        result["controls"] = evaluate_controls(ctx, specialists, blocks, merge["merged_val_loss"])
+        result["controls"] = evaluate_controls(ctx, specialists, blocks, merge)
     return result
+
+
+def unigram_on(ctx: Context, blocks: torch.Tensor) -> list[float]:
+    """The unigram baseline (the training tokens of every curriculum stage) on each of `blocks`."""
+    from agent_forge.cognate.data import unigram_block_losses
+
+    train = torch.cat([load_stage(ctx.out / "data", s)["train"].flatten()
+                       for s in ("foundation", "reasoning", "advanced")])
+    return unigram_block_losses(train, blocks, ctx.state.result("data")["vocab_size"]).tolist()
 
 
 def stage_register(ctx: Context) -> dict:

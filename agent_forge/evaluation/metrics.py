@@ -1,4 +1,5 @@
-"""Accuracy intervals: Wilson for a proportion, a seeded percentile bootstrap for anything.
+"""Accuracy intervals: Wilson for a proportion, a seeded percentile bootstrap for anything,
+Student's t for a mean over units (a loss per validation block, a paired loss difference).
 
 Wilson rather than the normal approximation because our sets are small (30-300 items)
 and accuracies near 0 or 1 are common; the normal interval there leaves [0, 1]. Both are
@@ -43,3 +44,36 @@ def accuracy_summary(correct: Sequence[bool]) -> dict:
     n, k = len(correct), int(sum(bool(c) for c in correct))
     lo, hi = wilson_interval(k, n)
     return {"accuracy": k / n if n else 0.0, "n": n, "ci95": [lo, hi]}
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """{mean, ci95: [lo, hi], n}: Student's t interval of the mean of `values`, each one unit
+    (a validation block's mean token loss: a block's tokens are not independent, the blocks
+    nearly are). Fewer than two values have no interval (ci95 None)."""
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean()) if x.size else float("nan")
+    if x.size < 2:
+        return {"mean": mean, "ci95": None, "n": int(x.size)}
+    if np.all(x == x[0]):  # no spread: the interval is the point (scipy's would be NaN)
+        return {"mean": mean, "ci95": [mean, mean], "n": int(x.size)}
+    ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence_level=confidence)
+    return {"mean": mean, "ci95": [float(ci.low), float(ci.high)], "n": int(x.size)}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """mean_interval of a - b unit by unit (the same validation blocks scored by two models):
+    the pairing removes what the blocks share, so a small but steady difference shows."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference: {a.shape} and {b.shape} values do not pair")
+    return mean_interval(a - b)
+
+
+def difference_verdict(diff: dict, lower: str, higher: str, tie: str) -> str:
+    """`lower` when the whole interval of diff is below 0, `higher` when above, else `tie`."""
+    ci = diff.get("ci95")
+    if ci and ci[1] < 0:
+        return lower
+    if ci and ci[0] > 0:
+        return higher
+    return tie
