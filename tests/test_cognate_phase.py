@@ -296,6 +296,9 @@ def test_smoke_phase_makes_three_mergeable_measured_models(smoke_run):
     assert type(loaded).__name__ == "CognateForCausalLM" and len(tok) == loaded.config.vocab_size
     rows = Registry(tmp_path / "reg.sqlite").list_models(phase=1)
     assert sorted(r.name.split(":")[-1] for r in rows) == ["memory", "reasoning", "speed"]
+    for r in rows:
+        lo, hi = r.metrics["val_loss_ci95"]
+        assert lo < r.metrics["val_loss"] < hi
 
 
 def test_evomerge_takes_the_three_models_directly(smoke_run):

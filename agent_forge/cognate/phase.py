@@ -331,7 +331,8 @@ def stage_register(ctx: Context) -> dict:
     reg, figures = Registry(ctx.cfg.registry), ctx.state.result("evaluate")["models"]
     ids = {}
     for name in ctx.cfg.specialisations:
-        metrics = {k: figures[name][k] for k in ("val_loss", "mean_halting_steps", "ponder", "beats_unigram")}
+        keys = ("val_loss", "val_loss_ci95", "mean_halting_steps", "ponder", "beats_unigram")
+        metrics = {k: figures[name].get(k) for k in keys}
         metrics["diversity"] = ctx.state.result("evaluate")["diversity"]["diversity"]
         ids[name] = reg.register_model(f"cognate:{ctx.out.name}:{name}", 1, ctx.out / "models" / name,
                                        metrics=metrics)
