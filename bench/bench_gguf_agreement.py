@@ -48,14 +48,16 @@ def answer_rows(items, gens) -> list[dict]:
     return [{"id": it.id, "on": g.answer_text, "closed_on": g.closed} for it, g in zip(items, gens, strict=True)]
 
 
-def ternary_rows(run: Path, stages: dict, items, tok, gen: dict) -> dict:
-    """The run's answers and the saved model with llama.cpp's activation blocks, each against
-    one llama.cpp pass over the ternary GGUF."""
+def ternary_rows(run: Path, stages: dict, items, tok, gen: dict, act_quant: str = "token") -> dict:
+    """The run's answers (its BitLinear rounding activations as the run trained: `act_quant`)
+    and the saved model with llama.cpp's activation blocks, each against one llama.cpp pass
+    over the ternary GGUF."""
     import transformers.integrations.bitnet as hf_bitnet
 
     gguf = generate_answers(LlamaCppModel(run / "gguf" / "ternary-tq2_0.gguf"), tok, [it.question for it in items],
                             batch_size=1, **gen)
-    rows = {"llama.cpp TQ2_0 vs PyTorch BitLinear, per-token activations (the run's answers)":
+    rounding = "llama.cpp-block" if act_quant == "llamacpp" else "per-token"
+    rows = {f"llama.cpp TQ2_0 vs PyTorch BitLinear, {rounding} activations (the run's answers)":
             answer_agreement(items, stages["after"]["answers_on"], gguf)}
     original = hf_bitnet.BitLinear.activation_quant
     hf_bitnet.BitLinear.activation_quant = lambda self, x, num_bits=8: act_llamacpp(x)
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             **answer_agreement(items, ours, gens), "seconds": time.time() - t0}
     rows["llama.cpp TQ2_0 (ternary) vs PyTorch BitLinear (the run's agreement stage)"] = stages["agreement"]
     if args.ternary:
-        rows.update(ternary_rows(run, stages, items, tok, gen))
+        rows.update(ternary_rows(run, stages, items, tok, gen, cfg.get("act_quant", "token")))
     print(f"{'pair':<78} {'same answer':>12} {'95% CI':>16} {'n':>4}")
     for name, r in rows.items():
         if "agreement" in r:
