@@ -213,19 +213,25 @@ def test_control_rows_say_whether_the_architecture_beats_the_plain_transformer()
 
 
 def test_control_and_merge_rows_pair_the_blocks():
-    """With block losses the verdicts follow the paired interval: a steady 0.05 nats lower
-    loss on every block beats the transformer; a noisy difference whose interval holds 0
-    cannot be told from it, although its point estimate is lower."""
+    """The best specialisation against the transformer is paired over the blocks: a steady
+    0.05 nats lower loss on every block beats it; a noisy difference whose interval holds 0
+    cannot be told from it, although its point estimate is lower. The rows read the stored
+    differences."""
     from agent_forge.cognate.commands import control_rows, merge_row
+    from agent_forge.cognate.controls import versus_transformer
 
     plain = [2.0, 2.4, 1.8, 2.2, 2.1, 1.9]
     steady = [x - 0.05 for x in plain]
     noisy = [x + d for x, d in zip(plain, [-0.5, 0.4, -0.3, 0.3, -0.2, 0.1])]
-    controls = {"transformer_val_loss": sum(plain) / 6, "transformer_val_loss_ci95": [1.9, 2.2],
-                "transformer_block_losses": plain}
     for losses, verdict in ((steady, "beats it: -0.050 [-0.050, -0.050] nats"), (noisy, "cannot be told from it")):
-        models = {"foundation": {"val_loss": 9.0}, "speed": {"val_loss": sum(losses) / 6, "block_losses": losses}}
-        text = dict(control_rows(controls, models))["same-size plain transformer (control)"]
+        models = {"memory": {"val_loss": 9.0, "block_losses": [9.0] * 6},
+                  "speed": {"val_loss": sum(losses) / 6, "block_losses": losses}}
+        diff = versus_transformer(models, plain)
+        assert diff["specialisation"] == "speed" and diff["mean"] == pytest.approx(sum(losses) / 6 - sum(plain) / 6)
+        controls = {"transformer_val_loss": sum(plain) / 6, "transformer_val_loss_ci95": [1.9, 2.2],
+                    "best_minus_transformer": diff}
+        text = dict(control_rows(controls, {"foundation": {"val_loss": 9.0}, **models}))[
+            "same-size plain transformer (control)"]
         assert text.startswith("val loss 2.067 [1.900, 2.200]: the best specialisation (speed, ") and verdict in text
     merge = {"parents": ["a", "b"], "merged_val_loss": 2.5, "merged_val_loss_ci95": [2.4, 2.6],
              "vs_better_parent": {"parent": "b", "mean": 0.3, "ci95": [0.2, 0.4]}}
@@ -276,6 +282,10 @@ def test_smoke_phase_makes_three_mergeable_measured_models(smoke_run):
         assert len(figures["block_losses"]) == n
         assert figures["vs_unigram"]["mean"] == pytest.approx(figures["val_loss"] - ev["unigram_val_loss"])
     assert ev["merge"]["vs_better_parent"]["parent"] in ev["merge"]["parents"]
+    for figures in ev["models"].values():  # the verdict is the interval's, not the point estimate's
+        assert figures["beats_unigram"] == (figures["vs_unigram"]["ci95"][1] < 0)
+    best = ev["controls"]["best_minus_transformer"]
+    assert best["specialisation"] in ("reasoning", "memory", "speed")
     controls = ev["controls"]
     assert controls["shared_trunk_merge_val_loss"] == ev["merge"]["merged_val_loss"]
     assert controls["independent_merge_val_loss"] > 0 and controls["transformer_val_loss"] > 0

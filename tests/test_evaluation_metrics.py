@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from agent_forge.evaluation.metrics import (accuracy_summary, bootstrap_ci, difference_verdict, mean_interval,
-                                            paired_difference, wilson_interval)
+from agent_forge.evaluation.metrics import (accuracy_summary, bootstrap_ci, clearly_above, clearly_below,
+                                            difference_verdict, mean_interval, paired_difference, wilson_interval)
 
 
 def _wilson_by_scan(k, n, z=1.959963984540054):
@@ -91,5 +91,7 @@ def test_paired_difference_pairs_unit_by_unit():
     assert difference_verdict(paired_difference(b, base), "lower", "higher", "tie") == "higher"
     assert difference_verdict(paired_difference(base, base + rng.normal(0, 1, 30)), "l", "h", "tie") == "tie"
     assert difference_verdict({"mean": -1.0, "ci95": None}, "l", "h", "tie") == "tie"
+    assert clearly_below(diff) and not clearly_above(diff) and clearly_above(paired_difference(b, base))
+    assert not clearly_below({"mean": -1.0, "ci95": [-2.0, 0.0]})  # touching 0 is not below it
     with pytest.raises(ValueError, match="do not pair"):
         paired_difference([1, 2], [1, 2, 3])

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from agent_forge.evaluation.metrics import difference_verdict, paired_difference
+from agent_forge.evaluation.metrics import difference_verdict
 from agent_forge.figures import met_within
 from agent_forge.progress import print_rows
 
@@ -116,12 +116,13 @@ def control_rows(controls: dict, models: dict) -> list[tuple[str, str]]:
 
 def transformer_text(controls: dict, models: dict) -> str:
     """The plain transformer's loss against the best specialisation's (the lower point
-    estimate), paired over the blocks when both have block losses."""
+    estimate), paired over the blocks in runs that measured it so."""
     plain = controls["transformer_val_loss"]
     loss, best = min((m["val_loss"], n) for n, m in models.items() if n != "foundation")
-    text = f"val loss {loss_text(plain, controls.get('transformer_val_loss_ci95'))}: the best specialisation ({best}, {loss:.3f})"
-    if "transformer_block_losses" in controls and "block_losses" in models[best]:
-        diff = paired_difference(models[best]["block_losses"], controls["transformer_block_losses"])
+    text = (f"val loss {loss_text(plain, controls.get('transformer_val_loss_ci95'))}: "
+            f"the best specialisation ({best}, {loss:.3f})")
+    diff = controls.get("best_minus_transformer")
+    if diff:
         verdict = difference_verdict(diff, "beats", "does NOT beat", "cannot be told from")
         return f"{text} {verdict} it: {diff_text(diff)}"
     return f"{text} {'beats' if loss < plain else 'does NOT beat'} it"

@@ -83,9 +83,8 @@ def plain_block_losses(model, blocks: torch.Tensor, batch_size: int) -> list[flo
 
 def evaluate_controls(ctx, specialists: dict, blocks: torch.Tensor, merge: dict) -> dict:
     """For each control the run trained: the merge of the two independent trunks against
-    `merge`, the merge of two specialisations (paired over the blocks); the plain
-    transformer's validation loss, per block too (the summary pairs it with the best
-    specialisation's)."""
+    `merge`, the merge of two specialisations; the plain transformer's validation loss against
+    the best of `specialists` (their evaluate_model figures). Both paired over the blocks."""
     from agent_forge.evaluation.metrics import mean_interval
 
     bs, out = ctx.cfg.eval_batch_size, {}
@@ -100,15 +99,24 @@ def evaluate_controls(ctx, specialists: dict, blocks: torch.Tensor, merge: dict)
         per_block = plain_block_losses(plain, blocks, bs)
         summary = mean_interval(per_block)
         out.update({"transformer_val_loss": summary["mean"], "transformer_val_loss_ci95": summary["ci95"],
-                    "transformer_block_losses": per_block})
+                    "best_minus_transformer": versus_transformer(specialists, per_block)})
     return out
+
+
+def versus_transformer(specialists: dict, transformer_losses: list[float]) -> dict:
+    """The specialisation with the lowest validation loss, and its block losses minus the
+    plain transformer's, paired over the same blocks (< 0: the architecture wins)."""
+    from agent_forge.evaluation.metrics import paired_difference
+
+    best = min(specialists, key=lambda n: specialists[n]["val_loss"])
+    return {"specialisation": best, **paired_difference(specialists[best]["block_losses"], transformer_losses)}
 
 
 def _independent_merge(ctx, blocks: torch.Tensor, merge: dict) -> dict:
     from agent_forge.cognate.metrics import average_weights, evaluate_model
     from agent_forge.cognate.model import CognateForCausalLM
     from agent_forge.cognate.phase import device
-    from agent_forge.evaluation.metrics import paired_difference
+    from agent_forge.evaluation.metrics import clearly_below, paired_difference
 
     bs, dev = ctx.cfg.eval_batch_size, device(ctx)
     trunk = CognateForCausalLM.from_pretrained(ctx.out / "foundation" / "model").to(dev)
@@ -120,4 +128,4 @@ def _independent_merge(ctx, blocks: torch.Tensor, merge: dict) -> dict:
             "independent_merge_val_loss": independent["val_loss"],
             "shared_trunk_merge_val_loss": merge["merged_val_loss"],
             "shared_minus_independent": diff,  # paired over the blocks: < 0 favours the shared trunk
-            "shared_trunk_merges_better": merge["merged_val_loss"] < independent["val_loss"]}
+            "shared_trunk_merges_better": clearly_below(diff)}

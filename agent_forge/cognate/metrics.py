@@ -120,24 +120,21 @@ def average_weights(model_a, model_b, weight: float = 0.5):
     return merged
 
 
-def merge_check(models: dict, blocks: torch.Tensor, batch_size: int, unigram_loss: float,
-                parent_losses: dict[str, list[float]] | None = None) -> dict:
-    """Validation loss of the 50/50 merge of the first two models, with its interval, and
-    (given the parents' block losses) its paired difference from the better parent."""
-    from agent_forge.evaluation.metrics import paired_difference
+def merge_check(models: dict, blocks: torch.Tensor, batch_size: int, unigram_losses: list[float],
+                parent_losses: dict[str, list[float]]) -> dict:
+    """Validation loss of the 50/50 merge of the first two models, with its interval, and its
+    paired differences (over `blocks`) from the better parent and the unigram baseline."""
+    from agent_forge.evaluation.metrics import clearly_below, paired_difference
 
     a, b = sorted(models)[:2]
     merged_figures, _, _ = evaluate_model(average_weights(models[a], models[b]), blocks, batch_size)
-    out = {"parents": [a, b], "merged_val_loss": merged_figures["val_loss"],
-           "merged_val_loss_ci95": merged_figures["val_loss_ci95"],
-           "merged_block_losses": merged_figures["block_losses"],
-           "merged_mean_halting_steps": merged_figures["mean_halting_steps"],
-           "unigram_val_loss": unigram_loss, "better_than_unigram": merged_figures["val_loss"] < unigram_loss}
-    if parent_losses:
-        best = min((a, b), key=lambda n: sum(parent_losses[n]))
-        out["vs_better_parent"] = {"parent": best, **paired_difference(merged_figures["block_losses"],
-                                                                       parent_losses[best])}
-    return out
+    merged = merged_figures["block_losses"]
+    best = min((a, b), key=lambda n: sum(parent_losses[n]))
+    return {"parents": [a, b], "merged_val_loss": merged_figures["val_loss"],
+            "merged_val_loss_ci95": merged_figures["val_loss_ci95"], "merged_block_losses": merged,
+            "merged_mean_halting_steps": merged_figures["mean_halting_steps"],
+            "vs_better_parent": {"parent": best, **paired_difference(merged, parent_losses[best])},
+            "better_than_unigram": clearly_below(paired_difference(merged, unigram_losses))}
 
 
 def extract_answer(completion: str) -> str | None:

@@ -279,7 +279,7 @@ def stage_evaluate(ctx: Context) -> dict:
     from agent_forge.cognate.metrics import diversity, diversity_ci, evaluate_model, merge_check, reasoning_accuracy
     from agent_forge.cognate.model import CognateForCausalLM
     from agent_forge.data.evalsets import load_eval_set
-    from agent_forge.evaluation.metrics import paired_difference
+    from agent_forge.evaluation.metrics import clearly_below, paired_difference
     from agent_forge.models import update_meta
 
     cfg, blocks = ctx.cfg, validation_blocks(ctx)
@@ -293,14 +293,14 @@ def stage_evaluate(ctx: Context) -> dict:
         models[name] = CognateForCausalLM.from_pretrained(path).to(device(ctx)).eval()
         figures[name], preds[name], steps[name] = evaluate_model(models[name], blocks, cfg.eval_batch_size)
         figures[name]["vs_unigram"] = paired_difference(figures[name]["block_losses"], unigram_blocks)
-        figures[name]["beats_unigram"] = figures[name]["val_loss"] < unigram
+        figures[name]["beats_unigram"] = clearly_below(figures[name]["vs_unigram"])
         if cfg.eval_questions:
             figures[name]["easy_accuracy"] = reasoning_accuracy(models[name], tokenizer(ctx), questions,
                                                                 cfg.eval_max_new_tokens, cfg.eval_batch_size)
     specialists = {n: models[n] for n in cfg.specialisations}
     div = diversity({n: preds[n] for n in specialists}, {n: steps[n] for n in specialists})
     div["ci95"] = diversity_ci({n: preds[n] for n in specialists}, {n: steps[n] for n in specialists}, len(blocks))
-    merge = merge_check(specialists, blocks, cfg.eval_batch_size, unigram,
+    merge = merge_check(specialists, blocks, cfg.eval_batch_size, unigram_blocks,
                         {n: figures[n]["block_losses"] for n in specialists})
     for name in cfg.specialisations:
         kept = {k: v for k, v in figures[name].items() if k != "block_losses"}
@@ -311,7 +311,7 @@ def stage_evaluate(ctx: Context) -> dict:
     if cfg.controls:
         from agent_forge.cognate.controls import evaluate_controls
 
-        result["controls"] = evaluate_controls(ctx, specialists, blocks, merge)
+        result["controls"] = evaluate_controls(ctx, {n: figures[n] for n in specialists}, blocks, merge)
     return result
 
 

@@ -69,11 +69,15 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     return mean_interval(a - b)
 
 
+def clearly_below(diff: dict) -> bool:
+    """The whole 95% interval of a difference is below 0 (no interval: not shown)."""
+    return bool(diff.get("ci95")) and diff["ci95"][1] < 0
+
+
+def clearly_above(diff: dict) -> bool:
+    return bool(diff.get("ci95")) and diff["ci95"][0] > 0
+
+
 def difference_verdict(diff: dict, lower: str, higher: str, tie: str) -> str:
     """`lower` when the whole interval of diff is below 0, `higher` when above, else `tie`."""
-    ci = diff.get("ci95")
-    if ci and ci[1] < 0:
-        return lower
-    if ci and ci[0] > 0:
-        return higher
-    return tie
+    return lower if clearly_below(diff) else higher if clearly_above(diff) else tie
